@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recsys",
         description="Backpropagation-free on-device recommendation with cloud-generated edits.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {"": top}
     for name, help_text in GROUPS.items():
