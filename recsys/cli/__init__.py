@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "recsys.cli.data_cmd",
     "recsys.cli.features_cmd",
     "recsys.cli.demo_cmd",
+    "recsys.cli.ranker_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -1,0 +1,258 @@
+"""``recsys train ranker`` and ``recsys bench ranker``: the device ranker.
+
+recsys train ranker [--dataset ml-100k] [--out PATH] [--resume] [--epochs N] [--seed S] ...
+recsys bench ranker [--dataset ml-100k] [--checkpoint PATH] [--retrain] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def register(groups: dict[str, argparse._SubParsersAction]) -> None:
+    """Add ``ranker`` to the ``train`` and ``bench`` groups."""
+    p = groups["train"].add_parser(
+        "ranker",
+        help="train the device ranker (TorchRec embeddings + SASRec encoder + editable head)",
+        description="Train the device ranker on the leave-one-out training rows of a dataset, "
+        "early-stopping on the validation targets (each user's second-to-last event). Writes "
+        "a checkpoint after every epoch (default CACHE_DIR/artifacts/NAME/ranker.pt).",
+    )
+    _add_common(p)
+    _add_train_options(p)
+    add_json_option(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = groups["bench"].add_parser(
+        "ranker",
+        help="quality (HR/NDCG/MRR) and cost (latency, edit, fine-tune) of the device ranker",
+        description="Leave-one-out-by-time full-catalogue evaluation (already-seen items "
+        "excluded) of the trained ranker and a popularity baseline next to quoted RecBole "
+        "figures, plus single-user / batched latency, edit application time and on-device "
+        "fine-tuning cost. Trains first if the checkpoint is missing.",
+    )
+    _add_common(p)
+    _add_train_options(p)
+    p.add_argument(
+        "--retrain", action="store_true", help="train again even if the checkpoint exists"
+    )
+    p.add_argument(
+        "--latency-users", type=int, default=300, help="users timed one by one (default 300)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="users per batched call (default 256)"
+    )
+    p.add_argument(
+        "--finetune-users", type=int, default=20, help="users fine-tuned for the cost (default 20)"
+    )
+    add_json_option(p)
+    p.set_defaults(handler=cmd_bench)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset", default="ml-100k", help="dataset name or canonical directory (default ml-100k)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        "--out",
+        dest="checkpoint",
+        help="checkpoint path (default CACHE_DIR/artifacts/NAME/ranker.pt)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)",
+    )
+    add_location_options(p)
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: device_ranker.train.TrainConfig)")
+    g.add_argument("--epochs", type=int, help="maximum epochs (early stopping usually ends sooner)")
+    g.add_argument(
+        "--patience", type=int, help="epochs without a better valid NDCG@10 before stopping"
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed for init, shuffling, dropout (default 0)"
+    )
+    g.add_argument(
+        "--loss", choices=("ce", "bce"), help="full-softmax cross-entropy or sampled BCE"
+    )
+    g.add_argument("--encoder", choices=("sasrec", "attn_pool"), help="sequence encoder")
+    g.add_argument("--dim", type=int, help="embedding / model width D")
+    g.add_argument("--max-len", type=int, help="history events read by the encoder T")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint (same config)"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from device_ranker.config import ModelConfig
+    from device_ranker.train import TrainConfig
+
+    base = TrainConfig()
+    model_kw = {
+        k: v
+        for k, v in {"encoder": args.encoder, "dim": args.dim, "max_len": args.max_len}.items()
+        if v is not None
+    }
+    train_kw = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "patience": args.patience,
+            "loss": args.loss,
+            "lr": args.lr,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    return replace(base, model=ModelConfig(num_items=0, **model_kw), **train_kw)
+
+
+def _setup(args: argparse.Namespace):
+    import torch
+
+    from recsys import settings
+    from recsys.data.registry import load_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    ckpt = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else (settings.cache_dir(args.cache_dir) / "artifacts" / ds.name / "ranker.pt")
+    )
+    return ds, ckpt
+
+
+def _train(args: argparse.Namespace, ds, ckpt: Path, resume: bool):
+    from device_ranker.train import train
+
+    cfg = _train_config(args)
+    print(
+        f"training ranker on {ds.name} ({ds.num_users:,} users, {ds.num_items:,} items) -> {ckpt}"
+    )
+    result = train(cfg, ds, checkpoint_path=ckpt, resume=resume, progress=not args.no_progress)
+    print(
+        f"best epoch {result.best_epoch} of {len(result.history)}, valid NDCG@10 "
+        f"{result.best_valid.get('ndcg@10', float('nan')):.4f}, {result.seconds:.0f} s"
+    )
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    ds, ckpt = _setup(args)
+    result = _train(args, ds, ckpt, args.resume)
+    print_table(
+        [
+            {
+                "epoch": h["epoch"],
+                "loss": h["loss"],
+                "valid ndcg@10": h["valid_ndcg@10"],
+                "valid hr@10": h["valid_hr@10"],
+                "s": h["seconds"],
+            }
+            for h in result.history[-5:]
+        ],
+        title="last epochs",
+    )
+    write_json(
+        args.json,
+        {
+            "dataset": {"name": ds.name, "fingerprint": ds.fingerprint()},
+            "config": asdict(result.config),
+            "seed": result.config.seed,
+            "best_epoch": result.best_epoch,
+            "best_valid": result.best_valid,
+            "history": result.history,
+            "seconds": result.seconds,
+            "checkpoint": str(ckpt),
+        },
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from device_ranker.bench import BenchConfig, cost_rows, metric_rows, run_bench
+    from device_ranker.ranker import Ranker
+    from device_ranker.train import load_checkpoint
+
+    ds, ckpt = _setup(args)
+    train_info: dict[str, Any] = {}
+    stale = ckpt.is_file() and load_checkpoint(ckpt)["dataset"]["fingerprint"] != ds.fingerprint()
+    if args.retrain or not ckpt.is_file() or stale:
+        if stale:
+            print(f"{ckpt} was trained on another version of {ds.name}; retraining")
+        result = _train(args, ds, ckpt, resume=False)
+        train_info = {
+            "train_seconds": result.seconds,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+        }
+    else:
+        c = load_checkpoint(ckpt)
+        if not c.get("finished") and c["epoch"] < c["train_config"]["epochs"]:
+            print(
+                f"note: {ckpt} is from an unfinished run (epoch {c['epoch']}); use --retrain or "
+                "`recsys train ranker --resume`"
+            )
+        train_info = {"best_epoch": c["best_epoch"], "epochs_run": c["epoch"]}
+    ckpt_dict = load_checkpoint(ckpt)
+    ranker = Ranker.from_checkpoint(ckpt)
+    cfg = BenchConfig(
+        latency_users=args.latency_users,
+        batch_size=args.batch_size,
+        finetune_users=args.finetune_users,
+        seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    figures = run_bench(cfg, ds, ranker)
+    print(f"\n{ds.name}: {figures['test_users']} test users; protocol: {figures['protocol']}")
+    print_table(
+        metric_rows(figures), title="Full-catalogue ranking on the leave-one-out test targets"
+    )
+    print_table(
+        cost_rows(figures),
+        title=f"Cost (in process, CPU, {figures['torch_threads']} torch thread(s))",
+    )
+    print(
+        f"\nexport parity max |diff| {figures['export_max_abs_diff']:.2e}; edit revert bit-exact: "
+        f"{figures['edit_revert_exact']}; edit size {figures['edit_bytes_fp32']} B fp32 / "
+        f"{figures['edit_bytes_fp16']} B fp16 (bench {time.perf_counter() - t0:.0f} s)"
+    )
+    write_json(
+        args.json,
+        {
+            **figures,
+            "dataset": {
+                "name": ds.name,
+                "fingerprint": ds.fingerprint(),
+                "users": ds.num_users,
+                "items": ds.num_items,
+                "interactions": len(ds.interactions),
+            },
+            "config": {"model": ckpt_dict["model_config"], "train": ckpt_dict["train_config"]},
+            "seed": ckpt_dict["train_config"]["seed"],
+            "checkpoint": str(ckpt),
+            **train_info,
+        },
+    )
+    return 0
