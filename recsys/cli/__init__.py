@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "recsys.cli.features_cmd",
     "recsys.cli.demo_cmd",
     "recsys.cli.ranker_cmd",
+    "recsys.cli.codebook_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # faiss logs every optional CPU-feature library it tries (AVX512, ...) at INFO
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "_group_parser", None) or parser).print_help()
