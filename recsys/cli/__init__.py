@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "recsys.cli.demo_cmd",
     "recsys.cli.ranker_cmd",
     "recsys.cli.codebook_cmd",
+    "recsys.cli.db_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

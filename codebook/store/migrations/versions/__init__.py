@@ -1,0 +1,1 @@
+"""Migration scripts, applied in order by Alembic (a package so it ships with the wheel)."""
