@@ -10,7 +10,9 @@
 #   status  exit 0 if the server is running, 3 if not
 #   url     print the URL (the server is not started)
 #
-#   DIR     cluster folder (default: .pg-test/ in the repository; git-ignored)
+#   DIR     cluster folder (default: recsys-pg-test-<hash of the repo path> in $TMPDIR or
+#           /tmp: the server runs as an unprivileged user when this script runs as root,
+#           and a checkout under a private folder such as /root would be out of its reach)
 #
 # Environment:
 #   PGTEST_PORT  TCP port (default: the port this cluster used last time if still free,
@@ -32,8 +34,9 @@ case "$action" in
   *) action=start ;;
 esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
-dir=${1:-$repo/.pg-test}
+dir=${1:-${TMPDIR:-/tmp}/recsys-pg-test-$(printf '%s' "$repo" | sha256sum | cut -c1-8)}
 mkdir -p "$dir"
+chmod 755 "$dir"
 dir=$(cd "$dir" && pwd)
 data=$dir/data
 db=${PGTEST_DB:-recsys_test}
