@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "recsys.cli.ranker_cmd",
     "recsys.cli.codebook_cmd",
     "recsys.cli.db_cmd",
+    "recsys.cli.adaptor_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -1,0 +1,164 @@
+"""DUET-style baseline generator: the same head edit, straight from raw item ids.
+
+DUET (Lv et al., WWW'23) generates the device model's parameters in the cloud from the
+device's recent item sequence. This baseline keeps everything of the adaptor except its
+input: no LLM, no codebook; the recent item ids are embedded with an item-id table,
+position-tagged and pooled, then the same :class:`codebook.adaptor.EditDecoder` (GRU
+across the head's layers, low-rank U diag(s) V^T + bias, clipped to the same bounds)
+emits the edit. Trained by the same loop with the same budget
+(:mod:`recsys.workflows.adaptor_training`), so a comparison isolates the input.
+
+Shape letters: B users, N recent items, I catalogue items, E embedding width, S device
+summary width, C edit-code width.
+
+The item table can start from the frozen ranker's item embeddings (``init_table``; the
+cloud owns the ranker, so this is the strongest honest start) or at random.
+
+Example::
+
+    cfg = DuetConfig(num_items=1682, head_spec={"fc0": (128, 64), "fc1": (64, 128)})
+    gen = DuetGenerator(cfg)
+    out = gen(item_ids)                 # item_ids int64 [B, N], -1 = padding
+    out.tensors["fc0.s"].shape          # [B, 8]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codebook.adaptor import (
+    ContextEncoder,
+    DecoderConfig,
+    EditDecoder,
+    GeneratedEdit,
+    HeadSpec,
+    head_spec,
+    masked_pool,
+)
+from recsys.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DuetConfig:
+    """The DUET-style generator (same decoder fields as :class:`codebook.adaptor.AdaptorConfig`).
+
+    Example::
+
+        DuetConfig(num_items=30, head_spec={"fc0": (16, 8), "fc1": (8, 16)}, rank=2)
+    """
+
+    num_items: int  # I: item-id table size
+    head_spec: HeadSpec
+    summary_dim: int = 0  # S: device summary width (0 = item ids only)
+    max_items: int = 20  # N: recent items read
+    item_dim: int = 32  # E: pooled item width (the id table is projected to it)
+    table_dim: int | None = None  # width of the id table; None = item_dim (init_table's D if given)
+    code_dim: int = 64  # C
+    hidden: int = 128  # G
+    rank: int = 8  # R
+    max_weight_norm: float = 2.0
+    max_bias_abs: float = 0.1
+    edit_bias: bool = True
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head_spec", head_spec(self.head_spec))
+        if self.num_items < 1 or self.max_items < 1 or self.item_dim < 1 or self.summary_dim < 0:
+            raise ValidationError(
+                "num_items, max_items, item_dim >= 1 and summary_dim >= 0 required"
+            )
+        self.decoder_config()
+
+    def decoder_config(self) -> DecoderConfig:
+        return DecoderConfig(
+            head_spec=self.head_spec,
+            code_dim=self.code_dim,
+            hidden=self.hidden,
+            rank=self.rank,
+            max_weight_norm=self.max_weight_norm,
+            max_bias_abs=self.max_bias_abs,
+            edit_bias=self.edit_bias,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DuetConfig:
+        data = dict(data)
+        data["head_spec"] = tuple(tuple(x) for x in data["head_spec"])
+        return cls(**data)
+
+
+class DuetGenerator(nn.Module):
+    """Raw recent item ids (+ device summary) -> edit code -> bounded head edit.
+
+    Args:
+        cfg: :class:`DuetConfig`.
+        init_table: optional [I, D] item embeddings to start the id table from (e.g. the
+            frozen ranker's); a trainable copy is made and projected D -> E.
+
+    Inputs: ``item_ids`` int64 [B, N] (most recent first, -1 = padding), ``summary``
+    [B, S]. Output: :class:`codebook.adaptor.GeneratedEdit`.
+    """
+
+    def __init__(self, cfg: DuetConfig, init_table: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        table_dim = cfg.table_dim or cfg.item_dim
+        if init_table is not None:
+            if init_table.shape != (cfg.num_items, table_dim):
+                raise ValidationError(
+                    f"init_table must be [{cfg.num_items}, {table_dim}] (num_items, table_dim), "
+                    f"got {tuple(init_table.shape)}"
+                )
+            self.item_embedding = nn.Embedding.from_pretrained(
+                init_table.detach().float().clone(), freeze=False
+            )
+        else:
+            self.item_embedding = nn.Embedding(cfg.num_items, table_dim)
+            nn.init.normal_(self.item_embedding.weight, std=0.1)
+        self.item_proj = nn.Linear(self.item_embedding.embedding_dim, cfg.item_dim)
+        self.rank_embedding = nn.Embedding(cfg.max_items, cfg.item_dim)
+        nn.init.normal_(self.rank_embedding.weight, std=0.02)
+        self.context = ContextEncoder(cfg.item_dim, cfg.summary_dim, cfg.code_dim, cfg.dropout)
+        self.decoder = EditDecoder(cfg.decoder_config())
+
+    def encode(
+        self,
+        item_ids: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        summary: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """item_ids [B, N] -> edit code [B, C] (``scores`` is accepted and ignored, so both
+        generators share one call signature)."""
+        if item_ids.dim() != 2:
+            raise ValidationError(f"item_ids must be [B, N], got {tuple(item_ids.shape)}")
+        ids = item_ids[:, : self.cfg.max_items].to(torch.int64)  # [B, N]
+        mask = ids >= 0
+        if (ids >= self.cfg.num_items).any():
+            raise ValidationError(f"item id outside 0..{self.cfg.num_items - 1}")
+        items = F.gelu(self.item_proj(self.item_embedding(ids.clamp_min(0))))  # [B, N, E]
+        items = items + self.rank_embedding.weight[: ids.shape[1]]
+        return self.context(masked_pool(items, mask, None), summary)
+
+    def decode(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decoder(code)
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        summary: torch.Tensor | None = None,
+    ) -> GeneratedEdit:
+        code = self.encode(item_ids, scores, summary)
+        return GeneratedEdit(code=code, tensors=self.decode(code))

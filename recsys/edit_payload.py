@@ -1,0 +1,349 @@
+"""The edit payload: the bytes the cloud sends a device for one head edit.
+
+Shared by the cloud (encode) and the device (decode), so it lives in the ``recsys`` core
+and uses only numpy, torch and the standard library.
+
+A payload carries the prototype the edit is relative to (id + version, or none) and the
+edit's tensors in the flat edit format (``{"fc0.u": [out, R], "fc0.s": [R], "fc0.v":
+[in, R], "fc0.bias": [out], "fc0.dense": [out, in], ...}``, as
+``device_ranker.edits.HeadEdit.to_flat`` writes them), quantised to fp16, int8 (one
+symmetric scale per tensor) or kept in fp32.
+
+Wire format ``RSE1`` (little-endian)::
+
+    header   4s magic "RSE1" | B format version (1) | B dtype (1 fp32, 2 fp16, 3 int8)
+             | H flags (bit 0: has prototype) | I prototype id | I prototype version
+             | H tensor count
+    tensor   B name length | name (ASCII "<layer>.<part>") | B ndim | ndim x H dims
+             | f scale (int8 only) | data (numel x element size)
+    trailer  I CRC-32 of everything before it
+
+Sizes for the default ml-100k head (D=64, H=128; 2 layers; rank R; bias deltas):
+``386 R + 192`` values, so R=8 is 6,560 B of fp16 or 3,280 B of int8 data plus about
+90 B of header and names (the dense fp32 head is 66,304 B).
+
+Round-trip error: fp16 keeps about 11 significant bits (relative error <= 2^-11 for
+values in fp16's normal range); int8 stores ``q = round(x / scale)`` with
+``scale = max|x| / 127``, so every element is within ``scale / 2`` of the original
+(:func:`quantisation_error_bound`).
+
+Decoding validates everything (magic, version, dtype, lengths, truncation, trailing
+bytes, CRC, names, duplicate names, NaN/Inf, and, given a head spec, every shape and
+rank) and raises :class:`recsys.errors.ValidationError` naming the problem.
+
+Example::
+
+    data = encode_payload(edit.to_flat(), dtype="int8", prototype=(3, 12))
+    len(data)                                          # ~3.4 KB at rank 8
+    payload = decode_payload(data, spec={"fc0": (128, 64), "fc1": (64, 128)})
+    payload.prototype_id, payload.prototype_version    # 3, 12
+    payload.tensors["fc0.u"].shape                     # torch.Size([128, 8]), float32
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"RSE1"
+FORMAT_VERSION = 1
+DTYPES = {"fp32": 1, "fp16": 2, "int8": 3}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_NUMPY = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
+PARTS = ("u", "s", "v", "dense", "bias")
+MAX_TENSORS = 256  # a head has a few layers x 5 parts; more is a malformed payload
+MAX_NDIM = 4
+MAX_BYTES = 16 * 2**20  # refuse to decode anything larger (the default edit is < 8 KB)
+_HEADER = struct.Struct("<4sBBHIIH")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.(u|s|v|dense|bias)$")
+_NO_PROTOTYPE = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class EditPayload:
+    """A decoded payload.
+
+    Attributes:
+        tensors: flat edit, name -> float32 tensor (``"fc0.u"`` [out, R], ...).
+        prototype_id: the prototype the edit is a residual of (None: absolute edit).
+        prototype_version: that prototype's version (None when no prototype).
+        dtype: wire dtype ("fp32", "fp16", "int8").
+        nbytes: size of the encoded payload in bytes.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    prototype_id: int | None = None
+    prototype_version: int | None = None
+    dtype: str = "fp16"
+    nbytes: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 255:
+        raise ValidationError(
+            f"bad edit tensor name {name!r}; expected '<layer>.<part>' with part in {PARTS}"
+        )
+
+
+def _to_numpy(name: str, t: Any) -> np.ndarray:
+    arr = t.detach().cpu().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    if arr.dtype.kind not in "fiu":
+        raise ValidationError(f"edit tensor {name!r}: expected numbers, got dtype {arr.dtype}")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim > MAX_NDIM or any(d > 0xFFFF for d in arr.shape):
+        raise ValidationError(f"edit tensor {name!r}: unsupported shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValidationError(f"edit tensor {name!r} contains NaN or Inf; refusing to send it")
+    return arr
+
+
+def encode_payload(
+    tensors: Mapping[str, Any],
+    *,
+    dtype: str = "fp16",
+    prototype: tuple[int, int] | None = None,
+) -> bytes:
+    """Serialise a flat edit.
+
+    Args:
+        tensors: name -> tensor/array (``"fc0.u"`` [out, R], ``"fc0.s"`` [R], ...).
+        dtype: "fp16" (default), "int8" (per-tensor symmetric scale) or "fp32".
+        prototype: (prototype id, version) the edit is relative to, or None.
+
+    Returns:
+        The payload bytes (see the module docstring for the layout).
+
+    Raises:
+        ValidationError: unknown dtype, bad name, NaN/Inf, or a value fp16 cannot hold.
+    """
+    if dtype not in DTYPES:
+        raise ValidationError(f"payload dtype {dtype!r} is not one of {list(DTYPES)}")
+    if len(tensors) > MAX_TENSORS:
+        raise ValidationError(f"{len(tensors)} tensors in one edit; the limit is {MAX_TENSORS}")
+    flags, pid, pver = 0, _NO_PROTOTYPE, 0
+    if prototype is not None:
+        pid, pver = (int(x) for x in prototype)
+        if not (0 <= pid < _NO_PROTOTYPE and 0 <= pver < 2**32):
+            raise ValidationError(f"prototype (id, version) {prototype} out of range")
+        flags = 1
+    parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, DTYPES[dtype], flags, pid, pver, len(tensors))]
+    for name in sorted(tensors):
+        _check_name(name)
+        arr = _to_numpy(name, tensors[name])
+        encoded = name.encode("ascii")
+        parts.append(struct.pack("<B", len(encoded)) + encoded)
+        parts.append(struct.pack(f"<B{arr.ndim}H", arr.ndim, *arr.shape))
+        if dtype == "int8":
+            peak = float(np.abs(arr).max()) if arr.size else 0.0
+            scale = peak / 127.0 if peak > 0 else 1.0
+            q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
+            parts.append(struct.pack("<f", scale) + q.tobytes())
+        elif dtype == "fp16":
+            if arr.size and float(np.abs(arr).max()) > float(np.finfo(np.float16).max):
+                raise ValidationError(
+                    f"edit tensor {name!r} has values beyond the fp16 range; use fp32"
+                )
+            parts.append(arr.astype("<f2").tobytes())
+        else:
+            parts.append(arr.astype("<f4").tobytes())
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+class _Reader:
+    """Bounds-checked reads from the payload body."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValidationError(
+                f"edit payload truncated: needed {n} bytes for {what} at offset {self.pos}, "
+                f"{len(self.data) - self.pos} left"
+            )
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
+
+
+def expected_shapes(
+    spec: Mapping[str, tuple[int, int]], name: str, rank: int | None
+) -> tuple[int, ...] | None:
+    """The shape ``name`` must have for a head ``spec`` ({layer: (out, in)}); None when the
+    rank is not known yet (u, s, v fix it together)."""
+    layer, _, part = name.rpartition(".")
+    if layer not in spec:
+        raise ValidationError(f"edit names unknown head layer {layer!r}; the head has {list(spec)}")
+    out_f, in_f = spec[layer]
+    return {
+        "u": (out_f, rank) if rank is not None else None,
+        "s": (rank,) if rank is not None else None,
+        "v": (in_f, rank) if rank is not None else None,
+        "dense": (out_f, in_f),
+        "bias": (out_f,),
+    }[part]
+
+
+def check_shapes(
+    tensors: Mapping[str, torch.Tensor],
+    spec: Mapping[str, tuple[int, int]],
+    max_rank: int | None = None,
+) -> None:
+    """Raise :class:`ValidationError` unless ``tensors`` fit the head ``spec``: known
+    layers, u/s/v present together with one rank r (1 <= r <= max_rank), every shape right."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        layer, _, part = name.rpartition(".")
+        layers.setdefault(layer, {})[part] = t
+    for layer, parts in layers.items():
+        lowrank = [p for p in ("u", "s", "v") if p in parts]
+        if lowrank and len(lowrank) != 3:
+            raise ValidationError(
+                f"layer {layer!r}: a low-rank edit needs u, s and v together, got only {lowrank}"
+            )
+        rank = None
+        if lowrank:
+            s = parts["s"]
+            if s.dim() != 1:
+                raise ValidationError(f"layer {layer!r}: s must be 1-D, got {tuple(s.shape)}")
+            rank = int(s.shape[0])
+            limit = min(spec[layer]) if layer in spec else rank
+            if max_rank is not None:
+                limit = min(limit, max_rank)
+            if not 1 <= rank <= limit:
+                raise ValidationError(f"layer {layer!r}: rank {rank} outside 1..{limit}")
+        for part, t in parts.items():
+            want = expected_shapes(spec, f"{layer}.{part}", rank)
+            if want is not None and tuple(t.shape) != want:
+                raise ValidationError(
+                    f"edit tensor '{layer}.{part}': shape {tuple(t.shape)}, expected {want}"
+                )
+
+
+def decode_payload(
+    data: bytes,
+    *,
+    spec: Mapping[str, tuple[int, int]] | None = None,
+    max_rank: int | None = None,
+) -> EditPayload:
+    """Parse and validate a payload.
+
+    Args:
+        data: bytes from :func:`encode_payload`.
+        spec: optional head spec {layer: (out, in)}; when given, every tensor's layer and
+            shape is checked against it.
+        max_rank: optional bound on the low-rank r.
+
+    Returns:
+        :class:`EditPayload` with float32 tensors.
+
+    Raises:
+        ValidationError: anything malformed (see the module docstring).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValidationError(f"edit payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > MAX_BYTES:
+        raise ValidationError(f"edit payload of {len(data)} bytes exceeds {MAX_BYTES}")
+    if len(data) < _HEADER.size + 4:
+        raise ValidationError(f"edit payload truncated: {len(data)} bytes, no complete header")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    magic, version, dtype_code, flags, pid, pver, count = _HEADER.unpack(body[: _HEADER.size])
+    if magic != MAGIC:
+        raise ValidationError(f"not an edit payload: magic {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise ValidationError(f"edit payload format {version} is not supported (expected 1)")
+    if dtype_code not in _DTYPE_NAMES:
+        raise ValidationError(f"edit payload has unknown dtype code {dtype_code}")
+    if zlib.crc32(body) & 0xFFFFFFFF != crc:
+        raise ValidationError("edit payload checksum mismatch (truncated or corrupted bytes)")
+    if count > MAX_TENSORS:
+        raise ValidationError(f"edit payload declares {count} tensors; the limit is {MAX_TENSORS}")
+    dtype = _DTYPE_NAMES[dtype_code]
+    reader = _Reader(body)
+    reader.pos = _HEADER.size
+    tensors: dict[str, torch.Tensor] = {}
+    for k in range(count):
+        (name_len,) = reader.unpack("<B", f"tensor {k} name length")
+        try:
+            name = reader.take(name_len, f"tensor {k} name").decode("ascii")
+        except UnicodeDecodeError:
+            raise ValidationError(f"edit payload: tensor {k} name is not ASCII") from None
+        _check_name(name)
+        if name in tensors:
+            raise ValidationError(f"edit payload repeats tensor {name!r}")
+        (ndim,) = reader.unpack("<B", f"{name} ndim")
+        if ndim > MAX_NDIM:
+            raise ValidationError(f"edit tensor {name!r}: {ndim} dimensions (max {MAX_NDIM})")
+        shape = reader.unpack(f"<{ndim}H", f"{name} shape") if ndim else ()
+        numel = math.prod(shape)
+        scale = 1.0
+        if dtype == "int8":
+            (scale,) = reader.unpack("<f", f"{name} scale")
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValidationError(f"edit tensor {name!r}: invalid int8 scale {scale}")
+        raw = reader.take(numel * _NUMPY[dtype].itemsize, f"{name} data")
+        arr = np.frombuffer(raw, dtype=_NUMPY[dtype]).astype(np.float32).reshape(shape)
+        if dtype == "int8":
+            arr = arr * np.float32(scale)
+        if not np.isfinite(arr).all():
+            raise ValidationError(f"edit tensor {name!r} contains NaN or Inf")
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    if reader.pos != len(body):
+        raise ValidationError(
+            f"edit payload has {len(body) - reader.pos} unexpected trailing bytes"
+        )
+    if spec is not None:
+        check_shapes(tensors, spec, max_rank)
+    has_proto = bool(flags & 1)
+    return EditPayload(
+        tensors=tensors,
+        prototype_id=int(pid) if has_proto else None,
+        prototype_version=int(pver) if has_proto else None,
+        dtype=dtype,
+        nbytes=len(data),
+    )
+
+
+def quantisation_error_bound(tensors: Mapping[str, Any], dtype: str) -> dict[str, float]:
+    """Per tensor, the max absolute round-trip error :func:`encode_payload` can introduce:
+    int8 ``max|x| / 254`` (half a step), fp16 ``max|x| * 2^-11`` (plus fp16's subnormal
+    spacing ``2^-25`` near zero), fp32 0."""
+    if dtype not in DTYPES:
+        raise ValidationError(f"payload dtype {dtype!r} is not one of {list(DTYPES)}")
+    out = {}
+    for name, t in tensors.items():
+        arr = _to_numpy(name, t)
+        peak = float(np.abs(arr).max()) if arr.size else 0.0
+        if dtype == "int8":
+            out[name] = peak / 254.0 * (1 + 1e-6)
+        elif dtype == "fp16":
+            out[name] = peak * 2.0**-11 + 2.0**-25
+        else:
+            out[name] = 0.0
+    return out
+
+
+def dense_head_bytes(spec: Mapping[str, tuple[int, int]], bytes_per_value: int = 4) -> int:
+    """Bytes of a full dense head (every weight and bias) at ``bytes_per_value``: what a
+    DUET-style generator that emits whole layers would send."""
+    return sum((o * i + o) * bytes_per_value for o, i in spec.values())
