@@ -36,8 +36,10 @@ COMMAND_MODULES = (
     "recsys.cli.demo_cmd",
     "recsys.cli.ranker_cmd",
     "recsys.cli.codebook_cmd",
-    "recsys.cli.db_cmd",
     "recsys.cli.adaptor_cmd",
+    "recsys.cli.llm_cmd",
+    "recsys.cli.db_cmd",
+    "recsys.cli.serve_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]

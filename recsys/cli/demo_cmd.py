@@ -8,7 +8,12 @@ Stages so far (each reuses cached artefacts from earlier runs):
 3. the fused item-feature matrix (MiniLM text embeddings, cached; visual/audio where the
    dataset has them) and its summary;
 4. the TorchRec device ranker (trained once, then reused from its checkpoint), its
-   leave-one-out quality next to popularity, and one user's top-5.
+   leave-one-out quality next to popularity, and one user's top-5;
+5. the semantic codebook, the codebook LM and the adaptor with its prototypes (each
+   trained once, then reused), then the cloud and device gRPC servers as child processes
+   on ephemeral loopback ports, a sample of users' replay-period events sent through
+   them (Recommend static and adapted, RecordEvent -> gate -> GenerateEdit), a table of
+   static vs adapted NDCG@10, bytes up/down and latency, and a clean shutdown.
 
 Later stages (ranker, codebook, LM, adaptor, gRPC services, replay) are appended here as
 they land, so that one command keeps running the whole pipeline.
@@ -39,17 +44,27 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         default=0.8,
         help="time quantile where the replay period starts (default 0.8)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a small shared machine more threads "
+        "oversubscribe the cores and make these small models many times slower)",
+    )
     add_location_options(parser)
     add_json_option(parser)
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from recsys.cli.data_cmd import print_summary, summarize_dataset
     from recsys.data.registry import load_dataset
     from recsys.data.splits import time_split
     from recsys.features import build_item_features, summarise
 
+    torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"dataset": args.dataset, "stages": {}}
     t0 = time.perf_counter()
 
@@ -80,6 +95,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print("\n== 4. device ranker")
     report["ranker"] = _ranker_stage(ds, args.cache_dir)
     report["stages"]["ranker_s"] = round(time.perf_counter() - t2, 2)
+
+    t3 = time.perf_counter()
+    print("\n== 5. codebook, LM, adaptor + prototypes; both gRPC services; replay through them")
+    report["services"] = _services_stage(ds, args)
+    report["stages"]["services_s"] = round(time.perf_counter() - t3, 2)
 
     report["stages"]["total_s"] = round(time.perf_counter() - t0, 2)
     print(f"\ndemo finished in {report['stages']['total_s']:.1f} s")
@@ -133,3 +153,253 @@ def _ranker_stage(ds: Any, cache_dir: str | None) -> dict[str, Any]:
         title=f"top-5 for user {ds.user_ids[user]} ({len(history)} past events)",
     )
     return {"checkpoint_reused": reuse, "test": ours, "popularity": pop}
+
+
+# ---- stage 5: the gRPC services (issue 6) -----------------------------------------------------
+DEMO_REPLAY_USERS = 100  # users replayed through the services
+DEMO_MAX_EVENTS = 40  # replay events per user at most
+DEMO_CONCURRENCY = 8  # users replayed at once (their events stay in order)
+
+
+def _ensure_artifacts(ds: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Codebook, LM and adaptor (+ prototypes): reuse them, or train each one once through
+    its own command (``recsys train codebook | lm | adaptor``)."""
+    from recsys import settings
+    from recsys.cli import main as cli_main
+
+    root = settings.cache_dir(args.cache_dir) / "artifacts" / ds.name
+    loc = [*(["--data-dir", args.data_dir] if args.data_dir else []),
+           *(["--cache-dir", args.cache_dir] if args.cache_dir else [])]  # fmt: skip
+    steps = (
+        ("codebook", root / "codebook" / "semantic_ids.npy",
+         ["train", "codebook", "--dataset", args.dataset]),
+        ("lm", root / "lm" / "recsys_lm.json",
+         ["train", "lm", "--dataset", args.dataset, "--threads", "1", "--max-minutes", "4"]),
+        ("adaptor", root / "adaptor" / "adaptor.pt",
+         ["train", "adaptor", "--dataset", args.dataset]),
+    )  # fmt: skip
+    out: dict[str, Any] = {}
+    adaptor_ready = steps[-1][1].is_file()
+    for name, marker, argv in steps:
+        t0 = time.perf_counter()
+        if name == "lm" and adaptor_ready and not marker.is_file():
+            print("no codebook LM, and none needed: the adaptor artefact exists already")
+            out[name] = {"reused": False, "skipped": True}
+            continue
+        if marker.is_file():
+            print(f"reusing the {name} {marker.parent}")
+            out[name] = {"reused": True, "path": str(marker.parent)}
+            continue
+        print(f"training the {name}: recsys {' '.join(argv)}")
+        code = cli_main([*argv, *loc])
+        if code != 0 or not marker.is_file():
+            print(f"the {name} could not be trained (exit code {code}); see the messages above")
+            out[name] = {"reused": False, "failed": True}
+            continue
+        out[name] = {"reused": False, "seconds": round(time.perf_counter() - t0, 1)}
+    out["root"] = root
+    return out
+
+
+def _services_stage(ds: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Stage 5: both services as child processes, a replay through gRPC, a table."""
+    import asyncio
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from recsys.serving.process import ServerProcess
+    from recsys.workflows.adaptor_training import load_artifact
+
+    made = _ensure_artifacts(ds, args)
+    root: Path = made.pop("root")
+    adaptor_path = root / "adaptor" / "adaptor.pt"
+    if not adaptor_path.is_file():
+        print(f"skipping the services: no adaptor artefact at {adaptor_path}")
+        return {"artifacts": made, "skipped": "no adaptor artefact"}
+    art = load_artifact(adaptor_path)
+    ranker_path = Path(art["ranker_path"])
+    bounds = art["bounds"]
+    quantile = float(art["config"]["quantile"])
+    stride = int(art["config"]["windows"]["stride"])
+    loc = [*(["--data-dir", args.data_dir] if args.data_dir else []),
+           *(["--cache-dir", args.cache_dir] if args.cache_dir else [])]  # fmt: skip
+    report: dict[str, Any] = {"artifacts": made, "token_source": art.get("token_source")}
+    with tempfile.TemporaryDirectory(prefix="recsys-demo-") as tmp:
+        # the demo refines a copy of the trained prototypes: reruns start from the same state
+        store = Path(tmp) / "prototypes.sqlite"
+        src = Path(str(art.get("store_url", "")).removeprefix("sqlite:///"))
+        store_args = []
+        if src.is_file():
+            shutil.copy(src, store)
+            store_args = ["--store-url", f"sqlite:///{store}"]
+        cloud = ServerProcess(
+            ["serve", "cloud", "--engine", "artifacts", "--dataset", args.dataset,
+             "--adaptor", str(adaptor_path), *store_args, *loc],
+            name="cloud", log_path=Path(tmp) / "cloud.log",
+        )  # fmt: skip
+        device = None
+        t0 = time.perf_counter()
+        try:
+            cloud.start().wait_port(timeout=120)  # bound at once; the engine loads meanwhile
+            device = ServerProcess(
+                ["serve", "device", "--checkpoint", str(ranker_path), "--dataset", args.dataset,
+                 "--seed-quantile", str(quantile), "--cloud", cloud.target,
+                 "--cloud-deadline", "5", "--gate-min-gap", str(stride),
+                 "--max-weight-norm", str(bounds["device_max_weight_norm"]),
+                 "--max-bias-abs", str(bounds["device_max_bias_abs"]), *loc],
+                name="device", log_path=Path(tmp) / "device.log",
+            ).start()  # fmt: skip
+            cloud.wait_ready(timeout=600)
+            device.wait_ready(timeout=600)
+            report["startup_s"] = round(time.perf_counter() - t0, 1)
+            print(f"cloud on {cloud.target}, device on {device.target} "
+                  f"(both ready in {report['startup_s']:.0f} s)")  # fmt: skip
+            events = _replay_events(ds, quantile)
+            report.update(asyncio.run(_replay(device.target, events)))
+        finally:
+            codes = {}
+            if device is not None:
+                codes["device"] = device.stop()
+                device.close()
+            codes["cloud"] = cloud.stop()
+            cloud.close()
+            report["exit_codes"] = codes
+    _print_services(report)
+    return report
+
+
+def _replay_events(ds: Any, quantile: float) -> dict[str, list[tuple[str, int]]]:
+    """A seeded sample of warm replay-period users: their events (item id, time) in order."""
+    import numpy as np
+
+    from recsys.data.splits import time_split
+
+    split = time_split(ds, quantile=quantile)
+    rows = np.sort(split.replay)
+    by_user: dict[str, list[tuple[str, int]]] = {}
+    for r in rows.tolist():
+        user = str(ds.user_ids[ds.user_index[r]])
+        by_user.setdefault(user, []).append(
+            (str(ds.item_ids[ds.item_index[r]]), int(ds.timestamps[r]))
+        )
+    users = sorted(by_user)
+    pick = np.random.default_rng(0).choice(
+        len(users), min(DEMO_REPLAY_USERS, len(users)), replace=False
+    )
+    return {users[i]: by_user[users[i]][:DEMO_MAX_EVENTS] for i in sorted(pick.tolist())}
+
+
+def _ndcg_hit(items: list[str], target: str) -> tuple[float, float]:
+    import math
+
+    for rank, item in enumerate(items, start=1):
+        if item == target:
+            return 1.0 / math.log2(rank + 1), 1.0
+    return 0.0, 0.0
+
+
+async def _replay(target: str, events: dict[str, list[tuple[str, int]]]) -> dict[str, Any]:
+    """Each event: Recommend (static, then adapted) scores the true item, then RecordEvent
+    (the gate may fetch an edit; the call waits for it, so the replay is deterministic)."""
+    import asyncio
+
+    import numpy as np
+
+    from recsys.rpc.device.v1 import recommendation_pb2 as pb
+    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+    from recsys.serving.server import client_channel
+
+    metrics = {"static": [0.0, 0.0], "adapted": [0.0, 0.0]}
+    lat: dict[str, list[float]] = {"recommend": [], "record": [], "record_edit": []}
+    counts = {"events": 0, "edits_applied": 0, "edit_failures": 0, "fallback_answers": 0}
+    async with client_channel(target) as channel:
+        stub = pb_grpc.RecommendationServiceStub(channel)
+
+        async def user_replay(user: str, evs: list[tuple[str, int]]) -> None:
+            for item, ts in evs:
+                static = await stub.Recommend(
+                    pb.RecommendRequest(user_id=user, k=10, base_model=True), timeout=10
+                )
+                t0 = time.perf_counter()
+                adapted = await stub.Recommend(pb.RecommendRequest(user_id=user, k=10), timeout=10)
+                lat["recommend"].append((time.perf_counter() - t0) * 1000)
+                for arm, reply in (("static", static), ("adapted", adapted)):
+                    n, h = _ndcg_hit([it.item_id for it in reply.items], item)
+                    metrics[arm][0] += n
+                    metrics[arm][1] += h
+                counts["fallback_answers"] += int(adapted.fallback)
+                t0 = time.perf_counter()
+                ev = await stub.RecordEvent(
+                    pb.RecordEventRequest(
+                        user_id=user, item_id=item, timestamp=ts, wait_for_edit=True
+                    ),
+                    timeout=30,
+                )
+                ms = (time.perf_counter() - t0) * 1000
+                lat["record_edit" if ev.edit_requested else "record"].append(ms)
+                counts["edits_applied"] += int(ev.outcome == pb.EDIT_OUTCOME_APPLIED)
+                counts["edit_failures"] += int(ev.outcome == pb.EDIT_OUTCOME_FAILED)
+                counts["events"] += 1
+
+        slots = asyncio.Semaphore(DEMO_CONCURRENCY)
+
+        async def bounded(user: str, evs: list[tuple[str, int]]) -> None:
+            async with slots:
+                await user_replay(user, evs)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(bounded(u, evs) for u, evs in events.items()))
+        seconds = time.perf_counter() - t0
+        status = await stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+    n = max(counts["events"], 1)
+
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    return {
+        "users": len(events),
+        **counts,
+        "replay_s": round(seconds, 1),
+        "ndcg@10": {arm: m[0] / n for arm, m in metrics.items()},
+        "hr@10": {arm: m[1] / n for arm, m in metrics.items()},
+        "edit_requests": int(status.edit_requests),
+        "bytes_up": int(status.bytes_up),
+        "bytes_down": int(status.bytes_down),
+        "latency_ms": {
+            name: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for name, v in lat.items()
+        },
+    }
+
+
+def _print_services(report: dict[str, Any]) -> None:
+    if "ndcg@10" not in report:
+        return
+    requests = max(report["edit_requests"], 1)
+    print_table(
+        [
+            {"arm": "static (base ranker)", "NDCG@10": report["ndcg@10"]["static"],
+             "HR@10": report["hr@10"]["static"]},
+            {"arm": "adapted (cloud edits)", "NDCG@10": report["ndcg@10"]["adapted"],
+             "HR@10": report["hr@10"]["adapted"]},
+        ],
+        title=f"replay through gRPC: {report['users']} users, {report['events']} events "
+        f"(full catalogue, seen items excluded; adaptor tokens: {report['token_source']})",
+    )  # fmt: skip
+    lat = report["latency_ms"]
+    print_table(
+        [
+            {"figure": "edit requests (gate) / events", "value": f"{report['edit_requests']} / {report['events']}"},
+            {"figure": "edits applied / failed", "value": f"{report['edits_applied']} / {report['edit_failures']}"},
+            {"figure": "bytes up per request (protobuf)", "value": f"{report['bytes_up'] / requests:,.0f}"},
+            {"figure": "bytes down per request (protobuf)", "value": f"{report['bytes_down'] / requests:,.0f}"},
+            {"figure": "Recommend latency p50 / p99 (ms)",
+             "value": f"{lat['recommend']['p50']:.2f} / {lat['recommend']['p99']:.2f}"},
+            {"figure": "RecordEvent + edit request p50 / p99 (ms)",
+             "value": f"{lat['record_edit']['p50']:.1f} / {lat['record_edit']['p99']:.1f}"},
+            {"figure": "RecordEvent, no request p50 (ms)", "value": f"{lat['record']['p50']:.2f}"},
+            {"figure": "fallback answers", "value": str(report["fallback_answers"])},
+        ],
+        title=f"services: replay {report['replay_s']:.0f} s, startup {report['startup_s']:.0f} s, "
+        f"clean exit codes {report['exit_codes']}",
+    )  # fmt: skip

@@ -1,0 +1,14 @@
+"""The device's gRPC RecommendationService (``recsys.device.v1``).
+
+* :mod:`device_ranker.service.config`: :class:`DeviceConfig`, :class:`CloudLinkConfig`.
+* :mod:`device_ranker.service.engine`: :class:`DeviceEngine`, the serving logic (users,
+  micro-batched ranking with cached user states, gate, edits, fallback), no gRPC types
+  in its interface.
+* :mod:`device_ranker.service.cloud_link`: the client of the cloud (deadline, token,
+  TLS, health probing).
+* :mod:`device_ranker.service.servicer`: protos <-> engine.
+* :mod:`device_ranker.service.server`: start-up, health, shutdown (``recsys serve device``).
+
+It talks to the cloud only through the generated protos (``recsys.rpc.cloud.v1``) and
+never imports ``llm_cloud`` or ``codebook``.
+"""

@@ -1,0 +1,161 @@
+"""The device's client of the cloud AdaptationService: deadlines, token, TLS, probing.
+
+The device never blocks on the cloud: every call carries a deadline
+(:attr:`CloudLinkConfig.deadline_s`), and a background task checks the cloud's standard
+health service every ``probe_interval_s`` seconds, so :attr:`CloudLink.reachable` says
+whether the cloud answers right now (a successful GenerateEdit also counts). The device
+talks to the cloud **only** through the generated protos (``recsys.rpc.cloud.v1``).
+
+Example::
+
+    link = CloudLink(CloudLinkConfig(target="127.0.0.1:50051", deadline_s=0.5))
+    await link.start()
+    response, up, down = await link.generate_edit(request)   # bytes up / down
+    link.reachable, link.last_ok_ms
+    await link.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from device_ranker.service.config import CloudLinkConfig
+from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
+from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
+from recsys.serving.auth import read_token, token_metadata
+from recsys.serving.server import client_channel
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = cpb.DESCRIPTOR.services_by_name["AdaptationService"].full_name
+
+
+class CloudLink:
+    """Asyncio client of the cloud service (one channel, reused).
+
+    Args:
+        config: :class:`CloudLinkConfig` (``target`` must be set).
+    """
+
+    def __init__(self, config: CloudLinkConfig) -> None:
+        if not config.target:
+            raise ValueError("CloudLink needs a target host:port")
+        self.config = config
+        self.token = read_token(config.token_file)
+        self._metadata = token_metadata(self.token)
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: cpb_grpc.AdaptationServiceStub | None = None
+        self.health: health_pb2_grpc.HealthStub | None = None
+        self.reachable = False
+        self.last_ok_ms = 0
+        self.last_error = ""
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the channel and start probing (call from the serving event loop)."""
+        cfg = self.config
+        self.channel = client_channel(
+            cfg.target, tls_ca=cfg.tls_ca, tls_server_name=cfg.tls_server_name
+        )
+        self.stub = cpb_grpc.AdaptationServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        await self.probe()
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    def _mark(self, ok: bool, error: str = "") -> None:
+        if ok:
+            if not self.reachable:
+                logger.info("cloud %s is reachable", self.config.target)
+            self.reachable = True
+            self.last_ok_ms = int(time.time() * 1000)
+            self.last_error = ""
+        else:
+            if self.reachable or not self.last_error:
+                logger.warning(
+                    "cloud %s unreachable (%s): serving with the last good edit or the base model",
+                    self.config.target,
+                    error,
+                )
+            self.reachable = False
+            self.last_error = error
+
+    async def probe(self) -> bool:
+        """One health check (deadline = the call deadline); updates :attr:`reachable`."""
+        assert self.health is not None
+        try:
+            reply = await self.health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=min(self.config.deadline_s, self.config.probe_interval_s),
+            )
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+            self._mark(ok, "" if ok else "cloud health is NOT_SERVING")
+        except grpc.aio.AioRpcError as exc:
+            self._mark(False, f"{exc.code().name}: {exc.details()}")
+        return self.reachable
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe_interval_s)
+            try:
+                await self.probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the probe die; log and keep probing
+                logger.exception("cloud probe failed")
+
+    async def generate_edit(
+        self, request: cpb.GenerateEditRequest
+    ) -> tuple[cpb.GenerateEditResponse, int, int]:
+        """GenerateEdit with the deadline and token; returns (response, bytes up, bytes down).
+
+        Raises:
+            grpc.aio.AioRpcError: any failure (DEADLINE_EXCEEDED, UNAVAILABLE, ...);
+                reachability is updated before it propagates.
+        """
+        assert self.stub is not None
+        up = request.ByteSize()
+        try:
+            response = await self.stub.GenerateEdit(
+                request, timeout=self.config.deadline_s, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAUTHENTICATED,
+            ):
+                self._mark(False, f"{exc.code().name}: {exc.details()}")
+            raise
+        self._mark(True)
+        return response, up, response.ByteSize()
+
+    async def get_prototype(
+        self, prototype_id: int, version: int, dtype: int
+    ) -> tuple[cpb.Prototype, int]:
+        """A prototype version (and the response's size in bytes)."""
+        assert self.stub is not None
+        reply = await self.stub.GetPrototype(
+            cpb.GetPrototypeRequest(
+                prototype_id=prototype_id, version=version, payload_dtype=dtype
+            ),
+            timeout=self.config.deadline_s,
+            metadata=self._metadata,
+        )
+        return reply, reply.ByteSize()
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None

@@ -1,0 +1,79 @@
+"""The device server process: ``recsys serve device``.
+
+Start-up order: the gRPC server binds first with health NOT_SERVING (calls answer
+UNAVAILABLE), the ranker and the users' histories load in a worker thread, the cloud
+link starts probing, then health flips to SERVING. SIGTERM/SIGINT: health NOT_SERVING,
+no new calls, in-flight calls get ``grace_s`` to finish, then the engine closes.
+
+Example::
+
+    handle = await start_device(DeviceConfig(checkpoint="ranker.pt", dataset="ml-100k"))
+    handle.port          # the bound (ephemeral) port
+    await handle.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from dataclasses import dataclass
+
+from device_ranker.service.config import DeviceConfig
+from device_ranker.service.engine import DeviceEngine
+from device_ranker.service.servicer import SERVICE_NAME, RecommendationServicer
+from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+from recsys.serving.errors import ErrorMappingInterceptor
+from recsys.serving.server import GrpcServer, run_until_signal
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceHandle:
+    """A running device server (in this process)."""
+
+    server: GrpcServer
+    servicer: RecommendationServicer
+    engine: DeviceEngine
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop (in-flight calls finish), then close the engine."""
+        await self.server.stop(grace)
+        await self.engine.close()
+
+
+async def start_device(config: DeviceConfig) -> DeviceHandle:
+    """Bind, load the engine (health NOT_SERVING meanwhile), then serve."""
+    server = GrpcServer(config.server, [ErrorMappingInterceptor("device")])
+    servicer = RecommendationServicer()
+    server.add(
+        lambda s: pb_grpc.add_RecommendationServiceServicer_to_server(servicer, s), SERVICE_NAME
+    )
+    await server.start()
+    try:
+        engine = await asyncio.to_thread(DeviceEngine.load, config)
+        await engine.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    servicer.engine = engine
+    gc.collect()
+    gc.freeze()  # loaded models and data never become garbage: keep them out of GC passes
+    await server.set_serving(True)
+    logger.info("device serving on port %d", server.port)
+    return DeviceHandle(server, servicer, engine)
+
+
+async def serve_device(config: DeviceConfig, stop_event: asyncio.Event | None = None) -> None:
+    """Run the device server until SIGTERM/SIGINT (or ``stop_event``)."""
+    handle = await start_device(config)
+    try:
+        await run_until_signal(handle.server, stop_event=stop_event)
+    finally:
+        await handle.stop()

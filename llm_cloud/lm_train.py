@@ -1,0 +1,618 @@
+"""Train the codebook LM: a small Llama over semantic-ID tokens, from scratch, on the CPU.
+
+Shapes: B batch of windows, T tokens per window, V vocabulary, H history items per
+window (<= ``max_history``), D = L+1 tokens per semantic ID.
+
+**Data.** Each user's training-period history (item indices in time order) is cut into
+windows of up to ``max_history + 1`` items ending every ``stride`` items (plus always
+at the user's last item, with a random shift per epoch). A window [h_1 .. h_H, t] is
+written exactly like a serving prompt followed by its answer::
+
+    <bos> <user> ID(h_1) ... ID(h_H) <sep> ID(t) <eos>
+
+The loss is causal LM cross-entropy on every ID token: the answer ``ID(t) <eos>`` (weight
+1) *and* the history IDs, each predicted from the items before it
+(``history_loss_weight``). So one window trains H+1 next-item predictions instead of
+one: every next-item position of the data is trained for about the data's own token
+count, which is what makes minutes of CPU enough. ``<bos> <user> <sep>`` are never
+targets.
+
+**Model.** ``LlamaForCausalLM`` (RMSNorm, RoPE, SwiGLU), default 2 layers of width 128,
+4 heads of ``head_dim`` 32 (354k parameters on ml-100k): vLLM's CPU attention only supports head_dim in {32, 64, 80,
+96, 112, 128, 160, 192, 224, 256, 512} (16 crashes at the first generate), so the head
+dim is set explicitly rather than derived from width/heads. Embeddings are tied.
+
+**Training.** AdamW, linear warm-up then cosine decay, gradient clipping, seeded data
+order and initialisation; after every epoch the validation loss (NLL of the held-out
+next item's D tokens after ``<sep>``, nats per item) decides early stopping, and the
+best epoch's weights are kept. At the end the validation Recall@10 of constrained beam
+search is measured (:func:`llm_cloud.backends.hf.levelwise_beam_search`).
+
+**Output** (:func:`save_lm`): ``save_pretrained`` of model (safetensors), generation
+config and tokenizer, so ``vllm`` serves the directory unchanged, plus the semantic IDs
+and ``recsys_lm.json`` (see :mod:`llm_cloud.artifact`).
+
+**GPU path: fine-tune a pretrained LLM instead (LC-Rec style).** Set ``base_model`` to a
+Hugging Face causal-LM directory (e.g. a downloaded Qwen2.5-0.5B or Llama-3.2-1B) and
+``device="cuda"``. :func:`prepare_base_model` then::
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(ids.vocabulary())                         # one new token per code
+    tok.add_tokens(["<user>", "<sep>"], special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tok), mean_resizing=True)   # new rows ~ mean embedding
+
+and the same windows (token ids looked up in that tokenizer, the model's own BOS/EOS)
+fine-tune every weight with the same loss; use a smaller ``lr`` (e.g. 1e-4) and
+``batch_size``. The saved directory works with every backend: they look item tokens up
+by string in the tokenizer and never assume their positions. (For LoRA, merge the
+adapter before saving; vLLM then serves the merged directory.)
+
+Example::
+
+    result = train_lm(train_seqs, valid_pairs, ids, LMConfig(epochs=2))
+    save_lm(result, "artifacts/ml-100k/lm", info={"dataset": "ml-100k"})
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from llm_cloud.prompts import ItemVocab
+from llm_cloud.vllm_env import VLLM_CPU_HEAD_DIMS
+from recsys.errors import ValidationError
+
+if TYPE_CHECKING:
+    from codebook.semantic_ids import SemanticIdMap
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("time", "loo")
+
+
+@dataclass
+class LMConfig:
+    """Model, data and optimisation settings of :func:`train_lm`.
+
+    Attributes (model; ignored with ``base_model``):
+        hidden_size: residual width.
+        num_layers: transformer blocks.
+        num_heads: attention heads (key/value heads too).
+        head_dim: per-head width; must be one vLLM-CPU supports (see module docstring).
+        intermediate_size: SwiGLU width.
+        max_position_embeddings: longest sequence (tokens) the model and vLLM accept.
+        attention_dropout: dropout on attention weights (Llama has no other dropout).
+        tie_embeddings: share input and output embeddings (fewer parameters; small data).
+
+    Attributes (data):
+        max_history: items of history per window / prompt.
+        stride: items between the ends of consecutive windows of one user.
+        history_loss_weight: weight of the history-ID tokens' loss (answer tokens: 1).
+
+    Attributes (optimisation):
+        epochs: maximum passes over the windows.
+        batch_size: windows per step.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay (not on norms/biases).
+        warmup_steps: linear warm-up steps.
+        grad_clip: max global gradient norm.
+        patience: epochs without validation improvement before stopping.
+        min_delta: improvement (nats per item) that counts.
+        max_minutes: stop after this much wall time (None: no limit).
+        eval_beams: beam width of the final validation Recall@10 (0: skip it).
+        eval_users: at most this many validation users in that evaluation.
+        bf16: bfloat16 autocast for forward/backward (fp32 master weights; ~2x faster
+            on CPUs with AMX/AVX-512-BF16, and on GPUs).
+        seed: seeds initialisation, data order and window shifts.
+        threads: torch intra-op threads (None: leave the process setting).
+        device: "cpu" (here) or "cuda".
+        base_model: None (train from scratch) or a HF causal-LM directory to extend
+            with the codebook tokens and fine-tune (GPU path, see module docstring).
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 2  # 4 layers overfit ml-100k sooner without a better optimum
+    num_heads: int = 4
+    head_dim: int = 32  # vLLM CPU attention: 32/64/80/...; 16 crashes the engine
+    intermediate_size: int = 256  # 2x hidden
+    max_position_embeddings: int = 512  # prompt (3 + 20 * 4) + answer (5) fits easily
+    attention_dropout: float = 0.1
+    tie_embeddings: bool = True
+    max_history: int = 20  # ml-100k users average ~100 events; recent ones predict best
+    stride: int = 20  # ~1 window per item per epoch; shifts vary the cuts between epochs
+    history_loss_weight: float = 1.0
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    patience: int = 2
+    min_delta: float = 0.005
+    max_minutes: float | None = None
+    eval_beams: int = 20
+    eval_users: int = 2000
+    bf16: bool = True
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    base_model: str | None = None
+
+    def validate(self) -> None:
+        if self.base_model is None and self.head_dim not in VLLM_CPU_HEAD_DIMS:
+            raise ValidationError(
+                f"head_dim {self.head_dim} is not supported by vLLM's CPU attention; "
+                f"use one of {VLLM_CPU_HEAD_DIMS}"
+            )
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "epochs",
+                     "batch_size", "stride", "patience"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValidationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_history < 1:
+            raise ValidationError(f"max_history must be >= 1, got {self.max_history}")
+        if not self.lr > 0:
+            raise ValidationError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LMResult:
+    """What :func:`train_lm` returns.
+
+    Attributes:
+        model: the trained model (best validation epoch), eval mode, on the CPU.
+        tokenizer: its tokenizer.
+        vocab: token-id mapping used for the data.
+        config: the settings used.
+        history: one dict per epoch (train_loss, valid_nll, seconds).
+        best_epoch: 1-based epoch whose weights were kept.
+        valid_metrics: recall@10 / ndcg@10 of beam search on validation users (if run).
+        seconds: total wall time.
+        num_parameters: trainable parameters.
+        num_windows: training windows per epoch.
+    """
+
+    model: Any
+    tokenizer: Any
+    vocab: ItemVocab
+    config: LMConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    valid_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    num_parameters: int = 0
+    num_windows: int = 0
+
+
+# ---- model ---------------------------------------------------------------------------------
+def new_llama(config: LMConfig, tokenizer: Any) -> Any:
+    """A freshly initialised ``LlamaForCausalLM`` for ``tokenizer`` (call after seeding)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    sp = tokenizer
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        attention_dropout=config.attention_dropout,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=sp.bos_token_id,
+        eos_token_id=sp.eos_token_id,
+        pad_token_id=sp.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(
+        bos_token_id=sp.bos_token_id,
+        eos_token_id=sp.eos_token_id,
+        pad_token_id=sp.pad_token_id,
+        max_new_tokens=8,  # one semantic ID + <eos>
+    )
+    return model
+
+
+def prepare_base_model(base_model: str, ids: SemanticIdMap, device: str = "cpu") -> tuple[Any, Any]:
+    """Load a pretrained causal LM and extend its vocabulary with the codebook tokens.
+
+    Returns:
+        (model, tokenizer): the tokenizer holds every ``ids.vocabulary()`` token plus
+        ``<user>`` and ``<sep>``; the model's embeddings are resized to match (new rows
+        initialised at the mean of the old ones).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_cloud.tokenizer import SEP, USER
+
+    tok = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
+    added = tok.add_tokens(ids.vocabulary())
+    added += tok.add_tokens([USER, SEP], special_tokens=True)
+    if tok.eos_token is None:
+        raise ValidationError(f"{base_model}: the tokenizer has no EOS token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True)
+    model.resize_token_embeddings(len(tok), mean_resizing=True)
+    logger.info("extended %s with %d tokens -> vocabulary %d", base_model, added, len(tok))
+    return model.to(device), tok
+
+
+def count_parameters(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# ---- data ----------------------------------------------------------------------------------
+def window_ends(length: int, stride: int, shift: int) -> list[int]:
+    """Indices of the target items of one user's windows: the last item, then every
+    ``stride`` items back (offset by ``shift`` in [0, stride)), never index 0."""
+    if length < 2:
+        return []
+    ends = [length - 1]
+    pos = length - 1 - stride + shift
+    while pos >= 1:
+        if pos != ends[-1]:
+            ends.append(pos)
+        pos -= stride
+    return ends
+
+
+def encode_window(
+    vocab: ItemVocab, items: Sequence[int], history_weight: float
+) -> tuple[list[int], list[float]]:
+    """Window [h_1..h_H, t] -> (token ids [T], loss weight of predicting each token [T]).
+
+    Weight 0 for tokens never predicted (<bos>, <user>, <sep>), ``history_weight`` for
+    history ID tokens, 1 for the answer's ID tokens and <eos>.
+    """
+    depth = vocab.depth
+    head = vocab.prefix_ids()
+    body = vocab.item_tokens[list(items)].reshape(-1).tolist()  # [(H+1) * D]
+    hist, answer = body[:-depth], body[-depth:]
+    ids = [*head, *hist, vocab.specials.sep, *answer, vocab.specials.eos]
+    weights = [0.0] * len(head) + [history_weight] * len(hist) + [0.0] + [1.0] * (depth + 1)
+    return ids, weights
+
+
+def build_windows(
+    seqs: Sequence[np.ndarray], max_history: int, stride: int, rng: np.random.Generator | None
+) -> list[np.ndarray]:
+    """Every training window (item arrays, last = target) of one epoch."""
+    out: list[np.ndarray] = []
+    for seq in seqs:
+        shift = int(rng.integers(0, stride)) if rng is not None else 0
+        for end in window_ends(len(seq), stride, shift):
+            out.append(seq[max(0, end - max_history) : end + 1])
+    return out
+
+
+def collate(
+    vocab: ItemVocab, windows: Sequence[np.ndarray], history_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded batch: (input_ids [B, T], attention_mask [B, T], weights [B, T])."""
+    encoded = [encode_window(vocab, w, history_weight) for w in windows]
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), vocab.specials.pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    weights = torch.zeros((len(encoded), width))
+    for row, (tokens, w) in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+        weights[row, : len(tokens)] = torch.tensor(w)
+    return ids, mask, weights
+
+
+def weighted_lm_loss(
+    logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted next-token cross-entropy.
+
+    Args:
+        logits: [B, T, V]; position t predicts token t+1.
+        ids: [B, T] tokens.
+        weights: [B, T] weight of *predicting* token t (0 = not a target).
+
+    Returns:
+        (mean loss over weight, per-row weighted sum of NLL [B]).
+    """
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        ids[:, 1:].reshape(-1),
+        reduction="none",
+    ).view(ids.shape[0], -1)  # [B, T-1]
+    w = weights[:, 1:]
+    per_row = (nll * w).sum(dim=1)  # [B]
+    return per_row.sum() / w.sum().clamp(min=1e-9), per_row
+
+
+def _autocast(config: LMConfig) -> Any:
+    return torch.autocast(
+        device_type=config.device.split(":")[0], dtype=torch.bfloat16, enabled=config.bf16
+    )
+
+
+def _optimizer(model: Any, config: LMConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine down to 10 %
+
+
+@torch.inference_mode()
+def validation_nll(
+    model: Any, vocab: ItemVocab, pairs: Sequence[tuple[np.ndarray, int]], config: LMConfig
+) -> float:
+    """Mean NLL (nats) of each held-out item's D answer tokens given its history."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), config.batch_size * 2):
+        chunk = pairs[start : start + config.batch_size * 2]
+        windows = [np.append(h[-config.max_history :], t) for h, t in chunk]
+        ids, mask, weights = collate(vocab, windows, history_weight=0.0)
+        # answer ID tokens only: drop the trailing <eos> weight of every row
+        lengths = mask.sum(dim=1)
+        weights[torch.arange(len(chunk)), lengths - 1] = 0.0
+        with _autocast(config):
+            logits = model(
+                input_ids=ids.to(config.device), attention_mask=mask.to(config.device)
+            ).logits
+        _, per_row = weighted_lm_loss(logits.cpu(), ids, weights)
+        total += float(per_row.sum())
+        count += len(chunk)
+    return total / max(1, count)
+
+
+def validation_recall(
+    model: Any, vocab: ItemVocab, pairs: Sequence[tuple[np.ndarray, int]], beams: int, users: int
+) -> dict[str, float]:
+    """Recall@10 / NDCG@10 of constrained beam search (top 10) on validation pairs."""
+    from llm_cloud.backends.hf import levelwise_beam_search
+
+    chosen = pairs[:users]
+    prompts = [vocab.prompt_ids(h.tolist()) for h, _ in chosen]
+    ranked = levelwise_beam_search(model.cpu().eval(), vocab, prompts, beams, 10)
+    hits, gains = [], []
+    for (_, target), items in zip(chosen, ranked, strict=True):
+        order = [i for i, _ in items]
+        rank = order.index(int(target)) + 1 if int(target) in order else 0
+        hits.append(1.0 if rank else 0.0)
+        gains.append(1.0 / math.log2(rank + 1) if rank else 0.0)
+    return {
+        "recall@10": float(np.mean(hits)),
+        "ndcg@10": float(np.mean(gains)),
+        "users": len(chosen),
+    }
+
+
+# ---- training ------------------------------------------------------------------------------
+def train_lm(
+    train_seqs: Sequence[np.ndarray],
+    valid_pairs: Sequence[tuple[np.ndarray, int]],
+    ids: SemanticIdMap,
+    config: LMConfig | None = None,
+    *,
+    progress: bool = False,
+) -> LMResult:
+    """Train the codebook LM (see the module docstring).
+
+    Args:
+        train_seqs: per user, item indices of the training period in time order.
+        valid_pairs: (history item indices, held-out next item) for early stopping.
+        ids: the items' semantic IDs (fix the tokenizer).
+        config: settings (default :class:`LMConfig`).
+        progress: show tqdm bars.
+
+    Returns:
+        :class:`LMResult` with the best epoch's model.
+    """
+    from tqdm.auto import tqdm
+
+    from llm_cloud.tokenizer import build_tokenizer
+
+    cfg = config or LMConfig()
+    cfg.validate()
+    start = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.base_model:
+        model, tok = prepare_base_model(cfg.base_model, ids, cfg.device)
+    else:
+        tok = build_tokenizer(ids, model_max_length=cfg.max_position_embeddings)
+        model = new_llama(cfg, tok).to(cfg.device)
+    vocab = ItemVocab.from_tokenizer(tok, ids, max_history=cfg.max_history)
+    seqs = [np.asarray(s, dtype=np.int64) for s in train_seqs if len(s) >= 2]
+    if not seqs:
+        raise ValidationError("no user has two or more training events; nothing to learn from")
+    longest = vocab.max_prompt_len() + vocab.depth + 1
+    if longest > model.config.max_position_embeddings:
+        raise ValidationError(
+            f"max_history {cfg.max_history} needs {longest} positions, the model has "
+            f"{model.config.max_position_embeddings}; raise max_position_embeddings"
+        )
+    windows_per_epoch = len(build_windows(seqs, cfg.max_history, cfg.stride, None))
+    steps_per_epoch = math.ceil(windows_per_epoch / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = _optimizer(model, cfg)
+    result = LMResult(
+        model=model,
+        tokenizer=tok,
+        vocab=vocab,
+        config=cfg,
+        num_parameters=count_parameters(model),
+        num_windows=windows_per_epoch,
+    )
+    logger.info(
+        "codebook LM: %d parameters, %d users, %d windows/epoch, %d steps/epoch, vocab %d",
+        result.num_parameters, len(seqs), windows_per_epoch, steps_per_epoch, len(tok),
+    )  # fmt: skip
+    best_nll, best_state, bad_epochs, step = math.inf, None, 0, 0
+    deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        windows = build_windows(seqs, cfg.max_history, cfg.stride, rng)
+        order = rng.permutation(len(windows))
+        model.train()
+        losses: list[float] = []
+        bar = tqdm(
+            range(0, len(order), cfg.batch_size),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for offset in bar:
+            batch = [windows[i] for i in order[offset : offset + cfg.batch_size]]
+            ids_t, mask, weights = collate(vocab, batch, cfg.history_loss_weight)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, total_steps)
+            with _autocast(cfg):
+                logits = model(
+                    input_ids=ids_t.to(cfg.device), attention_mask=mask.to(cfg.device)
+                ).logits
+            loss, _ = weighted_lm_loss(logits, ids_t.to(cfg.device), weights.to(cfg.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        nll = validation_nll(model, vocab, valid_pairs, cfg) if valid_pairs else float("nan")
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "valid_nll": nll,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        result.history.append(row)
+        improved = not math.isnan(nll) and nll < best_nll - cfg.min_delta
+        logger.info(
+            "epoch %d: train loss %.4f, valid NLL %.4f nats/item%s (%.0f s)",
+            epoch, row["train_loss"], nll, " *" if improved else "", row["seconds"],
+        )  # fmt: skip
+        if progress:
+            print(f"epoch {epoch}: train loss {row['train_loss']:.4f}, valid NLL {nll:.4f}"
+                  f"{' (best)' if improved else ''}, {row['seconds']:.0f} s", flush=True)  # fmt: skip
+        if improved or math.isnan(nll):
+            best_nll, bad_epochs, result.best_epoch = nll, 0, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                logger.info("early stop after epoch %d (best %d)", epoch, result.best_epoch)
+                break
+        if time.perf_counter() > deadline:
+            logger.info("time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.cpu().eval()
+    if cfg.eval_beams and valid_pairs:
+        result.valid_metrics = validation_recall(
+            model, vocab, valid_pairs, cfg.eval_beams, cfg.eval_users
+        )
+        result.valid_metrics["nll"] = best_nll
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---- datasets ------------------------------------------------------------------------------
+def dataset_sequences(
+    ds: Any, split: str = "time", *, quantile: float = 0.8
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]], dict[str, Any]]:
+    """Training sequences and validation pairs of a dataset under a split protocol.
+
+    * ``loo``: leave-one-out by time; train on the LOO training rows, validate on each
+      user's second-to-last event (the test event stays unseen).
+    * ``time``: the training period of :func:`recsys.data.splits.time_split`; each user's
+      last training-period event is held out for validation (users with >= 3 events).
+
+    Returns:
+        (train_seqs [U][n_u], valid_pairs [(history, target)], split summary).
+    """
+    from recsys.data.splits import leave_one_out, time_split, user_sequences
+
+    if split == "loo":
+        loo = leave_one_out(ds)
+        seqs = user_sequences(ds, loo.train)
+        valid_items = ds.item_index[loo.valid]
+        pairs = [
+            (seqs[u], int(t)) for u, t in zip(loo.users.tolist(), valid_items.tolist(), strict=True)
+        ]
+        summary = {"split": "loo", "train_events": len(loo.train), "valid_users": len(pairs)}
+        return list(seqs), pairs, summary
+    if split == "time":
+        ts = time_split(ds, quantile=quantile)
+        full = user_sequences(ds, ts.train)
+        seqs, pairs = [], []
+        for s in full:
+            if len(s) >= 3:
+                seqs.append(s[:-1])
+                pairs.append((s[:-1], int(s[-1])))
+            else:
+                seqs.append(s)
+        summary = {"split": "time", **ts.summary(), "valid_users": len(pairs)}
+        return seqs, pairs, summary
+    raise ValidationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def save_lm(result: LMResult, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write the model directory (see :mod:`llm_cloud.artifact`); the meta file goes last."""
+    from llm_cloud.artifact import CODEBOOK_SUBDIR, codes_fingerprint, write_meta, write_trie_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(out, safe_serialization=True)
+    result.tokenizer.save_pretrained(out)
+    ids = result.vocab.ids
+    ids.save(out / CODEBOOK_SUBDIR)
+    write_trie_file(result.vocab, out / "item_trie.json")
+    meta = {
+        **(info or {}),
+        "codebook": {
+            **(info or {}).get("codebook", {}),
+            "codes_fingerprint": codes_fingerprint(ids.codes),
+            "num_items": ids.num_items,
+            "vocab_sizes": ids.vocab_sizes,
+        },
+        "max_history": result.config.max_history,
+        "config": result.config.to_dict(),
+        "num_parameters": result.num_parameters,
+        "num_windows": result.num_windows,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "valid_metrics": result.valid_metrics,
+        "train_seconds": result.seconds,
+    }
+    write_meta(out, meta)
+    logger.info("saved codebook LM to %s", out)
+    return out

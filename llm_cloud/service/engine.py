@@ -1,0 +1,577 @@
+"""The cloud's adaptation engine: one object shared by the gRPC servicer and offline tools.
+
+Like vLLM's one engine behind two front-ends, :class:`AdaptationEngine` is the interface
+the :mod:`llm_cloud.service.servicer`, the replay evaluator and the CLI all use::
+
+    generate_edits(requests: [B] EditRequest) -> [B] EditResult (or an exception per item)
+
+:class:`ComposedEngine` implements it from the trained pieces:
+
+1. **tokens**: the codebook LM's top-N next items for each history (an
+   ``llm_cloud.backends`` backend: ``generate(histories, top_n)``, constrained to valid
+   semantic IDs), or, when the adaptor was trained without an LM, the semantic IDs of
+   the N most recent items (the same stand-in its training used);
+2. **adaptor** (``codebook.adaptor.Adaptor``): semantic IDs ``[B, N, L+1]`` (+ LM scores
+   ``[B, N]``, + the device summary ``[B, S]``) -> edit code ``[B, C]`` and a bounded
+   low-rank head edit per user;
+3. **prototypes** (``codebook.prototypes.PrototypeBank``): the nearest prototype, the
+   device's residual against it (what goes down the wire, with the prototype id +
+   version), online refinement of the prototype versions;
+4. **store** (``codebook.store.PrototypeStore``): prototype versions, device
+   assignments and the edit log (one write transaction per batch for the log).
+
+The whole batch runs in one call: the LM and the adaptor see B users at once, which is
+what the servicer's micro-batching is for. Payloads use :mod:`recsys.edit_payload`.
+
+Shapes: B requests, H history length, N generated items, L+1 semantic-ID levels,
+S summary width, C edit-code width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from recsys.edit_payload import DTYPES, encode_payload
+from recsys.errors import NotFoundError, ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAX_DEVICE_ID = 200
+MAX_HISTORY = 512  # items per request (the LM reads the last max_history of them)
+
+
+# ---- requests and results ------------------------------------------------------------------
+@dataclass(frozen=True)
+class EditRequest:
+    """One device's request, validated (see :func:`build_request`).
+
+    Attributes:
+        device_id: the device (user) id.
+        history: int64 [H] item indices, oldest first (H >= 1).
+        summary: float32 [S] device summary, or None.
+        payload_dtype: "fp16", "int8" or "fp32".
+        cached_prototype: (id, version) the device holds, or None.
+        top_n: generated items the adaptor reads (None = the engine's N).
+    """
+
+    device_id: str
+    history: np.ndarray
+    summary: np.ndarray | None = None
+    payload_dtype: str = "fp16"
+    cached_prototype: tuple[int, int] | None = None
+    top_n: int | None = None
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """One device's edit.
+
+    Attributes:
+        payload: RSE1 bytes of the (residual) edit.
+        edit_id: id in the edit log (increasing).
+        prototype: (id, version) the residual is relative to, or None (absolute edit).
+        prototype_payload: that prototype's own edit (RSE1) when the device lacks it.
+        generated_items: item indices read by the adaptor, best / most recent first.
+        tokens: their semantic-ID tokens, space separated.
+        edit_norm: the residual's norm (or the edit's, without prototypes).
+        batch_size: requests in the engine call that made it; engine_ms: that call's time.
+    """
+
+    payload: bytes
+    edit_id: int
+    prototype: tuple[int, int] | None = None
+    prototype_payload: bytes | None = None
+    generated_items: list[int] = field(default_factory=list)
+    tokens: str = ""
+    edit_norm: float = 0.0
+    batch_size: int = 1
+    engine_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class PrototypeView:
+    """A prototype version as the service shows it (payload only when asked for)."""
+
+    prototype_id: int
+    version: int
+    name: str
+    member_count: int
+    created_at: datetime | None
+    payload: bytes | None = None
+
+
+@runtime_checkable
+class AdaptationEngine(Protocol):
+    """What the cloud service needs from an engine (see the module docstring)."""
+
+    item_ids: Sequence[str]
+    model_version: str | None  # ranker fingerprint the edits are made for (None: any)
+    summary_dim: int  # S the adaptor reads (0: none)
+    max_top_n: int  # largest N a request may ask for
+
+    def generate_edits(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
+        """One result (or an exception, raised to that caller only) per request, in order."""
+        ...
+
+    def get_prototype(
+        self, prototype_id: int, version: int | None = None, dtype: str = "fp16"
+    ) -> PrototypeView:
+        """A prototype version with its edit payload (NotFoundError if unknown)."""
+        ...
+
+    def list_prototypes(self) -> list[PrototypeView]:
+        """Every prototype at its current version, without payloads."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """What the engine runs (for logs and benchmark JSON)."""
+        ...
+
+    def close(self) -> None:
+        """Release the LM backend and the store."""
+        ...
+
+
+def build_request(
+    engine: AdaptationEngine,
+    item_index: Mapping[str, int],
+    *,
+    device_id: str,
+    item_ids: Sequence[str],
+    timestamps: Sequence[int] = (),
+    summary: Sequence[float] = (),
+    model_version: str = "",
+    payload_dtype: str = "fp16",
+    cached_prototype: tuple[int, int] | None = None,
+    top_n: int = 0,
+) -> EditRequest:
+    """Validate a request against ``engine`` (the domain checks the servicer relies on).
+
+    Raises:
+        ValidationError: empty/oversized ids or history, mismatched timestamps, NaN/Inf or
+            wrong length in the summary, a foreign model version, a bad dtype or top_n.
+        NotFoundError: an unknown item id.
+    """
+    if not device_id.strip() or len(device_id) > MAX_DEVICE_ID:
+        raise ValidationError(
+            f"device_id must have 1..{MAX_DEVICE_ID} characters, not only spaces; got "
+            f"{len(device_id)} characters"
+        )
+    if not item_ids:
+        raise ValidationError("recent_item_ids is empty: send at least one recent item")
+    if len(item_ids) > MAX_HISTORY:
+        raise ValidationError(f"{len(item_ids)} recent items; the limit is {MAX_HISTORY}")
+    if timestamps and len(timestamps) != len(item_ids):
+        raise ValidationError(
+            f"{len(timestamps)} timestamps for {len(item_ids)} items; send none or one per item"
+        )
+    history = np.empty(len(item_ids), dtype=np.int64)
+    for n, item in enumerate(item_ids):
+        idx = item_index.get(item)
+        if idx is None:
+            raise NotFoundError(f"unknown item {item[:100]!r} in recent_item_ids (position {n})")
+        history[n] = idx
+    vec = None
+    if summary:
+        vec = np.asarray(summary, dtype=np.float32)
+        if not np.isfinite(vec).all():
+            raise ValidationError("the summary vector contains NaN or Inf")
+        if engine.summary_dim and len(vec) != engine.summary_dim:
+            raise ValidationError(
+                f"summary has {len(vec)} values; this adaptor reads {engine.summary_dim}"
+            )
+    elif engine.summary_dim:
+        raise ValidationError(
+            f"this adaptor needs the device summary ({engine.summary_dim} floats: mean recent "
+            "item embedding + user state)"
+        )
+    if engine.model_version and model_version and model_version != engine.model_version:
+        raise ValidationError(
+            f"the device runs ranker {model_version}, but the adaptor makes edits for ranker "
+            f"{engine.model_version}; deploy the matching ranker"
+        )
+    if payload_dtype not in DTYPES:
+        raise ValidationError(f"payload dtype {payload_dtype!r} is not one of {list(DTYPES)}")
+    if not 0 <= top_n <= engine.max_top_n:
+        raise ValidationError(f"top_n must be in 0..{engine.max_top_n}, got {top_n}")
+    return EditRequest(
+        device_id=device_id,
+        history=history,
+        summary=vec,
+        payload_dtype=payload_dtype,
+        cached_prototype=cached_prototype,
+        top_n=top_n or None,
+    )
+
+
+# ---- token sources ---------------------------------------------------------------------------
+class RecentTokens:
+    """Semantic IDs of the N most recent items (most recent first, no scores): the adaptor's
+    input when it was trained without an LM."""
+
+    name = "recent"
+
+    def __init__(self, codes: np.ndarray, n: int) -> None:
+        self.codes = np.asarray(codes, dtype=np.int64)  # [I, L+1]
+        self.n = n
+
+    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Histories -> items [B, N] (-1 padding), scores None."""
+        items = np.full((len(histories), self.n), -1, dtype=np.int64)
+        for b, h in enumerate(histories):
+            tail = np.asarray(h, dtype=np.int64)[-self.n :][::-1]
+            items[b, : len(tail)] = tail
+        return items, None
+
+    def close(self) -> None:
+        pass
+
+
+class LMTokens:
+    """The codebook LM's top-N generated next items and their log-probs (an
+    ``llm_cloud.backends`` backend, one batched ``generate`` call per engine batch)."""
+
+    name = "lm"
+
+    def __init__(self, backend: Any, n: int) -> None:
+        self.backend = backend
+        self.n = n
+
+    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        ranked = self.backend.generate([[int(i) for i in h] for h in histories], top_n=self.n)
+        items = np.full((len(histories), self.n), -1, dtype=np.int64)
+        scores = np.zeros((len(histories), self.n), dtype=np.float32)
+        for b, row in enumerate(ranked):
+            for j, (item, score) in enumerate(row[: self.n]):
+                items[b, j], scores[b, j] = item, score
+        return items, scores
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+# ---- the composed engine -------------------------------------------------------------------------
+class ComposedEngine:
+    """LM (or recent-item tokens) + adaptor + prototype bank + store (see the module doc).
+
+    Args:
+        item_ids: [I] catalogue ids in index order.
+        semantic_ids: int64 [I, L+1] semantic IDs (``SemanticIdMap.codes``).
+        token_strings: function item index -> its token string (for the edit log).
+        adaptor: a ``codebook.adaptor.Adaptor`` (eval mode).
+        tokens: :class:`RecentTokens` or :class:`LMTokens`.
+        bank: a ``codebook.prototypes.PrototypeBank`` (None = absolute edits).
+        store: the ``PrototypeStore`` for the edit log and prototype reads (None = no log).
+        model_version: ranker fingerprint the adaptor was trained against (None: any).
+        default_dtype: payload precision when a request leaves it unspecified.
+    """
+
+    def __init__(
+        self,
+        *,
+        item_ids: Sequence[str],
+        semantic_ids: np.ndarray,
+        token_strings: Any,
+        adaptor: torch.nn.Module,
+        tokens: RecentTokens | LMTokens,
+        bank: Any | None = None,
+        store: Any | None = None,
+        model_version: str | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.item_ids = [str(i) for i in item_ids]
+        self.codes = np.asarray(semantic_ids, dtype=np.int64)
+        if len(self.codes) != len(self.item_ids):
+            raise ValidationError(
+                f"{len(self.codes)} semantic IDs for {len(self.item_ids)} catalogue items"
+            )
+        self.token_strings = token_strings
+        self.adaptor = adaptor.eval()
+        self.tokens = tokens
+        self.bank = bank
+        self.store = store
+        self.model_version = model_version
+        self.summary_dim = int(adaptor.cfg.summary_dim)
+        self.max_top_n = int(adaptor.cfg.max_items)
+        self._info = dict(info or {})
+        self._lock = threading.Lock()  # generate_edits is serialised (bank state)
+        self._edit_counter = 0
+        self.calls = 0
+        self.requests = 0
+
+    # ---- edits ------------------------------------------------------------------------------
+    def generate_edits(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
+        """B requests -> B results in one LM call and one adaptor pass."""
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        with self._lock, torch.no_grad():
+            items, scores = self.tokens([r.history for r in requests])  # [B, N], [B, N] | None
+            for b, r in enumerate(requests):
+                if r.top_n is not None:
+                    items[b, r.top_n :] = -1
+            codes = self.codes[np.clip(items, 0, None)]  # [B, N, L+1]
+            codes[items < 0] = -1
+            summary = None
+            if self.summary_dim:
+                summary = torch.from_numpy(np.stack([r.summary for r in requests]))  # [B, S]
+            out = self.adaptor(
+                torch.from_numpy(codes),
+                None if scores is None else torch.from_numpy(scores),
+                summary,
+            )
+            results: list[dict[str, Any] | Exception] = []
+            for b, r in enumerate(requests):
+                try:
+                    results.append(
+                        self._one(
+                            r, out.code[b], {k: v[b] for k, v in out.tensors.items()}, items[b]
+                        )
+                    )
+                except Exception as exc:  # one bad item must not fail the batch
+                    logger.exception("edit for device %r failed", r.device_id)
+                    results.append(exc)
+            engine_ms = (time.perf_counter() - t0) * 1000
+            ids = self._log([x for x in results if not isinstance(x, Exception)], engine_ms)
+        self.calls += 1
+        self.requests += len(requests)
+        final: list[EditResult | Exception] = []
+        it = iter(ids)
+        for x in results:
+            if isinstance(x, Exception):
+                final.append(x)
+            else:
+                final.append(
+                    EditResult(
+                        payload=x["payload"],
+                        edit_id=next(it),
+                        prototype=x["prototype"],
+                        prototype_payload=x["prototype_payload"],
+                        generated_items=x["items"],
+                        tokens=x["tokens"],
+                        edit_norm=x["norm"],
+                        batch_size=len(requests),
+                        engine_ms=engine_ms,
+                    )
+                )
+        return final
+
+    def _one(
+        self,
+        r: EditRequest,
+        code: torch.Tensor,
+        user_edit: dict[str, torch.Tensor],
+        items: np.ndarray,
+    ) -> dict[str, Any]:
+        """Prototype, residual, payloads for one request (inside the batch)."""
+        gen = [int(i) for i in items if i >= 0]
+        prototype = proto_payload = None
+        if self.bank is not None:
+            code_np = code.numpy().astype(np.float32)
+            pid = self.bank.assign(code_np)
+            version, proto_edit = self.bank.edit(pid)
+            residual, norm = self.bank.residual(user_edit, pid)
+            self.bank.observe(r.device_id, code_np, norm, pid)
+            prototype = (int(pid), int(version))
+            payload = encode_payload(residual, dtype=r.payload_dtype, prototype=prototype)
+            if r.cached_prototype != prototype:
+                proto_payload = encode_payload(proto_edit, dtype=r.payload_dtype)
+        else:
+            norm = math.sqrt(sum(float((t.float() ** 2).sum()) for t in user_edit.values()))
+            payload = encode_payload(user_edit, dtype=r.payload_dtype)
+        return {
+            "payload": payload,
+            "prototype": prototype,
+            "prototype_payload": proto_payload,
+            "items": gen,
+            "tokens": " ".join(self.token_strings(i) for i in gen),
+            "norm": float(norm),
+            "device_id": r.device_id,
+        }
+
+    def _log(self, made: list[dict[str, Any]], latency_ms: float) -> list[int]:
+        """Append the batch's edits to the edit log in ONE transaction; their ids."""
+        if not made:
+            return []
+        if self.store is None:
+            first = self._edit_counter + 1
+            self._edit_counter += len(made)
+            return list(range(first, first + len(made)))
+        from codebook.store.repository import EditLogRepository
+
+        ids = []
+        with self.store.transaction(write=True) as session:
+            repo = EditLogRepository(session)
+            rows = [
+                repo.add(
+                    device_id=m["device_id"],
+                    tokens=m["tokens"][:2000],
+                    prototype_id=m["prototype"][0] if m["prototype"] else None,
+                    prototype_version=m["prototype"][1] if m["prototype"] else None,
+                    edit_norm=m["norm"],
+                    payload_bytes=len(m["payload"]),
+                    latency_ms=latency_ms,
+                )
+                for m in made
+            ]
+            session.flush()
+            ids = [int(row.id) for row in rows]
+        return ids
+
+    # ---- prototypes ---------------------------------------------------------------------------
+    def get_prototype(
+        self, prototype_id: int, version: int | None = None, dtype: str = "fp16"
+    ) -> PrototypeView:
+        if self.store is None:
+            raise NotFoundError("this engine keeps no prototypes")
+        state = self.store.get_prototype(prototype_id, version)
+        payload = encode_payload(
+            {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.tensors.items()},
+            dtype=dtype,
+        )
+        return PrototypeView(
+            prototype_id=state.prototype_id,
+            version=state.version,
+            name=state.name,
+            member_count=state.member_count,
+            created_at=state.created_at,
+            payload=payload,
+        )
+
+    def list_prototypes(self) -> list[PrototypeView]:
+        if self.store is None:
+            return []
+        return [
+            PrototypeView(p.id, p.current_version, p.name, 0, p.created_at)
+            for p in self.store.list_prototypes()
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": "composed",
+            "tokens": self.tokens.name,
+            "prototypes": len(self.bank.live) if self.bank is not None else 0,
+            "summary_dim": self.summary_dim,
+            "top_n": self.max_top_n,
+            "items": len(self.item_ids),
+            "model_version": self.model_version,
+            "calls": self.calls,
+            "requests": self.requests,
+            **self._info,
+        }
+
+    def close(self) -> None:
+        self.tokens.close()
+        if self.store is not None:
+            self.store.close()
+
+
+# ---- building from artefacts -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArtifactEngineConfig:
+    """Where a :class:`ComposedEngine`'s trained pieces are.
+
+    Attributes:
+        adaptor_path: ``recsys train adaptor``'s artefact (``artifacts/NAME/adaptor/adaptor.pt``).
+        codebook_dir: the semantic IDs (default ``artifacts/NAME/codebook`` beside it).
+        lm_dir: the codebook LM (default ``artifacts/NAME/lm``), used when the adaptor
+            was trained on LM tokens.
+        lm_backend: ``transformers``, ``vllm`` or ``openai`` (see ``llm_cloud.backends``).
+        lm_options: backend keyword arguments (e.g. ``url`` for ``openai``).
+        store_url: the prototype store (default: the one the training wrote).
+        prototypes: use the prototype bank (False = absolute edits, no residuals).
+    """
+
+    adaptor_path: str
+    codebook_dir: str | None = None
+    lm_dir: str | None = None
+    lm_backend: str = "transformers"
+    lm_options: Mapping[str, Any] = field(default_factory=dict)
+    store_url: str | None = None
+    prototypes: bool = True
+
+
+def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
+    """Load the adaptor artefact, the semantic IDs, the LM (if its tokens were used), the
+    prototype bank and the store into a :class:`ComposedEngine`."""
+    from codebook.adaptor import Adaptor, AdaptorConfig
+    from codebook.semantic_ids import SemanticIdMap
+    from codebook.store import PrototypeStore
+    from recsys.serving.fingerprint import file_fingerprint
+
+    path = Path(cfg.adaptor_path)
+    if not path.is_file():
+        raise NotFoundError(f"no trained adaptor at {path}; run `recsys train adaptor` first")
+    art = torch.load(path, map_location="cpu", weights_only=True)
+    if not str(art.get("format", "")).startswith("recsys.adaptor_artifact"):
+        raise ValidationError(f"{path} is not an adaptor artefact (format {art.get('format')!r})")
+    root = path.parent.parent  # artifacts/NAME
+    ids = SemanticIdMap.load(cfg.codebook_dir or root / "codebook")
+    if ids.item_ids is None:
+        raise ValidationError(
+            "the codebook has no item ids; retrain it with `recsys train codebook`"
+        )
+    adaptor = Adaptor(AdaptorConfig.from_dict(art["adaptor_config"]))
+    adaptor.load_state_dict(art["adaptor_state"])
+    n = int(adaptor.cfg.max_items)
+    if art.get("token_source") == "lm":
+        from llm_cloud.backends import BackendConfig, make_backend
+
+        lm_dir = Path(cfg.lm_dir) if cfg.lm_dir else root / "lm"
+        backend = make_backend(
+            cfg.lm_backend, lm_dir, BackendConfig(exclude_history=True), **dict(cfg.lm_options)
+        )
+        tokens: RecentTokens | LMTokens = LMTokens(backend, n)
+    else:
+        tokens = RecentTokens(ids.codes, n)
+    store = bank = None
+    store_url = cfg.store_url or art.get("store_url")
+    if store_url:
+        store = PrototypeStore.open(store_url, upgrade=True)
+    if cfg.prototypes and store is not None:
+        from codebook.prototypes import PrototypeBank, PrototypeConfig
+
+        pcfg = PrototypeConfig(**art["config"]["prototypes"])
+        bounds = art["bounds"]
+        bank = PrototypeBank.load(
+            store,
+            adaptor.decode,
+            adaptor.cfg.head_spec,
+            pcfg,
+            bound=bounds["device_max_weight_norm"],
+            bias_bound=bounds["device_max_bias_abs"],
+            spawn_threshold=float(art.get("prototypes", {}).get("spawn_threshold", math.inf)),
+        )
+    ranker_path = Path(art.get("ranker_path", ""))
+    model_version = file_fingerprint(ranker_path) if ranker_path.is_file() else None
+    logger.info(
+        "cloud engine: adaptor %s (tokens %s, N=%d, S=%d), %d prototypes, ranker %s",
+        path,
+        tokens.name,
+        n,
+        adaptor.cfg.summary_dim,
+        len(bank.live) if bank is not None else 0,
+        model_version,
+    )
+    return ComposedEngine(
+        item_ids=[str(i) for i in ids.item_ids],
+        semantic_ids=ids.codes,
+        token_strings=ids.to_tokens,
+        adaptor=adaptor,
+        tokens=tokens,
+        bank=bank,
+        store=store,
+        model_version=model_version,
+        info={"adaptor_path": str(path), "bounds": dict(art.get("bounds", {}))},
+    )

@@ -1,0 +1,158 @@
+"""The cloud server process: ``recsys serve cloud``.
+
+Start-up order: the gRPC server binds first with health NOT_SERVING (calls answer
+UNAVAILABLE), the engine loads in a worker thread (adaptor, semantic IDs, LM backend,
+prototype bank, store), then health flips to SERVING. The shared-token interceptor (when
+a token is configured) runs before the error-mapping interceptor. SIGTERM/SIGINT:
+health NOT_SERVING, no new calls, in-flight calls get ``grace_s`` to finish (the
+micro-batcher finishes its queue), then the engine closes.
+
+Example::
+
+    handle = await start_cloud(CloudConfig(engine="tiny", dataset="path/to/ds",
+                                           head_spec="fc0=16x8,fc1=8x16"))
+    handle.port
+    await handle.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from llm_cloud.service.engine import AdaptationEngine, ArtifactEngineConfig, engine_from_artifacts
+from llm_cloud.service.servicer import SERVICE_NAME, AdaptationServicer
+from recsys.errors import ValidationError
+from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
+from recsys.serving.auth import TokenAuthInterceptor, read_token
+from recsys.serving.batching import BatchConfig
+from recsys.serving.errors import ErrorMappingInterceptor
+from recsys.serving.server import GrpcServer, ServerOptions, run_until_signal
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("artifacts", "tiny")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """The cloud service.
+
+    Attributes:
+        engine: "artifacts" (the trained adaptor + LM + prototypes) or "tiny" (untrained
+            toy engine for tests and smoke runs).
+        artifacts: where the trained pieces are (engine "artifacts").
+        dataset / data_dir / cache_dir: the catalogue of the tiny engine.
+        head_spec: the tiny engine's head, "fc0=OUTxIN,fc1=OUTxIN".
+        store_url: the tiny engine's prototype store (None = no prototypes, no log).
+        batch: micro-batching of GenerateEdit (max_batch 1 = off).
+        default_dtype: payload precision for requests that leave it unspecified.
+        token_file: require this shared token from callers (None = no check).
+        torch_threads: intra-op threads of torch in the server.
+        server: :class:`ServerOptions`.
+    """
+
+    engine: str = "artifacts"
+    artifacts: ArtifactEngineConfig | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    head_spec: str = "fc0=128x64,fc1=64x128"
+    store_url: str | None = None
+    seed: int = 0
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    default_dtype: str = "fp16"
+    token_file: str | None = None
+    torch_threads: int = 1
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValidationError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "artifacts" and self.artifacts is None:
+            raise ValidationError("engine 'artifacts' needs the adaptor artefact (--adaptor)")
+        if self.engine == "tiny" and not self.dataset:
+            raise ValidationError("engine 'tiny' needs a dataset for its catalogue (--dataset)")
+        if self.torch_threads < 1:
+            raise ValidationError(f"torch_threads must be >= 1, got {self.torch_threads}")
+
+
+def load_engine(config: CloudConfig) -> AdaptationEngine:
+    """Build the configured engine (blocking; the server runs it in a worker thread)."""
+    torch.set_num_threads(config.torch_threads)
+    if config.engine == "tiny":
+        from llm_cloud.service.tiny import build_tiny_engine, parse_head_spec
+        from recsys.data.registry import load_dataset
+
+        ds = load_dataset(config.dataset, data_dir=config.data_dir, cache_dir=config.cache_dir)
+        return build_tiny_engine(
+            [str(i) for i in ds.item_ids],
+            parse_head_spec(config.head_spec),
+            store_url=config.store_url,
+            seed=config.seed,
+        )
+    assert config.artifacts is not None
+    return engine_from_artifacts(config.artifacts)
+
+
+@dataclass
+class CloudHandle:
+    """A running cloud server (in this process)."""
+
+    server: GrpcServer
+    servicer: AdaptationServicer
+    engine: AdaptationEngine
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop, then the batcher and the engine."""
+        await self.server.stop(grace)
+        await self.servicer.close()
+        await asyncio.to_thread(self.engine.close)
+
+
+async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = None) -> CloudHandle:
+    """Bind, load the engine (health NOT_SERVING meanwhile), then serve.
+
+    ``engine``: an already built engine (tests); default: :func:`load_engine`.
+    """
+    interceptors = []
+    token = read_token(config.token_file)
+    if token:
+        interceptors.append(TokenAuthInterceptor(token))
+    interceptors.append(ErrorMappingInterceptor("cloud"))
+    server = GrpcServer(config.server, interceptors)
+    servicer = AdaptationServicer(config.batch, config.default_dtype)
+    server.add(
+        lambda s: cpb_grpc.add_AdaptationServiceServicer_to_server(servicer, s), SERVICE_NAME
+    )
+    await server.start()
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(load_engine, config)
+    except BaseException:
+        await server.stop(0)
+        raise
+    servicer.set_engine(engine)
+    gc.collect()
+    gc.freeze()  # loaded models and data never become garbage: keep them out of GC passes
+    await server.set_serving(True)
+    logger.info("cloud serving on port %d: %s", server.port, engine.info())
+    return CloudHandle(server, servicer, engine)
+
+
+async def serve_cloud(config: CloudConfig, stop_event: asyncio.Event | None = None) -> None:
+    """Run the cloud server until SIGTERM/SIGINT (or ``stop_event``)."""
+    handle = await start_cloud(config)
+    try:
+        await run_until_signal(handle.server, stop_event=stop_event)
+    finally:
+        await handle.stop()

@@ -1,0 +1,134 @@
+"""The one place that maps domain errors to gRPC status codes, as a server interceptor.
+
+Servicers raise the project's domain errors (:mod:`recsys.errors`) and never set status
+codes for them; :class:`ErrorMappingInterceptor`, installed once per server, turns them
+into status codes with the error's message:
+
+==============================  ======================  =================================
+raised in a handler             status code             details sent to the client
+==============================  ======================  =================================
+``ValidationError``             ``INVALID_ARGUMENT``    the error's message
+``NotFoundError``               ``NOT_FOUND``           the error's message
+``NotReadyError``               ``UNAVAILABLE``         the error's message
+``OverloadedError``             ``RESOURCE_EXHAUSTED``  the error's message
+other ``RecsysError``           ``FAILED_PRECONDITION`` the error's message
+``asyncio.TimeoutError``        ``DEADLINE_EXCEEDED``   "deadline exceeded"
+anything else                   ``INTERNAL``            generic text + an error id; the
+                                                        traceback is logged with that id
+==============================  ======================  =================================
+
+Aborts raised by ``context.abort`` and cancellations pass through untouched. Only unary
+-> unary methods are wrapped (every project RPC is one); streaming handlers such as the
+health service's ``Watch`` are passed on unchanged.
+
+Example::
+
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor("device")])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from recsys.errors import NotFoundError, RecsysError, ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAX_DETAILS = 1000  # characters of an error message sent to a client (ids can be long)
+
+
+class NotReadyError(RecsysError):
+    """The service is still loading its models (or shutting down); retry shortly."""
+
+
+class OverloadedError(RecsysError):
+    """Too many requests are queued; back off and retry."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status code, details) for an exception raised by a handler (see the module table).
+
+    For unexpected exceptions the details are generic: internals never reach a client.
+    """
+    if isinstance(exc, ValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, NotReadyError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, RecsysError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Server interceptor: domain errors -> status codes (one per server).
+
+    Args:
+        service_label: a name for the logs ("device", "cloud").
+    """
+
+    def __init__(self, service_label: str = "") -> None:
+        self.service_label = service_label
+        self.counts: dict[str, int] = {}  # status code name -> errors mapped (for tests/metrics)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` with its behaviour wrapped in the error mapping (built once per method)."""
+        behavior: Behavior = handler.unary_unary
+
+        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                code, details = status_for(exc)
+                self.counts[code.name] = self.counts.get(code.name, 0) + 1
+                if code is grpc.StatusCode.INTERNAL:
+                    error_id = uuid.uuid4().hex[:12]
+                    logger.exception(
+                        "%s %s failed (error id %s)", self.service_label, method, error_id
+                    )
+                    details = f"internal error (id {error_id}); see the server log"
+                else:
+                    if len(details) > MAX_DETAILS:
+                        details = details[: MAX_DETAILS - 3] + "..."
+                    logger.info("%s %s -> %s: %s", self.service_label, method, code.name, details)
+                await context.abort(code, details)
+
+        return grpc.unary_unary_rpc_method_handler(
+            mapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,249 @@
+"""Server lifecycle shared by both services: options, health, reflection, TLS, shutdown.
+
+:class:`GrpcServer` builds a ``grpc.aio`` server with the given servicers and
+interceptors, adds the standard health service (every service NOT_SERVING until
+:meth:`GrpcServer.set_serving` is called, i.e. until the models are loaded) and server
+reflection, binds ``host:port`` (port 0 = an ephemeral port, reported by
+:attr:`GrpcServer.port` and optionally written to a port file), with TLS when a
+certificate and key are given, and message-size limits on both directions.
+
+:func:`run_until_signal` serves until SIGTERM/SIGINT, then flips health to NOT_SERVING
+and calls ``server.stop(grace)``: new calls are refused, calls in flight get ``grace``
+seconds to finish.
+
+Clients use :func:`client_channel` (same size limits, optional TLS, fast reconnect so a
+restarted peer is found again within about a second).
+
+Example::
+
+    server = GrpcServer(ServerOptions(port=0), [ErrorMappingInterceptor("cloud")])
+    server.add(lambda s: add_AdaptationServiceServicer_to_server(servicer, s), SERVICE_NAME)
+    await server.start(); ...load models...; await server.set_serving(True)
+    await run_until_signal(server)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsys.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20  # 4 MiB: an edit is ~7 KB, a top-1000 list ~30 KB
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how a server listens.
+
+    Attributes:
+        host: interface to bind; loopback by default (nothing here is meant to face a
+            network without TLS and the token).
+        port: TCP port, 0 = ephemeral (see :attr:`GrpcServer.port`).
+        max_message_bytes: limit on received and sent messages (both directions).
+        grace_s: seconds in-flight calls get to finish on shutdown.
+        tls_cert / tls_key: PEM files; both set = TLS, neither = plaintext.
+        max_concurrent_rpcs: calls served at once before RESOURCE_EXHAUSTED (None = no cap).
+        port_file: write the bound port there (atomically) once the server is started.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_s: float = 5.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_concurrent_rpcs: int | None = None
+    port_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValidationError(f"port must be in 0..65535, got {self.port}")
+        if self.max_message_bytes < 1024:
+            raise ValidationError(
+                f"max_message_bytes must be >= 1024, got {self.max_message_bytes}"
+            )
+        if self.grace_s < 0:
+            raise ValidationError(f"grace_s must be >= 0, got {self.grace_s}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValidationError("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
+
+
+def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Channel arguments limiting message sizes in both directions."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def client_channel(
+    target: str,
+    *,
+    tls_ca: str | Path | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls_server_name: str | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``target`` (``host:port``).
+
+    With ``tls_ca`` (PEM of the CA or the self-signed server certificate) the channel
+    uses TLS and checks the server's name (``tls_server_name`` overrides it). Reconnect
+    backoff is capped at 2 s, so a restarted server is found again quickly.
+    """
+    options = [
+        *message_options(max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.enable_retries", 0),  # the caller decides; a retry would blow the deadline
+    ]
+    if tls_ca:
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "CA certificate"))
+        return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
+
+
+class GrpcServer:
+    """A ``grpc.aio`` server with health checking, reflection and graceful shutdown.
+
+    Args:
+        options: :class:`ServerOptions`.
+        interceptors: server interceptors, outermost first (e.g. token check, then the
+            error mapping).
+    """
+
+    def __init__(
+        self, options: ServerOptions, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
+        self.options = options
+        self.interceptors = list(interceptors)
+        self._registrations: list[Callable[[grpc.aio.Server], None]] = []
+        self.server: grpc.aio.Server | None = None  # built in start(), on the serving loop
+        self.health = health.aio.HealthServicer()
+        self.service_names: list[str] = []
+        self.port: int | None = None
+        self._stopping = False
+
+    def add(self, register: Callable[[grpc.aio.Server], None], service_name: str) -> None:
+        """Register a servicer (``register(server)`` calls the generated ``add_..._to_server``)
+        under its full service name (for health and reflection)."""
+        self._registrations.append(register)
+        self.service_names.append(service_name)
+
+    async def start(self) -> int:
+        """Bind, start serving (health NOT_SERVING), write the port file; returns the port."""
+        self.server = grpc.aio.server(
+            interceptors=self.interceptors,
+            options=[*message_options(self.options.max_message_bytes), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=self.options.max_concurrent_rpcs,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for register in self._registrations:
+            register(self.server)
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        opts = self.options
+        address = f"{opts.host}:{opts.port}"
+        try:
+            if opts.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(_read(opts.tls_key, "TLS key"), _read(opts.tls_cert, "TLS certificate"))]
+                )
+                port = self.server.add_secure_port(address, creds)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ValidationError(f"cannot listen on {address}: {exc}") from None
+        if not port:
+            raise ValidationError(f"cannot listen on {address} (port in use?)")
+        await self.server.start()
+        self.port = int(port)
+        if opts.port_file:
+            path = Path(opts.port_file)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(f"{self.port}\n")
+            tmp.replace(path)
+        logger.info(
+            "listening on %s:%d (%s), services %s",
+            opts.host,
+            self.port,
+            "TLS" if opts.tls_cert else "plaintext",
+            ", ".join(self.service_names),
+        )
+        return self.port
+
+    async def set_serving(self, serving: bool = True) -> None:
+        """Health SERVING (models loaded) or NOT_SERVING, for the server and each service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish
+        within ``grace`` seconds (default ``options.grace_s``). Idempotent."""
+        if self._stopping or self.server is None:
+            return
+        self._stopping = True
+        grace = self.options.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        logger.info("shutting down (grace %.1f s)", grace)
+        await self.server.stop(grace)
+        logger.info("stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+async def run_until_signal(
+    server: GrpcServer,
+    *,
+    signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Serve until one of ``signals`` arrives (or ``stop_event`` is set), then stop
+    gracefully (:meth:`GrpcServer.stop`)."""
+    loop = asyncio.get_running_loop()
+    stop = stop_event or asyncio.Event()
+    installed = []
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread / platform
+            continue
+    try:
+        await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await server.stop()

@@ -1,0 +1,27 @@
+"""Fixtures for the llm_cloud tests: a tiny codebook and a tiny trained model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from llm_helpers import tiny_ids, train_tiny
+
+from codebook.semantic_ids import SemanticIdMap
+from llm_cloud.lm_train import save_lm
+
+
+@pytest.fixture(scope="session")
+def ids() -> SemanticIdMap:
+    """40 items, IDs of 3 tokens (2 random levels of 6 codes + disambiguation)."""
+    return tiny_ids()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(ids: SemanticIdMap, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LM trained for 3 epochs on synthetic 'next index' sequences, saved."""
+    before = torch.get_num_threads()
+    result = train_tiny(ids)
+    torch.set_num_threads(before)
+    return save_lm(result, tmp_path_factory.mktemp("lm") / "tiny", info={"dataset": "synthetic"})

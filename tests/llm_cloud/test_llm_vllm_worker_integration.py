@@ -1,0 +1,77 @@
+"""The `vllm` backend for real: a vllm.LLM engine in a worker process of .venv-vllm.
+
+One engine for the module (float32, a tiny model trained here on ml-100k, 1,682 item
+IDs); for real users' histories its results must equal the transformers backend's
+(top-1 items and scores). Skips when .venv-vllm or the raw ml-100k files are missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from llm_helpers import real_data_lm
+
+from llm_cloud.backends import BackendConfig, make_backend
+from llm_cloud.backends.base import Backend
+from llm_cloud.vllm_env import VLLM_VENV
+
+pytestmark = pytest.mark.vllm
+
+if not (VLLM_VENV / "bin" / "python").is_file():
+    pytest.skip(
+        f"{VLLM_VENV} is missing: run scripts/install_vllm.sh to test against the real vLLM",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(ml100k, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
+    """A tiny LM over ml-100k (1,682 IDs, RQ-k-means codes) and the users' histories."""
+    return real_data_lm(ml100k, tmp_path_factory.mktemp("worker") / "lm")
+
+
+@pytest.fixture(scope="module")
+def trained_dir(trained: tuple[Path, list[list[int]]]) -> Path:
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def engine(trained_dir: Path) -> Iterator[Backend]:
+    backend = make_backend(
+        "vllm", trained_dir, BackendConfig(beam_width=8, batch_users=16), dtype="float32"
+    )
+    yield backend
+    backend.close()
+
+
+def test_worker_equals_transformers(
+    engine: Backend, trained: tuple[Path, list[list[int]]], trained_dir: Path
+) -> None:
+    reference = make_backend(
+        "transformers", trained_dir, BackendConfig(beam_width=8, batch_users=16)
+    )
+    histories = [*trained[1][:64], []]
+    num_items = reference.vocab.num_items
+    got, want = engine.generate(histories, 5), reference.generate(histories, 5)
+    agree = 0
+    for ours, theirs in zip(got, want, strict=True):
+        assert len(ours) == 5 and all(0 <= i < num_items for i, _ in ours)
+        assert ours[0][1] == pytest.approx(theirs[0][1], abs=1e-3)
+        agree += ours[0][0] == theirs[0][0]
+    assert agree >= 0.9 * len(histories)
+    assert engine.info()["vllm"]
+
+
+def test_worker_exclusion_and_close(engine: Backend, trained_dir: Path) -> None:
+    history = [3, 4, 5]
+    engine.config.exclude_history = True
+    try:
+        assert not {i for i, _ in engine.generate([history], 8)[0]} & set(history)
+    finally:
+        engine.config.exclude_history = False
+    proc = engine.proc
+    engine.close()
+    assert proc is not None and proc.poll() is not None
+    engine.close()  # idempotent
