@@ -40,6 +40,8 @@ COMMAND_MODULES = (
     "recsys.cli.llm_cmd",
     "recsys.cli.db_cmd",
     "recsys.cli.serve_cmd",
+    "recsys.cli.replay_cmd",
+    "recsys.cli.abtest_cmd",
 )
 
 Handler = Callable[[argparse.Namespace], int]
