@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -86,6 +87,7 @@ class TrainConfig:
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
     min_epochs: int = 1  # never stop before this many epochs
     seed: int = 0
+    max_minutes: float | None = None  # wall-time budget: stop after the epoch that crosses it
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValidationError("epochs, batch_size and patience must be >= 1")
         if self.lr <= 0:
             raise ValidationError(f"lr must be > 0, got {self.lr}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValidationError(f"max_minutes must be > 0, got {self.max_minutes}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,10 +307,10 @@ def train(
                 f"this dataset is {dataset_info['fingerprint']}; retrain without --resume"
             )
         saved_cfg = TrainConfig.from_dict(ckpt["train_config"])
-        if replace(saved_cfg, epochs=cfg.epochs) != cfg:
+        if replace(saved_cfg, epochs=cfg.epochs, max_minutes=cfg.max_minutes) != cfg:
             raise ValidationError(
                 f"checkpoint {path} has a different training config ({saved_cfg}); "
-                "only `epochs` may change on resume"
+                "only `epochs` and `max_minutes` may change on resume"
             )
         model.load_state_dict(ckpt["model_state"])
         opt.load_state_dict(ckpt["optimizer_state"])
@@ -322,6 +326,7 @@ def train(
         unit="epoch",
         leave=False,
     )
+    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     while state["epoch"] < cfg.epochs and not state["finished"]:
         epoch = state["epoch"] + 1
         te = time.perf_counter()
@@ -360,6 +365,9 @@ def train(
             }
         )
         if state["bad_epochs"] >= cfg.patience and epoch >= cfg.min_epochs:
+            state["finished"] = True
+        if time.perf_counter() > deadline and epoch >= cfg.min_epochs:
+            logger.info("time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch)
             state["finished"] = True
         bar.update(1)
         bar.set_postfix(

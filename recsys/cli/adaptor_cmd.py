@@ -33,6 +33,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     g.add_argument("--epochs", type=int, help="maximum epochs per generator (default 40)")
     g.add_argument("--patience", type=int, help="epochs without a better held-out loss (5)")
     g.add_argument("--lr", type=float, help="AdamW learning rate (1e-3)")
+    g.add_argument(
+        "--max-minutes", type=float, help="wall-time budget per generator (stops after that epoch)"
+    )
     g.add_argument("--batch-size", type=int, help="request windows per step (128)")
     g.add_argument("--rank", type=int, help="rank R of every layer edit (8)")
     g.add_argument("--window", type=int, help="events per window / request period W (5)")
@@ -131,6 +134,7 @@ def _train_config(args: argparse.Namespace):
             "lr": args.lr,
             "batch_size": args.batch_size,
             "seed": args.seed,
+            "max_minutes": args.max_minutes,
         }.items()
         if v is not None
     }

@@ -93,6 +93,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len", type=int, help="history events read by the encoder T")
     g.add_argument("--lr", type=float, help="AdamW learning rate")
     g.add_argument(
+        "--max-minutes", type=float, help="wall-time budget; stops after the epoch that crosses it"
+    )
+    g.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint (same config)"
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -118,6 +121,7 @@ def _train_config(args: argparse.Namespace):
             "loss": args.loss,
             "lr": args.lr,
             "seed": args.seed,
+            "max_minutes": args.max_minutes,
         }.items()
         if v is not None
     }

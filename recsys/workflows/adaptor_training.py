@@ -77,6 +77,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -127,12 +128,15 @@ class LoopConfig:
     holdout_users: float = 0.1  # share of training users kept for early stopping
     mask_seen: bool = True  # exclude already-seen items from the softmax (as evaluation does)
     seed: int = 0
+    max_minutes: float | None = None  # wall-time budget per generator (stop after that epoch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.lr <= 0:
             raise ValidationError(f"bad loop config {self}")
         if not 0.0 < self.holdout_users < 1.0:
             raise ValidationError(f"holdout_users must be in (0, 1), got {self.holdout_users}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValidationError(f"max_minutes must be > 0, got {self.max_minutes}")
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,11 @@ def train_generator(
             base["ndcg@10"],
         )
         if bad >= loop.patience:
+            break
+        if time.perf_counter() - t0 > 60 * (loop.max_minutes or math.inf):
+            logger.info(
+                "%s: time budget of %.1f min reached after epoch %d", kind, loop.max_minutes, epoch
+            )
             break
     bar.close()
     if best["state"] is not None:

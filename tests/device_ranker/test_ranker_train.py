@@ -90,3 +90,14 @@ def test_training_learns_and_trains_on_any_rows(tiny_ds: Dataset) -> None:
         tiny_train_config(epochs=1, loss="bce"), tiny_ds, rows=period.train, progress=False
     )
     assert other.history and np.isfinite(other.history[0]["loss"])
+
+
+def test_time_budget_stops_after_the_epoch_that_crosses_it(tiny_ds: Dataset) -> None:
+    budget = train(
+        tiny_train_config(epochs=5, patience=10, max_minutes=1e-9), tiny_ds, progress=False
+    )
+    assert len(budget.history) == 1  # min_epochs = 1, then the budget is spent
+    full = train(tiny_train_config(epochs=5, patience=10), tiny_ds, progress=False)
+    assert len(full.history) == 5
+    with pytest.raises(ValidationError, match="max_minutes"):
+        tiny_train_config(max_minutes=0)

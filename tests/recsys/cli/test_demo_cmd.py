@@ -52,7 +52,9 @@ def test_demo_runs_every_stage_and_writes_json(
     assert "fused item features [6, 384]" in printed
     assert "top-5 for user" in printed
     report = json.loads(out.read_text())
-    assert 0.0 <= report["ranker"]["test"]["ndcg@10"] <= 1.0
+    ranker = report["models"]["ranker"]["test"]
+    assert ranker["users"] == 4
+    assert 0.0 <= ranker["device ranker"]["ndcg@10"] <= 1.0
     assert report["data"]["users"] == 4
     assert report["data"]["interactions"] == 60
     assert (

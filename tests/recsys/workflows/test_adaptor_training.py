@@ -135,6 +135,9 @@ def test_training_reduces_next_window_loss(world) -> None:
     assert (
         len(res_d.history) == 4 and res_d.history[-1]["train_loss"] < res_d.history[1]["train_loss"]
     )
+    # a wall-time budget stops after the epoch that crosses it
+    quick = small_config(epochs=3, max_minutes=1e-9).loop
+    assert len(train_generator("duet", duet, frozen, data, quick, progress=False).history) == 2
 
 
 def test_adapting_a_device_is_a_forward_pass_and_an_addition(world, monkeypatch) -> None:
