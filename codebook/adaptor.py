@@ -209,8 +209,28 @@ class EditDecoder(nn.Module):
         return out
 
 
+class GeneratorConfigMixin:
+    """Shared by the generator configs (:class:`AdaptorConfig`, ``DuetConfig``): they
+    carry the decoder's fields (``head_spec``, ``code_dim``, ``hidden``, ``rank``, the
+    bounds, ``edit_bias``) and are plain dataclasses."""
+
+    def decoder_config(self) -> DecoderConfig:
+        return DecoderConfig(
+            head_spec=self.head_spec,
+            code_dim=self.code_dim,
+            hidden=self.hidden,
+            rank=self.rank,
+            max_weight_norm=self.max_weight_norm,
+            max_bias_abs=self.max_bias_abs,
+            edit_bias=self.edit_bias,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class AdaptorConfig:
+class AdaptorConfig(GeneratorConfigMixin):
     """The adaptor: token encoder + :class:`EditDecoder`.
 
     Example::
@@ -243,20 +263,6 @@ class AdaptorConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValidationError(f"dropout must be in [0, 1), got {self.dropout}")
         self.decoder_config()  # validates rank and bounds
-
-    def decoder_config(self) -> DecoderConfig:
-        return DecoderConfig(
-            head_spec=self.head_spec,
-            code_dim=self.code_dim,
-            hidden=self.hidden,
-            rank=self.rank,
-            max_weight_norm=self.max_weight_norm,
-            max_bias_abs=self.max_bias_abs,
-            edit_bias=self.edit_bias,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdaptorConfig:

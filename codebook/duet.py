@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,9 +35,9 @@ from torch import nn
 
 from codebook.adaptor import (
     ContextEncoder,
-    DecoderConfig,
     EditDecoder,
     GeneratedEdit,
+    GeneratorConfigMixin,
     HeadSpec,
     head_spec,
     masked_pool,
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DuetConfig:
+class DuetConfig(GeneratorConfigMixin):
     """The DUET-style generator (same decoder fields as :class:`codebook.adaptor.AdaptorConfig`).
 
     Example::
@@ -77,20 +77,6 @@ class DuetConfig:
                 "num_items, max_items, item_dim >= 1 and summary_dim >= 0 required"
             )
         self.decoder_config()
-
-    def decoder_config(self) -> DecoderConfig:
-        return DecoderConfig(
-            head_spec=self.head_spec,
-            code_dim=self.code_dim,
-            hidden=self.hidden,
-            rank=self.rank,
-            max_weight_norm=self.max_weight_norm,
-            max_bias_abs=self.max_bias_abs,
-            edit_bias=self.edit_bias,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DuetConfig:

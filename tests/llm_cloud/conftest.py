@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_helpers import tiny_ids, train_tiny
+from llm_helpers import real_data_lm, tiny_ids, train_tiny
 
 from codebook.semantic_ids import SemanticIdMap
 from llm_cloud.lm_train import save_lm
@@ -25,3 +25,15 @@ def tiny_lm_dir(ids: SemanticIdMap, tmp_path_factory: pytest.TempPathFactory) ->
     result = train_tiny(ids)
     torch.set_num_threads(before)
     return save_lm(result, tmp_path_factory.mktemp("lm") / "tiny", info={"dataset": "synthetic"})
+
+
+@pytest.fixture(scope="session")
+def trained(ml100k, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
+    """A tiny LM over ml-100k (1,682 IDs, RQ-k-means codes) and the users' histories
+    (shared by the real-vLLM tests)."""
+    return real_data_lm(ml100k, tmp_path_factory.mktemp("real-lm") / "lm")
+
+
+@pytest.fixture(scope="session")
+def trained_dir(trained: tuple[Path, list[list[int]]]) -> Path:
+    return trained[0]

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from codebook.semantic_ids import SemanticIdMap
 from llm_cloud.lm_train import LMConfig, LMResult, new_llama, save_lm, train_lm
 from llm_cloud.prompts import ItemVocab
 from llm_cloud.tokenizer import build_tokenizer
+from llm_cloud.vllm_env import VLLM_VENV
 
 
 def tiny_ids(num_items: int = 40, levels: int = 2, codes: int = 6, seed: int = 0) -> SemanticIdMap:
@@ -79,3 +81,12 @@ def real_data_lm(ds, out: Path, epochs: int = 2) -> tuple[Path, list[list[int]]]
     rows = np.sort(np.concatenate([loo.train, loo.valid]))
     histories = [s.tolist() for s in user_sequences(ds, rows)]
     return save_lm(result, out, info={"dataset": ds.name}), histories
+
+
+def skip_module_without_vllm() -> None:
+    """Skip the calling test module when .venv-vllm is missing (scripts/install_vllm.sh)."""
+    if not (VLLM_VENV / "bin" / "python").is_file():
+        pytest.skip(
+            f"{VLLM_VENV} is missing: run scripts/install_vllm.sh to test against the real vLLM",
+            allow_module_level=True,
+        )

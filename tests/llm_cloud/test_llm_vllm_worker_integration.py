@@ -11,30 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llm_helpers import real_data_lm
+from llm_helpers import skip_module_without_vllm
 
 from llm_cloud.backends import BackendConfig, make_backend
 from llm_cloud.backends.base import Backend
-from llm_cloud.vllm_env import VLLM_VENV
 
 pytestmark = pytest.mark.vllm
 
-if not (VLLM_VENV / "bin" / "python").is_file():
-    pytest.skip(
-        f"{VLLM_VENV} is missing: run scripts/install_vllm.sh to test against the real vLLM",
-        allow_module_level=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def trained(ml100k, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
-    """A tiny LM over ml-100k (1,682 IDs, RQ-k-means codes) and the users' histories."""
-    return real_data_lm(ml100k, tmp_path_factory.mktemp("worker") / "lm")
-
-
-@pytest.fixture(scope="module")
-def trained_dir(trained: tuple[Path, list[list[int]]]) -> Path:
-    return trained[0]
+skip_module_without_vllm()
 
 
 @pytest.fixture(scope="module")
