@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 from importlib import metadata
@@ -59,8 +60,24 @@ def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "versions": versions(), "argv": sys.argv[1:]}
-    dest.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(_strict(payload), indent=2, default=str, allow_nan=False)
+    dest.write_text(text + "\n", encoding="utf-8")
     print(f"wrote {dest}")
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with NaN / +-inf floats (anywhere inside) as None: strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        return _strict(value.item())
+    if hasattr(value, "tolist"):  # numpy arrays
+        return _strict(value.tolist())
+    return value
 
 
 def print_table(rows: list[dict[str, Any]], title: str | None = None) -> None:

@@ -24,3 +24,19 @@ def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code == 2
+
+
+def test_json_output_is_strict_json_without_nan(tmp_path) -> None:
+    import json
+
+    import numpy as np
+
+    from recsys.cli.common import write_json
+
+    path = tmp_path / "out.json"
+    write_json(path, {"nan": float("nan"), "arr": np.array([1.0, np.inf]), "f32": np.float32(2.5)})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
+    assert data["nan"] is None and data["arr"] == [1.0, None] and data["f32"] == 2.5
+    assert "versions" in data
