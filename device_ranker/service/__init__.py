@@ -4,6 +4,9 @@
 * :mod:`device_ranker.service.engine`: :class:`DeviceEngine`, the serving logic (users,
   micro-batched ranking with cached user states, gate, edits, fallback), no gRPC types
   in its interface.
+* :mod:`device_ranker.service.ranking`: the batched ranking pass (top-k, evaluation probes).
+* :mod:`device_ranker.service.policy`: per-user arms (static or adapted, gate or timer).
+* :mod:`device_ranker.service.event_log`: the live-traffic event log (one JSON line per event).
 * :mod:`device_ranker.service.cloud_link`: the client of the cloud (deadline, token,
   TLS, health probing).
 * :mod:`device_ranker.service.servicer`: protos <-> engine.

@@ -74,7 +74,7 @@ class DeviceConfig:
             period), "all" or "none".
         seed_quantile: the time split's quantile for "time".
         history_len: events kept per user (older ones drop; the ranker reads the last T).
-        max_k / max_candidates: request limits (INVALID_ARGUMENT beyond).
+        max_k / max_candidates / max_probes: request limits (INVALID_ARGUMENT beyond).
         max_weight_norm / max_bias_abs: edit bounds the device enforces (None = the
             ranker's defaults, :class:`device_ranker.edits.EditBounds`).
         torch_threads: intra-op threads of torch in the server (1: the server overlaps
@@ -83,6 +83,12 @@ class DeviceConfig:
             wait measured best on ml-100k (2 cores, shared): bigger batches halve the
             server CPU per call (0.37 vs 0.7 ms) and cut p99 at 1,000 req/s from ~100 ms
             to ~10 ms; with no wait, batches stay at 2-5 calls.
+        experiment: name of the experiment whose arms the device serves (reported; the
+            arms come from the resolver given to ``start_device``).
+        event_log: JSON-lines file every RecordEvent is appended to (None = no log); see
+            :mod:`device_ranker.service.event_log`.
+        trigger: what makes a device ask the cloud: "gate" (the shift gate) or "timer"
+            (every ``round(1 / gate.budget)`` events), for users outside an experiment.
         gate / cloud / server: see :class:`GateConfig`, :class:`CloudLinkConfig`,
             :class:`recsys.serving.server.ServerOptions`.
     """
@@ -96,6 +102,7 @@ class DeviceConfig:
     history_len: int = 200
     max_k: int = 1000
     max_candidates: int = 10_000
+    max_probes: int = 1000
     max_weight_norm: float | None = None
     max_bias_abs: float | None = None
     torch_threads: int = 1
@@ -103,6 +110,9 @@ class DeviceConfig:
         default_factory=lambda: BatchConfig(max_batch=64, max_wait_ms=2.0)
     )
     rank_inline: bool = False
+    experiment: str | None = None
+    event_log: str | None = None
+    trigger: str = "gate"
     gate: GateConfig = field(default_factory=GateConfig)
     cloud: CloudLinkConfig = field(default_factory=CloudLinkConfig)
     server: ServerOptions = field(default_factory=ServerOptions)
@@ -114,6 +124,10 @@ class DeviceConfig:
             )
         if self.history_len < 1 or self.max_k < 1 or self.max_candidates < 1:
             raise ValidationError("history_len, max_k and max_candidates must be >= 1")
+        if self.trigger not in ("gate", "timer"):
+            raise ValidationError(f"trigger must be 'gate' or 'timer', got {self.trigger!r}")
+        if not 0 <= self.max_probes <= 10_000:
+            raise ValidationError(f"max_probes must be in 0..10000, got {self.max_probes}")
         if self.torch_threads < 1:
             raise ValidationError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if not 0.0 < self.seed_quantile < 1.0:

@@ -19,7 +19,18 @@ against the device's bounds and made the user's active edit. When the cloud is s
 down or sends a bad edit, the user keeps the last good edit (or the base model), the
 response says so (``mode``/``note``) and the log has a warning.
 
-Shapes: B users in a batch, D model width, I catalogue items, K top-k.
+Evaluation probes: a Recommend may name probe items; their scores and their ranks among
+the rankable items (ties pessimistic, :func:`recsys.metrics.target_ranks`) come back from
+the same pass, so a replay through gRPC measures exactly what the in-process replay does.
+
+Experiments (live A/B traffic): with an injected arm resolver
+(:data:`device_ranker.service.policy.ArmResolver`), each user's arm decides whether the
+device adapts (a static arm never asks the cloud) and with which trigger and budget
+(one gate per arm); with an :class:`~device_ranker.service.event_log.EventLog`, every
+RecordEvent writes one JSON line (user, arm, item, the item's rank under the model the
+user was served just before, request, bytes).
+
+Shapes: B users in a batch, D model width, I catalogue items, K top-k, P probes.
 """
 
 from __future__ import annotations
@@ -40,11 +51,13 @@ import torch
 
 from device_ranker.edits import EditBounds, HeadEdit, PreparedEdit
 from device_ranker.features import history_kjt
-from device_ranker.gate import GateState, ShiftGate
-from device_ranker.head import head_forward_per_user
+from device_ranker.gate import GateDecision, GateState, ShiftGate
 from device_ranker.ranker import Ranker
 from device_ranker.service.cloud_link import CloudLink
 from device_ranker.service.config import DeviceConfig
+from device_ranker.service.event_log import EventLog
+from device_ranker.service.policy import ArmPolicy, ArmResolver, TimerGate
+from device_ranker.service.ranking import RankJob, RankOutput, rank_batch
 from recsys.edit_payload import decode_payload
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
@@ -67,6 +80,13 @@ BASE = "base"
 EDITED = "edited"
 FALLBACK_LAST_EDIT = "fallback_last_edit"
 FALLBACK_BASE = "fallback_base"
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """(fn(*args), its wall time in us): the device's compute, measured where it runs."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, (time.perf_counter() - t0) * 1e6
 
 
 def check_id(what: str, value: str) -> str:
@@ -119,28 +139,33 @@ class UserState:
     edit_info: EditInfo | None = None
     failed: bool = False  # the last edit request failed
     note: str = ""
-    pending: asyncio.Task[str] | None = None
+    pending: asyncio.Task[FetchResult] | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    arm: str | None = None  # experiment arm (None = not resolved yet; "" = no experiment)
 
 
 @dataclass(frozen=True)
-class RankJob:
-    """One Recommend, as handed to the ranking thread (a snapshot, no shared state)."""
+class FetchResult:
+    """One edit request: "applied" or "failed", and what it cost (the proto's EditCost).
 
-    history: np.ndarray  # [H] item indices, oldest first
-    state: torch.Tensor | None  # cached [D] or None (compute)
-    edit: PreparedEdit | None
-    k: int
-    exclude: np.ndarray | None  # item indices to exclude (seen)
-    candidates: np.ndarray | None  # allowed item indices (None = all)
+    Attributes:
+        bytes_up / bytes_down: serialized GenerateEdit request / response (+ GetPrototype).
+        payload_bytes: the residual's RSE1 payload; prototype_bytes: a prototype payload
+            received for it (0 when the device held it).
+        cloud_ms: the cloud engine's time.
+        decode_us / apply_us: device compute on the ranking thread: RSE1 -> tensors, then
+            compose + validate + materialise the head weights.
+    """
 
-
-@dataclass(frozen=True)
-class RankOutput:
-    items: list[int]
-    scores: list[float]
-    state: torch.Tensor  # [D] (to cache)
+    outcome: str
+    bytes_up: int = 0
+    bytes_down: int = 0
+    payload_bytes: int = 0
+    prototype_bytes: int = 0
+    cloud_ms: float = 0.0
+    decode_us: float = 0.0
+    apply_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +177,8 @@ class Recommendation:
     mode: str
     edit: EditInfo | None
     note: str = ""
+    probe_scores: list[float] = field(default_factory=list)
+    probe_ranks: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -166,6 +193,8 @@ class EventResult:
     mode: str
     edit: EditInfo | None
     new_user: bool
+    cost: FetchResult | None = None  # the edit request this call made and waited for
+    arm: str = ""
 
 
 class DeviceEngine:
@@ -176,6 +205,9 @@ class DeviceEngine:
         config: :class:`DeviceConfig`.
         model_version: fingerprint of the ranker sent with edit requests.
         link: the cloud client (None = no cloud; users stay on the base model).
+        arm_for: the experiment's arm resolver (None = no experiment: every user follows
+            ``config.gate``); see :mod:`device_ranker.service.policy`.
+        event_log: where every RecordEvent is logged (None = no log).
     """
 
     def __init__(
@@ -185,6 +217,8 @@ class DeviceEngine:
         *,
         model_version: str = "",
         link: CloudLink | None = None,
+        arm_for: ArmResolver | None = None,
+        event_log: EventLog | None = None,
     ) -> None:
         if ranker.item_ids is None:
             raise ValidationError("the device ranker must know its item ids (checkpoint item_ids)")
@@ -195,7 +229,16 @@ class DeviceEngine:
         self.item_ids: list[str] = list(ranker.item_ids)
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.users: dict[str, UserState] = {}
-        self.gate = ShiftGate(config.gate, item_vectors=ranker.model.item_table.detach().numpy())
+        self.item_vectors = ranker.model.item_table.detach().numpy()  # [I, D]
+        self.gate: ShiftGate | TimerGate = (
+            TimerGate(config.gate)
+            if config.trigger == "timer"
+            else ShiftGate(config.gate, item_vectors=self.item_vectors)
+        )
+        self.arm_for = arm_for
+        self.event_log = event_log
+        # arm name -> (its policy, its gate: None for a static arm)
+        self._arms: dict[str, tuple[ArmPolicy, ShiftGate | TimerGate | None]] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ranker")
         self.batcher: MicroBatcher[RankJob, RankOutput] = MicroBatcher(
             self._rank_batch,
@@ -214,8 +257,9 @@ class DeviceEngine:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def load(cls, config: DeviceConfig) -> DeviceEngine:
-        """Load the ranker (with the configured bounds), seed users from the dataset."""
+    def load(cls, config: DeviceConfig, *, arm_for: ArmResolver | None = None) -> DeviceEngine:
+        """Load the ranker (with the configured bounds), seed users from the dataset; open
+        the event log when configured (``arm_for``: see the class)."""
         torch.set_num_threads(config.torch_threads)
         bounds = EditBounds()  # the ranker's defaults, overridden where configured
         if config.max_weight_norm is not None:
@@ -225,7 +269,15 @@ class DeviceEngine:
         t0 = time.perf_counter()
         ranker = Ranker.from_checkpoint(config.checkpoint, bounds=bounds)
         link = CloudLink(config.cloud) if config.cloud.target else None
-        engine = cls(ranker, config, model_version=file_fingerprint(config.checkpoint), link=link)
+        log = EventLog(config.event_log, config.experiment) if config.event_log else None
+        engine = cls(
+            ranker,
+            config,
+            model_version=file_fingerprint(config.checkpoint),
+            link=link,
+            arm_for=arm_for,
+            event_log=log,
+        )
         if config.dataset and config.seed_histories != "none":
             engine.seed_from_dataset()
         logger.info(
@@ -290,6 +342,8 @@ class DeviceEngine:
         if self.link is not None:
             await self.link.close()
         self.executor.shutdown(wait=True)
+        if self.event_log is not None:
+            self.event_log.close()
 
     # ---- lookups ----------------------------------------------------------------------------
     def _require_ready(self) -> None:
@@ -311,8 +365,37 @@ class DeviceEngine:
             raise NotFoundError(f"unknown item {item_id!r}: not in the ranker's catalogue")
         return idx
 
+    # ---- arms ------------------------------------------------------------------------------
+    async def ensure_arm(self, st: UserState, user_id: str) -> None:
+        """Resolve the user's arm once (the resolver may block: a worker thread)."""
+        if st.arm is not None:
+            return
+        if self.arm_for is None:
+            st.arm = ""
+            return
+        name, policy = await asyncio.to_thread(self.arm_for, user_id)
+        name = str(name)
+        if name not in self._arms:
+            arm = ArmPolicy.from_dict(policy)
+            self._arms[name] = (arm, arm.make_gate(self.config.gate, self.item_vectors))
+            logger.info("arm %r: %s", name, arm)
+        st.arm = name
+
+    def arm_policy(self, st: UserState) -> tuple[ArmPolicy | None, ShiftGate | TimerGate | None]:
+        """(the user's arm policy or None without an experiment, the gate it uses or None
+        when the user never asks the cloud)."""
+        if st.arm:
+            return self._arms[st.arm]
+        return None, self.gate
+
+    def adaptive(self, st: UserState) -> bool:
+        policy, _ = self.arm_policy(st)
+        return policy is None or policy.adaptive
+
     def mode(self, st: UserState) -> tuple[str, str]:
         """(serving mode, note) of a user right now."""
+        if not self.adaptive(st):
+            return BASE, ""
         cloud_down = self.link is not None and not self.link.reachable
         if st.failed or cloud_down:
             note = st.note if st.failed else f"cloud unreachable ({self.link.last_error})"
@@ -328,8 +411,10 @@ class DeviceEngine:
         candidates: Sequence[str] | None = None,
         include_seen: bool = False,
         base_model: bool = False,
+        probes: Sequence[str] | None = None,
     ) -> Recommendation:
-        """Top-``k`` for a user (validated; see the proto for the limits)."""
+        """Top-``k`` for a user (validated; see the proto for the limits), plus the scores
+        and ranks of the ``probes`` (evaluation) under the same model and exclusions."""
         self._require_ready()
         cfg = self.config
         if not 1 <= k <= cfg.max_k:
@@ -346,6 +431,9 @@ class DeviceEngine:
                     f"{len(candidates)} candidates; the limit is {cfg.max_candidates}"
                 )
             cand = np.unique(np.fromiter((self.item(c) for c in candidates), np.int64))
+        probe_idx = self._probe_indices(probes) if probes else None
+        await self.ensure_arm(st, user_id)
+        base_model = base_model or not self.adaptive(st)
         edit = None if base_model else st.edit
         version = st.version
         job = RankJob(
@@ -355,6 +443,7 @@ class DeviceEngine:
             k=k,
             exclude=None if include_seen else np.fromiter(st.seen, np.int64, len(st.seen)),
             candidates=cand,
+            probes=probe_idx,
         )
         out = await self.batcher.submit(job)
         if st.version == version and st.state_version != version:
@@ -370,64 +459,36 @@ class DeviceEngine:
             mode=mode,
             edit=info,
             note=note,
+            probe_scores=out.probe_scores,
+            probe_ranks=out.probe_ranks,
         )
+
+    def _probe_indices(self, probes: Sequence[str]) -> np.ndarray:
+        """Probe ids -> item indices [P] (unknown or too many: ValidationError)."""
+        limit = self.config.max_probes
+        if len(probes) > limit:
+            raise ValidationError(f"{len(probes)} probe items; the limit is {limit}")
+        idx = np.empty(len(probes), dtype=np.int64)
+        for n, item in enumerate(probes):
+            found = self.item_index.get(item)
+            if found is None:
+                raise ValidationError(
+                    f"unknown probe item {item[:100]!r} (position {n}): probes must be items "
+                    "of the ranker's catalogue"
+                )
+            idx[n] = found
+        return idx
 
     def _rank_batch(self, jobs: list[RankJob]) -> list[RankOutput]:
         """B jobs -> top-k each (runs on the ranking thread)."""
-        model = self.ranker.model
-        num_items = self.ranker.num_items
-        with torch.inference_mode():
-            missing = [b for b, j in enumerate(jobs) if j.state is None]
-            states = [j.state for j in jobs]
-            if missing:
-                fresh = model.user_states(
-                    history_kjt([jobs[b].history for b in missing], model.cfg.max_len)
-                )  # [M, D]
-                for row, b in enumerate(missing):
-                    states[b] = fresh[row]
-            x = torch.stack(states)  # [B, D]
-            if all(j.edit is None for j in jobs):
-                q = model.head(x)  # [B, D]
-            else:
-                base = model.head.base_weights()
-                per_user = [base if j.edit is None else j.edit.weights for j in jobs]
-                stacked = [
-                    (
-                        torch.stack([u[i][0] for u in per_user]),
-                        torch.stack([u[i][1] for u in per_user]),
-                    )
-                    for i in range(len(base))
-                ]  # per layer: W [B, out, in], b [B, out]
-                q = head_forward_per_user(x, stacked, model.head.residual)
-            scores = model.item_scores(q)  # [B, I]
-            mask = torch.zeros(len(jobs), num_items, dtype=torch.bool)  # True = not rankable
-            for b, j in enumerate(jobs):
-                if j.candidates is not None:
-                    mask[b] = True
-                    mask[b, torch.from_numpy(j.candidates)] = False
-                if j.exclude is not None and len(j.exclude):
-                    mask[b, torch.from_numpy(j.exclude)] = True
-            scores = scores.masked_fill(mask, float("-inf"))
-            kmax = min(max(j.k for j in jobs), num_items)
-            top = torch.topk(scores, kmax, dim=1)
-            items, values = top.indices.tolist(), top.values.tolist()
-        out = []
-        for b, j in enumerate(jobs):
-            keep = [n for n in range(min(j.k, kmax)) if values[b][n] != float("-inf")]
-            out.append(
-                RankOutput(
-                    items=[items[b][n] for n in keep],
-                    scores=[values[b][n] for n in keep],
-                    state=states[b],
-                )
-            )
-        return out
+        return rank_batch(self.ranker.model, self.ranker.num_items, jobs)
 
     # ---- RecordEvent -----------------------------------------------------------------------
     async def record_event(
         self, user_id: str, item_id: str, timestamp: int, *, wait_for_edit: bool = False
     ) -> EventResult:
-        """Append the event, run the gate, maybe ask the cloud for an edit."""
+        """Append the event, run the user's gate, maybe ask the cloud for an edit; with an
+        event log, write the event's line (the item's rank is taken before the append)."""
         self._require_ready()
         check_id("user_id", user_id)
         item = self.item(item_id)
@@ -438,35 +499,139 @@ class DeviceEngine:
         if st is None:
             st = self._new_user(user_id)
             logger.info("new user %r", user_id)
+        await self.ensure_arm(st, user_id)
+        served = await self._served_rank(st, item) if self.event_log is not None else None
         st.history.append(item)
         st.times.append(int(timestamp))
         st.seen.add(item)
         st.version += 1
         history = list(st.history)
-        decision = self.gate.decide(history, st.gate)
-        outcome = "not_requested"
-        if decision.request and self.link is not None:
-            if st.pending is not None and not st.pending.done():
-                outcome = "in_flight"
-            else:
-                previous_anchor = st.gate.anchor
-                self.gate.on_request(history, st.gate)
-                task = asyncio.get_running_loop().create_task(
-                    self._fetch_edit(user_id, st, history, list(st.times), previous_anchor)
-                )
-                st.pending = task
-                outcome = await asyncio.shield(task) if wait_for_edit else "pending"
+        _, gate = self.arm_policy(st)
+        if gate is None:  # a static arm: never asks
+            decision = GateDecision(False, 0.0, float("inf"), "static")
+        else:
+            decision = gate.decide(history, st.gate)
+        outcome, fetched, task = "not_requested", FetchResult("not_requested"), None
+        if decision.request and gate is not None:
+            outcome, fetched, task = await self._request(user_id, st, gate, wait_for_edit)
         mode, _ = self.mode(st)
+        requested = decision.request and outcome in ("pending", "applied", "failed")
+        if served is not None:
+            line = {
+                "user_id": user_id,
+                "arm": st.arm or "",
+                "timestamp": int(timestamp),
+                "item_id": item_id,
+                "rank": served[0],
+                "num_items": served[1],
+                "requested": requested,
+            }
+            if outcome == "pending" and task is not None:
+                task.add_done_callback(lambda t, line=line: self._log_fetched(line, t))
+            else:
+                self._log_event(line, fetched if requested else FetchResult(outcome), mode)
         return EventResult(
             history_length=len(st.history),
             shift_score=decision.score,
             threshold=decision.threshold,
-            requested=decision.request and outcome in ("pending", "applied", "failed"),
+            requested=requested,
             outcome=outcome,
             mode=mode,
             edit=st.edit_info,
             new_user=new_user,
+            cost=fetched if fetched.outcome in ("applied", "failed") else None,
+            arm=st.arm or "",
         )
+
+    async def request_edit(self, user_id: str, *, wait_for_edit: bool = False) -> EventResult:
+        """Ask the cloud for the user's edit now, bypassing the gate (its anchor becomes
+        the current window). Not for static arms or without a cloud ("not_requested")."""
+        self._require_ready()
+        st = self.user(user_id)
+        await self.ensure_arm(st, user_id)
+        _, gate = self.arm_policy(st)
+        outcome, fetched = "not_requested", FetchResult("not_requested")
+        if gate is not None:
+            outcome, fetched, _ = await self._request(user_id, st, gate, wait_for_edit)
+        return EventResult(
+            history_length=len(st.history),
+            shift_score=st.gate.last_score,
+            threshold=gate.threshold() if gate is not None else float("inf"),
+            requested=outcome in ("pending", "applied", "failed"),
+            outcome=outcome,
+            mode=self.mode(st)[0],
+            edit=st.edit_info,
+            new_user=False,
+            cost=fetched if fetched.outcome in ("applied", "failed") else None,
+            arm=st.arm or "",
+        )
+
+    async def _request(
+        self, user_id: str, st: UserState, gate: ShiftGate | TimerGate, wait: bool
+    ) -> tuple[str, FetchResult, asyncio.Task[FetchResult] | None]:
+        """Send the user's edit request (its current window becomes the gate's anchor):
+        (outcome, what it cost when waited for, the task). Without a cloud: not requested;
+        with a request already running: in flight."""
+        none = FetchResult("not_requested")
+        if self.link is None:
+            return "not_requested", none, None
+        if st.pending is not None and not st.pending.done():
+            return "in_flight", none, None
+        history = list(st.history)
+        previous_anchor = st.gate.anchor
+        gate.on_request(history, st.gate)
+        task = asyncio.get_running_loop().create_task(
+            self._fetch_edit(user_id, st, history, list(st.times), previous_anchor)
+        )
+        st.pending = task
+        if not wait:
+            return "pending", none, task
+        fetched = await asyncio.shield(task)
+        return fetched.outcome, fetched, task
+
+    async def _served_rank(self, st: UserState, item: int) -> tuple[int, int]:
+        """(rank of ``item`` under the model the user is served now, rankable items):
+        the catalogue minus the user's history, the user's edit unless the arm is static."""
+        job = RankJob(
+            history=np.fromiter(st.history, np.int64, len(st.history)),
+            state=st.state if st.state_version == st.version else None,
+            edit=st.edit if self.adaptive(st) else None,
+            k=0,
+            exclude=np.fromiter(st.seen, np.int64, len(st.seen)),
+            candidates=None,
+            probes=np.asarray([item], dtype=np.int64),
+        )
+        version = st.version
+        out = await self.batcher.submit(job)
+        if st.version == version and st.state_version != version:
+            st.state, st.state_version = out.state, version
+        return int(out.probe_ranks[0]), int(out.rankable)
+
+    def _log_event(self, line: dict[str, Any], fetched: FetchResult, mode: str) -> None:
+        assert self.event_log is not None
+        try:
+            self.event_log.write(
+                {
+                    **line,
+                    "outcome": fetched.outcome,
+                    "bytes_up": fetched.bytes_up,
+                    "bytes_down": fetched.bytes_down,
+                    "cloud_ms": round(fetched.cloud_ms, 3),
+                    "mode": mode,
+                }
+            )
+        except (OSError, ValueError):  # the log must not break serving; say so loudly
+            logger.exception("could not write the event log line for user %r", line["user_id"])
+
+    def _log_fetched(self, line: dict[str, Any], task: asyncio.Task[FetchResult]) -> None:
+        """Done-callback of a background edit request: log its event with the bytes."""
+        if task.cancelled() or task.exception() is not None:
+            fetched = FetchResult("failed")
+        else:
+            fetched = task.result()
+        st = self.users.get(line["user_id"])
+        mode = self.mode(st)[0] if st is not None else BASE
+        self._log_event(line, fetched, mode)
 
     async def _fetch_edit(
         self,
@@ -475,13 +640,16 @@ class DeviceEngine:
         history: list[int],
         times: list[int],
         previous_anchor: Any,
-    ) -> str:
-        """Ask the cloud for the user's edit and apply it; "applied" or "failed"."""
+    ) -> FetchResult:
+        """Ask the cloud for the user's edit and apply it: "applied" or "failed", with the
+        request's bytes up / down (GenerateEdit + a fetched prototype) and cloud time."""
         assert self.link is not None
         link, cfg = self.link, self.config.cloud
         loop = asyncio.get_running_loop()
         self.edit_requests += 1
         t0 = time.perf_counter()
+        up = down = payload_bytes = proto_bytes = 0
+        cloud_ms = decode_us = apply_us = 0.0
         try:
             if not link.reachable:
                 raise ConnectionError(f"cloud unreachable ({link.last_error}); not asked")
@@ -501,6 +669,7 @@ class DeviceEngine:
                 request.cached_prototype.id = st.edit_info.prototype_id
                 request.cached_prototype.version = st.edit_info.prototype_version
             response, up, down = await link.generate_edit(request)
+            cloud_ms = float(response.engine_ms)
             st.bytes_up += up
             st.bytes_down += down
             self.bytes_up += up
@@ -508,10 +677,15 @@ class DeviceEngine:
             proto_edit, proto_bytes, pid, pver = None, 0, 0, 0
             if response.HasField("prototype_ref") and response.prototype_ref.id:
                 pid, pver = response.prototype_ref.id, response.prototype_ref.version
-                proto_edit, proto_bytes = await self._prototype(response, pid, pver)
-            prepared = await loop.run_in_executor(
-                self.executor, self._build_edit, response.edit_payload, proto_edit
+                proto_edit, proto_bytes, fetched, decode_us = await self._prototype(
+                    response, pid, pver
+                )
+                down += fetched
+            payload_bytes = len(response.edit_payload)
+            prepared, res_us, apply_us = await loop.run_in_executor(
+                self.executor, self._build_edit_timed, response.edit_payload, proto_edit
             )
+            decode_us += res_us
         except asyncio.CancelledError:
             raise
         except (grpc.aio.AioRpcError, RecsysError, ConnectionError) as exc:
@@ -528,7 +702,9 @@ class DeviceEngine:
             st.gate.anchor = previous_anchor  # measure the next shift from the last good edit
             self.edit_failures += 1
             logger.warning("user %r: %s", user_id, st.note)
-            return "failed"
+            return FetchResult(
+                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us
+            )
         finally:
             st.pending = None
         st.edit = prepared
@@ -551,21 +727,25 @@ class DeviceEngine:
             (time.perf_counter() - t0) * 1000,
             response.batch_size,
         )
-        return "applied"
+        return FetchResult(
+            "applied", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us
+        )
 
     async def _prototype(
         self, response: cpb.GenerateEditResponse, pid: int, pver: int
-    ) -> tuple[HeadEdit, int]:
-        """The prototype edit a residual refers to: from the response, the cache or the cloud."""
+    ) -> tuple[HeadEdit, int, int, float]:
+        """The prototype edit a residual refers to: from the response, the cache or the
+        cloud; returns (edit, its payload bytes, bytes of a GetPrototype reply or 0, the
+        decode time in us)."""
         key = (pid, pver)
         loop = asyncio.get_running_loop()
-        nbytes = 0
+        nbytes = size = 0
         if response.HasField("prototype") and response.prototype.edit_payload:
             payload = response.prototype.edit_payload
             nbytes = len(payload)
         elif key in self._prototypes:
             self._prototypes.move_to_end(key)
-            return self._prototypes[key], 0
+            return self._prototypes[key], 0, 0, 0.0
         else:
             assert self.link is not None
             reply, size = await self.link.get_prototype(
@@ -573,11 +753,13 @@ class DeviceEngine:
             )
             self.bytes_down += size
             payload, nbytes = reply.edit_payload, len(reply.edit_payload)
-        edit = await loop.run_in_executor(self.executor, self._decode_edit, payload, False)
+        edit, us = await loop.run_in_executor(
+            self.executor, _timed, self._decode_edit, payload, False
+        )
         self._prototypes[key] = edit
         while len(self._prototypes) > PROTOTYPE_CACHE:
             self._prototypes.popitem(last=False)
-        return edit, nbytes
+        return edit, nbytes, size, us
 
     def _decode_edit(self, payload: bytes, allow_prototype: bool) -> HeadEdit:
         """RSE1 bytes -> a HeadEdit (shapes checked against this ranker's head)."""
@@ -590,10 +772,20 @@ class DeviceEngine:
 
     def _build_edit(self, payload: bytes, prototype: HeadEdit | None) -> PreparedEdit:
         """Decode the residual, add the prototype edit, validate against the bounds."""
+        return self._build_edit_timed(payload, prototype)[0]
+
+    def _build_edit_timed(
+        self, payload: bytes, prototype: HeadEdit | None
+    ) -> tuple[PreparedEdit, float, float]:
+        """:meth:`_build_edit` and its device compute: (edit, decode us, apply us)."""
+        t0 = time.perf_counter()
         edit = self._decode_edit(payload, allow_prototype=True)
+        t1 = time.perf_counter()
         if prototype is not None:
             edit = HeadEdit.compose(prototype, edit)
-        return self.ranker.prepare(edit)
+        prepared = self.ranker.prepare(edit)
+        t2 = time.perf_counter()
+        return prepared, (t1 - t0) * 1e6, (t2 - t1) * 1e6
 
     def _summary(self, history: list[int]) -> list[float]:
         return device_summary(self.ranker, history, self.config.cloud.summary_items)
@@ -646,8 +838,8 @@ class DeviceEngine:
         return decoded.prototype_id, decoded.prototype_version
 
     # ---- status -------------------------------------------------------------------------------
-    def status(self, user_id: str | None = None) -> dict[str, Any]:
-        """Device-wide figures, plus one user's state when ``user_id`` is given."""
+    async def status(self, user_id: str | None = None) -> dict[str, Any]:
+        """Device-wide figures, plus one user's state (and arm) when ``user_id`` is given."""
         out: dict[str, Any] = {
             "ready": self.ready,
             "cloud_reachable": bool(self.link is not None and self.link.reachable),
@@ -663,10 +855,13 @@ class DeviceEngine:
             "gate_threshold": self.gate.threshold(),
             "gate_budget": self.gate.config.budget,
             "last_cloud_ok_ms": self.link.last_ok_ms if self.link is not None else 0,
+            "experiment": self.config.experiment or "",
             "user": None,
         }
         if user_id:
             st = self.user(user_id)
+            await self.ensure_arm(st, user_id)
+            _, gate = self.arm_policy(st)
             mode, note = self.mode(st)
             out["user"] = {
                 "user_id": user_id,
@@ -678,5 +873,10 @@ class DeviceEngine:
                 "last_shift_score": st.gate.last_score,
                 "bytes_up": st.bytes_up,
                 "bytes_down": st.bytes_down,
+                "arm": st.arm or "",
+                "adaptive": gate is not None and self.link is not None,
+                "trigger": "timer" if isinstance(gate, TimerGate) else "gate",
+                "gate_budget": gate.config.budget if gate is not None else 0.0,
+                "gate_threshold": gate.threshold() if gate is not None else float("inf"),
             }
         return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.engine import DeviceEngine
+from device_ranker.service.policy import ArmResolver
 from device_ranker.service.servicer import SERVICE_NAME, RecommendationServicer
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
 from recsys.serving.errors import ErrorMappingInterceptor
@@ -48,8 +49,12 @@ class DeviceHandle:
         await self.engine.close()
 
 
-async def start_device(config: DeviceConfig) -> DeviceHandle:
-    """Bind, load the engine (health NOT_SERVING meanwhile), then serve."""
+async def start_device(config: DeviceConfig, arm_for: ArmResolver | None = None) -> DeviceHandle:
+    """Bind, load the engine (health NOT_SERVING meanwhile), then serve.
+
+    ``arm_for``: the experiment's arm resolver (user id -> (arm, policy dict)); None = no
+    experiment (see :mod:`device_ranker.service.policy`).
+    """
     server = GrpcServer(config.server, [ErrorMappingInterceptor("device")])
     servicer = RecommendationServicer()
     server.add(
@@ -57,7 +62,7 @@ async def start_device(config: DeviceConfig) -> DeviceHandle:
     )
     await server.start()
     try:
-        engine = await asyncio.to_thread(DeviceEngine.load, config)
+        engine = await asyncio.to_thread(DeviceEngine.load, config, arm_for=arm_for)
         await engine.start()
     except BaseException:
         await server.stop(0)
@@ -70,9 +75,13 @@ async def start_device(config: DeviceConfig) -> DeviceHandle:
     return DeviceHandle(server, servicer, engine)
 
 
-async def serve_device(config: DeviceConfig, stop_event: asyncio.Event | None = None) -> None:
+async def serve_device(
+    config: DeviceConfig,
+    stop_event: asyncio.Event | None = None,
+    arm_for: ArmResolver | None = None,
+) -> None:
     """Run the device server until SIGTERM/SIGINT (or ``stop_event``)."""
-    handle = await start_device(config)
+    handle = await start_device(config, arm_for)
     try:
         await run_until_signal(handle.server, stop_event=stop_event)
     finally:

@@ -18,6 +18,7 @@ from device_ranker.service.engine import (
     FALLBACK_LAST_EDIT,
     DeviceEngine,
     EditInfo,
+    FetchResult,
 )
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
@@ -54,6 +55,20 @@ def edit_ref(info: EditInfo | None) -> pb.EditRef | None:
     )
 
 
+def edit_cost(cost: FetchResult | None) -> pb.EditCost | None:
+    if cost is None:
+        return None
+    return pb.EditCost(
+        bytes_up=cost.bytes_up,
+        bytes_down=cost.bytes_down,
+        payload_bytes=cost.payload_bytes,
+        prototype_bytes=cost.prototype_bytes,
+        cloud_ms=cost.cloud_ms,
+        device_decode_us=cost.decode_us,
+        device_apply_us=cost.apply_us,
+    )
+
+
 class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     """The RecommendationService over one :class:`DeviceEngine` (None while loading:
     every call is then UNAVAILABLE)."""
@@ -82,6 +97,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             else None,
             include_seen=request.include_seen,
             base_model=request.base_model,
+            probes=list(request.probe_item_ids),
         )
         mode = MODES[rec.mode]
         return pb.RecommendResponse(
@@ -93,6 +109,8 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             fallback=rec.mode in (FALLBACK_BASE, FALLBACK_LAST_EDIT),
             edit=edit_ref(rec.edit),
             note=rec.note,
+            probe_scores=rec.probe_scores,
+            probe_ranks=rec.probe_ranks,
         )
 
     async def RecordEvent(
@@ -113,12 +131,14 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             mode=MODES[res.mode],
             edit=edit_ref(res.edit),
             new_user=res.new_user,
+            cost=edit_cost(res.cost),
+            arm=res.arm,
         )
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatusResponse:
-        st = self.engine.status(request.user_id or None)
+        st = await self.engine.status(request.user_id or None)
         user = st.pop("user")
         reply = pb.GetStatusResponse(**st)
         if user is not None:
@@ -133,6 +153,11 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
                     bytes_up=user["bytes_up"],
                     bytes_down=user["bytes_down"],
                     note=user["note"],
+                    arm=user["arm"],
+                    adaptive=user["adaptive"],
+                    trigger=user["trigger"],
+                    gate_budget=user["gate_budget"],
+                    gate_threshold=user["gate_threshold"],
                 )
             )
         return reply
@@ -144,3 +169,15 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
             request.user_id, request.edit_payload, request.source
         )
         return pb.ApplyEditResponse(edit=edit_ref(info), mode=MODES[mode])
+
+    async def RequestEdit(
+        self, request: pb.RequestEditRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestEditResponse:
+        res = await self.engine.request_edit(request.user_id, wait_for_edit=request.wait_for_edit)
+        return pb.RequestEditResponse(
+            outcome=OUTCOMES[res.outcome],
+            mode=MODES[res.mode],
+            edit=edit_ref(res.edit),
+            cost=edit_cost(res.cost),
+            arm=res.arm,
+        )

@@ -1,7 +1,8 @@
 """``recsys serve cloud``, ``recsys serve device`` and ``recsys bench serve``: the gRPC services.
 
 recsys serve cloud  [--engine artifacts|tiny] [--dataset ml-100k] [--adaptor PATH] [--port N] ...
-recsys serve device [--checkpoint PATH] [--dataset ml-100k] [--cloud HOST:PORT] [--port N] ...
+recsys serve device [--checkpoint PATH] [--dataset ml-100k] [--cloud HOST:PORT] [--port N]
+                    [--experiment FILE --event-log PATH] ...
 recsys bench serve  [--dataset ml-100k] [--concurrency 32] [--duration 10] [--rate 1000] [--json PATH]
 
 Both servers bind 127.0.0.1 by default, answer the standard health check (NOT_SERVING
@@ -103,7 +104,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "per-user edits), RecordEvent (request gate -> GenerateEdit on the cloud with a "
         "deadline), GetStatus, ApplyEdit, plus health checking and reflection. Users are "
         "seeded with their training-period history from --dataset. When the cloud is slow "
-        "or down, users keep their last good edit (or the base model) and responses say so.",
+        "or down, users keep their last good edit (or the base model) and responses say so. "
+        "With --experiment, each user's arm (static, or adapted with its trigger and budget) "
+        "comes from the experiment's hash assignment, persisted in the store; --event-log "
+        "records every event for `recsys abtest analyze --events`.",
     )
     p.add_argument(
         "--checkpoint",
@@ -163,6 +167,13 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         type=float,
         help="fixed shift threshold in [0, 1] (overrides the budget)",
     )
+    g.add_argument(
+        "--gate-trigger",
+        choices=("gate", "timer"),
+        default="gate",
+        help="gate: the shift gate; timer: a request every round(1/budget) events, the "
+        "baseline the gate must beat (default gate)",
+    )
     g = p.add_argument_group("link to the cloud")
     g.add_argument("--cloud", help="cloud host:port (default: none, base model only)")
     g.add_argument(
@@ -182,6 +193,42 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     g.add_argument(
         "--no-summary", action="store_true", help="send only item ids up (no summary vector)"
+    )
+    g.add_argument(
+        "--recent-items",
+        type=int,
+        default=50,
+        help="recent item ids a GenerateEdit request carries (default 50)",
+    )
+    g.add_argument(
+        "--summary-items",
+        type=int,
+        default=10,
+        help="recent items pooled into the summary vector (default 10)",
+    )
+    g = p.add_argument_group("A/B experiment and evaluation")
+    g.add_argument(
+        "--experiment",
+        metavar="FILE",
+        help="serve an experiment (recsys abtest file): each user's arm (hashed from the "
+        "salt, persisted in the store) decides static vs adapted and its gate budget",
+    )
+    g.add_argument(
+        "--store-url",
+        help="store of the experiment's arm assignments (default: RECSYS_DATABASE_URL or "
+        "CACHE_DIR/store.sqlite)",
+    )
+    g.add_argument(
+        "--event-log",
+        metavar="PATH",
+        help="append one JSON line per RecordEvent (user, arm, item, its rank under the "
+        "served model, request, bytes) for `recsys abtest analyze`",
+    )
+    g.add_argument(
+        "--max-probes",
+        type=int,
+        default=1000,
+        help="largest probe list of a Recommend (evaluation scores and ranks; default 1000)",
     )
     _add_server_options(p, default_port=50052)
     add_location_options(p)
@@ -347,6 +394,10 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
     from device_ranker.service.server import serve_device
     from recsys.serving.batching import BatchConfig
 
+    experiment, arm_for = None, None
+    if args.experiment:
+        experiment, arm_for = experiment_arms(args.experiment, args.store_url)
+
     config = DeviceConfig(
         checkpoint=str(default_checkpoint(args)),
         dataset=args.dataset if args.seed_histories != "none" else None,
@@ -357,11 +408,15 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         history_len=args.history_len,
         max_k=args.max_k,
         max_candidates=args.max_candidates,
+        max_probes=args.max_probes,
         max_weight_norm=args.max_weight_norm,
         max_bias_abs=args.max_bias_abs,
         torch_threads=args.torch_threads,
         rank_batch=BatchConfig(max_batch=args.rank_batch, max_wait_ms=args.rank_wait_ms),
         rank_inline=args.rank_inline,
+        experiment=experiment,
+        event_log=args.event_log,
+        trigger=args.gate_trigger,
         gate=GateConfig(
             budget=args.gate_budget,
             window=args.gate_window,
@@ -377,12 +432,55 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
             tls_ca=args.cloud_tls_ca,
             tls_server_name=args.cloud_tls_name,
             payload_dtype=args.payload_dtype,
+            recent_items=args.recent_items,
+            summary_items=args.summary_items,
             send_summary=not args.no_summary,
         ),
         server=_server_options(args),
     )
-    asyncio.run(serve_device(config))
+    asyncio.run(serve_device(config, arm_for=arm_for))
     return 0
+
+
+def experiment_arms(path: str, store_url: str | None) -> tuple[str, Any]:
+    """(experiment name, arm resolver) for ``serve device --experiment``.
+
+    The resolver hashes (salt, user) to an arm (``recsys.abtest.assignment.assign_arm``)
+    and persists it with ``PrototypeStore.get_or_create_arm``, so a user keeps the arm
+    first stored for it (also across restarts and replicas sharing the store).
+    """
+    from codebook.store import PrototypeStore
+    from device_ranker.service.policy import ArmPolicy
+    from recsys import settings
+    from recsys.abtest.assignment import assign_arm
+    from recsys.abtest.experiment import load_experiment
+
+    exp = load_experiment(path)
+    policies = {arm.name: dict(arm.policy) for arm in exp.arms}
+    for policy in policies.values():  # fail at start-up, not at a user's first call
+        ArmPolicy.from_dict(policy)
+    weights = [(arm.name, float(arm.weight)) for arm in exp.arms]
+    store = PrototypeStore.open(settings.database_url(store_url), upgrade=True)
+    record = store.create_experiment(
+        exp.name,
+        exp.salt,
+        {"arms": [{"name": n, "weight": w, "policy": policies[n]} for n, w in weights]},
+        exist_ok=True,
+    )
+
+    def arm_for(user_id: str) -> tuple[str, dict[str, Any]]:
+        arm = store.get_or_create_arm(record.id, user_id, assign_arm(exp.salt, user_id, weights))
+        if arm.arm not in policies:
+            from recsys.errors import ValidationError
+
+            raise ValidationError(
+                f"user {user_id!r} is stored in arm {arm.arm!r}, which experiment {exp.name!r} "
+                "no longer has; start a new experiment (a new name) to change the arms"
+            )
+        return arm.arm, policies[arm.arm]
+
+    logger.info("experiment %r: arms %s, store %s", exp.name, weights, store.engine.url)
+    return exp.name, arm_for
 
 
 # ---- bench serve ---------------------------------------------------------------------------------

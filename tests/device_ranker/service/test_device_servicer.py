@@ -60,6 +60,62 @@ def test_recommend_matches_the_ranker(stub, device) -> None:
     np.testing.assert_allclose([it.score for it in reply.items], rec.scores.numpy(), rtol=1e-5)
 
 
+def test_probes_score_and_rank_like_the_metrics(stub, device) -> None:
+    """Probe scores are the ranker's logits; probe ranks are recsys.metrics.target_ranks
+    over the catalogue minus the history (a probe in the history still counts itself)."""
+    from recsys.metrics import target_ranks
+
+    engine = device.engine
+    st = engine.users["u7"]
+    seen_item = engine.item_ids[next(iter(st.seen))]
+    probes = ["i0", "i5", "i29", seen_item, "i5"]
+    reply = stub.Recommend(
+        pb.RecommendRequest(user_id="u7", k=3, base_model=True, probe_item_ids=probes),
+        timeout=10,
+    )
+    with torch.inference_mode():
+        scores = engine.ranker.scores([np.asarray(st.history)], edit="base")[0]  # [I]
+    idx = torch.tensor([engine.item_index[p] for p in probes])
+    np.testing.assert_allclose(reply.probe_scores, scores[idx].numpy(), rtol=1e-5, atol=1e-6)
+    exclude = torch.zeros(len(probes), engine.ranker.num_items, dtype=torch.bool)
+    exclude[:, sorted(st.seen)] = True
+    row = scores.clone()
+    row[idx] = torch.tensor(reply.probe_scores)  # ranks must agree exactly on these scores
+    want = target_ranks(row.expand(len(probes), -1).contiguous(), idx, exclude)
+    assert list(reply.probe_ranks) == want.tolist()
+    assert reply.probe_ranks[1] == reply.probe_ranks[4]  # duplicates allowed
+    top = stub.Recommend(
+        pb.RecommendRequest(user_id="u7", k=1, probe_item_ids=[reply.items[0].item_id]),
+        timeout=10,
+    )
+    assert list(top.probe_ranks) == [1]
+
+
+def test_bad_probes(stub) -> None:
+    got, details = code_of(
+        stub.Recommend, pb.RecommendRequest(user_id="u1", k=3, probe_item_ids=["i1", "nope"])
+    )
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "unknown probe item 'nope'" in details
+    got, details = code_of(
+        stub.Recommend, pb.RecommendRequest(user_id="u1", k=3, probe_item_ids=["i1"] * 1001)
+    )
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "limit is 1000" in details
+
+
+def test_request_edit_without_an_event(stub) -> None:
+    before = stub.GetStatus(pb.GetStatusRequest(user_id="u8"), timeout=10).user
+    reply = stub.RequestEdit(pb.RequestEditRequest(user_id="u8", wait_for_edit=True), timeout=10)
+    assert reply.outcome == pb.EDIT_OUTCOME_APPLIED and reply.mode == pb.SERVING_MODE_EDITED
+    cost = reply.cost
+    assert cost.bytes_up > 0 and cost.bytes_down > cost.payload_bytes > 0
+    assert cost.device_decode_us > 0 and cost.device_apply_us > 0 and reply.edit.edit_id >= 1
+    after = stub.GetStatus(pb.GetStatusRequest(user_id="u8"), timeout=10).user
+    assert after.history_length == before.history_length  # no event was recorded
+    assert after.bytes_up == before.bytes_up + cost.bytes_up
+    got, _ = code_of(stub.RequestEdit, pb.RequestEditRequest(user_id="ghost"))
+    assert got == grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "words"),
     [

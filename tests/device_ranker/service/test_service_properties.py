@@ -20,16 +20,21 @@ users = st.one_of(st.sampled_from([f"u{n}" for n in range(24)]), st.text(max_siz
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 recommends = st.builds(
-    lambda u, k, cand, inc: pb.RecommendRequest(
+    lambda u, k, cand, inc, probes: pb.RecommendRequest(
         user_id=u,
         k=k,
         include_seen=inc,
+        probe_item_ids=probes,
         **({"candidates": pb.CandidateSet(item_ids=cand)} if cand is not None else {}),
     ),
     users,
     st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 40),
     st.none() | st.lists(ids, max_size=60),
     st.booleans(),
+    st.lists(ids, max_size=5) | st.just(["i1"] * 1001),
+)
+requests_now = st.builds(
+    lambda u, w: pb.RequestEditRequest(user_id=u, wait_for_edit=w), users, st.booleans()
 )
 events = st.builds(
     lambda u, i, t: pb.RecordEventRequest(user_id=u, item_id=i, timestamp=t),
@@ -92,6 +97,7 @@ def status(call, message) -> grpc.StatusCode:
             recommends.map(lambda m: ("Recommend", m)),
             events.map(lambda m: ("RecordEvent", m)),
             edits.map(lambda m: ("ApplyEdit", m)),
+            requests_now.map(lambda m: ("RequestEdit", m)),
             generates.map(lambda m: ("GenerateEdit", m)),
             prototypes.map(lambda m: ("GetPrototype", m)),
         ),

@@ -1,0 +1,132 @@
+"""The device's ranking pass: many users' Recommend calls (and evaluation probes) at once.
+
+:func:`rank_batch` runs on the device's ranking thread for a micro-batch of
+:class:`RankJob` snapshots (no shared state): the user states (cached ones reused), the
+head with each user's own edit in one batched pass, the catalogue scores, the
+candidate / history mask and one top-k; probe items get their scores and ranks from the
+same scores (:func:`probe_ranks`, ties pessimistic like ``recsys.metrics.target_ranks``).
+
+Shapes: B jobs, D model width, I catalogue items, K top-k, P probes.
+
+Example::
+
+    out = rank_batch(ranker.model, ranker.num_items, [RankJob(history, None, None, 10,
+                     exclude=seen, candidates=None, probes=np.array([target]))])
+    out[0].items, out[0].probe_ranks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from device_ranker.edits import PreparedEdit
+from device_ranker.features import history_kjt
+from device_ranker.head import head_forward_per_user
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """One Recommend, as handed to the ranking thread (a snapshot, no shared state)."""
+
+    history: np.ndarray  # [H] item indices, oldest first
+    state: torch.Tensor | None  # cached [D] or None (compute)
+    edit: PreparedEdit | None
+    k: int
+    exclude: np.ndarray | None  # item indices to exclude (seen)
+    candidates: np.ndarray | None  # allowed item indices (None = all)
+    probes: np.ndarray | None = None  # [P] item indices to score and rank (evaluation)
+
+
+@dataclass(frozen=True)
+class RankOutput:
+    items: list[int]
+    scores: list[float]
+    state: torch.Tensor  # [D] (to cache)
+    probe_scores: list[float] = field(default_factory=list)  # [P]
+    probe_ranks: list[int] = field(default_factory=list)  # [P], 1-based
+    rankable: int = 0  # items that could be ranked (catalogue or candidates, minus excluded)
+
+
+def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutput]:
+    """B jobs -> top-k each, plus the probes' scores and ranks, in one pass.
+
+    User states [B, D] (cached ones reused, the others from the encoder), the head with
+    each job's own weights (one batched pass, ``head_forward_per_user``), catalogue
+    scores [B, I], the candidate / seen mask [B, I], one top-k.
+
+    Args:
+        model: the ranker's model (``Ranker.model``); num_items: I.
+        jobs: B :class:`RankJob`.
+    """
+    with torch.inference_mode():
+        missing = [b for b, j in enumerate(jobs) if j.state is None]
+        states = [j.state for j in jobs]
+        if missing:
+            fresh = model.user_states(
+                history_kjt([jobs[b].history for b in missing], model.cfg.max_len)
+            )  # [M, D]
+            for row, b in enumerate(missing):
+                states[b] = fresh[row]
+        x = torch.stack(states)  # [B, D]
+        if all(j.edit is None for j in jobs):
+            q = model.head(x)  # [B, D]
+        else:
+            base = model.head.base_weights()
+            per_user = [base if j.edit is None else j.edit.weights for j in jobs]
+            stacked = [
+                (
+                    torch.stack([u[i][0] for u in per_user]),
+                    torch.stack([u[i][1] for u in per_user]),
+                )
+                for i in range(len(base))
+            ]  # per layer: W [B, out, in], b [B, out]
+            q = head_forward_per_user(x, stacked, model.head.residual)
+        raw = model.item_scores(q)  # [B, I]
+        mask = torch.zeros(len(jobs), num_items, dtype=torch.bool)  # True = not rankable
+        for b, j in enumerate(jobs):
+            if j.candidates is not None:
+                mask[b] = True
+                mask[b, torch.from_numpy(j.candidates)] = False
+            if j.exclude is not None and len(j.exclude):
+                mask[b, torch.from_numpy(j.exclude)] = True
+        scores = raw.masked_fill(mask, float("-inf"))
+        kmax = min(max(j.k for j in jobs), num_items)
+        top = torch.topk(scores, kmax, dim=1)
+        items, values = top.indices.tolist(), top.values.tolist()
+        probed = {b: probe_ranks(raw[b], scores[b], mask[b], j.probes)
+                  for b, j in enumerate(jobs) if j.probes is not None}  # fmt: skip
+    out = []
+    for b, j in enumerate(jobs):
+        keep = [n for n in range(min(j.k, kmax)) if values[b][n] != float("-inf")]
+        p_scores, p_ranks, rankable = probed.get(b, ([], [], 0))
+        out.append(
+            RankOutput(
+                items=[items[b][n] for n in keep],
+                scores=[values[b][n] for n in keep],
+                state=states[b],
+                probe_scores=p_scores,
+                probe_ranks=p_ranks,
+                rankable=rankable,
+            )
+        )
+    return out
+
+
+def probe_ranks(
+    raw: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor, probes: np.ndarray
+) -> tuple[list[float], list[int], int]:
+    """Scores and 1-based ranks of P probes in one row.
+
+    raw [I] scores, masked [I] (-inf where not rankable), mask [I] (True = not
+    rankable), probes [P]. rank_p = #{rankable i : s_i >= s_p} + [p not rankable]:
+    the probe always counts itself (pessimistic ties, as ``target_ranks``).
+    """
+    idx = torch.from_numpy(probes)
+    p_scores = raw[idx]  # [P]
+    above = (masked[None, :] >= p_scores[:, None]).sum(dim=1)  # [P]
+    ranks = above + mask[idx].to(above.dtype)  # [P]
+    return p_scores.tolist(), ranks.tolist(), int((~mask).sum())
