@@ -1,0 +1,172 @@
+"""Cost accounting per policy: device compute, bytes up and down, cloud time.
+
+Per request (or fine-tuning update) a policy records:
+
+* ``decode_us`` + ``apply_us``: measured device time of the update. For a cloud edit,
+  decoding the payload (and any prototype download) and composing it with the
+  prototype edit, then validating and materialising the head weights
+  (``Ranker.prepare``); for fine-tuning, 0 + the wall time of
+  :func:`device_ranker.finetune.finetune_head` (encoder pass + Adam steps) and making
+  its weights;
+* ``device_flops``: for a cloud edit, :func:`apply_flops` of the edit it applied; for
+  fine-tuning, ``FlopCounterMode``'s count (forward + backward);
+* ``device_peak_bytes``: for a cloud edit, the materialised head weights it builds; for
+  fine-tuning, the profiler's peak of live bytes;
+* ``uplink_bytes``: what the device sends (:func:`uplink_bytes`); 0 for fine-tuning;
+* ``downlink_bytes``: the RSE1 payload (:mod:`recsys.edit_payload`) + prototype
+  downloads; 0 for fine-tuning;
+* ``cloud_ms``: LM generation + generator forward (batched per device, divided by the
+  batch) + prototype assignment / residual / encoding (per request).
+
+Ranking itself (encoder, head, catalogue scores) costs every policy the same and is
+reported once (:func:`scoring_flops`).
+
+Example::
+
+    acc = CostAccumulator()
+    acc.add(decode_us=150.0, apply_us=40.0, device_flops=2.6e5, uplink_bytes=592, downlink_bytes=3580,
+            cloud_ms=4.1)
+    acc.summary(evaluated_events=1000)["device_us_per_event"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_ranker.edits import HeadEdit
+
+# int32 item ids, fp32 summary values, (prototype id, version) as two uint32
+ID_BYTES, FLOAT_BYTES, PROTOTYPE_REF_BYTES = 4, 4, 8
+
+
+def uplink_bytes(history_len: int, items: int, summary_dim: int, prototype_ref: bool) -> int:
+    """Bytes a request carries: the last ``items`` item ids (int32), the device summary
+    (``summary_dim`` fp32 values) and, with prototypes, the (id, version) the device holds."""
+    return (
+        ID_BYTES * min(history_len, items)
+        + FLOAT_BYTES * summary_dim
+        + (PROTOTYPE_REF_BYTES if prototype_ref else 0)
+    )
+
+
+def apply_flops(edit: HeadEdit, spec: Mapping[str, tuple[int, int]]) -> int:
+    """FLOPs of ``Ranker.prepare`` for ``edit`` per layer [out, in] with rank r:
+    ``U * s`` (out r) + ``(U s) V^T`` (2 out in r) + dense part (out in) + ``W + dW``
+    (out in) + ``||dW||_F`` (2 out in) + bias add and max (2 out)."""
+    total = 0
+    for name, le in edit.layers.items():
+        out, inp = spec[name]
+        r = le.rank
+        if r:
+            total += out * r + 2 * out * inp * r
+        if le.dense is not None:
+            total += out * inp
+        if le.u is not None or le.dense is not None:
+            total += 3 * out * inp
+        if le.bias is not None:
+            total += 2 * out
+    return total
+
+
+def scoring_flops(dim: int, head: Sequence[tuple[int, int]], num_items: int) -> int:
+    """Matmul FLOPs of one event's ranking after the encoder: head layers [out, in] and
+    the catalogue scores ``q @ E^T`` (2 D I)."""
+    return sum(2 * o * i for o, i in head) + 2 * dim * num_items
+
+
+@dataclass
+class CostAccumulator:
+    """Per-request cost lists of one policy (merged across users and workers)."""
+
+    requests: int = 0
+    initial_requests: int = 0
+    decode_us: list[float] = field(default_factory=list)
+    apply_us: list[float] = field(default_factory=list)
+    device_flops: list[float] = field(default_factory=list)
+    device_peak_bytes: list[float] = field(default_factory=list)
+    uplink_bytes: list[float] = field(default_factory=list)
+    downlink_bytes: list[float] = field(default_factory=list)
+    payload_bytes: list[float] = field(default_factory=list)
+    cloud_ms: list[float] = field(default_factory=list)
+    prototype_downloads: int = 0
+    prototype_bytes: int = 0
+
+    def add(
+        self,
+        *,
+        decode_us: float,
+        apply_us: float,
+        device_flops: float,
+        device_peak_bytes: float = 0.0,
+        uplink_bytes: float = 0.0,
+        downlink_bytes: float = 0.0,
+        payload_bytes: float = 0.0,
+        cloud_ms: float = 0.0,
+        initial: bool = False,
+    ) -> None:
+        self.requests += 1
+        self.initial_requests += int(initial)
+        self.decode_us.append(decode_us)
+        self.apply_us.append(apply_us)
+        self.device_flops.append(device_flops)
+        self.device_peak_bytes.append(device_peak_bytes)
+        self.uplink_bytes.append(uplink_bytes)
+        self.downlink_bytes.append(downlink_bytes)
+        self.payload_bytes.append(payload_bytes)
+        self.cloud_ms.append(cloud_ms)
+
+    def merge(self, other: CostAccumulator) -> None:
+        self.requests += other.requests
+        self.initial_requests += other.initial_requests
+        for name in (
+            "decode_us",
+            "apply_us",
+            "device_flops",
+            "device_peak_bytes",
+            "uplink_bytes",
+            "downlink_bytes",
+            "payload_bytes",
+            "cloud_ms",
+        ):
+            getattr(self, name).extend(getattr(other, name))
+        self.prototype_downloads += other.prototype_downloads
+        self.prototype_bytes += other.prototype_bytes
+
+    def summary(self, evaluated_events: int) -> dict[str, float]:
+        """Totals, per-request means / p50 and per-event device figures."""
+        n = max(self.requests, 1)
+        e = max(evaluated_events, 1)
+        device_us = [d + a for d, a in zip(self.decode_us, self.apply_us, strict=True)]
+
+        def total(xs: list[float]) -> float:
+            return float(np.sum(xs)) if xs else 0.0
+
+        def p50(xs: list[float]) -> float:
+            return float(np.median(xs)) if xs else 0.0
+
+        return {
+            "requests": self.requests,
+            "initial_requests": self.initial_requests,
+            "device_us_total": total(device_us),
+            "device_us_per_request_p50": p50(device_us),
+            "device_decode_us_per_request_p50": p50(self.decode_us),
+            "device_apply_us_per_request_p50": p50(self.apply_us),
+            "device_us_per_event": total(device_us) / e,
+            "device_flops_total": total(self.device_flops),
+            "device_flops_per_request": total(self.device_flops) / n,
+            "device_flops_per_event": total(self.device_flops) / e,
+            "device_peak_bytes_max": float(max(self.device_peak_bytes, default=0.0)),
+            "uplink_bytes_per_request": total(self.uplink_bytes) / n,
+            "uplink_bytes_total": total(self.uplink_bytes),
+            "downlink_bytes_per_request": total(self.downlink_bytes) / n,
+            "downlink_bytes_total": total(self.downlink_bytes),
+            "payload_bytes_per_request": total(self.payload_bytes) / n,
+            "prototype_downloads": self.prototype_downloads,
+            "prototype_bytes_total": self.prototype_bytes,
+            "cloud_ms_per_request_mean": total(self.cloud_ms) / n,
+            "cloud_ms_per_request_p50": p50(self.cloud_ms),
+            "cloud_ms_total": total(self.cloud_ms),
+        }

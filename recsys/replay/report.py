@@ -1,0 +1,390 @@
+"""The replay report: per-policy figures, the goal checks, ``results.json`` and ``results.md``.
+
+Every number printed or written comes from :func:`summarise` (one dict), so the JSON
+holds every printed figure. Quality is event-averaged over the evaluated events (HR@10,
+NDCG@10, MRR@10) and user-averaged for UAUC; the NDCG@10 difference to the static
+model gets a 95 % percentile bootstrap CI over USERS (``scipy.stats.bootstrap``,
+paired per user, seeded), since one user's events are correlated.
+
+Example::
+
+    summary = summarise(run)
+    write_report(summary, Path("results/replay-ml-100k"))   # results.json, results.md, PNGs
+    print_report(summary)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from recsys.errors import ValidationError
+from recsys.replay.config import PolicySpec
+from recsys.replay.engine import ReplayRun
+from recsys.replay.records import EventRecords
+
+logger = logging.getLogger(__name__)
+
+GOALS = {
+    "system_vs_static_rel": 0.05,  # system at 100 % >= +5 % relative NDCG@10 over static
+    "system_vs_finetune_compute": 0.01,  # ... at < 1 % of fine-tuning's device compute
+    "budget10_gain_kept": 0.98,  # system at 10 % keeps >= 98 % of the 100 % gain
+}
+
+
+def _aligned(a: EventRecords, b: EventRecords) -> None:
+    if not (
+        np.array_equal(a.user, b.user)
+        and np.array_equal(a.item, b.item)
+        and np.array_equal(a.timestamp, b.timestamp)
+    ):
+        raise ValidationError("policies were not replayed on the same events; cannot compare")
+
+
+def user_bootstrap_ci(
+    diff: np.ndarray, users: np.ndarray, seed: int, resamples: int = 2000
+) -> list[float]:
+    """95 % CI of the event-averaged ``diff`` [E], resampling users (paired sums and counts)."""
+    uniq, inv = np.unique(users, return_inverse=True)
+    if len(uniq) < 2:
+        return [float("nan"), float("nan")]
+    sums = np.bincount(inv, weights=diff, minlength=len(uniq))  # [U]
+    counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)  # [U]
+    if np.allclose(sums, 0.0):
+        return [0.0, 0.0]
+
+    def ratio(s: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        return s.sum(axis=axis) / c.sum(axis=axis)
+
+    res = stats.bootstrap(
+        (sums, counts),
+        ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng([seed, 7]),
+    )
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def over_time(records: Mapping[str, EventRecords], bins: int = 20) -> dict[str, Any]:
+    """NDCG@10 per policy in ``bins`` equal-count bins of the evaluated events in time order.
+
+    Returns:
+        {"t_start" [K], "t_end" [K], "events" [K], "ndcg@10": {label: [K]}}.
+    """
+    first = next(iter(records.values()))
+    n = len(first)
+    k = max(1, min(bins, n // 50 if n >= 100 else 1))
+    edges = np.linspace(0, n, k + 1).astype(int)
+    out: dict[str, Any] = {
+        "t_start": [int(first.timestamp[a]) for a in edges[:-1]],
+        "t_end": [int(first.timestamp[b - 1]) for b in edges[1:]],
+        "events": np.diff(edges).tolist(),
+        "ndcg@10": {},
+    }
+    for label, rec in records.items():
+        v = rec.ndcg10()
+        out["ndcg@10"][label] = [float(v[a:b].mean()) for a, b in itertools.pairwise(edges)]
+    return out
+
+
+def _find(
+    specs: list[PolicySpec], kind: str, trigger: str | None = None, budget: float | None = None
+):
+    for s in specs:
+        if s.kind != kind or (trigger and s.trigger != trigger):
+            continue
+        if budget is None or abs(s.budget - budget) < 1e-9:
+            return s.label
+    return None
+
+
+def _vs_finetune(s: Mapping[str, Any], f: Mapping[str, Any]) -> dict[str, Any]:
+    """A system policy ``s`` against fine-tuning ``f``: quality and device-compute ratios."""
+
+    def ratio(key: str) -> float | None:
+        return s[key] / f[key] if f[key] else None
+
+    time_ratio, flop_ratio = ratio("device_us_per_event"), ratio("device_flops_per_event")
+    at_least = bool(s["ndcg@10"] >= f["ndcg@10"])
+    limit = GOALS["system_vs_finetune_compute"]
+    return {
+        "ndcg@10_system": s["ndcg@10"],
+        "ndcg@10_finetune": f["ndcg@10"],
+        "system_at_least_as_good": at_least,
+        "device_time_ratio": time_ratio,
+        "device_flops_ratio": flop_ratio,
+        "met": bool(at_least and time_ratio is not None and time_ratio < limit),
+        "met_by_flops": bool(at_least and flop_ratio is not None and flop_ratio < limit),
+    }
+
+
+def goal_checks(policies: Mapping[str, dict], specs: list[PolicySpec]) -> dict[str, Any]:
+    """The issue's three target figures, measured (None when a policy is missing)."""
+    static = _find(specs, "static")
+    full = _find(specs, "system", "gate", 1.0)
+    ten = _find(specs, "system", "gate", 0.1)
+    ft = _find(specs, "finetune")
+    out: dict[str, Any] = {
+        "targets": GOALS,
+        "policies": {"static": static, "system 100%": full, "system 10%": ten, "finetune": ft},
+    }
+    if static and full:
+        rel = policies[full]["ndcg@10_rel_to_static"]
+        out["system_vs_static_rel"] = {
+            "value": rel,
+            "met": bool(rel >= GOALS["system_vs_static_rel"]),
+        }
+    if full and ft:
+        out["system_vs_finetune"] = _vs_finetune(policies[full], policies[ft])
+        out["system_vs_finetune_by_policy"] = {
+            s.label: _vs_finetune(policies[s.label], policies[ft])
+            for s in specs
+            if s.kind == "system"
+        }
+    if static and full and ten:
+        g_full = policies[full]["ndcg@10"] - policies[static]["ndcg@10"]
+        g_ten = policies[ten]["ndcg@10"] - policies[static]["ndcg@10"]
+        kept = g_ten / g_full if g_full > 0 else None
+        out["budget10_gain_kept"] = {
+            "value": kept,
+            "gain_100": g_full,
+            "gain_10": g_ten,
+            "met": bool(kept is not None and kept >= GOALS["budget10_gain_kept"]),
+        }
+    return out
+
+
+def summarise(run: ReplayRun, bins: int = 20) -> dict[str, Any]:
+    """Every figure of the report (quality, CIs, costs, gate rates, goals, over time)."""
+    specs = [PolicySpec.from_dict(p) for p in run.meta["policies"]]
+    labels = [s.label for s in specs]
+    static = _find(specs, "static")
+    seed = int(run.meta["seed"])
+    resamples = int(run.meta["config"].get("bootstrap", 2000))
+    ref = run.records[static] if static else None
+    policies: dict[str, dict[str, Any]] = {}
+    for s in specs:
+        rec = run.records[s.label]
+        row: dict[str, Any] = {"kind": s.kind, "trigger": s.trigger if s.requests else None}
+        row["budget"] = (
+            s.budget
+            if s.kind in ("system", "duet")
+            else (1.0 / s.finetune_every if s.kind == "finetune" else 0.0)
+        )
+        row |= rec.summary()
+        if ref is not None:
+            _aligned(ref, rec)
+            diff = rec.ndcg10() - ref.ndcg10()
+            base = float(ref.ndcg10().mean())
+            row["ndcg@10_diff_to_static"] = float(diff.mean())
+            row["ndcg@10_rel_to_static"] = float(diff.mean()) / base if base else float("nan")
+            row["ndcg@10_diff_ci95"] = (
+                [0.0, 0.0]
+                if s.label == static
+                else user_bootstrap_ci(diff, rec.user, seed, resamples)
+            )
+        row |= run.costs[s.label]
+        gate = run.meta.get("gate", {}).get(s.label)
+        if gate:
+            row["gate_threshold"] = gate["threshold"]
+            row["gate_train_rate"] = gate["train_rate"]
+        policies[s.label] = row
+    return {
+        "meta": run.meta,
+        "policies": policies,
+        "order": labels,
+        "goals": goal_checks(policies, specs),
+        "over_time": over_time({k: run.records[k] for k in labels}, bins),
+    }
+
+
+def quality_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label in summary["order"]:
+        p = summary["policies"][label]
+        ci = p.get("ndcg@10_diff_ci95")
+        rows.append(
+            {
+                "policy": label,
+                "events": p["events"],
+                "hr@10": p["hr@10"],
+                "ndcg@10": p["ndcg@10"],
+                "mrr@10": p["mrr@10"],
+                "vs static": f"{100 * p['ndcg@10_rel_to_static']:+.1f}%"
+                if "ndcg@10_rel_to_static" in p
+                else "-",
+                "diff 95% CI": "-"
+                if not ci or p["kind"] == "static"
+                else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]",
+                "uauc": p["uauc"],
+                "budget": "-" if p["kind"] == "static" else f"{100 * p['budget']:g}%",
+                "request rate": "-" if p["kind"] == "static" else f"{100 * p['request_rate']:.1f}%",
+            }
+        )
+    return rows
+
+
+def cost_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label in summary["order"]:
+        p = summary["policies"][label]
+        rows.append(
+            {
+                "policy": label,
+                "requests": p["requests"],
+                "device us/event": p["device_us_per_event"],
+                "decode+apply us/req (p50)": "-"
+                if not p["requests"]
+                else f"{p['device_decode_us_per_request_p50']:.0f}+"
+                f"{p['device_apply_us_per_request_p50']:.0f}",
+                "device FLOPs/event": f"{p['device_flops_per_event']:.3g}",
+                "device peak KiB": f"{p['device_peak_bytes_max'] / 1024:.1f}",
+                "up B/req": round(p["uplink_bytes_per_request"]),
+                "down B/req": round(p["downlink_bytes_per_request"]),
+                "up MB": f"{p['uplink_bytes_total'] / 1e6:.2f}",
+                "down MB": f"{p['downlink_bytes_total'] / 1e6:.2f}",
+                "cloud ms/req": p["cloud_ms_per_request_mean"],
+            }
+        )
+    return rows
+
+
+def goal_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Plain sentences: each target, the measured value, met or not."""
+    g = summary["goals"]
+    names = g["policies"]
+    out = []
+    if "system_vs_static_rel" in g:
+        v = g["system_vs_static_rel"]
+        out.append(
+            f"{names['system 100%']} vs {names['static']}: {100 * v['value']:+.1f}% NDCG@10 "
+            f"(target >= +5%): {'met' if v['met'] else 'NOT met'}"
+        )
+    if "system_vs_finetune" in g:
+        v = g["system_vs_finetune"]
+        tr = v["device_time_ratio"]
+        fr = v["device_flops_ratio"]
+        out.append(
+            f"{names['system 100%']} vs {names['finetune']}: NDCG@10 {v['ndcg@10_system']:.4f} vs "
+            f"{v['ndcg@10_finetune']:.4f} ({'at least as good' if v['system_at_least_as_good'] else 'worse'}); "
+            f"device time {100 * tr:.2f}% and FLOPs {100 * fr:.2f}% of fine-tuning's per event "
+            f"(target < 1%): {'met' if v['met'] else 'NOT met'} by time, "
+            f"{'met' if v['met_by_flops'] else 'NOT met'} by FLOPs"
+            if tr is not None and fr is not None
+            else f"{names['finetune']} has no device cost recorded"
+        )
+    for label, v in g.get("system_vs_finetune_by_policy", {}).items():
+        if label == names["system 100%"] or v["device_time_ratio"] is None or "gate" not in label:
+            continue
+        out.append(
+            f"  {label}: NDCG@10 {v['ndcg@10_system']:.4f}, device time "
+            f"{100 * v['device_time_ratio']:.2f}% / FLOPs {100 * v['device_flops_ratio']:.2f}% "
+            f"of {names['finetune']}'s per event"
+        )
+    if "budget10_gain_kept" in g:
+        v = g["budget10_gain_kept"]
+        kept = "n/a (no gain at 100%)" if v["value"] is None else f"{100 * v['value']:.1f}%"
+        out.append(
+            f"{names['system 10%']} keeps {kept} of the 100%-budget NDCG@10 gain "
+            f"({v['gain_10']:+.4f} of {v['gain_100']:+.4f}; target >= 98%): "
+            f"{'met' if v['met'] else 'NOT met'}"
+        )
+    return out
+
+
+def bullets(lines: list[str]) -> list[str]:
+    """Markdown bullets; lines starting with two spaces become sub-bullets."""
+    return [f"  - {x.strip()}" if x.startswith("  ") else f"- {x}" for x in lines]
+
+
+def header_line(summary: Mapping[str, Any]) -> str:
+    m = summary["meta"]
+    st, sp = m["stream"], m["split"]
+    return (
+        f"{m['dataset']['name']} replay period (time split q={sp['quantile']}, cut "
+        f"{sp['cut_timestamp']}): {st['evaluated_events']:,} events of {st['evaluated_users']} "
+        f"users evaluated ({st['evaluated_cold_user_events']:,} from users with < 5 training "
+        f"events), {st['skipped_events_short_history']:,} skipped (history < {st['min_history']}); "
+        f"tokens: {m['token_source']}; payload {m['config']['payload_dtype']}; prototypes frozen; "
+        f"seed {m['seed']}; {m['config']['workers']} worker(s)"
+    )
+
+
+def gate_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label in summary["order"]:
+        p = summary["policies"][label]
+        if "gate_threshold" not in p:
+            continue
+        rows.append(
+            {
+                "policy": label,
+                "budget": f"{100 * p['budget']:g}%",
+                "threshold": f"{p['gate_threshold']:.5f}",
+                "training-period rate": f"{100 * p['gate_train_rate']:.1f}%",
+                "replay rate": f"{100 * p['request_rate']:.1f}%",
+            }
+        )
+    return rows
+
+
+def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    """``results.md``: header, tables, goal checks, plots."""
+    lines = [f"# Replay: {summary['meta']['dataset']['name']}", "", header_line(summary), ""]
+    for title, rows in (
+        ("Quality (full-catalogue ranking, seen items excluded)", quality_rows(summary)),
+        ("Cost per policy", cost_rows(summary)),
+        ("Request gate: threshold calibrated on the training period", gate_rows(summary)),
+    ):
+        if not rows:
+            continue
+        lines += [f"## {title}", "", *_md_table(rows), ""]
+    lines += ["## Targets (as measured)", "", *bullets(goal_lines(summary)), ""]
+    for name, file in plots.items():
+        lines += [f"![{name}]({file})", ""]
+    return "\n".join(lines)
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    cols = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return out
+
+
+def write_report(summary: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and the PNG plots into ``out``."""
+    from recsys.replay.plots import write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(summary, out)
+    payload = dict(summary) | {"plots": {k: p.name for k, p in plots.items()}}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    (out / "results.md").write_text(markdown(summary, {k: p.name for k, p in plots.items()}))
+    return {"json": out / "results.json", "md": out / "results.md", **plots}
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
