@@ -1,0 +1,112 @@
+"""Experiment files: the examples load, every mistake is a clear error naming file and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recsys.abtest.experiment import experiment_from_dict, load_experiment
+from recsys.errors import DataFormatError, NotFoundError, ValidationError
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "experiments"
+
+GOOD = """
+name = "t"
+salt = "s1"
+primary_metric = "ndcg@10"
+guardrail_metrics = ["hr@10"]
+
+[[arms]]
+name = "control"
+weight = 0.5
+policy = { kind = "static" }
+
+[[arms]]
+name = "treat"
+weight = 0.5
+policy = { kind = "system", trigger = "gate", budget = 0.2 }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def test_examples_load() -> None:
+    files = sorted(EXAMPLES.glob("*.toml"))
+    assert files
+    for f in files:
+        exp = load_experiment(f)
+        assert abs(sum(a.weight for a in exp.arms) - 1) < 1e-9
+        assert exp.control in [a.name for a in exp.arms]
+
+
+def test_good_file_and_round_trip(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, GOOD))
+    assert exp.control == "control"  # default: the first arm
+    assert exp.arm_pairs == [("control", 0.5), ("treat", 0.5)]
+    assert exp.arm("treat").policy == {"kind": "system", "trigger": "gate", "budget": 0.2}
+    assert exp.metrics == ["ndcg@10", "hr@10"]
+    back = experiment_from_dict(json.loads(json.dumps(exp.to_dict())))
+    assert back.to_dict() == exp.to_dict()
+    assert exp.assign("user-1").name in ("control", "treat")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        (
+            'weight = 0.5\npolicy = { kind = "static" }',
+            'weight = 0.6\npolicy = { kind = "static" }',
+            r"arms.weight: the weights \[0.6, 0.5\] sum to 1.1",
+        ),
+        ('name = "treat"', 'name = "control"', r"arms: duplicate arm name\(s\) \['control'\]"),
+        (
+            'primary_metric = "ndcg@10"',
+            'primary_metric = "ndcg@20"',
+            "primary_metric: unknown metric 'ndcg@20'",
+        ),
+        ('["hr@10"]', '["hr@10", "clicks"]', "guardrail_metrics: unknown metric 'clicks'"),
+        ('["hr@10"]', '["ndcg@10"]', "list each metric once"),
+        ('kind = "system"', 'kind = "magic"', r"arms\[1\].policy.kind: 'magic' is not one of"),
+        ('trigger = "gate"', 'trigger = "cron"', r"arms\[1\].policy.trigger"),
+        ("budget = 0.2", "budget = 1.5", r"arms\[1\].policy.budget: 1.5 is outside"),
+        ("budget = 0.2", "budget = 0", r"arms\[1\].policy.budget: must be > 0"),
+        ("budget = 0.2", "budgett = 0.2", r"arms\[1\].policy: unknown key\(s\) \['budgett'\]"),
+        ('salt = "s1"', "", "salt: missing"),
+        ('salt = "s1"', 'salt = "s1"\ncolour = "red"', r"unknown key\(s\) \['colour'\]"),
+        ('name = "t"', 'name = "t"\ncontrol = "nobody"', "control: 'nobody' is not an arm"),
+        (
+            '{ kind = "static" }',
+            '{ kind = "static", budget = 0.5 }',
+            "static policy never requests",
+        ),
+    ],
+)
+def test_mistakes_name_the_file_and_field(tmp_path: Path, old: str, new: str, match: str) -> None:
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ValidationError, match=match) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value)
+
+
+def test_one_arm_and_bad_analysis(tmp_path: Path) -> None:
+    one = GOOD[: GOOD.index('[[arms]]\nname = "treat"')].replace("weight = 0.5", "weight = 1.0")
+    with pytest.raises(ValidationError, match="at least two arms"):
+        load_experiment(write(tmp_path, one))
+    with pytest.raises(ValidationError, match=r"analysis\.alpha"):
+        load_experiment(write(tmp_path, GOOD + "\n[analysis]\nalpha = 0.9\n"))
+    with pytest.raises(ValidationError, match=r"replay\.pre_period_events"):
+        load_experiment(write(tmp_path, GOOD + "\n[replay]\npre_period_events = -1\n"))
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="not found"):
+        load_experiment(tmp_path / "missing.toml")
+    with pytest.raises(DataFormatError, match="invalid TOML"):
+        load_experiment(write(tmp_path, "name = \n"))

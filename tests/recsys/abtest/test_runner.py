@@ -1,0 +1,191 @@
+"""``recsys abtest run``: pre-period split and per-arm records (unit), and the real replay
+engine end to end on a tiny world (ranker + codebook + adaptor trained here in seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from codebook.prototypes import PrototypeConfig
+from codebook.semantic_ids import SemanticIdMap
+from codebook.store import PrototypeStore
+from device_ranker.config import ModelConfig
+from device_ranker.train import TrainConfig
+from recsys.abtest.runner import build_tables, event_numbers
+from recsys.cli import main
+from recsys.data import Dataset, write_dataset
+from recsys.data.registry import load_dataset
+from recsys.replay.records import EventRecords
+from recsys.workflows.adaptor_data import WindowConfig
+from recsys.workflows.adaptor_training import AdaptorTrainConfig, LoopConfig, train_adaptor
+
+NUM_ITEMS = 30
+
+
+def records(users, ts, ranks, requested=None) -> EventRecords:
+    n = len(users)
+    req = np.zeros(n, bool) if requested is None else np.asarray(requested, bool)
+    return EventRecords(
+        np.asarray(users), np.zeros(n), np.asarray(ts), np.asarray(ranks), np.full(n, 0.5), req
+    )
+
+
+def test_event_numbers_count_within_each_user_in_time_order() -> None:
+    rec = records([5, 3, 5, 3, 5], [10, 11, 12, 13, 9], [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(event_numbers(rec), [1, 0, 2, 1, 0])
+
+
+def test_each_user_keeps_their_own_arms_records_after_the_pre_period() -> None:
+    # users 0 and 1, 3 events each; static ranks 1 everywhere, "sys" ranks 2 everywhere
+    users, ts = [0, 0, 0, 1, 1, 1], [100, 90_000, 200_000, 150, 100_000, 300_000]
+    recs = {"static": records(users, ts, [1] * 6), "sys": records(users, ts, [2] * 6, [1] * 6)}
+    table, daily, info = build_tables(
+        recs,
+        {"a": "static", "b": "sys"},
+        np.array([0, 1]),
+        np.array(["u0", "u1"]),
+        np.array(["a", "b"]),
+        metrics=["mrr@10", "request_rate"],
+        pre_events=1,
+    )
+    np.testing.assert_array_equal(table.user_id, ["u0", "u1"])
+    np.testing.assert_array_equal(table.n_events, [2, 2])  # first event is the pre-period
+    np.testing.assert_allclose(table.values["mrr@10"], [1.0, 0.5])  # own arm's ranks
+    np.testing.assert_allclose(table.values["request_rate"], [0.0, 1.0])
+    np.testing.assert_allclose(table.pre["mrr@10"], [1.0, 1.0])  # static for everybody
+    assert info["start"] == 90_000 and info["users_with_covariate"] == 2
+    np.testing.assert_array_equal(daily.days, [0, 1, 2])
+    np.testing.assert_allclose(daily.counts[:, 1], [1, 1, 2])  # u1: 100000 (day 0), 300000 (day 2)
+
+
+def walk_dataset(num_users: int = 40, late_users: int = 12, length: int = 18) -> Dataset:
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(num_users):
+        step = 1 + u % 3
+        start = int(rng.integers(NUM_ITEMS))
+        # late users arrive after the cut, one every 6 hours: the replay spans days
+        t0 = 10_000 + u if u < num_users - late_users else 1_000_000 + 21_600 * u
+        seq = list(dict.fromkeys((start + step * i) % NUM_ITEMS for i in range(length)))
+        rows += [(f"u{u}", f"i{item}", t0 + 3_600 * i) for i, item in enumerate(seq)]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(NUM_ITEMS)]})
+    return Dataset("walk", items, inter)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset directory, cache dir with the time-split ranker, codebook and adaptor)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("abtest-world")
+    path = write_dataset(walk_dataset(), root / "walk")
+    ds = load_dataset(path)
+    cache = root / "cache"
+    i = np.arange(NUM_ITEMS)
+    SemanticIdMap.from_codes(
+        np.stack([i % 5, (i // 5) % 4], axis=1), [5, 4], [f"i{n}" for n in i]
+    ).save(cache / "artifacts" / ds.name / "codebook")
+    ranker = TrainConfig(
+        model=ModelConfig(num_items=0, dim=8, max_len=8, num_layers=1, num_heads=2, head_hidden=16),
+        epochs=2,
+        batch_size=16,
+        lr=3e-3,
+        seed=0,
+    )
+    cfg = AdaptorTrainConfig(
+        windows=WindowConfig(window=3, stride=2, min_history=3, input_items=5, summary_items=4),
+        loop=LoopConfig(epochs=2, batch_size=16, lr=3e-3, patience=8, holdout_users=0.25),
+        rank=2,
+        bound_fraction=4.0,
+        bias_fraction=2.0,
+        token_dim=8,
+        code_dim=8,
+        hidden=16,
+        dropout=0.0,
+        token_source="recent",
+        prototypes=PrototypeConfig(num_prototypes=3, residual_rank=2, refine_every=2),
+        ranker=ranker,
+    )
+    train_adaptor(cfg, ds, cache=cache, progress=False)
+    return path, cache
+
+
+EXPERIMENT = """
+name = "tiny"
+salt = "tiny-salt"
+primary_metric = "ndcg@10"
+guardrail_metrics = ["auc"]
+secondary_metrics = ["request_rate"]
+
+[[arms]]
+name = "static"
+weight = 0.5
+policy = { kind = "static" }
+
+[[arms]]
+name = "system"
+weight = 0.5
+policy = { kind = "system", trigger = "timer", budget = 0.5 }
+
+[analysis]
+bootstrap = 200
+sequential_min_users = 2
+
+[replay]
+pre_period_events = 2
+"""
+
+
+def test_run_and_analyze_on_the_replay(world, tmp_path: Path, capsys) -> None:
+    data, cache = world
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text(EXPERIMENT)
+    out = tmp_path / "run"
+    argv = [
+        "abtest",
+        "run",
+        str(exp_file),
+        "--out",
+        str(out),
+        "--dataset",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--json",
+        str(tmp_path / "run.json"),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Arms (per-user means" in printed
+    info = json.loads((out / "run.json").read_text())
+    assert info["exposed_users"] >= 6 and info["users_with_covariate"] == info["exposed_users"]
+    assert "/tmp" not in json.dumps(info) and str(tmp_path) not in json.dumps(info)
+    # assignments persisted, and equal to the hash
+    with PrototypeStore.open(f"sqlite:///{out / 'assignments.sqlite'}") as store:
+        counts = store.arm_counts(store.get_experiment("tiny").id)
+    assert sum(counts.values()) == info["assigned_users"]
+    users = (out / "users.csv").read_text().splitlines()
+    from recsys.abtest.experiment import load_experiment
+
+    exp = load_experiment(exp_file)
+    for line in users[1:]:
+        uid, arm = line.split(",")[:2]
+        assert exp.assign(uid).name == arm
+    # static users have no requests, system users (timer every 2 events) have some
+    report_dir = tmp_path / "report"
+    assert main(["abtest", "analyze", str(out), "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    arms = report["arms"]
+    assert arms["static"]["means"]["request_rate"] == 0.0
+    assert arms["system"]["means"]["request_rate"] > 0.2
+    assert report["run"]["arm_policies"] == {"static": "static", "system": "system timer 50%"}
+    # a second run re-uses the stored assignments (idempotent)
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert json.loads((out / "run.json").read_text())["stored_arm_counts"] == counts
