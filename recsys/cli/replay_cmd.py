@@ -120,6 +120,8 @@ def build_config(args: argparse.Namespace):
             else list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
         )
         specs = default_policies(budgets)
+        if args.via == "grpc":  # the services run static and the full system only
+            specs = [s for s in specs if s.kind in ("static", "system")]
         if args.finetune_every:
             specs = [
                 PolicySpec("finetune", finetune_every=args.finetune_every)
