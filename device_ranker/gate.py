@@ -56,6 +56,8 @@ class GateConfig:
         min_gap: events between two requests of one device (>= 1).
         threshold: fixed shift threshold in [0, 1] (None = calibrated from ``budget``).
         calibration: recent eligible scores (all devices) the budget quantile uses.
+        max_credit: the per-device request allowance's cap (see :class:`GateState`):
+            how many requests a device may save up for a burst (>= 1).
     """
 
     budget: float = 0.2
@@ -64,6 +66,7 @@ class GateConfig:
     min_gap: int = 5
     threshold: float | None = None
     calibration: int = 1000
+    max_credit: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:
@@ -75,6 +78,8 @@ class GateConfig:
             )
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValidationError(f"gate threshold must be in [0, 1], got {self.threshold}")
+        if not self.max_credit >= 1.0:
+            raise ValidationError(f"gate max_credit must be >= 1, got {self.max_credit}")
 
 
 @dataclass
@@ -85,11 +90,16 @@ class GateState:
         anchor: window vector [D] (or item set) at the last request; None = never asked.
         events_since_request: events recorded since the last request.
         last_score: the last shift score computed.
+        credit: the device's request allowance: after its first request it earns
+            ``budget`` per event (up to ``max_credit``) and a shift request spends 1, so
+            its requests after the first never exceed ``budget`` x its events (+ the
+            cap): the budget holds per device whatever the threshold does.
     """
 
     anchor: np.ndarray | frozenset[int] | None = None
     events_since_request: int = 0
     last_score: float = 0.0
+    credit: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,9 @@ class GateDecision:
     """The gate's answer for one event.
 
     ``reason``: "first" (no edit yet), "shift" (score >= threshold), "below",
-    "cooldown" (fewer than ``min_gap`` events since the last request) or "short"
-    (fewer than ``min_history`` events).
+    "cooldown" (fewer than ``min_gap`` events since the last request), "budget" (score
+    high enough but the device's request credit is spent) or "short" (fewer than
+    ``min_history`` events).
     """
 
     request: bool
@@ -183,16 +194,23 @@ class ShiftGate:
             return GateDecision(True, 1.0, self.threshold(), "first")
         score = self.shift_score(history, state)
         state.last_score = score
+        if cfg.budget < 1.0:
+            state.credit = min(state.credit + cfg.budget, cfg.max_credit)
         if state.events_since_request < cfg.min_gap:
             return GateDecision(False, score, self.threshold(), "cooldown")
         threshold = self.threshold()
         self._cal.scores.append(score)
-        if score >= threshold:
-            return GateDecision(True, score, threshold, "shift")
-        return GateDecision(False, score, threshold, "below")
+        if score < threshold:
+            return GateDecision(False, score, threshold, "below")
+        if cfg.budget < 1.0 and state.credit < 1.0:
+            return GateDecision(False, score, threshold, "budget")
+        return GateDecision(True, score, threshold, "shift")
 
     def on_request(self, history: Sequence[int], state: GateState) -> None:
-        """A request was sent for ``history``: its window becomes the new anchor."""
+        """A request was sent for ``history``: its window becomes the new anchor (a
+        request after the first spends one credit)."""
+        if state.anchor is not None and self.config.budget < 1.0:
+            state.credit -= 1.0
         state.anchor = self.window_summary(history)
         state.events_since_request = 0
         self.requests += 1

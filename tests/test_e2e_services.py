@@ -87,7 +87,7 @@ def test_device_and_cloud_processes(tmp_path: Path) -> None:
             ["serve", "device", "--checkpoint", str(ckpt), "--dataset", str(ds_dir),
              "--cloud", cloud.target, "--cloud-token-file", str(token), "--cloud-deadline", "3",
              "--probe-interval", "0.2", "--gate-min-history", "2", "--gate-min-gap", "1",
-             "--gate-threshold", "0"],
+             "--gate-threshold", "0", "--gate-budget", "1"],
             name="device", log_path=tmp_path / "device.log",
         ).start()  # fmt: skip
         device.wait_ready(timeout=120)

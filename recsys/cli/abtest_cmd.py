@@ -126,7 +126,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from recsys.abtest.plots import make_plots
     from recsys.abtest.report import arm_rows, summary_rows, write_report
     from recsys.abtest.usertable import read_tables, write_tables
-    from recsys.errors import NotFoundError, ValidationError
+    from recsys.errors import DataFormatError, NotFoundError, ValidationError
 
     directory = Path(args.directory) if args.directory else None
     if args.events:
@@ -151,7 +151,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         exp = _load_experiment(args.experiment, directory)
         users, daily = read_tables(directory)
         run_file = directory / RUN_FILE
-        run_info = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        try:
+            run_info = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(
+                run_file, exc.lineno, f"not valid JSON ({exc.msg}); rerun `recsys abtest run`"
+            ) from None
     report = analyze(exp, users, daily)
     report["run"] = run_info
     plots = make_plots(report, out)

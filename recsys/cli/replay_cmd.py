@@ -111,7 +111,10 @@ def build_config(args: argparse.Namespace):
     )
     if args.policies:
         if args.budgets or args.finetune_every:
-            raise ValidationError("--policies already names every policy; drop --budgets")
+            raise ValidationError(
+                "--policies already names every policy (e.g. finetune:5 or system:gate:0.2); "
+                "drop --budgets and --finetune-every"
+            )
         specs = [PolicySpec.parse(t) for t in args.policies.split(",") if t.strip()]
     else:
         budgets = (

@@ -454,6 +454,7 @@ def experiment_arms(path: str, store_url: str | None) -> tuple[str, Any]:
     from recsys import settings
     from recsys.abtest.assignment import assign_arm
     from recsys.abtest.experiment import load_experiment
+    from recsys.abtest.persist import stored_config
 
     exp = load_experiment(path)
     policies = {arm.name: dict(arm.policy) for arm in exp.arms}
@@ -461,12 +462,8 @@ def experiment_arms(path: str, store_url: str | None) -> tuple[str, Any]:
         ArmPolicy.from_dict(policy)
     weights = [(arm.name, float(arm.weight)) for arm in exp.arms]
     store = PrototypeStore.open(settings.database_url(store_url), upgrade=True)
-    record = store.create_experiment(
-        exp.name,
-        exp.salt,
-        {"arms": [{"name": n, "weight": w, "policy": policies[n]} for n, w in weights]},
-        exist_ok=True,
-    )
+    # the same stored config as `recsys abtest run`, so both can share one store
+    record = store.create_experiment(exp.name, exp.salt, stored_config(exp), exist_ok=True)
 
     def arm_for(user_id: str) -> tuple[str, dict[str, Any]]:
         arm = store.get_or_create_arm(record.id, user_id, assign_arm(exp.salt, user_id, weights))

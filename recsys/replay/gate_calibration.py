@@ -51,6 +51,7 @@ class GateCalibration:
     window: int
     min_history: int
     min_gap: int
+    max_credit: float = GateConfig.max_credit
 
     def gate_config(self) -> GateConfig:
         """The fixed-threshold :class:`GateConfig` a device (in-process or the gRPC
@@ -61,6 +62,7 @@ class GateCalibration:
             min_history=self.min_history,
             min_gap=self.min_gap,
             threshold=self.threshold,
+            max_credit=self.max_credit,
         )
 
     def to_dict(self) -> dict:
@@ -88,23 +90,33 @@ class _Windows:
         self.vec = np.vstack(rows) if rows else np.zeros((0, unit.shape[1]))  # [sum(len+1), D]
 
 
-def _simulate(win: _Windows, theta: float, min_history: int, min_gap: int) -> tuple[int, int]:
-    """(requests after the first, decisions after the first) of every user at ``theta``."""
+def _simulate(
+    win: _Windows, theta: float, min_history: int, min_gap: int, budget: float, max_credit: float
+) -> tuple[int, int]:
+    """(requests after the first, decisions after the first) of every user at ``theta``,
+    with the gate's per-device credit (:class:`device_ranker.gate.GateState`)."""
     users = np.flatnonzero(win.lengths >= min_history)
     if len(users) == 0:
         return 0, 0
     anchor = win.vec[win.start[users] + min_history].copy()  # [U, D] first request
     since = np.zeros(len(users), dtype=np.int64)
+    credit = np.zeros(len(users))
+    capped = budget < 1.0
     requests = decisions = 0
     for length in range(min_history + 1, int(win.lengths[users].max()) + 1):
         live = np.flatnonzero(win.lengths[users] >= length)
         now = win.vec[win.start[users[live]] + length]  # [u, D]
         since[live] += 1
+        if capped:
+            credit[live] = np.minimum(credit[live] + budget, max_credit)
         score = np.clip((1.0 - np.einsum("ud,ud->u", now, anchor[live])) / 2.0, 0.0, 1.0)
         ask = (since[live] >= min_gap) & (score >= theta)
+        if capped:
+            ask &= credit[live] >= 1.0
         hit = live[ask]
         anchor[hit] = now[ask]
         since[hit] = 0
+        credit[hit] -= 1.0
         requests += int(ask.sum())
         decisions += len(live)
     return requests, decisions
@@ -118,6 +130,7 @@ def calibrate_gate(
     window: int = 10,
     min_history: int = 5,
     min_gap: int = 1,
+    max_credit: float = GateConfig.max_credit,
     steps: int = 40,
 ) -> dict[float, GateCalibration]:
     """Threshold per budget on the training sequences (see the module docstring).
@@ -139,14 +152,14 @@ def calibrate_gate(
         if not 0.0 < budget <= 1.0:
             raise ValidationError(f"gate budget must be in (0, 1], got {budget}")
         if budget >= 1.0:
-            req, dec = _simulate(win, 0.0, min_history, min_gap)
+            req, dec = _simulate(win, 0.0, min_history, min_gap, budget, max_credit)
             theta = 0.0
         else:
             lo, hi = 0.0, 1.0
             tried: list[tuple[float, int, int]] = []
             for _ in range(steps):
                 mid = (lo + hi) / 2.0
-                req, dec = _simulate(win, mid, min_history, min_gap)
+                req, dec = _simulate(win, mid, min_history, min_gap, budget, max_credit)
                 tried.append((mid, req, dec))
                 if dec and req / dec > budget:
                     lo = mid
@@ -166,6 +179,7 @@ def calibrate_gate(
             window=window,
             min_history=min_history,
             min_gap=min_gap,
+            max_credit=max_credit,
         )
         logger.info(
             "gate budget %.3f: threshold %.6f, training request rate %.4f",

@@ -194,6 +194,10 @@ def summarise(run: ReplayRun, bins: int = 20) -> dict[str, Any]:
                 else user_bootstrap_ci(diff, rec.user, seed, resamples)
             )
         row |= run.costs[s.label]
+        # every request (a device's first one too) per evaluated event; the rate of
+        # requests triggered BY evaluated events (first requests excluded) stays beside it
+        row["triggered_rate"] = row["request_rate"]
+        row["request_rate"] = row["requests"] / row["events"] if row["events"] else 0.0
         gate = run.meta.get("gate", {}).get(s.label)
         if gate:
             row["gate_threshold"] = gate["threshold"]
@@ -332,7 +336,8 @@ def gate_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "budget": f"{100 * p['budget']:g}%",
                 "threshold": f"{p['gate_threshold']:.5f}",
                 "training-period rate": f"{100 * p['gate_train_rate']:.1f}%",
-                "replay rate": f"{100 * p['request_rate']:.1f}%",
+                "replay: requests / event": f"{100 * p['request_rate']:.1f}%",
+                "replay: triggered by an event": f"{100 * p['triggered_rate']:.1f}%",
             }
         )
     return rows

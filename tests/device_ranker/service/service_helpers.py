@@ -26,7 +26,7 @@ def device_config(
         checkpoint=str(ckpt),
         dataset=str(ds_dir),
         max_candidates=50,
-        gate=GateConfig(min_history=2, min_gap=1, threshold=0.0),
+        gate=GateConfig(min_history=2, min_gap=1, threshold=0.0, budget=1.0),
         cloud=CloudLinkConfig(
             target=f"127.0.0.1:{cloud_port}" if cloud_port else None,
             deadline_s=2.0,

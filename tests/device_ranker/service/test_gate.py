@@ -60,13 +60,35 @@ def test_cooldown_short_history_and_zero_budget() -> None:
 
 
 def test_fixed_threshold_and_validation() -> None:
-    gate = ShiftGate(GateConfig(threshold=0.0, min_history=1, min_gap=1))
+    gate = ShiftGate(GateConfig(threshold=0.0, min_history=1, min_gap=1, budget=1.0))
     state = GateState()
     gate.on_request([1], state)
-    assert gate.decide([1, 1], state).request
+    assert gate.decide([1, 1], state).request  # a 100 % budget: no credit needed
     with pytest.raises(ValidationError):
         GateConfig(budget=1.5)
     with pytest.raises(ValidationError):
         GateConfig(window=0)
     with pytest.raises(ValidationError):
         ShiftGate(item_vectors=np.zeros(3))
+
+
+def test_request_credit_caps_a_device_at_its_budget() -> None:
+    """With a threshold that every event passes, a device still asks at most ``budget``
+    of its events after the first request (plus the saved-up credit)."""
+    rng = np.random.default_rng(0)
+    gate = ShiftGate(
+        GateConfig(budget=0.25, window=3, min_history=2, min_gap=1, threshold=0.0, max_credit=2.0),
+        item_vectors=rng.normal(size=(50, 8)),
+    )
+    state, history, reasons = GateState(), [], []
+    for item in rng.integers(0, 50, size=202):
+        history.append(int(item))
+        d = gate.decide(history, state)
+        reasons.append(d.reason)
+        if d.request:
+            gate.on_request(history, state)
+    assert reasons.count("first") == 1
+    assert reasons.count("shift") == 50  # 200 events after the first request x 0.25
+    assert "budget" in reasons
+    with pytest.raises(ValidationError, match="max_credit"):
+        GateConfig(max_credit=0.5)

@@ -62,10 +62,15 @@ def test_every_policy_scores_the_same_events_and_edits_change_scores(run) -> Non
 
 def test_gate_budget_is_honoured_and_the_timer_is_exact(run) -> None:
     for label, budget in (("system gate 30%", 0.3), ("duet gate 50%", 0.5)):
-        rate = run.records[label].summary()["request_rate"]
+        rec = run.records[label]
+        rate = rec.summary()["request_rate"]
         assert rate == pytest.approx(budget, abs=0.12), (label, rate)
         gate = run.meta["gate"][label]
         assert gate["budget"] == budget and 0 < gate["threshold"] < 1
+        # hard cap per device: requests after its first <= budget x its events + max_credit
+        for u in np.unique(rec.user):
+            mine = rec.user == u
+            assert rec.requested[mine].sum() <= budget * mine.sum() + 2.0, (label, u)
     assert run.records["system gate 100%"].requested.all()
     timer = run.records["system timer 30%"]
     # period round(1/0.3) = 3: per device, requests are exactly 3 events apart
