@@ -16,7 +16,9 @@ fraction of decisions that request is the budget:
     rate(theta) = #requests after the first / #events after the first      (training period)
 
 ``rate`` falls as ``theta`` grows; 40 bisection steps pin theta to ~1e-12. A budget of
-1 gives theta = 0 (every event requests, the same as a timer with period 1).
+1 gives theta = 0 (every event requests, the same as a timer with period 1). The
+bisection ignores the gate's per-device request credit (which caps each device at its
+budget); the reported training rate is the one with the credit, as devices run it.
 
 Shapes: U users, P training positions, D item-vector width.
 
@@ -155,17 +157,21 @@ def calibrate_gate(
             req, dec = _simulate(win, 0.0, min_history, min_gap, budget, max_credit)
             theta = 0.0
         else:
+            # the threshold is bisected WITHOUT the per-device credit (budget 1 = no cap):
+            # with it, every low threshold would hit the cap and the gate would degrade
+            # into a timer; the credit only stops devices that shift more than the rest
             lo, hi = 0.0, 1.0
             tried: list[tuple[float, int, int]] = []
             for _ in range(steps):
                 mid = (lo + hi) / 2.0
-                req, dec = _simulate(win, mid, min_history, min_gap, budget, max_credit)
+                req, dec = _simulate(win, mid, min_history, min_gap, 1.0, max_credit)
                 tried.append((mid, req, dec))
                 if dec and req / dec > budget:
                     lo = mid
                 else:
                     hi = mid
             theta, req, dec = min(tried, key=lambda t: (abs(t[1] / max(t[2], 1) - budget), -t[0]))
+            req, dec = _simulate(win, theta, min_history, min_gap, budget, max_credit)  # as run
         if dec == 0:
             raise ValidationError(
                 f"no training user has more than min_history={min_history} events; the gate "

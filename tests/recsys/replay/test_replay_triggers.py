@@ -83,8 +83,8 @@ def test_calibrated_threshold_gives_the_budget_on_the_training_period() -> None:
     assert cal[1.0].threshold == 0.0 and cal[1.0].train_rate == 1.0
     assert cal[0.5].threshold <= cal[0.2].threshold
     for b in (0.5, 0.2):
-        # the per-device credit caps the rate at the budget; the threshold gets close
-        assert b - 0.06 <= cal[b].train_rate <= b
+        # bisected without the credit, run with it: the credit only trims the rate
+        assert b - 0.1 <= cal[b].train_rate <= b
         # the device gate with the fixed threshold reproduces the training-period rate
         gate = ShiftGate(cal[b].gate_config(), vectors)
         req = dec = 0
