@@ -143,6 +143,8 @@ class UserState:
     bytes_up: int = 0
     bytes_down: int = 0
     arm: str | None = None  # experiment arm (None = not resolved yet; "" = no experiment)
+    # orders one user's concurrent RecordEvents: rank-for-the-log, append, gate, request
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True)
@@ -499,21 +501,22 @@ class DeviceEngine:
         if st is None:
             st = self._new_user(user_id)
             logger.info("new user %r", user_id)
-        await self.ensure_arm(st, user_id)
-        served = await self._served_rank(st, item) if self.event_log is not None else None
-        st.history.append(item)
-        st.times.append(int(timestamp))
-        st.seen.add(item)
-        st.version += 1
-        history = list(st.history)
-        _, gate = self.arm_policy(st)
-        if gate is None:  # a static arm: never asks
-            decision = GateDecision(False, 0.0, float("inf"), "static")
-        else:
-            decision = gate.decide(history, st.gate)
-        outcome, fetched, task = "not_requested", FetchResult("not_requested"), None
-        if decision.request and gate is not None:
-            outcome, fetched, task = await self._request(user_id, st, gate, wait_for_edit)
+        async with st.lock:
+            await self.ensure_arm(st, user_id)
+            served = await self._served_rank(st, item) if self.event_log is not None else None
+            st.history.append(item)
+            st.times.append(int(timestamp))
+            st.seen.add(item)
+            st.version += 1
+            history = list(st.history)
+            _, gate = self.arm_policy(st)
+            if gate is None:  # a static arm: never asks
+                decision = GateDecision(False, 0.0, float("inf"), "static")
+            else:
+                decision = gate.decide(history, st.gate)
+            outcome, fetched, task = "not_requested", FetchResult("not_requested"), None
+            if decision.request and gate is not None:
+                outcome, fetched, task = await self._request(user_id, st, gate, wait_for_edit)
         mode, _ = self.mode(st)
         requested = decision.request and outcome in ("pending", "applied", "failed")
         if served is not None:
