@@ -527,6 +527,7 @@ class DeviceEngine:
                 "item_id": item_id,
                 "rank": served[0],
                 "num_items": served[1],
+                "history_len": len(history) - 1,
                 "requested": requested,
             }
             if outcome == "pending" and task is not None:

@@ -14,6 +14,7 @@ line is a JSON object with these keys (:data:`FIELDS`):
                         before the event (its edit, or the base model), over the catalogue
                         minus the user's earlier items, ties pessimistic
 ``num_items``           rankable items at that moment (catalogue minus history)
+``history_len``         the user's events before this one (on the device, bounded)
 ``requested``           whether the event made the device ask the cloud for an edit
 ``outcome``             not_requested / applied / failed / pending / in_flight
 ``bytes_up``            serialized GenerateEdit request of that edit request, bytes
@@ -54,6 +55,7 @@ FIELDS = (
     "item_id",
     "rank",
     "num_items",
+    "history_len",
     "requested",
     "outcome",
     "bytes_up",

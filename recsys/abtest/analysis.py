@@ -198,7 +198,8 @@ def _sequential(
     exp: Experiment, users: UserTable, daily: DailyTable, metric: str, arm: str
 ) -> dict:
     """mSPRT of arm vs control over the days. tau = tau_scale * sd, sd from the pre-period
-    covariate when there is one (fixed before the experiment), else from the last day.
+    covariate when there is one (fixed before the experiment), else from the first look
+    (so that no look's test uses data from later looks).
     A day is a look once both arms have ``sequential_min_users`` users."""
     values, active = daily_values(daily, metric)
     masks = np.stack([users.arm == arm, users.arm == exp.control])  # [2, U]
@@ -207,9 +208,13 @@ def _sequential(
     pre_ok = np.isfinite(pre)
     sd_source = "pre-period"
     sd = float(np.std(pre[pre_ok], ddof=1)) if pre_ok.sum() > 2 else 0.0
-    if not sd > 0:
-        sd_source = "last day"
-        sd = float(np.sqrt(np.nanmean(var[:, -1])))
+    if not sd > 0:  # no pre-period: the first look's sd (never data from later looks)
+        sd_source = "first look"
+        ok = np.flatnonzero(
+            (np.minimum(n[0], n[1]) >= exp.analysis.sequential_min_users)
+            & np.isfinite(var).all(axis=0)
+        )
+        sd = float(np.sqrt(np.mean(var[:, ok[0]]))) if len(ok) else 0.0
     if not sd > 0:
         return {"tau": None, "note": f"{metric} has no variance; no sequential test"}
     tau = exp.analysis.tau_scale * sd

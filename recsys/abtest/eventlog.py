@@ -46,11 +46,17 @@ REQUIRED = (
 )
 
 
-def read_event_log(path: str | Path, exp: Experiment) -> tuple[UserTable, DailyTable, dict]:
+def read_event_log(
+    path: str | Path, exp: Experiment, min_history: int = 5
+) -> tuple[UserTable, DailyTable, dict]:
     """Per-user and per-day tables of experiment ``exp`` from the JSON-lines log at ``path``.
 
-    Returns (users, daily, info) with info: lines, events, other_experiment_lines, start,
-    users, assignment_mismatches.
+    Events whose user had fewer than ``min_history`` earlier events (``history_len``, when
+    the log has it) are skipped, as the replay evaluation skips them: before that no arm
+    has asked for an edit yet.
+
+    Returns (users, daily, info) with info: lines, events, other_experiment_lines,
+    short_history_lines, start, users, assignment_mismatches.
     """
     p = Path(path)
     if not p.is_file():
@@ -58,7 +64,7 @@ def read_event_log(path: str | Path, exp: Experiment) -> tuple[UserTable, DailyT
     users: dict[str, int] = {}
     user_arm: list[str] = []
     ev_user, ts, rank, requested, nbytes = [], [], [], [], []
-    lines = other = 0
+    lines = other = short = 0
     with open(p, encoding="utf-8") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -75,6 +81,9 @@ def read_event_log(path: str | Path, exp: Experiment) -> tuple[UserTable, DailyT
                 raise DataFormatError(p, lineno, f"missing key(s) {missing}")
             if rec["experiment"] != exp.name:
                 other += 1
+                continue
+            if "history_len" in rec and int(rec["history_len"]) < min_history:
+                short += 1
                 continue
             uid, arm = str(rec["user_id"]), str(rec["arm"])
             k = users.setdefault(uid, len(users))
@@ -126,6 +135,8 @@ def read_event_log(path: str | Path, exp: Experiment) -> tuple[UserTable, DailyT
         "lines": lines,
         "events": len(ev_user),
         "other_experiment_lines": other,
+        "short_history_lines": short,
+        "min_history": min_history,
         "start": start,
         "users": len(ids),
         "assignment_mismatches": int((expected != arms).sum()),

@@ -67,6 +67,13 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "--experiment", help="experiment file (default: DIR/experiment.json written by run)"
     )
     p.add_argument("--events", metavar="LOG", help="live event log (JSON lines) to analyse")
+    p.add_argument(
+        "--min-history",
+        type=int,
+        default=5,
+        help="with --events: skip events whose user had fewer earlier events (default 5, "
+        "as the replay evaluation)",
+    )
     p.add_argument("--out", help="where the report goes (default: DIR; required with --events)")
     add_json_option(p)
     p.set_defaults(handler=cmd_analyze)
@@ -134,7 +141,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             raise ValidationError("--events needs --experiment FILE and --out DIR")
         exp = _load_experiment(args.experiment, None)
         out = Path(args.out or directory)
-        users, daily, run_info = read_event_log(args.events, exp)
+        users, daily, run_info = read_event_log(args.events, exp, args.min_history)
         write_tables(out, users, daily)
         (out / EXPERIMENT_FILE).write_text(json.dumps(exp.to_dict(), indent=2) + "\n")
         (out / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")

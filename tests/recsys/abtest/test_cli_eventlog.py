@@ -92,6 +92,7 @@ def test_analyze_an_event_log(tmp_path: Path, capsys) -> None:
     write_log(log, exp)
     users, _, info = read_event_log(log, exp)
     assert info["other_experiment_lines"] == 5 and info["assignment_mismatches"] == 0
+    assert info["short_history_lines"] == 0
     assert info["users_with_covariate"] == 0 and len(users) == info["users"]
     out = tmp_path / "report"
     code = main(
@@ -248,3 +249,24 @@ def test_cli_errors_are_clean(tmp_path: Path, capsys) -> None:
     (tmp_path / "daily.csv").write_text("day,user_id\n")
     assert main(["abtest", "analyze", str(tmp_path)]) == 2
     assert "daily.csv, line 1: header must be" in capsys.readouterr().err
+
+
+def test_event_log_skips_events_before_min_history(tmp_path: Path) -> None:
+    exp_file = tmp_path / "exp.toml"
+    exp_file.write_text(TOML.format(extra=""))
+    from recsys.abtest.experiment import load_experiment
+
+    exp = load_experiment(exp_file)
+    log = tmp_path / "events.jsonl"
+    write_log(log, exp)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    ours = [r for r in lines if r["experiment"] == exp.name]
+    for i, rec in enumerate(ours):
+        rec["history_len"] = i % 10  # 0..9: half of them below 5
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    _, _, info = read_event_log(log, exp, min_history=5)
+    expected_short = sum(1 for i in range(len(ours)) if i % 10 < 5)
+    assert info["short_history_lines"] == expected_short
+    assert info["events"] == len(ours) - expected_short
+    _, _, everything = read_event_log(log, exp, min_history=0)
+    assert everything["events"] == len(ours)
