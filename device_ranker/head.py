@@ -122,3 +122,39 @@ def head_forward_per_user(
             h = F.gelu(h)
     h = h.squeeze(-1)
     return x + h if residual else h
+
+
+def queries_per_user(
+    head: EditableHead, x: torch.Tensor, weights: Sequence[HeadWeights | None]
+) -> torch.Tensor:
+    """The one batched head pass with a weight set per row (the device service's
+    micro-batches, the replay's events): row b uses ``weights[b]`` (None = the base head).
+
+    Rows without an edit in a batch that has none run the plain head; otherwise every
+    row's (W, b) is stacked per layer ([B, out, in], [B, out]) and
+    :func:`head_forward_per_user` runs once.
+
+    Args:
+        head: the ranker's :class:`EditableHead` (base weights, residual flag).
+        x: [B, D] user states.
+        weights: B entries, each None or per layer (W [out, in], b [out]) (e.g.
+            ``PreparedEdit.weights``).
+
+    Returns:
+        [B, D] queries.
+
+    Example::
+
+        q = queries_per_user(model.head, states, [None, prepared.weights])  # [2, D]
+    """
+    if len(weights) != x.shape[0]:
+        raise ValidationError(f"{len(weights)} weight sets for {x.shape[0]} rows")
+    if all(w is None for w in weights):
+        return head(x)
+    base = head.base_weights()
+    full = [base if w is None else w for w in weights]
+    stacked = [
+        (torch.stack([w[i][0] for w in full]), torch.stack([w[i][1] for w in full]))
+        for i in range(len(base))
+    ]  # per layer: W [B, out, in], b [B, out]
+    return head_forward_per_user(x, stacked, head.residual)

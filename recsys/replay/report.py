@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from recsys.errors import ValidationError
+from recsys.metrics import user_bootstrap_ci
 from recsys.replay.config import PolicySpec
 from recsys.replay.engine import ReplayRun
 from recsys.replay.records import EventRecords
@@ -46,33 +46,6 @@ def _aligned(a: EventRecords, b: EventRecords) -> None:
         and np.array_equal(a.timestamp, b.timestamp)
     ):
         raise ValidationError("policies were not replayed on the same events; cannot compare")
-
-
-def user_bootstrap_ci(
-    diff: np.ndarray, users: np.ndarray, seed: int, resamples: int = 2000
-) -> list[float]:
-    """95 % CI of the event-averaged ``diff`` [E], resampling users (paired sums and counts)."""
-    uniq, inv = np.unique(users, return_inverse=True)
-    if len(uniq) < 2:
-        return [float("nan"), float("nan")]
-    sums = np.bincount(inv, weights=diff, minlength=len(uniq))  # [U]
-    counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)  # [U]
-    if np.allclose(sums, 0.0):
-        return [0.0, 0.0]
-
-    def ratio(s: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
-        return s.sum(axis=axis) / c.sum(axis=axis)
-
-    res = stats.bootstrap(
-        (sums, counts),
-        ratio,
-        paired=True,
-        vectorized=True,
-        n_resamples=resamples,
-        method="percentile",
-        rng=np.random.default_rng([seed, 7]),
-    )
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def over_time(records: Mapping[str, EventRecords], bins: int = 20) -> dict[str, Any]:

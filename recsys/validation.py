@@ -1,0 +1,89 @@
+"""Validated configuration classes: pydantic v2 dataclasses that fail with the project's
+:class:`recsys.errors.ValidationError`.
+
+Config objects (training, replay, serving, experiments) declare their ranges with
+``pydantic.Field`` (``ge``, ``le``, ``gt``, ``pattern``, ``Literal``), so a bad value is
+rejected at construction with a message naming the class, the field, the bad value and
+the allowed range. They stay plain dataclasses for everything else
+(``dataclasses.asdict``, ``dataclasses.replace`` (which validates again), ``==``).
+Cross-field rules go in ``__post_init__`` and raise ``ValueError``; they are reported the
+same way.
+
+Example::
+
+    from pydantic import Field
+    from recsys.validation import config_dataclass
+
+    @config_dataclass
+    class GateConfig:
+        window: int = Field(10, ge=1)      # events per shift-score window
+        budget: float = Field(0.2, gt=0, le=1)
+
+    GateConfig(window=0)
+    # ValidationError: GateConfig: window: Input should be greater than or equal to 1 (got 0)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, dataclass_transform
+
+import pydantic
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from recsys.errors import ValidationError
+
+T = TypeVar("T", bound=type)
+
+_CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_default=False)
+
+
+def format_errors(title: str, err: pydantic.ValidationError) -> str:
+    """One line per problem: ``title: field.sub: message (got value)``."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc:  # a cross-field rule (``__post_init__``): its message says it all
+            parts.append(msg)
+            continue
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e.get("type") == "missing" else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{shown}")
+    return f"{title}: " + "; ".join(parts)
+
+
+@dataclass_transform(field_specifiers=(Field,))
+def config_dataclass(cls: T | None = None, *, frozen: bool = True) -> T | Callable[[T], T]:
+    """Decorator: ``cls`` as a validated, by default frozen, pydantic dataclass whose
+    errors are :class:`ValidationError` (see the module docstring)."""
+
+    def wrap(c: T) -> T:
+        dc = _pydantic_dataclass(c, frozen=frozen, config=_CONFIG)
+        init = dc.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as err:
+                raise ValidationError(format_errors(c.__name__, err)) from None
+
+        dc.__init__ = __init__
+        return dc
+
+    return wrap if cls is None else wrap(cls)
+
+
+def validate_model(model: type[pydantic.BaseModel], data: Any, title: str) -> Any:
+    """``model.model_validate(data)`` with :class:`ValidationError` naming ``title``
+    (e.g. the file a TOML table came from)."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ValidationError(format_errors(title, err)) from None
+
+
+__all__ = ["Field", "config_dataclass", "format_errors", "validate_model"]
