@@ -27,7 +27,7 @@ import torch
 
 from device_ranker.edits import EditBounds, HeadEdit, PreparedEdit, prepare_edit
 from device_ranker.features import History, _as_int64, check_item_range, history_kjt, seen_mask
-from device_ranker.head import head_forward_per_user
+from device_ranker.head import queries_per_user
 from device_ranker.model import SeqRanker
 from recsys.errors import ValidationError
 
@@ -163,16 +163,11 @@ class Ranker:
         if len(edits) != len(histories):
             raise ValidationError(f"{len(edits)} edits for {len(histories)} users")
         hs = self._check(histories)
-        base = self.model.head.base_weights()
-        per_user = [base if e is None else self._weights(e) for e in edits]
+        weights = [None if e is None else self._weights(e) for e in edits]
         with torch.inference_mode():
-            stacked = [
-                (torch.stack([u[i][0] for u in per_user]), torch.stack([u[i][1] for u in per_user]))
-                for i in range(len(base))
-            ]  # per layer: W [B, out, in], b [B, out]
-            states = self.model.user_states(history_kjt(hs, self.model.cfg.max_len))
-            q = head_forward_per_user(states, stacked, self.model.head.residual)
-            return self.model.item_scores(q)
+            states = self.model.user_states(history_kjt(hs, self.model.cfg.max_len))  # [B, D]
+            q = queries_per_user(self.model.head, states, weights)  # [B, D]
+            return self.model.item_scores(q)  # [B, I]
 
     @staticmethod
     def mask_and_topk(

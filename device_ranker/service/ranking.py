@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from device_ranker.edits import PreparedEdit
 from device_ranker.features import history_kjt
-from device_ranker.head import head_forward_per_user
+from device_ranker.head import queries_per_user
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
     """B jobs -> top-k each, plus the probes' scores and ranks, in one pass.
 
     User states [B, D] (cached ones reused, the others from the encoder), the head with
-    each job's own weights (one batched pass, ``head_forward_per_user``), catalogue
+    each job's own weights (one batched pass, ``queries_per_user``), catalogue
     scores [B, I], the candidate / seen mask [B, I], one top-k.
 
     Args:
@@ -72,41 +73,27 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
             for row, b in enumerate(missing):
                 states[b] = fresh[row]
         x = torch.stack(states)  # [B, D]
-        if all(j.edit is None for j in jobs):
-            q = model.head(x)  # [B, D]
-        else:
-            base = model.head.base_weights()
-            per_user = [base if j.edit is None else j.edit.weights for j in jobs]
-            stacked = [
-                (
-                    torch.stack([u[i][0] for u in per_user]),
-                    torch.stack([u[i][1] for u in per_user]),
-                )
-                for i in range(len(base))
-            ]  # per layer: W [B, out, in], b [B, out]
-            q = head_forward_per_user(x, stacked, model.head.residual)
+        q = queries_per_user(
+            model.head, x, [None if j.edit is None else j.edit.weights for j in jobs]
+        )
         raw = model.item_scores(q)  # [B, I]
-        mask = torch.zeros(len(jobs), num_items, dtype=torch.bool)  # True = not rankable
-        for b, j in enumerate(jobs):
-            if j.candidates is not None:
-                mask[b] = True
-                mask[b, torch.from_numpy(j.candidates)] = False
-            if j.exclude is not None and len(j.exclude):
-                mask[b, torch.from_numpy(j.exclude)] = True
+        mask = unrankable_mask(jobs, num_items)  # [B, I]
         scores = raw.masked_fill(mask, float("-inf"))
         kmax = min(max(j.k for j in jobs), num_items)
         top = torch.topk(scores, kmax, dim=1)
+        # topk sorts descending, so a row's -inf entries (masked items) come last
+        valid = (top.values != float("-inf")).sum(dim=1).tolist()  # [B]
         items, values = top.indices.tolist(), top.values.tolist()
         probed = {b: probe_ranks(raw[b], scores[b], mask[b], j.probes)
                   for b, j in enumerate(jobs) if j.probes is not None}  # fmt: skip
     out = []
     for b, j in enumerate(jobs):
-        keep = [n for n in range(min(j.k, kmax)) if values[b][n] != float("-inf")]
+        n = min(j.k, kmax, valid[b])
         p_scores, p_ranks, rankable = probed.get(b, ([], [], 0))
         out.append(
             RankOutput(
-                items=[items[b][n] for n in keep],
-                scores=[values[b][n] for n in keep],
+                items=items[b][:n],
+                scores=values[b][:n],
                 state=states[b],
                 probe_scores=p_scores,
                 probe_ranks=p_ranks,
@@ -114,6 +101,29 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
             )
         )
     return out
+
+
+def unrankable_mask(jobs: Sequence[RankJob], num_items: int) -> torch.Tensor:
+    """[B, I] bool, True = not rankable for job b: outside its candidates (when it has
+    a candidate list) or in its excluded items (exclusion wins)."""
+    mask = torch.zeros(len(jobs), num_items, dtype=torch.bool)
+    cand = [b for b, j in enumerate(jobs) if j.candidates is not None]
+    if cand:
+        mask[cand] = True
+        mask[_rows_cols([jobs[b].candidates for b in cand], cand)] = False
+    excl = [b for b, j in enumerate(jobs) if j.exclude is not None and len(j.exclude)]
+    if excl:
+        mask[_rows_cols([jobs[b].exclude for b in excl], excl)] = True
+    return mask
+
+
+def _rows_cols(indices: Sequence[np.ndarray], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row item index arrays -> (row [N], col [N]) for one advanced-index assignment."""
+    cols = np.concatenate([np.asarray(i, dtype=np.int64) for i in indices])  # [N]
+    lens = np.fromiter((len(i) for i in indices), np.int64, len(indices))
+    return torch.from_numpy(np.repeat(np.asarray(rows, dtype=np.int64), lens)), torch.from_numpy(
+        cols
+    )
 
 
 def probe_ranks(
