@@ -6,8 +6,9 @@ What the training loop (:mod:`recsys.workflows.adaptor_training`) and the replay
 * :class:`FrozenRanker`: the trained device ranker's head weights, item table and bias as
   plain tensors, with a differentiable low-rank edited head (:meth:`FrozenRanker.queries`).
 * :func:`ensure_time_ranker`: the ranker trained on the time split's training period.
-* Inputs: :func:`recent_items`, :func:`item_codes`, :class:`TokenSource` (the recent-items
-  stand-in) / :class:`LMTokenSource` (the codebook LM), :func:`device_summary`.
+* Inputs: the adaptor-input contract of :mod:`recsys.adaptor_inputs` (uplink window,
+  device summary, token sources), the same functions the cloud and device services
+  call; :func:`resolve_token_source` picks the LM or the recent-items stand-in.
 * :func:`build_windows`: request windows of the training users with the ranker states of
   their next-window targets; :func:`window_loss`: next-window full-softmax CE.
 
@@ -17,7 +18,8 @@ D ranker width, I items, P target positions.
 Example::
 
     frozen = FrozenRanker.from_ranker(Ranker.from_checkpoint(path))
-    data = build_windows(frozen, sequences, WindowConfig(), TokenSource(ids, 20))
+    tokens = resolve_token_source("recent", ids, 20, None)
+    data = build_windows(frozen, sequences, WindowConfig(), tokens)
     loss, ranks = window_loss(frozen, data, np.arange(64), edit=None, mask_seen=True)
 """
 
@@ -39,30 +41,34 @@ from codebook.semantic_ids import SemanticIdMap
 from device_ranker.edits import EditBounds
 from device_ranker.ranker import Ranker
 from device_ranker.train import TrainConfig, load_checkpoint, train
+from recsys.adaptor_inputs import (
+    LMTokens,
+    RecentTokens,
+    TokenSource,
+    device_summary,
+    item_codes,
+    recent_items,
+    uplink_window,
+)
 from recsys.data import Dataset, time_split
 from recsys.errors import NotFoundError, ValidationError
+from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
 TOKEN_SOURCES = ("auto", "recent", "lm")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class WindowConfig:
     """How training sequences become (request, next window) pairs."""
 
-    window: int = 5  # W: events an edit must serve (= the device's request period at replay)
-    stride: int = 5  # events between consecutive request boundaries of one user
-    min_history: int = 5  # events a device needs before its first request
-    input_items: int = 20  # N: items per request (recent items or LM top-N)
-    summary_items: int = 10  # items pooled into the device summary
-
-    def __post_init__(self) -> None:
-        if (
-            min(self.window, self.stride, self.min_history, self.input_items, self.summary_items)
-            < 1
-        ):
-            raise ValidationError(f"every window setting must be >= 1, got {self}")
+    window: int = Field(5, ge=1)  # W: events an edit must serve (= the replay's request period)
+    stride: int = Field(5, ge=1)  # events between consecutive request boundaries of one user
+    min_history: int = Field(5, ge=1)  # events a device needs before its first request
+    input_items: int = Field(20, ge=1)  # N: items per request (recent items or LM top-N)
+    summary_items: int = Field(10, ge=1)  # items pooled into the device summary
+    uplink_items: int = Field(20, ge=1)  # items of the history a request carries (cloud reads)
 
 
 # ---- the frozen ranker as plain tensors ---------------------------------------------------
@@ -218,91 +224,42 @@ def ensure_time_ranker(
     return path
 
 
-# ---- inputs ---------------------------------------------------------------------------------
-def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """The last ``n`` items of each history, most recent first, -1 padded: int64 [B, N]."""
-    out = np.full((len(histories), n), -1, dtype=np.int64)
-    for b, h in enumerate(histories):
-        tail = np.asarray(h, dtype=np.int64)[-n:][::-1]
-        out[b, : len(tail)] = tail
-    return out
+# ---- inputs (the contract lives in recsys.adaptor_inputs) ------------------------------------
+class CodedTokens:
+    """A :class:`recsys.adaptor_inputs.TokenSource` whose items come back as semantic IDs:
+    ``__call__(windows) -> (codes [B, N, L+1], scores [B, N] or None)``, what the adaptor
+    reads (the cloud service converts the same way, with the same functions)."""
 
+    def __init__(self, source: TokenSource, codes: np.ndarray) -> None:
+        self.source = source
+        self.codes = np.asarray(codes, dtype=np.int64)  # [I, L+1]
+        self.name = source.name
+        self.n = source.n
 
-def item_codes(items: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Item indices [B, N] (-1 = padding) -> semantic IDs [B, N, L+1] (-1 rows for padding)."""
-    out = codes[np.clip(items, 0, None)]  # [B, N, L+1]
-    out[items < 0] = -1
-    return out
-
-
-class TokenSource:
-    """Where the adaptor's tokens come from: ``__call__(histories) -> (codes [B, N, L+1],
-    scores [B, N] or None)``."""
-
-    name = "recent"
-
-    def __init__(self, ids: SemanticIdMap, n: int) -> None:
-        self.ids = ids
-        self.n = n
-
-    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        return item_codes(recent_items(histories, self.n), self.ids.codes), None
+    def __call__(self, windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        items, scores = self.source(windows)  # [B, N], [B, N] | None
+        return item_codes(items, self.codes), scores
 
     def close(self) -> None:
-        pass
-
-
-class LMTokenSource(TokenSource):
-    """The codebook LM's top-N generated items (``llm_cloud`` backend) and their log-probs."""
-
-    name = "lm"
-
-    def __init__(
-        self, ids: SemanticIdMap, n: int, model_dir: Path, backend: str = "transformers"
-    ) -> None:
-        super().__init__(ids, n)
-        from llm_cloud.backends import BackendConfig, make_backend
-
-        self.backend = make_backend(backend, model_dir, BackendConfig(exclude_history=True))
-
-    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        ranked = self.backend.generate([list(map(int, h)) for h in histories], top_n=self.n)
-        items = np.full((len(histories), self.n), -1, dtype=np.int64)
-        scores = np.zeros((len(histories), self.n), dtype=np.float32)
-        for b, row in enumerate(ranked):
-            for j, (item, score) in enumerate(row[: self.n]):
-                items[b, j], scores[b, j] = item, score
-        return item_codes(items, self.ids.codes), scores
-
-    def close(self) -> None:
-        self.backend.close()
+        self.source.close()
 
 
 def resolve_token_source(
     source: str, ids: SemanticIdMap, n: int, lm_dir: Path | None, backend: str = "transformers"
-) -> TokenSource:
+) -> CodedTokens:
     """``source`` "lm", "recent", or "auto": the LM when ``lm_dir`` holds a trained model
-    (``recsys_lm.json``), else the recent-items stand-in."""
+    (``recsys_lm.json``), else the recent-items stand-in; as semantic IDs of ``ids``."""
     if source not in TOKEN_SOURCES:
         raise ValidationError(f"token source must be one of {TOKEN_SOURCES}, got {source!r}")
     has_lm = lm_dir is not None and (lm_dir / "recsys_lm.json").is_file()
     if source == "lm" or (source == "auto" and has_lm):
         if not has_lm:
             raise NotFoundError(f"no trained codebook LM at {lm_dir}; run `recsys train lm` first")
-        return LMTokenSource(ids, n, lm_dir, backend)
-    return TokenSource(ids, n)
+        from llm_cloud.backends import BackendConfig, make_backend
 
-
-def device_summary(
-    item_table: torch.Tensor, histories: Sequence[np.ndarray], states: torch.Tensor, k: int
-) -> torch.Tensor:
-    """What the device sends besides its recent ids: [B, 2D] = [mean item embedding of the
-    last ``k`` items, user state]. ``states`` [B, D] from the device ranker."""
-    recent = torch.from_numpy(recent_items(histories, k))  # [B, k]
-    mask = (recent >= 0).float().unsqueeze(-1)  # [B, k, 1]
-    emb = item_table[recent.clamp_min(0)] * mask  # [B, k, D]
-    pooled = emb.sum(1) / mask.sum(1).clamp_min(1.0)  # [B, D]
-    return torch.cat([pooled, states], dim=1)
+        lm = make_backend(backend, lm_dir, BackendConfig(exclude_history=True))
+        return CodedTokens(LMTokens(lm, n), ids.codes)
+    return CodedTokens(RecentTokens(n), ids.codes)
 
 
 # ---- windows --------------------------------------------------------------------------------
@@ -341,7 +298,7 @@ def build_windows(
     frozen: FrozenRanker,
     sequences: Sequence[np.ndarray],
     wcfg: WindowConfig,
-    tokens: TokenSource,
+    tokens: CodedTokens,
     *,
     batch_size: int = 1024,
     progress: bool = True,
@@ -392,7 +349,8 @@ def build_windows(
         disable=not progress,
         leave=False,
     ):
-        c, s = tokens(win_hists[start : start + 256])
+        sent = [uplink_window(h, wcfg.uplink_items) for h in win_hists[start : start + 256]]
+        c, s = tokens(sent)  # the cloud reads the uplinked window only
         codes_l.append(c)
         scores_l.append(s)
     scores = None if scores_l[0] is None else np.concatenate(scores_l)

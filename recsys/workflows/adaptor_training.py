@@ -77,29 +77,33 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from codebook.adaptor import Adaptor, AdaptorConfig, GeneratedEdit, edit_norms, payload_values
 from codebook.duet import DuetConfig, DuetGenerator
 from codebook.prototypes import PrototypeBank, PrototypeConfig, fit_prototypes
 from codebook.semantic_ids import SemanticIdMap
 from device_ranker.ranker import Ranker
-from device_ranker.train import TrainConfig, library_versions
+from device_ranker.train import library_versions
 from recsys.data import Dataset, time_split, user_sequences
-from recsys.errors import NotFoundError, ValidationError
+from recsys.errors import ValidationError
+from recsys.workflows.adaptor_artifact import (
+    ARTIFACT_FORMAT,
+    artifact_dir,
+    generators_from_artifact,
+    load_artifact,
+    load_semantic_ids,
+)
+from recsys.workflows.adaptor_config import AdaptorTrainConfig, LoopConfig, config_from_dict
 from recsys.workflows.adaptor_data import (
-    TOKEN_SOURCES,
     FrozenRanker,
-    WindowConfig,
     WindowData,
     build_windows,
     ensure_time_ranker,
@@ -108,223 +112,15 @@ from recsys.workflows.adaptor_data import (
     resolve_token_source,
     window_loss,
 )
+from recsys.workflows.generator_loop import (
+    GeneratorResult,
+    evaluate_windows,
+    split_users,
+    train_generator,
+    window_report,
+)
 
 logger = logging.getLogger(__name__)
-
-ARTIFACT_FORMAT = "recsys.adaptor_artifact.v1"
-
-
-# ---- configuration ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoopConfig:
-    """Optimisation of a generator (identical for the adaptor and DUET)."""
-
-    epochs: int = 40  # upper bound; early stopping ends sooner
-    batch_size: int = 128  # request windows per step
-    lr: float = 1e-3  # AdamW
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0  # max global gradient norm
-    patience: int = 5  # epochs without a lower held-out loss before stopping
-    holdout_users: float = 0.1  # share of training users kept for early stopping
-    mask_seen: bool = True  # exclude already-seen items from the softmax (as evaluation does)
-    seed: int = 0
-    max_minutes: float | None = None  # wall-time budget per generator (stop after that epoch)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.lr <= 0:
-            raise ValidationError(f"bad loop config {self}")
-        if not 0.0 < self.holdout_users < 1.0:
-            raise ValidationError(f"holdout_users must be in (0, 1), got {self.holdout_users}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValidationError(f"max_minutes must be > 0, got {self.max_minutes}")
-
-
-@dataclass(frozen=True)
-class AdaptorTrainConfig:
-    """Everything ``recsys train adaptor`` trains (defaults: chosen on held-out training users).
-
-    Example::
-
-        AdaptorTrainConfig(rank=8, loop=LoopConfig(epochs=20))
-    """
-
-    quantile: float = 0.8  # time split: training period = events before this time quantile
-    windows: WindowConfig = field(default_factory=WindowConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    rank: int = 8  # R of every generated layer edit
-    bound_fraction: float = 0.5  # device ||dW||_F bound = this x min_l ||W_l||_F of the head
-    bias_fraction: float = 1.0  # device |db| bound = this x max_l max|b_l|
-    clip_fraction: float = 0.95  # generators clip to this share of the device bounds
-    token_dim: int = 32  # E
-    code_dim: int = 64  # C: edit code (prototypes cluster it)
-    hidden: int = 128  # G: decoder GRU width
-    dropout: float = 0.1
-    token_source: str = "auto"  # "lm" if artifacts/NAME/lm holds a trained LM, else "recent"
-    lm_backend: str = "transformers"  # llm_cloud backend for token_source "lm"
-    duet_init_from_ranker: bool = True  # DUET's id table starts from the ranker's item table
-    device_summary: bool = True  # feed the device summary [B, 2D] to both generators
-    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
-    ranker: TrainConfig = field(default_factory=TrainConfig)  # used only if it must be trained
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.token_source not in TOKEN_SOURCES:
-            raise ValidationError(f"token_source must be one of {TOKEN_SOURCES}")
-        if not (self.bound_fraction > 0 and self.bias_fraction > 0 and 0 < self.clip_fraction <= 1):
-            raise ValidationError("bound_fraction, bias_fraction > 0 and clip_fraction in (0, 1]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---- the loop -------------------------------------------------------------------------------
-@dataclass
-class GeneratorResult:
-    """Outcome of :func:`train_generator` (``model`` holds the best weights)."""
-
-    model: torch.nn.Module
-    history: list[dict[str, float]]
-    best_epoch: int
-    base_holdout: dict[str, float]
-    seconds: float
-
-
-def split_users(data: WindowData, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Window indices of training users and of held-out users (by user, seeded)."""
-    users = np.unique(data.users)
-    perm = np.random.default_rng(seed).permutation(users)
-    held = set(perm[: max(1, round(share * len(users)))].tolist())
-    is_held = np.array([u in held for u in data.users])
-    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
-
-
-def _ndcg10(ranks: torch.Tensor) -> float:
-    r = ranks.double()
-    return float(torch.where(r <= 10, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).mean())
-
-
-def evaluate_windows(
-    kind: str,
-    model: torch.nn.Module | None,
-    frozen: FrozenRanker,
-    data: WindowData,
-    idx: np.ndarray,
-    mask_seen: bool,
-    batch_size: int = 512,
-) -> dict[str, float]:
-    """Held-out next-window loss / NDCG@10 / HR@10 with the generator's edits (or none)."""
-    losses, ranks = [], []
-    if model is not None:
-        model.eval()
-    with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            part = idx[start : start + batch_size]
-            edit = None if model is None else model(*generator_inputs(kind, data, part))
-            loss, r = window_loss(frozen, data, part, edit, mask_seen)
-            losses.append(float(loss) * len(r))
-            ranks.append(r)
-    rk = torch.cat(ranks)
-    return {
-        "loss": sum(losses) / max(len(rk), 1),
-        "ndcg@10": _ndcg10(rk),
-        "hr@10": float((rk <= 10).double().mean()),
-        "targets": len(rk),
-    }
-
-
-def train_generator(
-    kind: str,
-    model: torch.nn.Module,
-    frozen: FrozenRanker,
-    data: WindowData,
-    loop: LoopConfig,
-    *,
-    progress: bool = True,
-) -> GeneratorResult:
-    """Train ``model`` (an :class:`Adaptor` for ``kind="adaptor"``, a
-    :class:`DuetGenerator` for ``"duet"``) so its edits lower the next-window loss."""
-    t0 = time.perf_counter()
-    train_idx, held_idx = split_users(data, loop.holdout_users, loop.seed)
-    base = evaluate_windows(kind, None, frozen, data, held_idx, loop.mask_seen)
-    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
-    # epoch 0 = the untrained generator, whose edit is exactly zero (s = 0, bias = 0): if no
-    # epoch beats the frozen ranker on the held-out users, the identity edit is kept
-    start = evaluate_windows(kind, model, frozen, data, held_idx, loop.mask_seen)
-    best = {
-        "loss": start["loss"],
-        "epoch": 0,
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-    }
-    history: list[dict[str, float | None]] = [
-        {
-            "epoch": 0,
-            "train_loss": None,
-            **{f"holdout_{k}": v for k, v in start.items() if k != "targets"},
-            "seconds": 0.0,
-        }
-    ]
-    bar = tqdm(total=loop.epochs, desc=f"train {kind}", disable=not progress, leave=False)
-    bad = 0
-    for epoch in range(1, loop.epochs + 1):
-        te = time.perf_counter()
-        torch.manual_seed(loop.seed * 100_003 + epoch)  # dropout
-        order = np.random.default_rng([loop.seed, epoch]).permutation(train_idx)
-        model.train()
-        total, n = 0.0, 0
-        for start in range(0, len(order), loop.batch_size):
-            part = order[start : start + loop.batch_size]
-            edit = model(*generator_inputs(kind, data, part))
-            loss, _ = window_loss(frozen, data, part, edit, loop.mask_seen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-            opt.step()
-            total += float(loss.detach())
-            n += 1
-        held = evaluate_windows(kind, model, frozen, data, held_idx, loop.mask_seen)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(n, 1),
-                **{f"holdout_{k}": v for k, v in held.items() if k != "targets"},
-                "seconds": time.perf_counter() - te,
-            }
-        )
-        if held["loss"] < best["loss"] - 1e-5:
-            best = {
-                "loss": held["loss"],
-                "epoch": epoch,
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            }
-            bad = 0
-        else:
-            bad += 1
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{held['loss']:.4f}", ndcg=f"{held['ndcg@10']:.4f}", base=f"{base['loss']:.4f}"
-        )
-        logger.info(
-            "%s epoch %d: train %.4f, held-out loss %.4f (base %.4f), ndcg@10 %.4f (base %.4f)",
-            kind,
-            epoch,
-            total / max(n, 1),
-            held["loss"],
-            base["loss"],
-            held["ndcg@10"],
-            base["ndcg@10"],
-        )
-        if bad >= loop.patience:
-            break
-        if time.perf_counter() - t0 > 60 * (loop.max_minutes or math.inf):
-            logger.info(
-                "%s: time budget of %.1f min reached after epoch %d", kind, loop.max_minutes, epoch
-            )
-            break
-    bar.close()
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
-    return GeneratorResult(model, history, int(best["epoch"]), base, time.perf_counter() - t0)
 
 
 # ---- orchestration ----------------------------------------------------------------------------
@@ -345,20 +141,6 @@ class AdaptorTrainResult:
     token_source: str
     seconds: float
     store_url: str
-
-
-def artifact_dir(cache: Path, dataset: str) -> Path:
-    return cache / "artifacts" / dataset / "adaptor"
-
-
-def load_semantic_ids(cache: Path, dataset: str, codebook_dir: str | Path | None = None):
-    """The dataset's semantic IDs (``artifacts/NAME/codebook``)."""
-    path = Path(codebook_dir) if codebook_dir else cache / "artifacts" / dataset / "codebook"
-    if not (path / "semantic_ids.npy").is_file():
-        raise NotFoundError(
-            f"no codebook at {path}; run `recsys train codebook --dataset {dataset}` first"
-        )
-    return SemanticIdMap.load(path)
 
 
 def make_generators(
@@ -477,13 +259,7 @@ def prototype_holdout_check(
                 loss, rk = window_loss(frozen, data, idx[part], edit, mask_seen)
                 losses.append(float(loss) * len(rk))
                 ranks.append(rk)
-        rk = torch.cat(ranks)
-        out[name] = {
-            "loss": sum(losses) / len(rk),
-            "ndcg@10": _ndcg10(rk),
-            "hr@10": float((rk <= 10).double().mean()),
-            "targets": len(rk),
-        }
+        out[name] = window_report(losses, ranks)
     return out
 
 
@@ -642,45 +418,21 @@ def _decode_rows(model: torch.nn.Module, codes: np.ndarray) -> list[dict[str, to
     return [{k: v[i] for k, v in batched.items()} for i in range(len(codes))]
 
 
-def load_artifact(path: Path) -> dict[str, Any]:
-    """The saved artefact dict (plain tensors and Python values)."""
-    if not path.is_file():
-        raise NotFoundError(f"no trained adaptor at {path}; run `recsys train adaptor` first")
-    art = torch.load(path, map_location="cpu", weights_only=True)
-    if art.get("format") != ARTIFACT_FORMAT:
-        raise ValidationError(f"{path} is not an adaptor artefact (format {art.get('format')!r})")
-    return art
-
-
-def generators_from_artifact(art: Mapping[str, Any]) -> tuple[Adaptor, DuetGenerator]:
-    adaptor = Adaptor(AdaptorConfig.from_dict(art["adaptor_config"]))
-    adaptor.load_state_dict(art["adaptor_state"])
-    duet = DuetGenerator(DuetConfig.from_dict(art["duet_config"]))
-    duet.load_state_dict(art["duet_state"])
-    return adaptor.eval(), duet.eval()
-
-
-def config_from_dict(data: Mapping[str, Any]) -> AdaptorTrainConfig:
-    """Inverse of :meth:`AdaptorTrainConfig.to_dict`."""
-    d = dict(data)
-    d["windows"] = WindowConfig(**d["windows"])
-    d["loop"] = LoopConfig(**d["loop"])
-    d["prototypes"] = PrototypeConfig(**d["prototypes"])
-    d["ranker"] = TrainConfig.from_dict(d["ranker"])
-    return AdaptorTrainConfig(**d)
-
-
-__all__ = [
+__all__ = [  # the config, loop and artefact names stay importable from here
+    "ARTIFACT_FORMAT",
     "AdaptorTrainConfig",
     "AdaptorTrainResult",
     "GeneratorResult",
     "LoopConfig",
+    "artifact_dir",
     "config_from_dict",
     "evaluate_windows",
     "generators_from_artifact",
     "load_artifact",
+    "load_semantic_ids",
     "make_generators",
     "prototype_holdout_check",
+    "split_users",
     "train_adaptor",
     "train_generator",
 ]

@@ -21,13 +21,13 @@ from recsys.data.registry import load_dataset
 from recsys.edit_payload import decode_payload, encode_payload
 from recsys.workflows.adaptor_data import (
     FrozenRanker,
-    TokenSource,
     WindowConfig,
     build_windows,
     device_bounds,
     ensure_time_ranker,
     generator_inputs,
     head_bounds,
+    resolve_token_source,
     window_loss,
 )
 from recsys.workflows.adaptor_training import (
@@ -51,7 +51,11 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     ids = tiny_ids()
     split = time_split(ds, quantile=0.8)
     data = build_windows(
-        frozen, user_sequences(ds, split.train), WCFG, TokenSource(ids, 5), progress=False
+        frozen,
+        user_sequences(ds, split.train),
+        WCFG,
+        resolve_token_source("recent", ids, 5, None),
+        progress=False,
     )
     # generous bounds: the tiny head's last layer starts near zero (norm ~0.1)
     bounds = head_bounds(frozen, 20.0, 4.0, 0.95)
@@ -286,7 +290,7 @@ def test_cli_errors_are_clean(tmp_path: Path, capsys) -> None:
 
 def test_token_sources(tmp_path: Path, monkeypatch) -> None:
     import llm_cloud.backends as backends
-    from recsys.workflows.adaptor_data import LMTokenSource, resolve_token_source
+    from recsys.adaptor_inputs import LMTokens
 
     ids = tiny_ids()
     recent = resolve_token_source("auto", ids, 4, tmp_path / "no-lm")
@@ -307,7 +311,7 @@ def test_token_sources(tmp_path: Path, monkeypatch) -> None:
     lm_dir.mkdir()
     (lm_dir / "recsys_lm.json").write_text("{}")
     lm = resolve_token_source("auto", ids, 3, lm_dir)
-    assert isinstance(lm, LMTokenSource)
+    assert isinstance(lm.source, LMTokens)
     codes, scores = lm([np.array([1, 2]), np.array([5])])
     assert np.array_equal(codes[:, 0], ids.codes[[7, 7]]) and (codes[:, 2] == -1).all()
     assert np.allclose(scores[0, :2], [-0.5, -1.5])

@@ -1,0 +1,68 @@
+"""The adaptor artefact: where it lives and how it is read back.
+
+``recsys train adaptor`` writes one ``torch.save`` of an explicit dict to
+``artifacts/NAME/adaptor/adaptor.pt`` (keys in :mod:`recsys.workflows.adaptor_training`);
+the replay, the evaluation and the cloud service read it with :func:`load_artifact` and
+rebuild both generators with :func:`generators_from_artifact`.
+
+Example::
+
+    art = load_artifact(artifact_dir(cache, "ml-100k") / "adaptor.pt")
+    adaptor, duet = generators_from_artifact(art)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codebook.adaptor import Adaptor, AdaptorConfig
+from codebook.duet import DuetConfig, DuetGenerator
+from codebook.semantic_ids import SemanticIdMap
+from recsys.errors import NotFoundError, ValidationError
+
+ARTIFACT_FORMAT = "recsys.adaptor_artifact.v1"
+
+
+def artifact_dir(cache: Path, dataset: str) -> Path:
+    return cache / "artifacts" / dataset / "adaptor"
+
+
+def load_semantic_ids(cache: Path, dataset: str, codebook_dir: str | Path | None = None):
+    """The dataset's semantic IDs (``artifacts/NAME/codebook``)."""
+    path = Path(codebook_dir) if codebook_dir else cache / "artifacts" / dataset / "codebook"
+    if not (path / "semantic_ids.npy").is_file():
+        raise NotFoundError(
+            f"no codebook at {path}; run `recsys train codebook --dataset {dataset}` first"
+        )
+    return SemanticIdMap.load(path)
+
+
+def load_artifact(path: Path) -> dict[str, Any]:
+    """The saved artefact dict (plain tensors and Python values)."""
+    if not path.is_file():
+        raise NotFoundError(f"no trained adaptor at {path}; run `recsys train adaptor` first")
+    art = torch.load(path, map_location="cpu", weights_only=True)
+    if art.get("format") != ARTIFACT_FORMAT:
+        raise ValidationError(f"{path} is not an adaptor artefact (format {art.get('format')!r})")
+    return art
+
+
+def generators_from_artifact(art: Mapping[str, Any]) -> tuple[Adaptor, DuetGenerator]:
+    adaptor = Adaptor(AdaptorConfig.from_dict(art["adaptor_config"]))
+    adaptor.load_state_dict(art["adaptor_state"])
+    duet = DuetGenerator(DuetConfig.from_dict(art["duet_config"]))
+    duet.load_state_dict(art["duet_state"])
+    return adaptor.eval(), duet.eval()
+
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "artifact_dir",
+    "generators_from_artifact",
+    "load_artifact",
+    "load_semantic_ids",
+]
