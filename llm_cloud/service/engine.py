@@ -36,12 +36,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from recsys.adaptor_inputs import TokenSource, check_summary, item_codes
 from recsys.edit_payload import DTYPES, encode_payload
 from recsys.errors import NotFoundError, ValidationError
 
@@ -185,12 +185,10 @@ def build_request(
     vec = None
     if summary:
         vec = np.asarray(summary, dtype=np.float32)
-        if not np.isfinite(vec).all():
+        if engine.summary_dim:
+            vec = check_summary(vec, engine.summary_dim)
+        elif not np.isfinite(vec).all():
             raise ValidationError("the summary vector contains NaN or Inf")
-        if engine.summary_dim and len(vec) != engine.summary_dim:
-            raise ValidationError(
-                f"summary has {len(vec)} values; this adaptor reads {engine.summary_dim}"
-            )
     elif engine.summary_dim:
         raise ValidationError(
             f"this adaptor needs the device summary ({engine.summary_dim} floats: mean recent "
@@ -215,50 +213,7 @@ def build_request(
     )
 
 
-# ---- token sources ---------------------------------------------------------------------------
-class RecentTokens:
-    """Semantic IDs of the N most recent items (most recent first, no scores): the adaptor's
-    input when it was trained without an LM."""
-
-    name = "recent"
-
-    def __init__(self, codes: np.ndarray, n: int) -> None:
-        self.codes = np.asarray(codes, dtype=np.int64)  # [I, L+1]
-        self.n = n
-
-    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Histories -> items [B, N] (-1 padding), scores None."""
-        items = np.full((len(histories), self.n), -1, dtype=np.int64)
-        for b, h in enumerate(histories):
-            tail = np.asarray(h, dtype=np.int64)[-self.n :][::-1]
-            items[b, : len(tail)] = tail
-        return items, None
-
-    def close(self) -> None:
-        pass
-
-
-class LMTokens:
-    """The codebook LM's top-N generated next items and their log-probs (an
-    ``llm_cloud.backends`` backend, one batched ``generate`` call per engine batch)."""
-
-    name = "lm"
-
-    def __init__(self, backend: Any, n: int) -> None:
-        self.backend = backend
-        self.n = n
-
-    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        ranked = self.backend.generate([[int(i) for i in h] for h in histories], top_n=self.n)
-        items = np.full((len(histories), self.n), -1, dtype=np.int64)
-        scores = np.zeros((len(histories), self.n), dtype=np.float32)
-        for b, row in enumerate(ranked):
-            for j, (item, score) in enumerate(row[: self.n]):
-                items[b, j], scores[b, j] = item, score
-        return items, scores
-
-    def close(self) -> None:
-        self.backend.close()
+# token sources: recsys.adaptor_inputs (RecentTokens, LMTokens), shared with training
 
 
 # ---- the composed engine -------------------------------------------------------------------------
@@ -284,7 +239,7 @@ class ComposedEngine:
         semantic_ids: np.ndarray,
         token_strings: Any,
         adaptor: torch.nn.Module,
-        tokens: RecentTokens | LMTokens,
+        tokens: TokenSource,
         bank: Any | None = None,
         store: Any | None = None,
         model_version: str | None = None,
@@ -321,8 +276,7 @@ class ComposedEngine:
             for b, r in enumerate(requests):
                 if r.top_n is not None:
                     items[b, r.top_n :] = -1
-            codes = self.codes[np.clip(items, 0, None)]  # [B, N, L+1]
-            codes[items < 0] = -1
+            codes = item_codes(items, self.codes)  # [B, N, L+1]
             summary = None
             if self.summary_dim:
                 summary = torch.from_numpy(np.stack([r.summary for r in requests]))  # [B, S]
@@ -477,101 +431,5 @@ class ComposedEngine:
             self.store.close()
 
 
-# ---- building from artefacts -------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArtifactEngineConfig:
-    """Where a :class:`ComposedEngine`'s trained pieces are.
-
-    Attributes:
-        adaptor_path: ``recsys train adaptor``'s artefact (``artifacts/NAME/adaptor/adaptor.pt``).
-        codebook_dir: the semantic IDs (default ``artifacts/NAME/codebook`` beside it).
-        lm_dir: the codebook LM (default ``artifacts/NAME/lm``), used when the adaptor
-            was trained on LM tokens.
-        lm_backend: ``transformers``, ``vllm`` or ``openai`` (see ``llm_cloud.backends``).
-        lm_options: backend keyword arguments (e.g. ``url`` for ``openai``).
-        store_url: the prototype store (default: the one the training wrote).
-        prototypes: use the prototype bank (False = absolute edits, no residuals).
-    """
-
-    adaptor_path: str
-    codebook_dir: str | None = None
-    lm_dir: str | None = None
-    lm_backend: str = "transformers"
-    lm_options: Mapping[str, Any] = field(default_factory=dict)
-    store_url: str | None = None
-    prototypes: bool = True
-
-
-def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
-    """Load the adaptor artefact, the semantic IDs, the LM (if its tokens were used), the
-    prototype bank and the store into a :class:`ComposedEngine`."""
-    from codebook.adaptor import Adaptor, AdaptorConfig
-    from codebook.semantic_ids import SemanticIdMap
-    from codebook.store import PrototypeStore
-    from recsys.serving.fingerprint import file_fingerprint
-
-    path = Path(cfg.adaptor_path)
-    if not path.is_file():
-        raise NotFoundError(f"no trained adaptor at {path}; run `recsys train adaptor` first")
-    art = torch.load(path, map_location="cpu", weights_only=True)
-    if not str(art.get("format", "")).startswith("recsys.adaptor_artifact"):
-        raise ValidationError(f"{path} is not an adaptor artefact (format {art.get('format')!r})")
-    root = path.parent.parent  # artifacts/NAME
-    ids = SemanticIdMap.load(cfg.codebook_dir or root / "codebook")
-    if ids.item_ids is None:
-        raise ValidationError(
-            "the codebook has no item ids; retrain it with `recsys train codebook`"
-        )
-    adaptor = Adaptor(AdaptorConfig.from_dict(art["adaptor_config"]))
-    adaptor.load_state_dict(art["adaptor_state"])
-    n = int(adaptor.cfg.max_items)
-    if art.get("token_source") == "lm":
-        from llm_cloud.backends import BackendConfig, make_backend
-
-        lm_dir = Path(cfg.lm_dir) if cfg.lm_dir else root / "lm"
-        backend = make_backend(
-            cfg.lm_backend, lm_dir, BackendConfig(exclude_history=True), **dict(cfg.lm_options)
-        )
-        tokens: RecentTokens | LMTokens = LMTokens(backend, n)
-    else:
-        tokens = RecentTokens(ids.codes, n)
-    store = bank = None
-    store_url = cfg.store_url or art.get("store_url")
-    if store_url:
-        store = PrototypeStore.open(store_url, upgrade=True)
-    if cfg.prototypes and store is not None:
-        from codebook.prototypes import PrototypeBank, PrototypeConfig
-
-        pcfg = PrototypeConfig(**art["config"]["prototypes"])
-        bounds = art["bounds"]
-        bank = PrototypeBank.load(
-            store,
-            adaptor.decode,
-            adaptor.cfg.head_spec,
-            pcfg,
-            bound=bounds["device_max_weight_norm"],
-            bias_bound=bounds["device_max_bias_abs"],
-            spawn_threshold=float(art.get("prototypes", {}).get("spawn_threshold", math.inf)),
-        )
-    ranker_path = Path(art.get("ranker_path", ""))
-    model_version = file_fingerprint(ranker_path) if ranker_path.is_file() else None
-    logger.info(
-        "cloud engine: adaptor %s (tokens %s, N=%d, S=%d), %d prototypes, ranker %s",
-        path,
-        tokens.name,
-        n,
-        adaptor.cfg.summary_dim,
-        len(bank.live) if bank is not None else 0,
-        model_version,
-    )
-    return ComposedEngine(
-        item_ids=[str(i) for i in ids.item_ids],
-        semantic_ids=ids.codes,
-        token_strings=ids.to_tokens,
-        adaptor=adaptor,
-        tokens=tokens,
-        bank=bank,
-        store=store,
-        model_version=model_version,
-        info={"adaptor_path": str(path), "bounds": dict(art.get("bounds", {}))},
-    )
+# the artefact loader lives in llm_cloud.service.loading; re-exported for older imports
+from llm_cloud.service.loading import ArtifactEngineConfig, engine_from_artifacts  # noqa: E402, F401

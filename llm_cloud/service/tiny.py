@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from llm_cloud.service.engine import ComposedEngine, RecentTokens
+from llm_cloud.service.engine import ComposedEngine
+from recsys.adaptor_inputs import RecentTokens
 from recsys.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def build_tiny_engine(
         for layer in adaptor.decoder.out:
             layer.weight.normal_(0.0, 0.5)
             layer.bias.normal_(0.0, 0.5)
-    tokens = RecentTokens(ids.codes, top_n)
+    tokens = RecentTokens(top_n)
     store = bank = None
     if store_url:
         from codebook.prototypes import PrototypeBank, PrototypeConfig, fit_prototypes

@@ -87,6 +87,13 @@ import numpy as np
 import torch
 
 from codebook.adaptor import Adaptor, AdaptorConfig, GeneratedEdit, edit_norms, payload_values
+from codebook.adaptor_artifact import (
+    ARTIFACT_FORMAT,
+    artifact_dir,
+    generators_from_artifact,
+    load_artifact,
+    load_semantic_ids,
+)
 from codebook.duet import DuetConfig, DuetGenerator
 from codebook.prototypes import PrototypeBank, PrototypeConfig, fit_prototypes
 from codebook.semantic_ids import SemanticIdMap
@@ -94,13 +101,6 @@ from device_ranker.ranker import Ranker
 from device_ranker.train import library_versions
 from recsys.data import Dataset, time_split, user_sequences
 from recsys.errors import ValidationError
-from recsys.workflows.adaptor_artifact import (
-    ARTIFACT_FORMAT,
-    artifact_dir,
-    generators_from_artifact,
-    load_artifact,
-    load_semantic_ids,
-)
 from recsys.workflows.adaptor_config import AdaptorTrainConfig, LoopConfig, config_from_dict
 from recsys.workflows.adaptor_data import (
     FrozenRanker,

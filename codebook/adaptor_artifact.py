@@ -2,8 +2,10 @@
 
 ``recsys train adaptor`` writes one ``torch.save`` of an explicit dict to
 ``artifacts/NAME/adaptor/adaptor.pt`` (keys in :mod:`recsys.workflows.adaptor_training`);
-the replay, the evaluation and the cloud service read it with :func:`load_artifact` and
-rebuild both generators with :func:`generators_from_artifact`.
+the replay, the evaluation and the cloud service (:mod:`llm_cloud.service`) read it with
+:func:`load_artifact` and rebuild the generators with :func:`generators_from_artifact` /
+:func:`adaptor_from_artifact`. It lives in ``codebook`` (beside the generators it
+rebuilds) so that the cloud side can read it without the application layer.
 
 Example::
 
@@ -51,9 +53,16 @@ def load_artifact(path: Path) -> dict[str, Any]:
     return art
 
 
-def generators_from_artifact(art: Mapping[str, Any]) -> tuple[Adaptor, DuetGenerator]:
+def adaptor_from_artifact(art: Mapping[str, Any]) -> Adaptor:
+    """The trained adaptor of ``art`` (eval mode)."""
     adaptor = Adaptor(AdaptorConfig.from_dict(art["adaptor_config"]))
     adaptor.load_state_dict(art["adaptor_state"])
+    return adaptor.eval()
+
+
+def generators_from_artifact(art: Mapping[str, Any]) -> tuple[Adaptor, DuetGenerator]:
+    """The trained adaptor and DUET-style generator of ``art`` (eval mode)."""
+    adaptor = adaptor_from_artifact(art)
     duet = DuetGenerator(DuetConfig.from_dict(art["duet_config"]))
     duet.load_state_dict(art["duet_state"])
     return adaptor.eval(), duet.eval()
@@ -61,6 +70,7 @@ def generators_from_artifact(art: Mapping[str, Any]) -> tuple[Adaptor, DuetGener
 
 __all__ = [
     "ARTIFACT_FORMAT",
+    "adaptor_from_artifact",
     "artifact_dir",
     "generators_from_artifact",
     "load_artifact",

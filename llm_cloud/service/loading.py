@@ -1,0 +1,118 @@
+"""Building the cloud's :class:`~llm_cloud.service.engine.ComposedEngine` from trained
+artefacts: the adaptor artefact (``codebook.adaptor_artifact``), the semantic IDs, the
+codebook LM when the adaptor was trained on its tokens, the prototype bank and the store.
+
+Example::
+
+    engine = engine_from_artifacts(ArtifactEngineConfig("CACHE/artifacts/ml-100k/adaptor/adaptor.pt"))
+    engine.info()["tokens"]   # "lm" or "recent"
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_cloud.service.engine import ComposedEngine
+from recsys.adaptor_inputs import LMTokens, RecentTokens, TokenSource
+from recsys.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArtifactEngineConfig:
+    """Where a :class:`ComposedEngine`'s trained pieces are.
+
+    Attributes:
+        adaptor_path: ``recsys train adaptor``'s artefact (``artifacts/NAME/adaptor/adaptor.pt``).
+        codebook_dir: the semantic IDs (default ``artifacts/NAME/codebook`` beside it).
+        lm_dir: the codebook LM (default ``artifacts/NAME/lm``), used when the adaptor
+            was trained on LM tokens.
+        lm_backend: ``transformers``, ``vllm`` or ``openai`` (see ``llm_cloud.backends``).
+        lm_options: backend keyword arguments (e.g. ``url`` for ``openai``).
+        store_url: the prototype store (default: the one the training wrote).
+        prototypes: use the prototype bank (False = absolute edits, no residuals).
+    """
+
+    adaptor_path: str
+    codebook_dir: str | None = None
+    lm_dir: str | None = None
+    lm_backend: str = "transformers"
+    lm_options: Mapping[str, Any] = field(default_factory=dict)
+    store_url: str | None = None
+    prototypes: bool = True
+
+
+def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
+    """Load the adaptor artefact, the semantic IDs, the LM (if its tokens were used), the
+    prototype bank and the store into a :class:`ComposedEngine`."""
+    from codebook.adaptor_artifact import adaptor_from_artifact, load_artifact
+    from codebook.semantic_ids import SemanticIdMap
+    from codebook.store import PrototypeStore
+    from recsys.serving.fingerprint import file_fingerprint
+
+    path = Path(cfg.adaptor_path)
+    art = load_artifact(path)
+    root = path.parent.parent  # artifacts/NAME
+    ids = SemanticIdMap.load(cfg.codebook_dir or root / "codebook")
+    if ids.item_ids is None:
+        raise ValidationError(
+            "the codebook has no item ids; retrain it with `recsys train codebook`"
+        )
+    adaptor = adaptor_from_artifact(art)
+    n = int(adaptor.cfg.max_items)
+    if art.get("token_source") == "lm":
+        from llm_cloud.backends import BackendConfig, make_backend
+
+        lm_dir = Path(cfg.lm_dir) if cfg.lm_dir else root / "lm"
+        backend = make_backend(
+            cfg.lm_backend, lm_dir, BackendConfig(exclude_history=True), **dict(cfg.lm_options)
+        )
+        tokens: TokenSource = LMTokens(backend, n)
+    else:
+        tokens = RecentTokens(n)
+    store = bank = None
+    store_url = cfg.store_url or art.get("store_url")
+    if store_url:
+        store = PrototypeStore.open(store_url, upgrade=True)
+    if cfg.prototypes and store is not None:
+        from codebook.prototypes import PrototypeBank, PrototypeConfig
+
+        pcfg = PrototypeConfig(**art["config"]["prototypes"])
+        bounds = art["bounds"]
+        bank = PrototypeBank.load(
+            store,
+            adaptor.decode,
+            adaptor.cfg.head_spec,
+            pcfg,
+            bound=bounds["device_max_weight_norm"],
+            bias_bound=bounds["device_max_bias_abs"],
+            spawn_threshold=float(art.get("prototypes", {}).get("spawn_threshold", math.inf)),
+        )
+    ranker_path = Path(art.get("ranker_path", ""))
+    model_version = file_fingerprint(ranker_path) if ranker_path.is_file() else None
+    logger.info(
+        "cloud engine: adaptor %s (tokens %s, N=%d, S=%d), %d prototypes, ranker %s",
+        path,
+        tokens.name,
+        n,
+        adaptor.cfg.summary_dim,
+        len(bank.live) if bank is not None else 0,
+        model_version,
+    )
+    return ComposedEngine(
+        item_ids=[str(i) for i in ids.item_ids],
+        semantic_ids=ids.codes,
+        token_strings=ids.to_tokens,
+        adaptor=adaptor,
+        tokens=tokens,
+        bank=bank,
+        store=store,
+        model_version=model_version,
+        info={"adaptor_path": str(path), "bounds": dict(art.get("bounds", {}))},
+    )
