@@ -1,31 +1,19 @@
 """Experiments as config: a TOML file with the arms, the split, the salt and the metrics.
 
-Example file (``examples/experiments/adapted-vs-static.toml``)::
+The file is described by the pydantic models below (unknown keys are an error, every
+number has its range, kinds and metrics are closed lists); :func:`load_experiment`
+validates it through :func:`recsys.validation.validate_model`, so every mistake is one
+:class:`~recsys.errors.ValidationError` naming the file, the table and field, the bad
+value and what is allowed, e.g.
+``exp.toml: arms.1.policy.budget: Input should be less than or equal to 1 (got 1.5)``.
 
-    name = "adapted-vs-static"
-    salt = "2026-11-adapted-vs-static"
-    control = "static"                       # default: the first arm
-    primary_metric = "ndcg@10"
-    guardrail_metrics = ["hr@10"]            # must not get worse
-    secondary_metrics = ["request_rate"]     # reported with CIs, no verdict
-
-    [[arms]]
-    name = "static"
-    weight = 0.5
-    policy = { kind = "static" }
-
-    [[arms]]
-    name = "adapted-20"
-    weight = 0.5
-    policy = { kind = "system", trigger = "gate", budget = 0.2 }
-
-    [analysis]                               # optional, defaults shown
-    alpha = 0.05
-    power = 0.8
-    bootstrap = 2000
-
-    [replay]                                 # optional: how `abtest run` replays
-    pre_period_events = 10
+Top-level keys: ``name``, ``salt`` (the assignment hash's salt), ``description``,
+``control`` (default: the first arm), ``primary_metric`` (decides "ship"),
+``guardrail_metrics`` (must not get significantly worse: the same two-sided test, no
+non-inferiority margin), ``secondary_metrics`` (reported with intervals, no verdict, e.g.
+the request rate, which is 0 for a static arm by construction); tables ``[[arms]]``
+(``name``, ``weight``: share of traffic, weights sum to 1; ``policy``; ``description``),
+``[analysis]`` (:class:`AnalysisConfig`) and ``[replay]`` (:class:`ReplayOptions`).
 
 Each arm's ``policy`` is a configuration of the system, read by the replay engine
 (``recsys.replay.config.PolicySpec.from_dict``) and by the device service:
@@ -36,92 +24,176 @@ Each arm's ``policy`` is a configuration of the system, read by the replay engin
 * ``budget``: share of events at which the device may request an edit, in (0, 1];
 * ``finetune_every``: events between fine-tuning steps (``finetune`` only).
 
-:func:`load_experiment` raises :class:`~recsys.errors.ValidationError` naming the file
-and the field for every mistake (weights not summing to 1, duplicate or unknown arm,
-unknown metric, unknown key, wrong type).
+A complete, commented file is ``examples/experiments/adapted-vs-static.toml``.
 
-Metrics: ``primary_metric`` decides "ship"; ``guardrail_metrics`` must not get
-significantly worse (the same two-sided test; there is no non-inferiority margin);
-``secondary_metrics`` are reported with their intervals but take no part in the verdict
-(e.g. the request rate, which is 0 for a static arm by construction).
+Example::
+
+    exp = load_experiment("examples/experiments/adapted-vs-static.toml")
+    exp.control, exp.metrics[0]        # ('static', 'ndcg@10')
+    exp.assign("42").name              # the user's arm, deterministic in (salt, user)
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from recsys.abtest.assignment import WEIGHT_TOLERANCE, assign_arm
 from recsys.abtest.metrics import METRICS
-from recsys.errors import DataFormatError, NotFoundError, ValidationError
+from recsys.errors import DataFormatError, NotFoundError
+from recsys.validation import validate_model
 
 POLICY_KINDS = ("static", "finetune", "duet", "system")
 TRIGGERS = ("gate", "timer")
-_TOP_KEYS = {
-    "name",
-    "salt",
-    "description",
-    "control",
-    "primary_metric",
-    "guardrail_metrics",
-    "secondary_metrics",
-    "arms",
-    "analysis",
-    "replay",
-}
-_ARM_KEYS = {"name", "weight", "policy", "description"}
-_POLICY_KEYS = {"kind", "trigger", "budget", "finetune_every"}
+
+# strict: no "0.5" for a number, no true for an integer (an int is still a valid float)
+_TABLE = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-@dataclass(frozen=True)
-class Arm:
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+ArmName = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_not_blank)]
+Metric = Literal[tuple(METRICS)]  # type: ignore[valid-type]  # the names in METRICS
+
+
+class _Policy(BaseModel):
+    """One arm's ``policy`` table (stored on the :class:`Arm` as a plain dict)."""
+
+    model_config = _TABLE
+
+    kind: Literal[POLICY_KINDS]  # type: ignore[valid-type]
+    trigger: Literal[TRIGGERS] | None = None  # type: ignore[valid-type]
+    budget: float | None = Field(None, gt=0.0, le=1.0)  # share of events, (0, 1]
+    finetune_every: int | None = Field(None, ge=1)  # events between fine-tuning steps
+
+    @model_validator(mode="after")
+    def _fits_the_kind(self) -> _Policy:
+        if self.finetune_every is not None and self.kind != "finetune":
+            raise ValueError(f"finetune_every only applies to kind 'finetune', not {self.kind!r}")
+        if self.kind == "static" and (self.trigger is not None or self.budget is not None):
+            raise ValueError("a static policy never requests edits; drop trigger and budget")
+        return self
+
+
+class Arm(BaseModel):
     """One arm: its name, its share of the traffic and the system configuration it runs."""
 
-    name: str
-    weight: float
-    policy: dict[str, Any]
+    model_config = _TABLE
+
+    name: ArmName
+    weight: float = Field(ge=0.0, le=1.0)
+    policy: dict[str, Any]  # the keys given in the file, validated by _Policy
     description: str = ""
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _valid_policy(cls, value: Any) -> dict[str, Any]:
+        return _Policy.model_validate(value).model_dump(exclude_none=True)
 
-@dataclass(frozen=True)
-class AnalysisConfig:
-    alpha: float = 0.05  # two-sided significance level of every test and interval
-    power: float = 0.8  # target power of the power / MDE calculation
-    bootstrap: int = 2000  # user-level bootstrap resamples
+
+class AnalysisConfig(BaseModel):
+    """The ``[analysis]`` table."""
+
+    model_config = _TABLE
+
+    # two-sided significance level of every test and interval
+    alpha: float = Field(0.05, ge=1e-6, le=0.5)
+    power: float = Field(0.8, ge=0.05, le=0.999)  # target power of the power / MDE calculation
+    bootstrap: int = Field(2000, ge=100, le=100_000)  # user-level bootstrap resamples
     # mSPRT mixing sd tau as a multiple of the per-user sd: tau = tau_scale * sd
     # (a prior on plausible effects of a few tenths of a standard deviation)
-    tau_scale: float = 0.3
+    tau_scale: float = Field(0.3, ge=1e-3, le=100.0)
     # a day counts as a look of the sequential test once every arm has this many users
     # (the mSPRT is asymptotic: with a handful of users the variance estimate is too noisy)
-    sequential_min_users: int = 20
+    sequential_min_users: int = Field(20, ge=2)
     seed: int = 0  # bootstrap RNG seed
 
 
-@dataclass(frozen=True)
-class ReplayOptions:
+class ReplayOptions(BaseModel):
+    """The ``[replay]`` table: how ``recsys abtest run`` replays."""
+
+    model_config = _TABLE
+
     # each user's first N evaluated replay events form their pre-period: served by the static
     # model, their mean metric there is the user's CUPED covariate; the user enters the
     # experiment (their arm's events start counting) at event N + 1. Users with <= N
     # evaluated events are never exposed. 0 = no pre-period (no CUPED).
-    pre_period_events: int = 10
-    quantile: float = 0.8  # time split: the replay period starts at this quantile
+    pre_period_events: int = Field(10, ge=0, le=10_000)
+    quantile: float = Field(0.8, ge=0.05, le=0.99)  # time split: replay starts here
 
 
-@dataclass(frozen=True)
-class Experiment:
-    name: str
-    salt: str
+class Experiment(BaseModel):
+    """A validated experiment; build it with :func:`load_experiment` or
+    :func:`experiment_from_dict`."""
+
+    model_config = _TABLE
+
+    name: Text
+    salt: Text
     arms: list[Arm]
-    primary_metric: str
-    guardrail_metrics: list[str]
-    control: str
-    secondary_metrics: list[str] = field(default_factory=list)  # reported, no verdict
+    primary_metric: Metric
+    guardrail_metrics: list[Metric] = []
+    control: ArmName | None = None  # None in the file: the first arm (set on validation)
+    secondary_metrics: list[Metric] = []  # reported, no verdict
     description: str = ""
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    replay: ReplayOptions = field(default_factory=ReplayOptions)
-    source: str | None = None  # the file it was loaded from
+    analysis: AnalysisConfig = AnalysisConfig()
+    replay: ReplayOptions = ReplayOptions()
+    _source: str | None = PrivateAttr(None)  # the file it was loaded from
+
+    @model_validator(mode="before")
+    @classmethod
+    def _control_defaults_to_the_first_arm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("control") is None:
+            arms = data.get("arms")
+            if isinstance(arms, list) and arms and isinstance(arms[0], dict):
+                data = {**data, "control": arms[0].get("name")}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Experiment:
+        names = [a.name for a in self.arms]
+        if len(names) < 2:
+            raise ValueError(
+                "arms: an experiment needs at least two [[arms]] (a control and a treatment)"
+            )
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arms: duplicate arm name(s) {dupes}; give every arm its own name")
+        total = sum(a.weight for a in self.arms)
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            raise ValueError(
+                f"arms.weight: the weights {[a.weight for a in self.arms]} sum to {total!r}, "
+                "not 1; rescale them so that they add up to exactly 1"
+            )
+        if self.control not in names:
+            raise ValueError(f"control: {self.control!r} is not an arm; arms are {names}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(
+                "guardrail_metrics: list each metric once: primary, guardrail and secondary "
+                "metrics must not overlap"
+            )
+        return self
+
+    @property
+    def source(self) -> str | None:
+        """The file the experiment was loaded from (None if built from a dict)."""
+        return self._source
 
     @property
     def arm_pairs(self) -> list[tuple[str, float]]:
@@ -149,9 +221,7 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/TOML-able) that :func:`experiment_from_dict` reads back."""
-        d = asdict(self)
-        d.pop("source")
-        return d
+        return self.model_dump()
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -168,188 +238,11 @@ def load_experiment(path: str | Path) -> Experiment:
     return experiment_from_dict(data, source=str(p))
 
 
-def experiment_from_dict(data: dict[str, Any], *, source: str | None = None) -> Experiment:
-    """Validate a parsed experiment (e.g. TOML) and build the :class:`Experiment`."""
-    where = source or "experiment"
+def experiment_from_dict(data: Any, *, source: str | None = None) -> Experiment:
+    """Validate a parsed experiment (TOML, or :meth:`Experiment.to_dict` through JSON).
 
-    def fail(fld: str, problem: str) -> ValidationError:
-        return ValidationError(f"{where}: {fld}: {problem}")
-
-    if not isinstance(data, dict):
-        raise fail("(top level)", "expected a table of settings")
-    _no_unknown(data, _TOP_KEYS, "(top level)", fail)
-    name = _string(data, "name", fail)
-    salt = _string(data, "salt", fail)
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise fail("description", f"expected a string, got {description!r}")
-
-    raw_arms = data.get("arms")
-    if not isinstance(raw_arms, list) or not raw_arms:
-        raise fail("arms", "give at least two [[arms]] tables (a control and a treatment)")
-    if len(raw_arms) < 2:
-        raise fail("arms", "an experiment needs at least two arms (a control and a treatment)")
-    arms = [_arm(i, a, fail) for i, a in enumerate(raw_arms)]
-    names = [a.name for a in arms]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise fail("arms", f"duplicate arm name(s) {dupes}; give every arm its own name")
-    total = sum(a.weight for a in arms)
-    if abs(total - 1.0) > WEIGHT_TOLERANCE:
-        raise fail(
-            "arms.weight",
-            f"the weights {[a.weight for a in arms]} sum to {total!r}, not 1; rescale them "
-            "so that they add up to exactly 1",
-        )
-
-    control = _string(data, "control", fail, required=False) or arms[0].name
-    if control not in names:
-        raise fail("control", f"{control!r} is not an arm; arms are {names}")
-
-    primary = _string(data, "primary_metric", fail)
-    if primary not in METRICS:
-        raise fail("primary_metric", f"unknown metric {primary!r}; known: {list(METRICS)}")
-    guard = _metric_list(data, "guardrail_metrics", fail)
-    secondary = _metric_list(data, "secondary_metrics", fail)
-    listed = [primary, *guard, *secondary]
-    if len(set(listed)) != len(listed):
-        raise fail(
-            "guardrail_metrics",
-            "list each metric once: primary, guardrail and secondary metrics must not overlap",
-        )
-
-    return Experiment(
-        name=name,
-        salt=salt,
-        arms=arms,
-        primary_metric=primary,
-        guardrail_metrics=guard,
-        control=control,
-        secondary_metrics=secondary,
-        description=description,
-        analysis=_analysis(data.get("analysis", {}), fail),
-        replay=_replay(data.get("replay", {}), fail),
-        source=source,
-    )
-
-
-def _metric_list(data: dict[str, Any], key: str, fail) -> list[str]:
-    values = data.get(key, [])
-    if not isinstance(values, list) or not all(isinstance(g, str) for g in values):
-        raise fail(key, f"expected a list of metric names, got {values!r}")
-    for g in values:
-        if g not in METRICS:
-            raise fail(key, f"unknown metric {g!r}; known: {list(METRICS)}")
-    return list(values)
-
-
-def _no_unknown(d: dict[str, Any], allowed: set[str], fld: str, fail) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise fail(fld, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-
-
-def _string(d: dict[str, Any], key: str, fail, *, required: bool = True) -> str | None:
-    value = d.get(key)
-    if value is None:
-        if required:
-            raise fail(key, "missing; it is required")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise fail(key, f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _number(d: dict[str, Any], key: str, fld: str, fail, lo: float, hi: float, default):
-    value = d.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise fail(fld, f"expected a number, got {value!r}")
-    if not lo <= value <= hi:
-        raise fail(fld, f"{value!r} is outside [{lo}, {hi}]")
-    return value
-
-
-def _arm(i: int, raw: Any, fail) -> Arm:
-    fld = f"arms[{i}]"
-    if not isinstance(raw, dict):
-        raise fail(fld, "expected a table with name, weight and policy")
-    _no_unknown(raw, _ARM_KEYS, fld, fail)
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 100:
-        raise fail(f"{fld}.name", f"expected a non-empty string of <= 100 chars, got {name!r}")
-    if "weight" not in raw:
-        raise fail(f"{fld}.weight", "missing; give the arm's share of traffic in [0, 1]")
-    weight = float(_number(raw, "weight", f"{fld}.weight", fail, 0.0, 1.0, None))
-    policy = raw.get("policy")
-    if not isinstance(policy, dict):
-        raise fail(f"{fld}.policy", 'missing; e.g. policy = { kind = "static" }')
-    return Arm(
-        name, weight, _policy(policy, f"{fld}.policy", fail), str(raw.get("description", ""))
-    )
-
-
-def _policy(raw: dict[str, Any], fld: str, fail) -> dict[str, Any]:
-    _no_unknown(raw, _POLICY_KEYS, fld, fail)
-    kind = raw.get("kind")
-    if kind not in POLICY_KINDS:
-        raise fail(f"{fld}.kind", f"{kind!r} is not one of {list(POLICY_KINDS)}")
-    out: dict[str, Any] = {"kind": kind}
-    if "trigger" in raw:
-        if raw["trigger"] not in TRIGGERS:
-            raise fail(f"{fld}.trigger", f"{raw['trigger']!r} is not one of {list(TRIGGERS)}")
-        out["trigger"] = raw["trigger"]
-    if "budget" in raw:
-        budget = _number(raw, "budget", f"{fld}.budget", fail, 0.0, 1.0, None)
-        if budget <= 0:
-            raise fail(f"{fld}.budget", "must be > 0 (a share of events in (0, 1])")
-        out["budget"] = float(budget)
-    if "finetune_every" in raw:
-        every = raw["finetune_every"]
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise fail(f"{fld}.finetune_every", f"expected an integer >= 1, got {every!r}")
-        if kind != "finetune":
-            raise fail(f"{fld}.finetune_every", f"only applies to kind 'finetune', not {kind!r}")
-        out["finetune_every"] = every
-    if kind == "static" and ("trigger" in out or "budget" in out):
-        raise fail(fld, "a static policy never requests edits; drop trigger and budget")
-    return out
-
-
-def _analysis(raw: Any, fail) -> AnalysisConfig:
-    if not isinstance(raw, dict):
-        raise fail("analysis", "expected a table")
-    _no_unknown(raw, set(AnalysisConfig.__dataclass_fields__), "analysis", fail)
-    d = AnalysisConfig()
-    boot = raw.get("bootstrap", d.bootstrap)
-    if isinstance(boot, bool) or not isinstance(boot, int) or not 100 <= boot <= 100_000:
-        raise fail("analysis.bootstrap", f"expected an integer in [100, 100000], got {boot!r}")
-    min_users = raw.get("sequential_min_users", d.sequential_min_users)
-    if isinstance(min_users, bool) or not isinstance(min_users, int) or min_users < 2:
-        raise fail("analysis.sequential_min_users", f"expected an integer >= 2, got {min_users!r}")
-    seed = raw.get("seed", d.seed)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise fail("analysis.seed", f"expected an integer, got {seed!r}")
-    return AnalysisConfig(
-        alpha=float(_number(raw, "alpha", "analysis.alpha", fail, 1e-6, 0.5, d.alpha)),
-        power=float(_number(raw, "power", "analysis.power", fail, 0.05, 0.999, d.power)),
-        bootstrap=boot,
-        tau_scale=float(
-            _number(raw, "tau_scale", "analysis.tau_scale", fail, 1e-3, 100.0, d.tau_scale)
-        ),
-        sequential_min_users=min_users,
-        seed=seed,
-    )
-
-
-def _replay(raw: Any, fail) -> ReplayOptions:
-    if not isinstance(raw, dict):
-        raise fail("replay", "expected a table")
-    _no_unknown(raw, set(ReplayOptions.__dataclass_fields__), "replay", fail)
-    d = ReplayOptions()
-    pre = raw.get("pre_period_events", d.pre_period_events)
-    if isinstance(pre, bool) or not isinstance(pre, int) or not 0 <= pre <= 10_000:
-        raise fail("replay.pre_period_events", f"expected an integer in [0, 10000], got {pre!r}")
-    q = _number(raw, "quantile", "replay.quantile", fail, 0.05, 0.99, d.quantile)
-    return ReplayOptions(pre_period_events=pre, quantile=float(q))
+    Raises :class:`~recsys.errors.ValidationError` titled ``source`` (or "experiment").
+    """
+    exp = validate_model(Experiment, data, source or "experiment")
+    exp._source = source
+    return exp

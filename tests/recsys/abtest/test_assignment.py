@@ -77,8 +77,6 @@ def test_zero_weight_arm_gets_nobody_and_bad_weights() -> None:
 
 
 def test_assignments_persist_once_and_survive_a_weight_change(tmp_path) -> None:
-    from dataclasses import replace
-
     from codebook.store import PrototypeStore
     from recsys.abtest.experiment import experiment_from_dict
     from recsys.abtest.persist import persist_assignments, stored_arm_counts
@@ -102,8 +100,8 @@ def test_assignments_persist_once_and_survive_a_weight_change(tmp_path) -> None:
         counts = stored_arm_counts(store, exp)
         assert sum(counts.values()) == 300
         # the same experiment with other weights is refused: a new name is needed
-        moved = replace(
-            exp, arms=[replace(exp.arms[0], weight=0.9), replace(exp.arms[1], weight=0.1)]
-        )
+        d = exp.to_dict()
+        d["arms"][0]["weight"], d["arms"][1]["weight"] = 0.9, 0.1
+        moved = experiment_from_dict(d)
         with pytest.raises(ValidationError, match="choose a new name"):
             persist_assignments(store, moved, users)
