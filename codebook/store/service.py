@@ -20,7 +20,9 @@ per refinement):
   functions may run several times and work is wasted under contention.
 
 In both, an exception raised by the update function rolls the whole transaction back:
-the last committed version stays current and readable.
+the last committed version stays current and readable. Retries (:func:`is_transient`
+errors only) go through tenacity: up to ``max_attempts`` tries with jittered exponential
+backoff (at most 50 ms), each logged at WARNING; then :class:`StoreBusyError`.
 
 Example::
 
@@ -32,11 +34,10 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
-import random
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -45,6 +46,14 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
+from tenacity import (
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from codebook.store.db import WRITE_TRANSACTION, make_engine, make_sessionmaker
 from codebook.store.records import (
@@ -238,37 +247,50 @@ class PrototypeStore:
         strategy = strategy or self.refine_strategy
         if strategy not in STRATEGIES:
             raise ValidationError(f"strategy {strategy!r} is not one of {list(STRATEGIES)}")
-        pessimistic = strategy == "lock"
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                with self.transaction(write=pessimistic) as session:
-                    repo = PrototypeRepository(session)
-                    proto = repo.get(prototype_id, lock=pessimistic)
-                    latest = repo.version(prototype_id, proto.current_version)
-                    content = update(prototype_state(proto, latest))
-                    if not isinstance(content, VersionContent):
-                        raise ValidationError(
-                            "the update function must return a VersionContent, got "
-                            f"{type(content).__name__}"
-                        )
-                    row = repo.append(
-                        proto, latest, content, reason=reason, expect_current=not pessimistic
-                    )
-                    state = prototype_state(proto, row)
-                return state
-            except (DBAPIError, VersionConflict) as exc:
-                if not is_transient(exc, unique_conflicts=True) or attempt == self.max_attempts:
-                    if is_transient(exc, unique_conflicts=True):
-                        raise StoreBusyError(
-                            f"refining prototype {prototype_id} collided with other writers "
-                            f"{attempt} times; retry later or use strategy='lock'"
-                        ) from exc
-                    raise
-                with self._retries_lock:
-                    self._retries += 1
-                logger.debug("refine of prototype %d: retry %d (%s)", prototype_id, attempt, exc)
-                time.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
-        raise AssertionError("unreachable")  # pragma: no cover
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_attempts),
+            # full jitter: uniform(0, min(50 ms, 2 ms * 2 ** (attempt - 1)))
+            wait=wait_random_exponential(multiplier=0.002, max=0.05),
+            retry=retry_if_exception(lambda exc: is_transient(exc, unique_conflicts=True)),
+            before_sleep=functools.partial(self._note_retry, prototype_id),
+        )
+        try:
+            return retrying(self._refine_once, prototype_id, update, reason, strategy == "lock")
+        except RetryError as err:
+            raise StoreBusyError(
+                f"refining prototype {prototype_id} collided with other writers "
+                f"{self.max_attempts} times; retry later or use strategy='lock'"
+            ) from err.last_attempt.exception()
+
+    def _refine_once(
+        self, prototype_id: int, update: UpdateFn, reason: str, pessimistic: bool
+    ) -> PrototypeState:
+        """One refinement transaction (see the module doc for the two strategies)."""
+        with self.transaction(write=pessimistic) as session:
+            repo = PrototypeRepository(session)
+            proto = repo.get(prototype_id, lock=pessimistic)
+            latest = repo.version(prototype_id, proto.current_version)
+            content = update(prototype_state(proto, latest))
+            if not isinstance(content, VersionContent):
+                raise ValidationError(
+                    "the update function must return a VersionContent, got "
+                    f"{type(content).__name__}"
+                )
+            row = repo.append(proto, latest, content, reason=reason, expect_current=not pessimistic)
+            return prototype_state(proto, row)
+
+    def _note_retry(self, prototype_id: int, state: RetryCallState) -> None:
+        """tenacity's ``before_sleep``: count the retry and log it."""
+        with self._retries_lock:
+            self._retries += 1
+        logger.warning(
+            "refine of prototype %d: attempt %d collided with another writer (%s); "
+            "retrying in %.1f ms",
+            prototype_id,
+            state.attempt_number,
+            state.outcome.exception() if state.outcome else None,
+            1000 * (state.next_action.sleep if state.next_action else 0.0),
+        )
 
     def get_prototype(self, prototype_id: int, version: int | None = None) -> PrototypeState:
         """A prototype's current version, or the given ``version``."""

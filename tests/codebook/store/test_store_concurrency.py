@@ -86,3 +86,55 @@ def test_unknown_strategy_is_rejected(strategy: str, tmp_path) -> None:
             store.refine_prototype(1, lambda s: s, strategy="hope")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="refine_strategy"):
         PrototypeStore.open(url, refine_strategy="hope")  # type: ignore[arg-type]
+
+
+def test_transient_collisions_are_retried_then_give_up(store: PrototypeStore, caplog) -> None:
+    """A transient error is retried (counted, logged at WARNING) up to ``max_attempts``,
+    then StoreBusyError; the committed version stays current."""
+    from codebook.store import StoreBusyError, VersionContent
+    from codebook.store.repository import VersionConflict
+
+    p = store.create_prototype("busy", VersionContent(code=np.zeros(4, np.float32)))
+    store.max_attempts = 3
+    calls = []
+
+    def always_collides(state):
+        calls.append(state.version)
+        raise VersionConflict("another writer moved current_version")
+
+    with (
+        caplog.at_level("WARNING", logger="codebook.store.service"),
+        pytest.raises(StoreBusyError, match="collided with other writers 3 times") as err,
+    ):
+        store.refine_prototype(p.prototype_id, always_collides)
+    assert isinstance(err.value.__cause__, VersionConflict)
+    assert calls == [1, 1, 1] and store.retries == 2
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "attempt 1 collided" in warnings[0].getMessage()
+    assert store.get_prototype(p.prototype_id).version == 1
+
+    # a collision that clears on the second try costs one retry and lands once
+    flaky = iter([True, False])
+
+    def collides_once(state):
+        if next(flaky):
+            raise VersionConflict("moved")
+        return VersionContent(code=state.code + 1)
+
+    assert store.refine_prototype(p.prototype_id, collides_once).version == 2
+    assert store.retries == 3
+
+
+def test_other_errors_are_not_retried(store: PrototypeStore) -> None:
+    from codebook.store import VersionContent
+
+    p = store.create_prototype("plain", VersionContent(code=np.zeros(4, np.float32)))
+    calls = []
+
+    def broken(state):
+        calls.append(1)
+        raise KeyError("a bug in the update")
+
+    with pytest.raises(KeyError, match="a bug"):
+        store.refine_prototype(p.prototype_id, broken)
+    assert calls == [1] and store.retries == 0
