@@ -1,10 +1,15 @@
 """The device's gRPC RecommendationService (``recsys.device.v1``).
 
 * :mod:`device_ranker.service.config`: :class:`DeviceConfig`, :class:`CloudLinkConfig`.
-* :mod:`device_ranker.service.engine`: :class:`DeviceEngine`, the serving logic (users,
-  micro-batched ranking with cached user states, gate, edits, fallback), no gRPC types
-  in its interface.
-* :mod:`device_ranker.service.ranking`: the batched ranking pass (top-k, evaluation probes).
+* :mod:`device_ranker.service.engine`: :class:`DeviceEngine`, the serving logic's facade
+  (Recommend, RecordEvent, RequestEdit, ApplyEdit, status), no gRPC types in its
+  interface; it composes:
+* :mod:`device_ranker.service.users`: per-user state, the user store, the catalogue
+  look-ups, each user's arm and serving mode;
+* :mod:`device_ranker.service.ranking`: the ranking thread, micro-batched ranking with
+  cached user states (top-k, evaluation probes);
+* :mod:`device_ranker.service.cloud_edits`: edit requests to the cloud (uplink window,
+  device summary), decoding, the prototype cache, fallback, pushed edits;
 * :mod:`device_ranker.service.policy`: per-user arms (static or adapted, gate or timer).
 * :mod:`device_ranker.service.event_log`: the live-traffic event log (one JSON line per event).
 * :mod:`device_ranker.service.cloud_link`: the client of the cloud (deadline, token,

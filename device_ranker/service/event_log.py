@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from recsys.errors import ValidationError
 
@@ -64,6 +64,16 @@ FIELDS = (
     "mode",
     "logged_at_ms",
 )
+
+
+class EventCost(Protocol):
+    """What an event's line reads of its edit request
+    (:class:`device_ranker.service.cloud_edits.FetchResult`)."""
+
+    outcome: str
+    bytes_up: int
+    bytes_down: int
+    cloud_ms: float
 
 
 class EventLog:
@@ -95,6 +105,23 @@ class EventLog:
         with self._lock:
             self._file.write(text + "\n")
             self.lines += 1
+
+    def write_event(self, line: dict[str, Any], cost: EventCost, mode: str) -> None:
+        """Write one RecordEvent's line with what its edit request cost and the serving
+        mode after it; a failed write is logged, never raised (it must not break serving)."""
+        try:
+            self.write(
+                {
+                    **line,
+                    "outcome": cost.outcome,
+                    "bytes_up": cost.bytes_up,
+                    "bytes_down": cost.bytes_down,
+                    "cloud_ms": round(cost.cloud_ms, 3),
+                    "mode": mode,
+                }
+            )
+        except (OSError, ValueError):  # say so loudly
+            logger.exception("could not write the event log line for user %r", line["user_id"])
 
     def close(self) -> None:
         with self._lock:

@@ -1,4 +1,11 @@
-"""The device's ranking pass: many users' Recommend calls (and evaluation probes) at once.
+"""The device's ranking: many users' Recommend calls (and evaluation probes) at once.
+
+:class:`Ranking` owns the device's ranking thread and its micro-batcher
+(:class:`recsys.serving.batching.MicroBatcher`): :meth:`Ranking.rank` snapshots a user
+(:class:`~device_ranker.service.users.UserState`) into a :class:`RankJob`, queues it, and
+caches the user state [D] the pass computed (it depends only on the history, so it is
+computed once per history change). The same thread decodes and composes edits
+(:mod:`device_ranker.service.cloud_edits`).
 
 :func:`rank_batch` runs on the device's ranking thread for a micro-batch of
 :class:`RankJob` snapshots (no shared state): the user states (cached ones reused), the
@@ -10,6 +17,8 @@ Shapes: B jobs, D model width, I catalogue items, K top-k, P probes.
 
 Example::
 
+    ranking = Ranking(ranker, BatchConfig(max_batch=64, max_wait_ms=2.0))
+    out = await ranking.rank(st, edit=st.edit, k=10, exclude=st.seen)    # RankOutput
     out = rank_batch(ranker.model, ranker.num_items, [RankJob(history, None, None, 10,
                      exclude=seen, candidates=None, probes=np.array([target]))])
     out[0].items, out[0].probe_ranks
@@ -17,7 +26,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +37,9 @@ import torch
 from device_ranker.edits import PreparedEdit
 from device_ranker.features import history_kjt
 from device_ranker.head import queries_per_user
+from device_ranker.ranker import Ranker
+from device_ranker.service.users import UserState
+from recsys.serving.batching import BatchConfig, MicroBatcher
 
 
 @dataclass(frozen=True)
@@ -140,3 +153,51 @@ def probe_ranks(
     above = (masked[None, :] >= p_scores[:, None]).sum(dim=1)  # [P]
     ranks = above + mask[idx].to(above.dtype)  # [P]
     return p_scores.tolist(), ranks.tolist(), int((~mask).sum())
+
+
+class Ranking:
+    """The ranking thread of one device server and its Recommend micro-batcher.
+
+    Args:
+        ranker: the device's ranker (frozen model).
+        batch: :class:`BatchConfig` of the micro-batcher.
+        inline: run the batches on the event loop's thread (no hand-off).
+    """
+
+    def __init__(self, ranker: Ranker, batch: BatchConfig, *, inline: bool = False) -> None:
+        self.ranker = ranker
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ranker")
+        self.batcher: MicroBatcher[RankJob, RankOutput] = MicroBatcher(
+            self.rank_batch, batch, name="recommend", executor=self.executor, inline=inline
+        )
+
+    def rank_batch(self, jobs: list[RankJob]) -> list[RankOutput]:
+        """B jobs -> top-k each (runs on the ranking thread)."""
+        return rank_batch(self.ranker.model, self.ranker.num_items, jobs)
+
+    async def rank(
+        self,
+        st: UserState,
+        *,
+        edit: PreparedEdit | None,
+        k: int,
+        exclude: Collection[int] | None,
+        candidates: np.ndarray | None = None,
+        probes: np.ndarray | None = None,
+    ) -> RankOutput:
+        """Rank for user ``st`` now (its history, cached state, the given edit and
+        exclusions); caches the state the pass computed unless an event came meanwhile."""
+        version = st.version
+        job = RankJob(
+            history=np.fromiter(st.history, np.int64, len(st.history)),
+            state=st.state if st.state_version == version else None,
+            edit=edit,
+            k=k,
+            exclude=None if exclude is None else np.fromiter(exclude, np.int64, len(exclude)),
+            candidates=candidates,
+            probes=probes,
+        )
+        out = await self.batcher.submit(job)
+        if st.version == version and st.state_version != version:
+            st.state, st.state_version = out.state, version
+        return out

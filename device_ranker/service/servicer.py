@@ -11,14 +11,14 @@ import logging
 
 import grpc.aio
 
-from device_ranker.service.engine import (
+from device_ranker.service.cloud_edits import FetchResult
+from device_ranker.service.engine import DeviceEngine
+from device_ranker.service.users import (
     BASE,
     EDITED,
     FALLBACK_BASE,
     FALLBACK_LAST_EDIT,
-    DeviceEngine,
     EditInfo,
-    FetchResult,
 )
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc

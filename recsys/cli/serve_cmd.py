@@ -607,7 +607,7 @@ class _BenchData:
 
         from device_ranker.edits import random_edit
         from device_ranker.ranker import Ranker
-        from device_ranker.service.engine import device_summary
+        from device_ranker.service.cloud_edits import device_summary
         from recsys.data import time_split
         from recsys.data.registry import load_dataset
         from recsys.edit_payload import encode_payload

@@ -63,7 +63,7 @@ def record(stub, user: str, item: str, t: int, wait: bool = True) -> pb.RecordEv
 def test_static_and_adapted_arms_behave_differently(exp_stub, exp_device, cloud) -> None:
     handle, log = exp_device
     requests_before = cloud.engine.requests
-    device_before = handle.engine.edit_requests
+    device_before = handle.engine.edits.requests
     served = {}
     for n, user in enumerate(["u10", "u12"]):
         probe = exp_stub.Recommend(
@@ -90,7 +90,7 @@ def test_static_and_adapted_arms_behave_differently(exp_stub, exp_device, cloud)
             assert ev.mode == pb.SERVING_MODE_EDITED
             assert status.user.arm == "adapted" and status.user.adaptive
             assert status.user.trigger == "gate" and status.user.gate_threshold == 0.0
-    assert handle.engine.edit_requests == device_before + 1  # only the adapted user asked
+    assert handle.engine.edits.requests == device_before + 1  # only the adapted user asked
     assert cloud.engine.requests == requests_before + 1
     assert exp_stub.GetStatus(pb.GetStatusRequest(), timeout=10).experiment == "unit-exp"
 

@@ -61,7 +61,7 @@ def test_not_serving_until_loaded_then_reflection(bg, artifacts) -> None:
 
 def test_graceful_stop_finishes_in_flight_calls(bg, artifacts, monkeypatch) -> None:
     handle = bg.run(start_device(device_config(artifacts)))
-    slow = handle.engine._rank_batch
+    slow = handle.engine.ranking.rank_batch
 
     def slow_batch(jobs):
         time.sleep(0.8)

@@ -1,0 +1,359 @@
+"""Where a device's edits come from: GenerateEdit requests to the cloud, and pushed edits.
+
+:class:`CloudEdits` sends a user's edit request (its last ``recent_items`` item ids,
+:func:`recsys.adaptor_inputs.uplink_window`, plus the device summary, :func:`device_summary`,
+and a deadline), decodes the answer (an RSE1 payload: residual + prototype reference),
+composes it with the prototype edit (kept in an LRU cache per version, fetched with
+GetPrototype when missing), validates it against the device's bounds and makes it the
+user's active edit. When the cloud is slow, down or sends a bad edit, the user keeps the
+last good edit (or the base model), its state says so (``failed``/``note``), the gate
+measures the next shift from the last good edit, and the log has a warning.
+
+ApplyEdit (:meth:`CloudEdits.apply_pushed`) installs an edit pushed to the device; it may
+refer only to a prototype the device holds.
+
+Decoding and composing run on the device's ranking thread (the ``executor``); their times
+come back in :class:`FetchResult`.
+
+Example::
+
+    edits = CloudEdits(ranker, link, config.cloud, model_version, executor)
+    outcome, cost, task = await edits.request("u1", st, gate, wait=True)   # "applied", ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import torch
+
+from device_ranker.edits import HeadEdit, PreparedEdit
+from device_ranker.features import history_kjt
+from device_ranker.gate import ShiftGate
+from device_ranker.ranker import Ranker
+from device_ranker.service.cloud_link import CloudLink
+from device_ranker.service.config import CloudLinkConfig
+from device_ranker.service.policy import TimerGate
+from device_ranker.service.users import MAX_ID_LEN, EditInfo, UserState
+from recsys import adaptor_inputs
+from recsys.edit_payload import decode_payload
+from recsys.errors import NotFoundError, RecsysError, ValidationError
+from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
+
+logger = logging.getLogger(__name__)
+
+PROTOTYPE_CACHE = 256  # prototype versions kept on the device (LRU)
+_DTYPE_ENUM = {
+    "fp16": cpb.PAYLOAD_DTYPE_FP16,
+    "int8": cpb.PAYLOAD_DTYPE_INT8,
+    "fp32": cpb.PAYLOAD_DTYPE_FP32,
+}
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """(fn(*args), its wall time in us): the device's compute, measured where it runs."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, (time.perf_counter() - t0) * 1e6
+
+
+def device_summary(ranker: Ranker, history: Sequence[int], summary_items: int) -> list[float]:
+    """The uplink summary [2D] of one history (oldest first), as the adaptor was trained
+    to read it: :func:`recsys.adaptor_inputs.device_summary` with the ranker's item table
+    and its user state of the whole history."""
+    model = ranker.model
+    hist = np.asarray(history, dtype=np.int64)  # [H]
+    with torch.inference_mode():
+        state = model.user_states(history_kjt([hist], model.cfg.max_len))  # [1, D]
+        summary = adaptor_inputs.device_summary(
+            model.item_table.detach(), [hist], state, summary_items
+        )  # [1, 2D]
+        return summary[0].tolist()
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """One edit request: "applied" or "failed", and what it cost (the proto's EditCost).
+
+    Attributes:
+        bytes_up / bytes_down: serialized GenerateEdit request / response (+ GetPrototype).
+        payload_bytes: the residual's RSE1 payload; prototype_bytes: a prototype payload
+            received for it (0 when the device held it).
+        cloud_ms: the cloud engine's time.
+        decode_us / apply_us: device compute on the ranking thread: RSE1 -> tensors, then
+            compose + validate + materialise the head weights.
+    """
+
+    outcome: str
+    bytes_up: int = 0
+    bytes_down: int = 0
+    payload_bytes: int = 0
+    prototype_bytes: int = 0
+    cloud_ms: float = 0.0
+    decode_us: float = 0.0
+    apply_us: float = 0.0
+
+
+class CloudEdits:
+    """Edit requests to the cloud, the prototype cache, and pushed edits.
+
+    Args:
+        ranker: the device's ranker (edit shapes and bounds).
+        link: the cloud client (None = no cloud: nothing is ever requested).
+        config: the link's :class:`CloudLinkConfig` (uplink, summary, payload dtype).
+        model_version: fingerprint of the ranker sent with edit requests.
+        item_ids: the ranker's item ids in index order (the uplink sends ids).
+        executor: the ranking thread (decode, compose, summary).
+    """
+
+    def __init__(
+        self,
+        ranker: Ranker,
+        link: CloudLink | None,
+        config: CloudLinkConfig,
+        model_version: str,
+        item_ids: Sequence[str],
+        executor: Executor,
+    ) -> None:
+        self.ranker = ranker
+        self.link = link
+        self.config = config
+        self.model_version = model_version
+        self.item_ids = list(item_ids)
+        self.executor = executor
+        self._prototypes: OrderedDict[tuple[int, int], HeadEdit] = OrderedDict()
+        self.requests = 0
+        self.failures = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._push_counter = 0
+
+    async def request(
+        self, user_id: str, st: UserState, gate: ShiftGate | TimerGate, wait: bool
+    ) -> tuple[str, FetchResult, asyncio.Task[FetchResult] | None]:
+        """Send the user's edit request (its current window becomes the gate's anchor):
+        (outcome, what it cost when waited for, the task). Without a cloud: not requested;
+        with a request already running: in flight."""
+        none = FetchResult("not_requested")
+        if self.link is None:
+            return "not_requested", none, None
+        if st.pending is not None and not st.pending.done():
+            return "in_flight", none, None
+        history = list(st.history)
+        previous_anchor = st.gate.anchor
+        gate.on_request(history, st.gate)
+        task = asyncio.get_running_loop().create_task(
+            self._fetch(user_id, st, history, list(st.times), previous_anchor)
+        )
+        st.pending = task
+        if not wait:
+            return "pending", none, task
+        fetched = await asyncio.shield(task)
+        return fetched.outcome, fetched, task
+
+    async def _fetch(
+        self,
+        user_id: str,
+        st: UserState,
+        history: list[int],
+        times: list[int],
+        previous_anchor: Any,
+    ) -> FetchResult:
+        """Ask the cloud for the user's edit and apply it: "applied" or "failed", with the
+        request's bytes up / down (GenerateEdit + a fetched prototype) and cloud time."""
+        assert self.link is not None
+        link, cfg = self.link, self.config
+        loop = asyncio.get_running_loop()
+        self.requests += 1
+        t0 = time.perf_counter()
+        up = down = payload_bytes = proto_bytes = 0
+        cloud_ms = decode_us = apply_us = 0.0
+        try:
+            if not link.reachable:
+                raise ConnectionError(f"cloud unreachable ({link.last_error}); not asked")
+            recent = adaptor_inputs.uplink_window(history, cfg.recent_items)  # [<=N]
+            summary: list[float] = []
+            if cfg.send_summary:
+                summary = await loop.run_in_executor(self.executor, self.summary, history)
+            request = cpb.GenerateEditRequest(
+                device_id=user_id,
+                recent_item_ids=[self.item_ids[i] for i in recent],
+                recent_timestamps=times[-len(recent) :],
+                summary=summary,
+                model_version=self.model_version,
+                payload_dtype=_DTYPE_ENUM[cfg.payload_dtype],
+            )
+            if st.edit_info is not None and st.edit_info.prototype_id:
+                request.cached_prototype.id = st.edit_info.prototype_id
+                request.cached_prototype.version = st.edit_info.prototype_version
+            response, up, down = await link.generate_edit(request)
+            cloud_ms = float(response.engine_ms)
+            st.bytes_up += up
+            st.bytes_down += down
+            self.bytes_up += up
+            self.bytes_down += down
+            proto_edit, proto_bytes, pid, pver = None, 0, 0, 0
+            if response.HasField("prototype_ref") and response.prototype_ref.id:
+                pid, pver = response.prototype_ref.id, response.prototype_ref.version
+                proto_edit, proto_bytes, fetched, decode_us = await self._prototype(
+                    response, pid, pver
+                )
+                down += fetched
+            payload_bytes = len(response.edit_payload)
+            prepared, res_us, apply_us = await loop.run_in_executor(
+                self.executor, self._build_edit_timed, response.edit_payload, proto_edit
+            )
+            decode_us += res_us
+        except asyncio.CancelledError:
+            raise
+        except (grpc.aio.AioRpcError, RecsysError, ConnectionError) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError):
+                why = f"{exc.code().name}: {exc.details()}"
+            elif isinstance(exc, RecsysError):
+                why = f"rejected the cloud's edit: {exc}"
+            else:
+                why = str(exc)
+            st.failed = True
+            st.note = f"edit request failed ({why}); serving the " + (
+                "last good edit" if st.edit is not None else "base model"
+            )
+            st.gate.anchor = previous_anchor  # measure the next shift from the last good edit
+            self.failures += 1
+            logger.warning("user %r: %s", user_id, st.note)
+            return FetchResult(
+                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us
+            )
+        finally:
+            st.pending = None
+        info = EditInfo(
+            edit_id=int(response.edit_id),
+            prototype_id=pid,
+            prototype_version=pver,
+            source="cloud",
+            payload_bytes=len(response.edit_payload) + proto_bytes,
+            applied_at_ms=int(time.time() * 1000),
+        )
+        st.install_edit(prepared, info)
+        logger.debug(
+            "user %r: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
+            user_id,
+            response.edit_id,
+            pid,
+            pver,
+            info.payload_bytes,
+            (time.perf_counter() - t0) * 1000,
+            response.batch_size,
+        )
+        return FetchResult(
+            "applied", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us
+        )
+
+    async def _prototype(
+        self, response: cpb.GenerateEditResponse, pid: int, pver: int
+    ) -> tuple[HeadEdit, int, int, float]:
+        """The prototype edit a residual refers to: from the response, the cache or the
+        cloud; returns (edit, its payload bytes, bytes of a GetPrototype reply or 0, the
+        decode time in us)."""
+        key = (pid, pver)
+        loop = asyncio.get_running_loop()
+        nbytes = size = 0
+        if response.HasField("prototype") and response.prototype.edit_payload:
+            payload = response.prototype.edit_payload
+            nbytes = len(payload)
+        elif key in self._prototypes:
+            self._prototypes.move_to_end(key)
+            return self._prototypes[key], 0, 0, 0.0
+        else:
+            assert self.link is not None
+            reply, size = await self.link.get_prototype(
+                pid, pver, _DTYPE_ENUM[self.config.payload_dtype]
+            )
+            self.bytes_down += size
+            payload, nbytes = reply.edit_payload, len(reply.edit_payload)
+        edit, us = await loop.run_in_executor(
+            self.executor, _timed, self._decode_edit, payload, False
+        )
+        self._prototypes[key] = edit
+        while len(self._prototypes) > PROTOTYPE_CACHE:
+            self._prototypes.popitem(last=False)
+        return edit, nbytes, size, us
+
+    def _decode_edit(self, payload: bytes, allow_prototype: bool) -> HeadEdit:
+        """RSE1 bytes -> a HeadEdit (shapes checked against this ranker's head)."""
+        decoded = decode_payload(
+            payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
+        )
+        if decoded.prototype_id is not None and not allow_prototype:
+            raise ValidationError("a prototype's own edit must not refer to another prototype")
+        return HeadEdit.from_flat(decoded.tensors)
+
+    def _build_edit(self, payload: bytes, prototype: HeadEdit | None) -> PreparedEdit:
+        """Decode the residual, add the prototype edit, validate against the bounds."""
+        return self._build_edit_timed(payload, prototype)[0]
+
+    def _build_edit_timed(
+        self, payload: bytes, prototype: HeadEdit | None
+    ) -> tuple[PreparedEdit, float, float]:
+        """:meth:`_build_edit` and its device compute: (edit, decode us, apply us)."""
+        t0 = time.perf_counter()
+        edit = self._decode_edit(payload, allow_prototype=True)
+        t1 = time.perf_counter()
+        if prototype is not None:
+            edit = HeadEdit.compose(prototype, edit)
+        prepared = self.ranker.prepare(edit)
+        t2 = time.perf_counter()
+        return prepared, (t1 - t0) * 1e6, (t2 - t1) * 1e6
+
+    def summary(self, history: list[int]) -> list[float]:
+        """The device summary [2D] of ``history`` (:func:`device_summary`)."""
+        return device_summary(self.ranker, history, self.config.summary_items)
+
+    # ---- ApplyEdit -----------------------------------------------------------------------------
+    async def apply_pushed(self, st: UserState, payload: bytes, source: str) -> None:
+        """Install a pushed edit (empty payload = revert to the base model); an edit that
+        refers to a prototype needs that prototype in the device's cache (NotFoundError)."""
+        source = source or "push"
+        if len(source) > MAX_ID_LEN:
+            raise ValidationError(
+                f"source label is {len(source)} characters; the limit is {MAX_ID_LEN}"
+            )
+        if not payload:
+            st.install_edit(None, None)
+            return
+        loop = asyncio.get_running_loop()
+        pid, pver = await loop.run_in_executor(self.executor, self._peek_prototype, payload)
+        proto = None
+        if pid is not None:
+            proto = self._prototypes.get((pid, pver))
+            if proto is None:
+                raise NotFoundError(
+                    f"the edit refers to prototype {pid} version {pver}, which this device does "
+                    "not hold; send an absolute edit or let the device fetch the prototype first"
+                )
+        prepared = await loop.run_in_executor(self.executor, self._build_edit, payload, proto)
+        self._push_counter += 1
+        info = EditInfo(
+            edit_id=self._push_counter,
+            prototype_id=pid or 0,
+            prototype_version=pver or 0,
+            source=source,
+            payload_bytes=len(payload),
+            applied_at_ms=int(time.time() * 1000),
+        )
+        st.install_edit(prepared, info)
+
+    def _peek_prototype(self, payload: bytes) -> tuple[int | None, int | None]:
+        decoded = decode_payload(
+            payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
+        )
+        return decoded.prototype_id, decoded.prototype_version

@@ -1,0 +1,280 @@
+"""The device's users: per-user state, the store holding it, and each user's A/B arm.
+
+:class:`UserState` is one device's state: a bounded recent history (item indices, oldest
+first) with its timestamps, the set of seen items, the cached user state [D], the active
+edit, the request-gate state and the cost counters. It is mutated on the event loop
+only; its ``lock`` orders one user's concurrent RecordEvents.
+
+:class:`UserStore` holds the users by id (created by their first event or seeded from a
+dataset), maps item ids to the ranker's indices, and resolves each user's experiment arm
+once (an injected :data:`~device_ranker.service.policy.ArmResolver`; without one every
+user follows the device's own gate). :func:`serving_mode` says how a user is served.
+
+Shapes: D model width, P probes.
+
+Example::
+
+    store = UserStore(ranker.item_ids, config, item_vectors)
+    st, new = store.get_or_create("u1")
+    await store.ensure_arm(st, "u1")
+    policy, gate = store.arm_policy(st)       # (None, the device gate) without an experiment
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from device_ranker.edits import PreparedEdit
+from device_ranker.gate import GateState, ShiftGate
+from device_ranker.service.config import DeviceConfig
+from device_ranker.service.policy import ArmPolicy, ArmResolver, TimerGate
+from recsys.errors import NotFoundError, ValidationError
+
+if TYPE_CHECKING:
+    from device_ranker.service.cloud_edits import FetchResult
+    from device_ranker.service.cloud_link import CloudLink
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LEN = 200
+
+# serving modes (the servicer maps them to the proto enum)
+BASE = "base"
+EDITED = "edited"
+FALLBACK_LAST_EDIT = "fallback_last_edit"
+FALLBACK_BASE = "fallback_base"
+
+
+def check_id(what: str, value: str) -> str:
+    """A non-empty id of at most :data:`MAX_ID_LEN` characters."""
+    if not value:
+        raise ValidationError(f"{what} must be a non-empty string")
+    if len(value) > MAX_ID_LEN:
+        raise ValidationError(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LEN}")
+    return value
+
+
+@dataclass(frozen=True)
+class EditInfo:
+    """What the active edit of a user is (reported in responses and the status)."""
+
+    edit_id: int
+    prototype_id: int = 0
+    prototype_version: int = 0
+    source: str = "cloud"
+    payload_bytes: int = 0
+    applied_at_ms: int = 0
+
+
+@dataclass
+class UserState:
+    """One device's state (mutated on the event loop only)."""
+
+    history: deque[int]
+    times: deque[int]
+    seen: set[int] = field(default_factory=set)
+    gate: GateState = field(default_factory=GateState)
+    version: int = 0  # bumps with every event; the cached state belongs to `state_version`
+    state: torch.Tensor | None = None  # [D] user state for the current history
+    state_version: int = -1
+    edit: PreparedEdit | None = None
+    edit_info: EditInfo | None = None
+    failed: bool = False  # the last edit request failed
+    note: str = ""
+    pending: asyncio.Task[FetchResult] | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    arm: str | None = None  # experiment arm (None = not resolved yet; "" = no experiment)
+    # orders one user's concurrent RecordEvents: rank-for-the-log, append, gate, request
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def install_edit(self, edit: PreparedEdit | None, info: EditInfo | None) -> None:
+        """Make ``edit`` the active edit (None = back to the base model); clears a failure."""
+        self.edit, self.edit_info = edit, info
+        self.failed, self.note = False, ""
+
+
+def serving_mode(st: UserState, adaptive: bool, link: CloudLink | None) -> tuple[str, str]:
+    """(serving mode, note) of a user right now: base for a static arm; a fallback mode
+    (with the reason) after a failed request or while the cloud is unreachable."""
+    if not adaptive:
+        return BASE, ""
+    cloud_down = link is not None and not link.reachable
+    if st.failed or cloud_down:
+        note = st.note if st.failed else f"cloud unreachable ({link.last_error})"
+        return (FALLBACK_LAST_EDIT if st.edit is not None else FALLBACK_BASE), note
+    return (EDITED if st.edit is not None else BASE), ""
+
+
+class UserStore:
+    """The users of one device server, the item catalogue they refer to, and their arms.
+
+    Args:
+        item_ids: the ranker's item ids in index order (I).
+        config: :class:`DeviceConfig` (history length, default gate and trigger, limits).
+        item_vectors: [I, D] item embeddings the shift gates compare windows with.
+        arm_for: the experiment's arm resolver (None = no experiment).
+    """
+
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        config: DeviceConfig,
+        item_vectors: np.ndarray,
+        arm_for: ArmResolver | None = None,
+    ) -> None:
+        self.config = config
+        self.item_ids: list[str] = list(item_ids)
+        self.item_index = {item: i for i, item in enumerate(self.item_ids)}
+        self.users: dict[str, UserState] = {}
+        self.item_vectors = item_vectors  # [I, D]
+        self.gate: ShiftGate | TimerGate = (
+            TimerGate(config.gate)
+            if config.trigger == "timer"
+            else ShiftGate(config.gate, item_vectors=item_vectors)
+        )
+        self.arm_for = arm_for
+        # arm name -> (its policy, its gate: None for a static arm)
+        self._arms: dict[str, tuple[ArmPolicy, ShiftGate | TimerGate | None]] = {}
+
+    # ---- users -----------------------------------------------------------------------------
+    def new_user(self, user_id: str) -> UserState:
+        n = self.config.history_len
+        st = UserState(history=deque(maxlen=n), times=deque(maxlen=n))
+        self.users[user_id] = st
+        return st
+
+    def user(self, user_id: str) -> UserState:
+        """A known user (its id checked); NotFoundError for an unknown one."""
+        st = self.users.get(check_id("user_id", user_id))
+        if st is None:
+            raise NotFoundError(
+                f"unknown user {user_id!r}: the device has no state for it; record an event "
+                "first (RecordEvent creates the user)"
+            )
+        return st
+
+    def seed_from_dataset(self) -> int:
+        """Give every user of the configured dataset its (training-period) history;
+        returns the number of users."""
+        from recsys.data import time_split
+        from recsys.data.registry import load_dataset
+
+        cfg = self.config
+        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
+        rows = (
+            time_split(ds, quantile=cfg.seed_quantile).train
+            if cfg.seed_histories == "time"
+            else np.arange(len(ds.interactions))
+        )
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        ds_items = [str(i) for i in ds.item_ids]
+        if ds_items == self.item_ids:
+            to_ranker = np.arange(len(ds_items), dtype=np.int64)
+        else:
+            to_ranker = np.asarray([self.item_index.get(i, -1) for i in ds_items], dtype=np.int64)
+        users, items = ds.user_index[rows], to_ranker[ds.item_index[rows]]
+        times, user_ids = ds.timestamps[rows], [str(u) for u in ds.user_ids]
+        for u, i, t in zip(users.tolist(), items.tolist(), times.tolist(), strict=True):
+            if i < 0:
+                continue
+            st = self.users.get(user_ids[u])
+            if st is None:
+                st = self.new_user(user_ids[u])
+            st.history.append(i)
+            st.times.append(int(t))
+            st.seen.add(i)
+        return len(self.users)
+
+    # ---- the catalogue --------------------------------------------------------------------
+    def item(self, item_id: str) -> int:
+        """Item id -> the ranker's index; NotFoundError for an item outside the catalogue."""
+        idx = self.item_index.get(check_id("item_id", item_id))
+        if idx is None:
+            raise NotFoundError(f"unknown item {item_id!r}: not in the ranker's catalogue")
+        return idx
+
+    def candidate_indices(self, candidates: Sequence[str]) -> np.ndarray:
+        """A Recommend's candidate ids -> sorted unique item indices (empty, too many or
+        unknown: ValidationError / NotFoundError)."""
+        if len(candidates) == 0:
+            raise ValidationError(
+                "the candidate list is empty; leave `candidates` unset to rank the whole catalogue"
+            )
+        limit = self.config.max_candidates
+        if len(candidates) > limit:
+            raise ValidationError(f"{len(candidates)} candidates; the limit is {limit}")
+        return np.unique(np.fromiter((self.item(c) for c in candidates), np.int64))
+
+    def probe_indices(self, probes: Sequence[str]) -> np.ndarray:
+        """Probe ids -> item indices [P] (unknown or too many: ValidationError)."""
+        limit = self.config.max_probes
+        if len(probes) > limit:
+            raise ValidationError(f"{len(probes)} probe items; the limit is {limit}")
+        idx = np.empty(len(probes), dtype=np.int64)
+        for n, item in enumerate(probes):  # P <= max_probes dict look-ups
+            found = self.item_index.get(item)
+            if found is None:
+                raise ValidationError(
+                    f"unknown probe item {item[:100]!r} (position {n}): probes must be items "
+                    "of the ranker's catalogue"
+                )
+            idx[n] = found
+        return idx
+
+    # ---- arms ------------------------------------------------------------------------------
+    async def ensure_arm(self, st: UserState, user_id: str) -> None:
+        """Resolve the user's arm once (the resolver may block: a worker thread)."""
+        if st.arm is not None:
+            return
+        if self.arm_for is None:
+            st.arm = ""
+            return
+        name, policy = await asyncio.to_thread(self.arm_for, user_id)
+        name = str(name)
+        if name not in self._arms:
+            arm = ArmPolicy.from_dict(policy)
+            self._arms[name] = (arm, arm.make_gate(self.config.gate, self.item_vectors))
+            logger.info("arm %r: %s", name, arm)
+        st.arm = name
+
+    def arm_policy(self, st: UserState) -> tuple[ArmPolicy | None, ShiftGate | TimerGate | None]:
+        """(the user's arm policy or None without an experiment, the gate it uses or None
+        when the user never asks the cloud)."""
+        if st.arm:
+            return self._arms[st.arm]
+        return None, self.gate
+
+    def adaptive(self, st: UserState) -> bool:
+        """Whether the user's device adapts (False for a static arm)."""
+        policy, _ = self.arm_policy(st)
+        return policy is None or policy.adaptive
+
+    def user_status(self, user_id: str, st: UserState, link: CloudLink | None) -> dict[str, Any]:
+        """The GetStatus figures of one user (its arm resolved)."""
+        _, gate = self.arm_policy(st)
+        mode, note = serving_mode(st, self.adaptive(st), link)
+        return {
+            "user_id": user_id,
+            "history_length": len(st.history),
+            "mode": mode,
+            "note": note,
+            "edit": st.edit_info,
+            "events_since_edit": st.gate.events_since_request,
+            "last_shift_score": st.gate.last_score,
+            "bytes_up": st.bytes_up,
+            "bytes_down": st.bytes_down,
+            "arm": st.arm or "",
+            "adaptive": gate is not None and link is not None,
+            "trigger": "timer" if isinstance(gate, TimerGate) else "gate",
+            "gate_budget": gate.config.budget if gate is not None else 0.0,
+            "gate_threshold": gate.threshold() if gate is not None else float("inf"),
+        }
