@@ -1,13 +1,17 @@
-"""Download official dataset archives (``recsys data fetch``).
+"""Download official dataset archives (``recsys data fetch``) with pooch, checksum-verified.
 
 Only MovieLens 100K is published as a plain download; the other datasets come from
 research repositories and must be placed by hand (the error says where).
 
-The archive is streamed to a temporary file beside the destination (with a tqdm
-progress bar), moved into place atomically, checked, and extracted into a temporary
-folder that is then renamed to ``DEST/ml-100k``; an interrupted fetch leaves no partial
-dataset behind. The GroupLens layout (``u.data``, ``u.item``) is read by
-:mod:`recsys.data.movielens`.
+The archive is downloaded by :func:`pooch.retrieve` (a temporary file moved into place,
+a tqdm progress bar, and the SHA-256 checked against the registered hash: a changed
+release, a proxy's login page or a truncated download is refused and deleted). A second
+fetch reuses a cached archive whose hash still matches. The archive is then extracted by
+:func:`_safe_extract` into a staging folder renamed to ``DEST/ml-100k`` (hand-written on
+purpose: ``pooch.Unzip`` neither refuses paths outside the folder nor replaces the
+dataset folder atomically nor checks the required files), so an interrupted fetch
+leaves no partial dataset behind. The GroupLens layout (``u.data``, ``u.item``) is read
+by :mod:`recsys.data.movielens`.
 """
 
 from __future__ import annotations
@@ -16,19 +20,20 @@ import logging
 import os
 import shutil
 import tempfile
-import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, Final
 
-from tqdm.auto import tqdm
+import pooch
 
 from recsys.errors import DataFormatError, RecsysError
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 16
+REGISTERED: Final = "registered"  # fetch_dataset's default: the archive's known hash
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,15 @@ class Archive:
         url: the official download address.
         folder: the folder the archive unpacks to (and the raw folder name).
         required: files that must be in ``folder`` after extraction.
+        known_hash: pooch's ``"sha256:<hex>"`` of the official archive; None only where
+            no published hash is known (then the download is not verified: say why in
+            the entry's comment).
     """
 
     url: str
     folder: str
     required: tuple[str, ...]
+    known_hash: str | None
 
 
 ARCHIVES: dict[str, Archive] = {
@@ -51,25 +60,27 @@ ARCHIVES: dict[str, Archive] = {
         url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
         folder="ml-100k",
         required=("u.data", "u.item"),
+        # the stable GroupLens release (4,924,029 bytes; GroupLens' published MD5 is
+        # 0e33842e24a9c977be4e0107933c0723); this SHA-256 is the one independent
+        # projects record for the same file
+        known_hash="sha256:50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
     ),
 }
 
 
-def _download(url: str, dest: Path, timeout: float) -> None:
-    """Stream ``url`` into ``dest`` via a temp file in the same folder, then rename."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _copy_local(url: str, output_file: str, _pooch: Any) -> None:
+    """pooch downloader for ``file://`` URLs (a mirror on a shared disk; the tests);
+    pooch passes the temporary file it then verifies and moves into place."""
+    shutil.copyfile(urllib.request.url2pathname(urllib.parse.urlparse(url).path), output_file)
+
+
+def _downloader(url: str, timeout: float) -> Any:
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme == "file":
+        return _copy_local
+    if scheme in ("http", "https"):
+        return pooch.HTTPDownloader(progressbar=True, timeout=timeout)
+    raise RecsysError(f"cannot download {url!r}: give an http(s):// or file:// URL")
 
 
 def _safe_extract(archive: Path, into: Path) -> None:
@@ -86,19 +97,29 @@ def _safe_extract(archive: Path, into: Path) -> None:
 
 
 def fetch_dataset(
-    name: str, dest: str | Path, url: str | None = None, *, timeout: float = 60.0
+    name: str,
+    dest: str | Path,
+    url: str | None = None,
+    *,
+    known_hash: str | None = REGISTERED,
+    timeout: float = 60.0,
 ) -> Path:
-    """Download and unpack dataset ``name`` into ``dest``; return ``dest/<folder>``.
+    """Download, verify and unpack dataset ``name`` into ``dest``; return ``dest/<folder>``.
 
     Args:
         name: a key of :data:`ARCHIVES` (``ml-100k``).
-        dest: the raw data directory (the folder that will hold ``ml-100k/``).
-        url: override the download address (mirrors, tests with ``file://``).
+        dest: the raw data directory (the folder that will hold ``ml-100k/`` and the
+            downloaded ``ml-100k.zip``).
+        url: override the download address (a mirror of the same archive, ``file://``).
+        known_hash: the hash the download must have, in pooch's form
+            (``"sha256:<hex>"``); by default the registered hash of the official
+            archive; None skips the check (an archive built locally, e.g. in tests).
         timeout: seconds to wait for the server.
 
     Raises:
         RecsysError: unknown name, or the download failed (with manual instructions).
-        DataFormatError: the archive is not a zip or lacks the expected files.
+        DataFormatError: the download does not match the hash, is not a zip or lacks the
+            expected files.
 
     Example::
 
@@ -109,14 +130,25 @@ def fetch_dataset(
         raise RecsysError(f"cannot fetch {name!r}: downloadable datasets are {', '.join(ARCHIVES)}")
     spec = ARCHIVES[name]
     url = url or spec.url
+    expected = spec.known_hash if known_hash == REGISTERED else known_hash
     root = Path(dest).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     target = root / spec.folder
-    zip_path = root / f"{spec.folder}.zip"
+    cached = root / f"{spec.folder}.zip"
+    if expected is None:  # nothing to check a cached copy against: download again
+        cached.unlink(missing_ok=True)
     logger.info("downloading %s from %s", name, url)
     try:
-        _download(url, zip_path, timeout)
-    except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: malformed URL
+        zip_path = Path(
+            pooch.retrieve(
+                url,
+                expected,
+                fname=cached.name,
+                path=root,
+                downloader=_downloader(url, timeout),
+            )
+        )
+    except OSError as exc:  # also requests' errors (connection, HTTP status, bad URL)
         reason = getattr(exc, "reason", exc)
         raise RecsysError(
             f"could not download {name} from {url} ({reason}). Download it manually from "
@@ -124,17 +156,27 @@ def fetch_dataset(
             f"folder under the directory given by --data-dir / RECSYS_DATA_DIR), then run "
             f"`recsys data prepare {name}`"
         ) from None
+    except ValueError as exc:  # pooch: the download's hash is not the known hash
+        raise DataFormatError(
+            url,
+            None,
+            f"not the official {spec.folder}.zip ({exc}); download it from {spec.url}",
+        ) from None
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", dir=root))
     try:
-        _safe_extract(zip_path, staging)
-        extracted = staging / spec.folder
-        if not extracted.is_dir():  # an archive without the top folder
-            extracted = staging
-        missing = [f for f in spec.required if not (extracted / f).is_file()]
-        if missing:
-            raise DataFormatError(
-                zip_path, None, f"archive lacks {spec.folder}/{', '.join(missing)}"
-            )
+        try:
+            _safe_extract(zip_path, staging)
+            extracted = staging / spec.folder
+            if not extracted.is_dir():  # an archive without the top folder
+                extracted = staging
+            missing = [f for f in spec.required if not (extracted / f).is_file()]
+            if missing:
+                raise DataFormatError(
+                    zip_path, None, f"archive lacks {spec.folder}/{', '.join(missing)}"
+                )
+        except DataFormatError:
+            zip_path.unlink(missing_ok=True)  # a retry downloads again
+            raise
         if target.exists():
             old = root / f".{spec.folder}.old"
             shutil.rmtree(old, ignore_errors=True)
