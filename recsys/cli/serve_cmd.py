@@ -7,29 +7,60 @@ recsys bench serve  [--dataset ml-100k] [--concurrency 32] [--duration 10] [--ra
 
 Both servers bind 127.0.0.1 by default, answer the standard health check (NOT_SERVING
 until their models are loaded) and server reflection, and stop gracefully on SIGTERM.
+The load benchmark itself is :mod:`recsys.workflows.serve_bench`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import add_json_option, add_location_options, write_json
 
 logger = logging.getLogger(__name__)
+
+DTYPES = ("fp16", "int8", "fp32")
+
+
+def _opt(g: Any, flag: str, default: Any, help: str, **kw: Any) -> None:
+    """An option whose type is its default's and whose help ends with the default."""
+    g.add_argument(
+        flag, type=type(default), default=default, help=f"{help} (default {default})", **kw
+    )
+
+
+def _add_dataset(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dataset", default="ml-100k", help=f"{what} (default ml-100k)")
+
+
+def _add_dtype(g: Any, help: str) -> None:
+    g.add_argument("--payload-dtype", choices=DTYPES, default="fp16", help=f"{help} (default fp16)")
+
+
+def _add_batching(g: Any, flags: tuple[str, str], defaults: tuple[int, float], what: str) -> None:
+    """A micro-batcher's two options: calls per engine pass, wait for more (ms)."""
+    _opt(g, flags[0], defaults[0], f"{what} per engine pass at most (1 = micro-batching off)")
+    _opt(g, flags[1], defaults[1], "how long a batch waits for more calls, ms")
+
+
+def _batch(max_batch: int, wait_ms: float) -> Any:
+    from recsys.serving.batching import BatchConfig
+
+    return BatchConfig(max_batch=max_batch, max_wait_ms=wait_ms)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``cloud`` and ``device`` to ``serve`` and ``serve`` to ``bench``."""
-    p = groups["serve"].add_parser(
+    _register_cloud(groups["serve"])
+    _register_device(groups["serve"])
+    _register_bench(groups["bench"])
+
+
+def _register_cloud(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
         "cloud",
         help="run the cloud AdaptationService (LM tokens -> adaptor -> prototype-relative edits)",
         description="Serve recsys.cloud.v1.AdaptationService: GenerateEdit (micro-batched), "
@@ -41,11 +72,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument(
         "--engine", choices=("artifacts", "tiny"), default="artifacts", help="(default artifacts)"
     )
-    p.add_argument(
-        "--dataset",
-        default="ml-100k",
-        help="dataset (default ml-100k): locates the artefacts, or the tiny engine's catalogue",
-    )
+    _add_dataset(p, "dataset: locates the artefacts, or the tiny engine's catalogue")
     p.add_argument(
         "--adaptor", help="adaptor artefact (default CACHE_DIR/artifacts/NAME/adaptor/adaptor.pt)"
     )
@@ -70,25 +97,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         default="fc0=128x64,fc1=64x128",
         help="tiny engine: the ranker head, 'fc0=OUTxIN,fc1=OUTxIN' (default: ml-100k's)",
     )
-    p.add_argument("--seed", type=int, default=0, help="tiny engine seed (default 0)")
-    p.add_argument(
-        "--batch-max",
-        type=int,
-        default=32,
-        help="GenerateEdit calls per engine call (default 32; 1 = micro-batching off)",
-    )
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long a batch waits for more calls, ms (default 5)",
-    )
-    p.add_argument(
-        "--payload-dtype",
-        choices=("fp16", "int8", "fp32"),
-        default="fp16",
-        help="edit precision when a request does not choose (default fp16)",
-    )
+    _opt(p, "--seed", 0, "tiny engine seed")
+    _add_batching(p, ("--batch-max", "--batch-wait-ms"), (32, 5.0), "GenerateEdit calls")
+    _add_dtype(p, "edit precision when a request does not choose")
     p.add_argument(
         "--token-file",
         help="require the shared token in this file from callers (authorization: Bearer)",
@@ -97,7 +108,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     add_location_options(p)
     p.set_defaults(handler=cmd_serve_cloud)
 
-    p = groups["serve"].add_parser(
+
+def _register_device(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
         "device",
         help="run the device RecommendationService (TorchRec ranker + edits + request gate)",
         description="Serve recsys.device.v1.RecommendationService: Recommend (micro-batched, "
@@ -113,55 +126,30 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "--checkpoint",
         help="ranker checkpoint (default CACHE_DIR/artifacts/NAME/ranker-time.pt, else ranker.pt)",
     )
-    p.add_argument(
-        "--dataset", default="ml-100k", help="dataset whose users are seeded (default ml-100k)"
-    )
+    _add_dataset(p, "dataset whose users are seeded")
     p.add_argument(
         "--seed-histories",
         choices=("time", "all", "none"),
         default="time",
         help="events that seed the users' histories (default time: the training period)",
     )
-    p.add_argument(
-        "--seed-quantile", type=float, default=0.8, help="time split quantile (default 0.8)"
-    )
-    p.add_argument(
-        "--history-len", type=int, default=200, help="events kept per user (default 200)"
-    )
-    p.add_argument("--max-k", type=int, default=1000, help="largest k (default 1000)")
-    p.add_argument(
-        "--max-candidates", type=int, default=10_000, help="largest candidate list (default 10000)"
-    )
+    _opt(p, "--seed-quantile", 0.8, "time split quantile")
+    _opt(p, "--history-len", 200, "events kept per user")
+    _opt(p, "--max-k", 1000, "largest k")
+    _opt(p, "--max-candidates", 10_000, "largest candidate list")
     p.add_argument("--max-weight-norm", type=float, help="edit bound ||dW||_F per layer")
     p.add_argument("--max-bias-abs", type=float, help="edit bound max |db|")
-    p.add_argument(
-        "--rank-batch",
-        type=int,
-        default=64,
-        help="Recommend calls ranked in one pass at most (default 64; 1 = off)",
-    )
+    _add_batching(p, ("--rank-batch", "--rank-wait-ms"), (64, 2.0), "Recommend calls")
     p.add_argument(
         "--rank-inline",
         action="store_true",
         help="rank on the event loop's thread instead of a worker thread",
     )
-    p.add_argument(
-        "--rank-wait-ms",
-        type=float,
-        default=2.0,
-        help="how long a ranking batch waits for more calls, ms (default 2)",
-    )
     g = p.add_argument_group("request gate (device_ranker.gate)")
-    g.add_argument(
-        "--gate-budget", type=float, default=0.2, help="target request rate per event (default 0.2)"
-    )
-    g.add_argument("--gate-window", type=int, default=10, help="recent window, events (default 10)")
-    g.add_argument(
-        "--gate-min-history", type=int, default=5, help="events before a first request (default 5)"
-    )
-    g.add_argument(
-        "--gate-min-gap", type=int, default=5, help="events between requests (default 5)"
-    )
+    _opt(g, "--gate-budget", 0.2, "target request rate per event")
+    _opt(g, "--gate-window", 10, "recent window, events")
+    _opt(g, "--gate-min-history", 5, "events before a first request")
+    _opt(g, "--gate-min-gap", 5, "events between requests")
     g.add_argument(
         "--gate-threshold",
         type=float,
@@ -171,52 +159,33 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "--gate-trigger",
         choices=("gate", "timer"),
         default="gate",
-        help="gate: the shift gate; timer: a request every round(1/budget) events, the "
-        "baseline the gate must beat (default gate)",
+        help="gate: the shift gate; timer: a request every round(1/budget) events, "
+        "the baseline the gate must beat (default gate)",
     )
     g = p.add_argument_group("link to the cloud")
     g.add_argument("--cloud", help="cloud host:port (default: none, base model only)")
-    g.add_argument(
-        "--cloud-deadline", type=float, default=1.0, help="GenerateEdit deadline, s (default 1)"
-    )
-    g.add_argument(
-        "--probe-interval", type=float, default=1.0, help="cloud health probe period, s (default 1)"
-    )
+    _opt(g, "--cloud-deadline", 1.0, "GenerateEdit deadline, s")
+    _opt(g, "--probe-interval", 1.0, "cloud health probe period, s")
     g.add_argument("--cloud-token-file", help="shared token sent to the cloud")
     g.add_argument("--cloud-tls-ca", help="trust this PEM for the cloud's TLS certificate (TLS on)")
     g.add_argument("--cloud-tls-name", help="name expected in the cloud's certificate")
-    g.add_argument(
-        "--payload-dtype",
-        choices=("fp16", "int8", "fp32"),
-        default="fp16",
-        help="downlink precision (default fp16)",
-    )
+    _add_dtype(g, "downlink precision")
     g.add_argument(
         "--no-summary", action="store_true", help="send only item ids up (no summary vector)"
     )
-    g.add_argument(
-        "--recent-items",
-        type=int,
-        default=50,
-        help="recent item ids a GenerateEdit request carries (default 50)",
-    )
-    g.add_argument(
-        "--summary-items",
-        type=int,
-        default=10,
-        help="recent items pooled into the summary vector (default 10)",
-    )
+    _opt(g, "--recent-items", 50, "recent item ids a GenerateEdit request carries")
+    _opt(g, "--summary-items", 10, "recent items pooled into the summary vector")
     g = p.add_argument_group("A/B experiment and evaluation")
     g.add_argument(
         "--experiment",
         metavar="FILE",
-        help="serve an experiment (recsys abtest file): each user's arm (hashed from the "
-        "salt, persisted in the store) decides static vs adapted and its gate budget",
+        help="serve an experiment (recsys abtest file): each user's arm (hashed from "
+        "the salt, persisted in the store) decides static vs adapted and its gate budget",
     )
     g.add_argument(
         "--store-url",
-        help="store of the experiment's arm assignments (default: RECSYS_DATABASE_URL or "
-        "CACHE_DIR/store.sqlite)",
+        help="store of the experiment's arm assignments (default: RECSYS_DATABASE_URL "
+        "or CACHE_DIR/store.sqlite)",
     )
     g.add_argument(
         "--event-log",
@@ -224,17 +193,14 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         help="append one JSON line per RecordEvent (user, arm, item, its rank under the "
         "served model, request, bytes) for `recsys abtest analyze`",
     )
-    g.add_argument(
-        "--max-probes",
-        type=int,
-        default=1000,
-        help="largest probe list of a Recommend (evaluation scores and ranks; default 1000)",
-    )
+    _opt(g, "--max-probes", 1000, "largest probe list of a Recommend (evaluation scores and ranks)")
     _add_server_options(p, default_port=50052)
     add_location_options(p)
     p.set_defaults(handler=cmd_serve_device)
 
-    p = groups["bench"].add_parser(
+
+def _register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
         "serve",
         help="load benchmark of the gRPC services over loopback (Recommend, GenerateEdit)",
         description="Start the device server (and the cloud server) as child processes, "
@@ -243,22 +209,14 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "both at --concurrency; then GenerateEdit with micro-batching on and off. Prints "
         "throughput and p50/p95/p99 latency; --json writes every figure.",
     )
-    p.add_argument("--dataset", default="ml-100k", help="dataset (default ml-100k)")
+    _add_dataset(p, "dataset")
     p.add_argument("--checkpoint", help="ranker checkpoint (default: as for serve device)")
-    p.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")
-    p.add_argument(
-        "--duration", type=float, default=10.0, help="measured seconds per phase (default 10)"
-    )
-    p.add_argument(
-        "--warmup", type=float, default=2.0, help="seconds not counted per phase (default 2)"
-    )
-    p.add_argument(
-        "--rate", type=float, default=1000.0, help="open-loop Recommend rate, 1/s (default 1000)"
-    )
-    p.add_argument("--k", type=int, default=10, help="k of Recommend (default 10)")
-    p.add_argument(
-        "--users", type=int, default=500, help="users the requests cycle over (default 500)"
-    )
+    _opt(p, "--concurrency", 32, "calls in flight")
+    _opt(p, "--duration", 10.0, "measured seconds per phase")
+    _opt(p, "--warmup", 2.0, "seconds not counted per phase")
+    _opt(p, "--rate", 1000.0, "open-loop Recommend rate, 1/s")
+    _opt(p, "--k", 10, "k of Recommend")
+    _opt(p, "--users", 500, "users the requests cycle over")
     p.add_argument(
         "--no-edits",
         action="store_true",
@@ -270,16 +228,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         default="auto",
         help="cloud engine for GenerateEdit (auto: artifacts if trained, else tiny)",
     )
-    p.add_argument(
-        "--edit-duration",
-        type=float,
-        default=8.0,
-        help="measured seconds per GenerateEdit phase (default 8)",
-    )
+    _opt(p, "--edit-duration", 8.0, "measured seconds per GenerateEdit phase")
     p.add_argument("--skip-edits", action="store_true", help="skip the GenerateEdit phases")
-    p.add_argument(
-        "--torch-threads", type=int, default=1, help="torch threads in the servers (default 1)"
-    )
+    _opt(p, "--torch-threads", 1, "torch threads in the servers")
     add_location_options(p)
     add_json_option(p)
     p.set_defaults(handler=cmd_bench_serve)
@@ -301,18 +252,11 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
         default=4 * 2**20,
         help="message size limit (default 4 MiB)",
     )
-    g.add_argument(
-        "--grace",
-        type=float,
-        default=5.0,
-        help="seconds in-flight calls get on SIGTERM (default 5)",
-    )
+    _opt(g, "--grace", 5.0, "seconds in-flight calls get on SIGTERM")
     g.add_argument("--tls-cert", help="PEM certificate (with --tls-key: TLS on)")
     g.add_argument("--tls-key", help="PEM private key")
     g.add_argument("--max-concurrent-rpcs", type=int, help="calls served at once (default: no cap)")
-    g.add_argument(
-        "--torch-threads", type=int, default=1, help="torch intra-op threads (default 1)"
-    )
+    _opt(g, "--torch-threads", 1, "torch intra-op threads")
 
 
 def _server_options(args: argparse.Namespace) -> Any:
@@ -356,7 +300,6 @@ def default_checkpoint(args: argparse.Namespace) -> Path:
 def cmd_serve_cloud(args: argparse.Namespace) -> int:
     from llm_cloud.service.engine import ArtifactEngineConfig
     from llm_cloud.service.server import CloudConfig, serve_cloud
-    from recsys.serving.batching import BatchConfig
 
     artifacts = None
     if args.engine == "artifacts":
@@ -378,7 +321,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
         head_spec=args.head_spec,
         store_url=args.store_url,
         seed=args.seed,
-        batch=BatchConfig(max_batch=args.batch_max, max_wait_ms=args.batch_wait_ms),
+        batch=_batch(args.batch_max, args.batch_wait_ms),
         default_dtype=args.payload_dtype,
         token_file=args.token_file,
         torch_threads=args.torch_threads,
@@ -392,7 +335,6 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
     from device_ranker.gate import GateConfig
     from device_ranker.service.config import CloudLinkConfig, DeviceConfig
     from device_ranker.service.server import serve_device
-    from recsys.serving.batching import BatchConfig
 
     experiment, arm_for = None, None
     if args.experiment:
@@ -412,7 +354,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         max_weight_norm=args.max_weight_norm,
         max_bias_abs=args.max_bias_abs,
         torch_threads=args.torch_threads,
-        rank_batch=BatchConfig(max_batch=args.rank_batch, max_wait_ms=args.rank_wait_ms),
+        rank_batch=_batch(args.rank_batch, args.rank_wait_ms),
         rank_inline=args.rank_inline,
         experiment=experiment,
         event_log=args.event_log,
@@ -480,278 +422,26 @@ def experiment_arms(path: str, store_url: str | None) -> tuple[str, Any]:
     return exp.name, arm_for
 
 
-# ---- bench serve ---------------------------------------------------------------------------------
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from recsys.serving.process import ServerProcess
+    from recsys.workflows.serve_bench import ServeBenchConfig, run_serve_bench
 
-    if args.concurrency < 1 or args.duration <= 0 or args.users < 1:
-        from recsys.errors import ValidationError
-
-        raise ValidationError("--concurrency, --users >= 1 and --duration > 0 required")
-    t0 = time.perf_counter()
-    ckpt = default_checkpoint(args)
-    work = _BenchData.load(args, ckpt)
-    loc = []
-    if args.data_dir:
-        loc += ["--data-dir", args.data_dir]
-    if args.cache_dir:
-        loc += ["--cache-dir", args.cache_dir]
-    report: dict[str, Any] = {
-        "dataset": args.dataset,
-        "checkpoint": str(ckpt),
-        "num_items": work.num_items,
-        "concurrency": args.concurrency,
-        "rate": args.rate,
-        "k": args.k,
-        "users": len(work.users),
-        "with_edits": not args.no_edits,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
-    device = ServerProcess(
-        ["serve", "device", "--checkpoint", str(ckpt), "--dataset", args.dataset,
-         "--torch-threads", str(args.torch_threads), *loc],
-        name="device",
-    )  # fmt: skip
-    gc.collect()
-    gc.freeze()  # the load generator's own heap (dataset, ranker) stays out of GC passes
-    with device:
-        device.wait_ready(timeout=300)
-        report["recommend"] = asyncio.run(_bench_recommend(args, work, device))
-    rows = [
-        {
-            "phase": r["mode"],
-            "concurrency": r["concurrency"],
-            "offered_rps": "max" if r["offered_rps"] is None else f"{r['offered_rps']:,.0f}",
-            "requests": r["requests"],
-            "errors": r["errors"],
-            "throughput_rps": r["throughput_rps"],
-            "p50_ms": r["p50_ms"],
-            "p95_ms": r["p95_ms"],
-            "p99_ms": r["p99_ms"],
-            "server_cpu_ms": r.get("server_cpu_ms_per_call", float("nan")),
-            "client_cpu_ms": r["client_cpu_ms_per_call"],
-        }
-        for r in report["recommend"]
-    ]
-    print_table(
-        rows,
-        title=f"Recommend over loopback: {work.num_items} items (full catalogue), k={args.k}, "
-        f"{len(work.users)} users, {'per-user edits' if not args.no_edits else 'base model'}, "
-        f"device server in a child process ({args.torch_threads} torch thread), "
-        f"client: grpc.aio in this process, {args.duration:.0f} s per phase",
+    cfg = ServeBenchConfig(
+        checkpoint=str(default_checkpoint(args)),
+        adaptor=str(_artifacts(args) / "adaptor" / "adaptor.pt"),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        warmup=args.warmup,
+        rate=args.rate,
+        k=args.k,
+        users=args.users,
+        with_edits=not args.no_edits,
+        edit_engine=args.edit_engine,
+        edit_duration=args.edit_duration,
+        skip_edits=args.skip_edits,
+        torch_threads=args.torch_threads,
     )
-    open_loop = report["recommend"][-1]
-    met = (
-        open_loop["throughput_rps"] >= 1000
-        and open_loop["p99_ms"] < 20
-        and open_loop["errors"] == 0
-        and args.concurrency >= 32
-    )
-    report["goal_met"] = met
-    print(
-        f"goal (>= 1,000 req/s with p99 < 20 ms at 32 concurrent clients): "
-        f"{'met' if met else 'NOT met'} ({open_loop['throughput_rps']:,.0f} req/s, "
-        f"p99 {open_loop['p99_ms']:.2f} ms at {args.concurrency} in flight)"
-    )
-
-    if not args.skip_edits:
-        report["generate_edit"] = _bench_edits(args, work, loc)
-        rows = [
-            {
-                "batching": r["batching"],
-                "max_batch": r["max_batch"],
-                "wait_ms": r["wait_ms"],
-                "requests": r["requests"],
-                "errors": r["errors"],
-                "throughput_rps": r["throughput_rps"],
-                "p50_ms": r["p50_ms"],
-                "p95_ms": r["p95_ms"],
-                "p99_ms": r["p99_ms"],
-                "mean_batch": r["mean_batch"],
-            }
-            for r in report["generate_edit"]
-        ]
-        engine = report["generate_edit"][0]["engine"] if report["generate_edit"] else "?"
-        print_table(
-            rows,
-            title=f"GenerateEdit over loopback: engine {engine}, closed loop at "
-            f"{args.concurrency} in flight, {args.edit_duration:.0f} s per phase",
-        )
-        on, off = report["generate_edit"]
-        if off["throughput_rps"]:
-            report["batching_speedup"] = on["throughput_rps"] / off["throughput_rps"]
-            print(f"micro-batching speed-up: x{report['batching_speedup']:.2f} throughput")
-    report["seconds"] = time.perf_counter() - t0
-    print(f"(bench {report['seconds']:.0f} s; load average before: "
-          f"{', '.join(f'{x:.1f}' for x in report['load_average'])} on {os.cpu_count()} cores)")  # fmt: skip
-    write_json(args.json, report)
+    write_json(args.json, run_serve_bench(cfg))
     return 0
-
-
-class _BenchData:
-    """Users, their histories, edits and summaries for the benchmark requests."""
-
-    def __init__(self) -> None:
-        self.users: list[str] = []
-        self.recent: list[list[str]] = []
-        self.summaries: list[list[float]] = []
-        self.edits: list[bytes] = []
-        self.num_items = 0
-        self.spec: dict[str, tuple[int, int]] = {}
-
-    @classmethod
-    def load(cls, args: argparse.Namespace, ckpt: Path) -> _BenchData:
-        import numpy as np
-        import torch
-
-        from device_ranker.edits import random_edit
-        from device_ranker.ranker import Ranker
-        from device_ranker.service.cloud_edits import device_summary
-        from recsys.data import time_split
-        from recsys.data.registry import load_dataset
-        from recsys.edit_payload import encode_payload
-
-        torch.set_num_threads(1)
-        ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
-        ranker = Ranker.from_checkpoint(ckpt)
-        rows = np.sort(time_split(ds, quantile=0.8).train)
-        users = ds.user_index[rows]
-        seqs: dict[int, list[int]] = {}
-        for u, i in zip(users.tolist(), ds.item_index[rows].tolist(), strict=True):
-            seqs.setdefault(u, []).append(i)
-        order = [u for u in sorted(seqs) if len(seqs[u]) >= 5][: args.users]
-        out = cls()
-        out.num_items = ranker.num_items
-        out.spec = ranker.edit_spec()
-        gen = torch.Generator().manual_seed(0)
-        for u in order:
-            hist = seqs[u]
-            out.users.append(str(ds.user_ids[u]))
-            out.recent.append([str(ds.item_ids[i]) for i in hist[-50:]])
-            out.summaries.append(device_summary(ranker, hist, 10))
-            edit = random_edit(ranker.model.head, rank=8, scale=0.01, generator=gen)
-            out.edits.append(encode_payload(edit.to_flat(), dtype="fp16"))
-        return out
-
-
-async def _bench_recommend(args: argparse.Namespace, work: _BenchData, device: Any) -> list[dict]:
-    from recsys.rpc.device.v1 import recommendation_pb2 as pb
-    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
-    from recsys.serving.loadgen import run_load
-    from recsys.serving.server import client_channel
-
-    async with client_channel(device.target) as channel:
-        stub = pb_grpc.RecommendationServiceStub(channel)
-        if not args.no_edits:
-            for user, payload in zip(work.users, work.edits, strict=True):
-                await stub.ApplyEdit(
-                    pb.ApplyEditRequest(user_id=user, edit_payload=payload, source="bench"),
-                    timeout=5,
-                )
-        requests = [pb.RecommendRequest(user_id=u, k=args.k) for u in work.users]
-
-        async def call(n: int) -> Any:
-            return await stub.Recommend(requests[n % len(requests)], timeout=5.0)
-
-        for r in requests[:50]:  # warm the user-state cache path and the channel
-            await stub.Recommend(r, timeout=10.0)
-        results = []
-        for rate in (None, args.rate):
-            server0, client0 = device.cpu_seconds(), time.process_time()
-            res = await run_load(
-                call,
-                concurrency=args.concurrency,
-                duration_s=args.duration,
-                rate=rate,
-                warmup_s=args.warmup,
-            )
-            summary = res.summary()
-            calls = max(summary["requests"] + summary["errors"], 1) * (
-                1 + args.warmup / args.duration
-            )  # the warm-up calls used CPU too
-            if server0 is not None:
-                summary["server_cpu_ms_per_call"] = (device.cpu_seconds() - server0) * 1000 / calls
-            summary["client_cpu_ms_per_call"] = (time.process_time() - client0) * 1000 / calls
-            logger.info("recommend %s: %s", summary["mode"], summary)
-            results.append(summary)
-        return results
-
-
-def _bench_edits(args: argparse.Namespace, work: _BenchData, loc: list[str]) -> list[dict]:
-    """GenerateEdit with micro-batching on, then off (a fresh cloud process each)."""
-    from recsys.serving.process import ServerProcess
-
-    root = _artifacts(args)
-    adaptor = root / "adaptor" / "adaptor.pt"
-    engine = args.edit_engine
-    if engine == "auto":
-        engine = "artifacts" if adaptor.is_file() else "tiny"
-    results = []
-    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
-        for label, max_batch, wait_ms in (("on", 32, 5.0), ("off", 1, 0.0)):
-            argv = ["serve", "cloud", "--engine", engine, "--dataset", args.dataset,
-                    "--batch-max", str(max_batch), "--batch-wait-ms", str(wait_ms),
-                    "--torch-threads", str(args.torch_threads), *loc]  # fmt: skip
-            store = Path(tmp) / f"store-{label}.sqlite"
-            if engine == "tiny":
-                spec = ",".join(f"{n}={o}x{i}" for n, (o, i) in work.spec.items())
-                argv += ["--head-spec", spec, "--store-url", f"sqlite:///{store}"]
-            else:  # a copy of the trained store: the benchmark must not write into it
-                src = adaptor.parent / "prototypes.sqlite"
-                if src.is_file():
-                    shutil.copy(src, store)
-                    argv += ["--store-url", f"sqlite:///{store}"]
-            with ServerProcess(argv, name=f"cloud-{label}") as cloud:
-                cloud.wait_ready(timeout=600)
-                summary = asyncio.run(_drive_edits(args, work, cloud.target))
-            summary.update(batching=label, max_batch=max_batch, wait_ms=wait_ms, engine=engine)
-            logger.info("generate_edit %s: %s", label, summary)
-            results.append(summary)
-    return results
-
-
-async def _drive_edits(args: argparse.Namespace, work: _BenchData, target: str) -> dict:
-    from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
-    from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
-    from recsys.serving.loadgen import run_load
-    from recsys.serving.server import client_channel
-
-    requests = [
-        cpb.GenerateEditRequest(
-            device_id=u,
-            recent_item_ids=items,
-            summary=summary,
-            payload_dtype=cpb.PAYLOAD_DTYPE_FP16,
-        )
-        for u, items, summary in zip(work.users, work.recent, work.summaries, strict=True)
-    ]
-    sizes: list[int] = []
-    up: list[int] = []
-    down: list[int] = []
-    async with client_channel(target) as channel:
-        stub = cpb_grpc.AdaptationServiceStub(channel)
-
-        async def call(n: int) -> Any:
-            req = requests[n % len(requests)]
-            reply = await stub.GenerateEdit(req, timeout=30.0)
-            up.append(req.ByteSize())
-            return reply
-
-        def seen(reply: Any) -> None:
-            sizes.append(reply.batch_size)
-            down.append(reply.ByteSize())
-
-        await stub.GenerateEdit(requests[0], timeout=60.0)  # warm the engine
-        res = await run_load(
-            call,
-            concurrency=args.concurrency,
-            duration_s=args.edit_duration,
-            warmup_s=args.warmup,
-            on_result=seen,
-        )
-    summary = res.summary()
-    summary["mean_batch"] = sum(sizes) / len(sizes) if sizes else 0.0
-    summary["mean_bytes_up"] = sum(up) / len(up) if up else 0.0
-    summary["mean_bytes_down"] = sum(down) / len(down) if down else 0.0
-    return summary

@@ -1,0 +1,357 @@
+"""The load benchmark of the gRPC services over loopback (``recsys bench serve``).
+
+:func:`run_serve_bench` starts the device server as a child process
+(:class:`recsys.serving.process.ServerProcess`), gives every benchmark user an edit
+(ApplyEdit, unless ``with_edits`` is off) and drives Recommend from this process with
+``grpc.aio`` clients (:func:`recsys.serving.loadgen.run_load`): a closed loop (highest
+throughput at ``concurrency`` in flight), then an open loop at ``rate`` (latency at that
+load, coordinated omission counted). Then GenerateEdit against a fresh cloud server with
+micro-batching on (32 calls, 5 ms) and off. It prints a table per part and returns every
+figure (the ``--json`` report).
+
+The requests come from the dataset's time split (training period): users with 5+
+events, their last 50 item ids, their device summary
+(:func:`device_ranker.service.cloud_edits.device_summary`) and a random rank-8 edit
+each.
+
+Example::
+
+    report = run_serve_bench(ServeBenchConfig(checkpoint="ranker-time.pt",
+                                              adaptor="artifacts/ml-100k/adaptor/adaptor.pt",
+                                              duration=5, skip_edits=True))
+    report["recommend"][-1]["p99_ms"], report["goal_met"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from recsys.reporting import print_table
+from recsys.serving.process import ServerProcess
+from recsys.validation import config_dataclass
+
+logger = logging.getLogger(__name__)
+
+MIN_EVENTS = 5  # users with fewer training events are not benchmark users
+UPLINK_ITEMS = 50  # item ids a GenerateEdit request carries (the device's default)
+SUMMARY_ITEMS = 10  # items pooled into the summary (the device's default)
+GOAL_RPS, GOAL_P99_MS, GOAL_CONCURRENCY = 1000, 20, 32  # the serving target
+
+
+@config_dataclass
+class ServeBenchConfig:
+    """What ``recsys bench serve`` measures.
+
+    Attributes:
+        checkpoint: the ranker checkpoint the device server loads.
+        adaptor: the trained adaptor artefact; ``edit_engine="auto"`` uses the
+            "artifacts" cloud engine when it exists, else "tiny".
+        dataset / data_dir / cache_dir: the dataset (users, histories) and where it is.
+        concurrency: calls in flight; duration / warmup: measured / uncounted seconds per
+            Recommend phase; rate: the open-loop Recommend rate, 1/s; k: Recommend's k.
+        users: benchmark users the requests cycle over (at most).
+        with_edits: every user has an edit (False: the base model ranks).
+        edit_engine / edit_duration / skip_edits: the GenerateEdit phases.
+        torch_threads: torch intra-op threads in the servers.
+    """
+
+    checkpoint: str
+    adaptor: str
+    dataset: str = "ml-100k"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    concurrency: int = Field(32, ge=1)
+    duration: float = Field(10.0, gt=0)
+    warmup: float = Field(2.0, ge=0)
+    rate: float = Field(1000.0, gt=0)
+    k: int = Field(10, ge=1)
+    users: int = Field(500, ge=1)
+    with_edits: bool = True
+    edit_engine: Literal["auto", "artifacts", "tiny"] = "auto"
+    edit_duration: float = Field(8.0, gt=0)
+    skip_edits: bool = False
+    torch_threads: int = Field(1, ge=1)
+
+    def location_args(self) -> list[str]:
+        """``--data-dir`` / ``--cache-dir`` for the child servers."""
+        loc = []
+        if self.data_dir:
+            loc += ["--data-dir", self.data_dir]
+        if self.cache_dir:
+            loc += ["--cache-dir", self.cache_dir]
+        return loc
+
+
+@dataclass
+class BenchData:
+    """Users, their uplink windows, summaries [2D] and edit payloads for the requests."""
+
+    users: list[str] = field(default_factory=list)
+    recent: list[list[str]] = field(default_factory=list)
+    summaries: list[list[float]] = field(default_factory=list)
+    edits: list[bytes] = field(default_factory=list)
+    num_items: int = 0
+    spec: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, cfg: ServeBenchConfig) -> BenchData:
+        import numpy as np
+        import torch
+
+        from device_ranker.edits import random_edit
+        from device_ranker.ranker import Ranker
+        from device_ranker.service.cloud_edits import device_summary
+        from recsys.adaptor_inputs import uplink_window
+        from recsys.data import time_split
+        from recsys.data.registry import load_dataset
+        from recsys.edit_payload import encode_payload
+
+        torch.set_num_threads(1)
+        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
+        ranker = Ranker.from_checkpoint(cfg.checkpoint)
+        rows = np.sort(time_split(ds, quantile=0.8).train)
+        users = ds.user_index[rows]
+        seqs: dict[int, list[int]] = {}
+        for u, i in zip(users.tolist(), ds.item_index[rows].tolist(), strict=True):
+            seqs.setdefault(u, []).append(i)
+        order = [u for u in sorted(seqs) if len(seqs[u]) >= MIN_EVENTS][: cfg.users]
+        out = cls(num_items=ranker.num_items, spec=ranker.edit_spec())
+        gen = torch.Generator().manual_seed(0)
+        for u in order:  # U <= cfg.users benchmark users, prepared once
+            hist = seqs[u]
+            out.users.append(str(ds.user_ids[u]))
+            out.recent.append([str(ds.item_ids[i]) for i in uplink_window(hist, UPLINK_ITEMS)])
+            out.summaries.append(device_summary(ranker, hist, SUMMARY_ITEMS))
+            edit = random_edit(ranker.model.head, rank=8, scale=0.01, generator=gen)
+            out.edits.append(encode_payload(edit.to_flat(), dtype="fp16"))
+        return out
+
+
+def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring), print its tables; the report."""
+    t0 = time.perf_counter()
+    work = BenchData.load(cfg)
+    report: dict[str, Any] = {
+        "dataset": cfg.dataset,
+        "checkpoint": str(cfg.checkpoint),
+        "num_items": work.num_items,
+        "concurrency": cfg.concurrency,
+        "rate": cfg.rate,
+        "k": cfg.k,
+        "users": len(work.users),
+        "with_edits": cfg.with_edits,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    device = ServerProcess(
+        ["serve", "device", "--checkpoint", str(cfg.checkpoint), "--dataset", cfg.dataset,
+         "--torch-threads", str(cfg.torch_threads), *cfg.location_args()],
+        name="device",
+    )  # fmt: skip
+    gc.collect()
+    gc.freeze()  # the load generator's own heap (dataset, ranker) stays out of GC passes
+    with device:
+        device.wait_ready(timeout=300)
+        report["recommend"] = asyncio.run(bench_recommend(cfg, work, device))
+    print_table(
+        recommend_rows(report["recommend"]),
+        title=f"Recommend over loopback: {work.num_items} items (full catalogue), k={cfg.k}, "
+        f"{len(work.users)} users, {'per-user edits' if cfg.with_edits else 'base model'}, "
+        f"device server in a child process ({cfg.torch_threads} torch thread), "
+        f"client: grpc.aio in this process, {cfg.duration:.0f} s per phase",
+    )
+    open_loop = report["recommend"][-1]
+    met = (
+        open_loop["throughput_rps"] >= GOAL_RPS
+        and open_loop["p99_ms"] < GOAL_P99_MS
+        and open_loop["errors"] == 0
+        and cfg.concurrency >= GOAL_CONCURRENCY
+    )
+    report["goal_met"] = met
+    print(
+        f"goal (>= 1,000 req/s with p99 < 20 ms at 32 concurrent clients): "
+        f"{'met' if met else 'NOT met'} ({open_loop['throughput_rps']:,.0f} req/s, "
+        f"p99 {open_loop['p99_ms']:.2f} ms at {cfg.concurrency} in flight)"
+    )
+    if not cfg.skip_edits:
+        report["generate_edit"] = bench_edits(cfg, work)
+        engine = report["generate_edit"][0]["engine"] if report["generate_edit"] else "?"
+        print_table(
+            edit_rows(report["generate_edit"]),
+            title=f"GenerateEdit over loopback: engine {engine}, closed loop at "
+            f"{cfg.concurrency} in flight, {cfg.edit_duration:.0f} s per phase",
+        )
+        on, off = report["generate_edit"]
+        if off["throughput_rps"]:
+            report["batching_speedup"] = on["throughput_rps"] / off["throughput_rps"]
+            print(f"micro-batching speed-up: x{report['batching_speedup']:.2f} throughput")
+    report["seconds"] = time.perf_counter() - t0
+    print(f"(bench {report['seconds']:.0f} s; load average before: "
+          f"{', '.join(f'{x:.1f}' for x in report['load_average'])} on {os.cpu_count()} cores)")  # fmt: skip
+    return report
+
+
+def recommend_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The printed columns of the Recommend phases."""
+    return [
+        {
+            "phase": r["mode"],
+            "concurrency": r["concurrency"],
+            "offered_rps": "max" if r["offered_rps"] is None else f"{r['offered_rps']:,.0f}",
+            "requests": r["requests"],
+            "errors": r["errors"],
+            "throughput_rps": r["throughput_rps"],
+            "p50_ms": r["p50_ms"],
+            "p95_ms": r["p95_ms"],
+            "p99_ms": r["p99_ms"],
+            "server_cpu_ms": r.get("server_cpu_ms_per_call", float("nan")),
+            "client_cpu_ms": r["client_cpu_ms_per_call"],
+        }
+        for r in results
+    ]
+
+
+def edit_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The printed columns of the GenerateEdit phases."""
+    keys = ("batching", "max_batch", "wait_ms", "requests", "errors", "throughput_rps",
+            "p50_ms", "p95_ms", "p99_ms", "mean_batch")  # fmt: skip
+    return [{k: r[k] for k in keys} for r in results]
+
+
+async def bench_recommend(
+    cfg: ServeBenchConfig, work: BenchData, device: ServerProcess
+) -> list[dict[str, Any]]:
+    """The closed-loop, then the open-loop Recommend phase: a load summary each, with the
+    server's and this process's CPU per call."""
+    from recsys.rpc.device.v1 import recommendation_pb2 as pb
+    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+    from recsys.serving.loadgen import run_load
+    from recsys.serving.server import client_channel
+
+    async with client_channel(device.target) as channel:
+        stub = pb_grpc.RecommendationServiceStub(channel)
+        if cfg.with_edits:
+            for user, payload in zip(work.users, work.edits, strict=True):
+                await stub.ApplyEdit(
+                    pb.ApplyEditRequest(user_id=user, edit_payload=payload, source="bench"),
+                    timeout=5,
+                )
+        requests = [pb.RecommendRequest(user_id=u, k=cfg.k) for u in work.users]
+
+        async def call(n: int) -> Any:
+            return await stub.Recommend(requests[n % len(requests)], timeout=5.0)
+
+        for r in requests[:50]:  # warm the user-state cache path and the channel
+            await stub.Recommend(r, timeout=10.0)
+        results = []
+        for rate in (None, cfg.rate):
+            server0, client0 = device.cpu_seconds(), time.process_time()
+            res = await run_load(
+                call,
+                concurrency=cfg.concurrency,
+                duration_s=cfg.duration,
+                rate=rate,
+                warmup_s=cfg.warmup,
+            )
+            summary = res.summary()
+            calls = max(summary["requests"] + summary["errors"], 1) * (
+                1 + cfg.warmup / cfg.duration
+            )  # the warm-up calls used CPU too
+            if server0 is not None:
+                summary["server_cpu_ms_per_call"] = (device.cpu_seconds() - server0) * 1000 / calls
+            summary["client_cpu_ms_per_call"] = (time.process_time() - client0) * 1000 / calls
+            logger.info("recommend %s: %s", summary["mode"], summary)
+            results.append(summary)
+        return results
+
+
+def bench_edits(cfg: ServeBenchConfig, work: BenchData) -> list[dict[str, Any]]:
+    """GenerateEdit with micro-batching on, then off (a fresh cloud process each)."""
+    adaptor = Path(cfg.adaptor)
+    engine = cfg.edit_engine
+    if engine == "auto":
+        engine = "artifacts" if adaptor.is_file() else "tiny"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
+        for label, max_batch, wait_ms in (("on", 32, 5.0), ("off", 1, 0.0)):
+            argv = ["serve", "cloud", "--engine", engine, "--dataset", cfg.dataset,
+                    "--batch-max", str(max_batch), "--batch-wait-ms", str(wait_ms),
+                    "--torch-threads", str(cfg.torch_threads), *cfg.location_args()]  # fmt: skip
+            store = Path(tmp) / f"store-{label}.sqlite"
+            if engine == "tiny":
+                spec = ",".join(f"{n}={o}x{i}" for n, (o, i) in work.spec.items())
+                argv += ["--head-spec", spec, "--store-url", f"sqlite:///{store}"]
+            else:  # a copy of the trained store: the benchmark must not write into it
+                src = adaptor.parent / "prototypes.sqlite"
+                if src.is_file():
+                    shutil.copy(src, store)
+                    argv += ["--store-url", f"sqlite:///{store}"]
+            with ServerProcess(argv, name=f"cloud-{label}") as cloud:
+                cloud.wait_ready(timeout=600)
+                summary = asyncio.run(drive_edits(cfg, work, cloud.target))
+            summary.update(batching=label, max_batch=max_batch, wait_ms=wait_ms, engine=engine)
+            logger.info("generate_edit %s: %s", label, summary)
+            results.append(summary)
+    return results
+
+
+async def drive_edits(cfg: ServeBenchConfig, work: BenchData, target: str) -> dict[str, Any]:
+    """One closed-loop GenerateEdit phase against ``target``: the load summary plus the
+    mean cloud batch and the mean request / response bytes."""
+    from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
+    from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
+    from recsys.serving.loadgen import run_load
+    from recsys.serving.server import client_channel
+
+    requests = [
+        cpb.GenerateEditRequest(
+            device_id=u,
+            recent_item_ids=items,
+            summary=summary,
+            payload_dtype=cpb.PAYLOAD_DTYPE_FP16,
+        )
+        for u, items, summary in zip(work.users, work.recent, work.summaries, strict=True)
+    ]
+    sizes: list[int] = []
+    up: list[int] = []
+    down: list[int] = []
+    async with client_channel(target) as channel:
+        stub = cpb_grpc.AdaptationServiceStub(channel)
+
+        async def call(n: int) -> Any:
+            req = requests[n % len(requests)]
+            reply = await stub.GenerateEdit(req, timeout=30.0)
+            up.append(req.ByteSize())
+            return reply
+
+        def seen(reply: Any) -> None:
+            sizes.append(reply.batch_size)
+            down.append(reply.ByteSize())
+
+        await stub.GenerateEdit(requests[0], timeout=60.0)  # warm the engine
+        res = await run_load(
+            call,
+            concurrency=cfg.concurrency,
+            duration_s=cfg.edit_duration,
+            warmup_s=cfg.warmup,
+            on_result=seen,
+        )
+    summary = res.summary()
+    summary["mean_batch"] = sum(sizes) / len(sizes) if sizes else 0.0
+    summary["mean_bytes_up"] = sum(up) / len(up) if up else 0.0
+    summary["mean_bytes_down"] = sum(down) / len(down) if down else 0.0
+    return summary
+
+
+__all__ = ["BenchData", "ServeBenchConfig", "run_serve_bench"]
