@@ -3,6 +3,16 @@
 Shared by the cloud (encode) and the device (decode), so it lives in the ``recsys`` core
 and uses only numpy, torch and the standard library.
 
+Why a hand-written format rather than safetensors or protobuf (measured with
+``python -m recsys.edit_payload_bench``, :mod:`recsys.edit_payload_bench`, on the rank-8
+edit of the D=64/H=128 head, one loaded 2-core machine): RSE1 is the smallest (fp16
+6,668 B vs protobuf 6,745 B and safetensors 7,168 B; int8 3,420 vs 3,463 and 3,976 B)
+and the only one whose decoding refuses every single-bit flip (CRC-32; protobuf caught
+1-3 %, safetensors 10-15 %), NaN values and shapes or ranks that do not fit the head;
+all three refuse every truncation. It costs tens of microseconds more to decode (median
+61-111 us vs 28-60 us), nothing next to one gRPC round trip. Wrapping the tensors in
+protobuf would still need every check below written by hand, so RSE1 stays.
+
 A payload carries the prototype the edit is relative to (id + version, or none) and the
 edit's tensors in the flat edit format (``{"fc0.u": [out, R], "fc0.s": [R], "fc0.v":
 [in, R], "fc0.bias": [out], "fc0.dense": [out, in], ...}``, as
@@ -111,6 +121,32 @@ def _to_numpy(name: str, t: Any) -> np.ndarray:
     return arr
 
 
+def quantise(name: str, arr: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
+    """One float32 tensor -> (its wire array in ``dtype``, its scale).
+
+    int8: ``q = round(x / scale)`` clipped to [-127, 127] with ``scale = max|x| / 127``
+    (1.0 for an all-zero tensor); fp16 refuses values beyond fp16's range; fp32 as is
+    (scale 1.0 for both).
+    """
+    if dtype == "int8":
+        peak = float(np.abs(arr).max()) if arr.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        return np.clip(np.rint(arr / scale), -127, 127).astype(np.int8), scale
+    if dtype == "fp16":
+        if arr.size and float(np.abs(arr).max()) > float(np.finfo(np.float16).max):
+            raise ValidationError(
+                f"edit tensor {name!r} has values beyond the fp16 range; use fp32"
+            )
+        return arr.astype("<f2"), 1.0
+    return arr.astype("<f4"), 1.0
+
+
+def dequantise(wire: np.ndarray, dtype: str, scale: float = 1.0) -> np.ndarray:
+    """The inverse of :func:`quantise`: float32 values of a wire array."""
+    arr = wire.astype(np.float32)
+    return arr * np.float32(scale) if dtype == "int8" else arr
+
+
 def encode_payload(
     tensors: Mapping[str, Any],
     *,
@@ -147,19 +183,10 @@ def encode_payload(
         encoded = name.encode("ascii")
         parts.append(struct.pack("<B", len(encoded)) + encoded)
         parts.append(struct.pack(f"<B{arr.ndim}H", arr.ndim, *arr.shape))
+        wire, scale = quantise(name, arr, dtype)
         if dtype == "int8":
-            peak = float(np.abs(arr).max()) if arr.size else 0.0
-            scale = peak / 127.0 if peak > 0 else 1.0
-            q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
-            parts.append(struct.pack("<f", scale) + q.tobytes())
-        elif dtype == "fp16":
-            if arr.size and float(np.abs(arr).max()) > float(np.finfo(np.float16).max):
-                raise ValidationError(
-                    f"edit tensor {name!r} has values beyond the fp16 range; use fp32"
-                )
-            parts.append(arr.astype("<f2").tobytes())
-        else:
-            parts.append(arr.astype("<f4").tobytes())
+            parts.append(struct.pack("<f", scale))
+        parts.append(wire.tobytes())
     body = b"".join(parts)
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
@@ -302,9 +329,7 @@ def decode_payload(
             if not (math.isfinite(scale) and scale > 0):
                 raise ValidationError(f"edit tensor {name!r}: invalid int8 scale {scale}")
         raw = reader.take(numel * _NUMPY[dtype].itemsize, f"{name} data")
-        arr = np.frombuffer(raw, dtype=_NUMPY[dtype]).astype(np.float32).reshape(shape)
-        if dtype == "int8":
-            arr = arr * np.float32(scale)
+        arr = dequantise(np.frombuffer(raw, dtype=_NUMPY[dtype]).reshape(shape), dtype, scale)
         if not np.isfinite(arr).all():
             raise ValidationError(f"edit tensor {name!r} contains NaN or Inf")
         tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
