@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass
 
@@ -25,27 +24,19 @@ from device_ranker.service.policy import ArmResolver
 from device_ranker.service.servicer import SERVICE_NAME, RecommendationServicer
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
 from recsys.serving.errors import ErrorMappingInterceptor
-from recsys.serving.server import GrpcServer, run_until_signal
+from recsys.serving.service_host import ServiceHandle, start_service
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DeviceHandle:
+class DeviceHandle(ServiceHandle):
     """A running device server (in this process)."""
 
-    server: GrpcServer
     servicer: RecommendationServicer
     engine: DeviceEngine
 
-    @property
-    def port(self) -> int:
-        assert self.server.port is not None
-        return self.server.port
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop (in-flight calls finish), then close the engine."""
-        await self.server.stop(grace)
+    async def close(self) -> None:
         await self.engine.close()
 
 
@@ -55,22 +46,24 @@ async def start_device(config: DeviceConfig, arm_for: ArmResolver | None = None)
     ``arm_for``: the experiment's arm resolver (user id -> (arm, policy dict)); None = no
     experiment (see :mod:`device_ranker.service.policy`).
     """
-    server = GrpcServer(config.server, [ErrorMappingInterceptor("device")])
     servicer = RecommendationServicer()
-    server.add(
-        lambda s: pb_grpc.add_RecommendationServiceServicer_to_server(servicer, s), SERVICE_NAME
-    )
-    await server.start()
-    try:
+
+    async def load() -> DeviceEngine:
         engine = await asyncio.to_thread(DeviceEngine.load, config, arm_for=arm_for)
         await engine.start()
-    except BaseException:
-        await server.stop(0)
-        raise
-    servicer.engine = engine
-    gc.collect()
-    gc.freeze()  # loaded models and data never become garbage: keep them out of GC passes
-    await server.set_serving(True)
+        return engine
+
+    def attach(engine: DeviceEngine) -> None:
+        servicer.engine = engine
+
+    server, engine = await start_service(
+        config.server,
+        [ErrorMappingInterceptor("device")],
+        lambda s: pb_grpc.add_RecommendationServiceServicer_to_server(servicer, s),
+        SERVICE_NAME,
+        load=load,
+        attach=attach,
+    )
     logger.info("device serving on port %d", server.port)
     return DeviceHandle(server, servicer, engine)
 
@@ -81,8 +74,4 @@ async def serve_device(
     arm_for: ArmResolver | None = None,
 ) -> None:
     """Run the device server until SIGTERM/SIGINT (or ``stop_event``)."""
-    handle = await start_device(config, arm_for)
-    try:
-        await run_until_signal(handle.server, stop_event=stop_event)
-    finally:
-        await handle.stop()
+    await (await start_device(config, arm_for)).serve_until_signal(stop_event)

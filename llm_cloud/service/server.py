@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -31,7 +30,8 @@ from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.auth import TokenAuthInterceptor, read_token
 from recsys.serving.batching import BatchConfig
 from recsys.serving.errors import ErrorMappingInterceptor
-from recsys.serving.server import GrpcServer, ServerOptions, run_until_signal
+from recsys.serving.server import ServerOptions
+from recsys.serving.service_host import ServiceHandle, start_service
 
 logger = logging.getLogger(__name__)
 
@@ -100,21 +100,14 @@ def load_engine(config: CloudConfig) -> AdaptationEngine:
 
 
 @dataclass
-class CloudHandle:
+class CloudHandle(ServiceHandle):
     """A running cloud server (in this process)."""
 
-    server: GrpcServer
     servicer: AdaptationServicer
     engine: AdaptationEngine
 
-    @property
-    def port(self) -> int:
-        assert self.server.port is not None
-        return self.server.port
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop, then the batcher and the engine."""
-        await self.server.stop(grace)
+    async def close(self) -> None:
+        """The batcher, then the engine."""
         await self.servicer.close()
         await asyncio.to_thread(self.engine.close)
 
@@ -129,30 +122,23 @@ async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = Non
     if token:
         interceptors.append(TokenAuthInterceptor(token))
     interceptors.append(ErrorMappingInterceptor("cloud"))
-    server = GrpcServer(config.server, interceptors)
     servicer = AdaptationServicer(config.batch, config.default_dtype)
-    server.add(
-        lambda s: cpb_grpc.add_AdaptationServiceServicer_to_server(servicer, s), SERVICE_NAME
+
+    async def load() -> AdaptationEngine:
+        return engine if engine is not None else await asyncio.to_thread(load_engine, config)
+
+    server, loaded = await start_service(
+        config.server,
+        interceptors,
+        lambda s: cpb_grpc.add_AdaptationServiceServicer_to_server(servicer, s),
+        SERVICE_NAME,
+        load=load,
+        attach=servicer.set_engine,
     )
-    await server.start()
-    try:
-        if engine is None:
-            engine = await asyncio.to_thread(load_engine, config)
-    except BaseException:
-        await server.stop(0)
-        raise
-    servicer.set_engine(engine)
-    gc.collect()
-    gc.freeze()  # loaded models and data never become garbage: keep them out of GC passes
-    await server.set_serving(True)
-    logger.info("cloud serving on port %d: %s", server.port, engine.info())
-    return CloudHandle(server, servicer, engine)
+    logger.info("cloud serving on port %d: %s", server.port, loaded.info())
+    return CloudHandle(server, servicer, loaded)
 
 
 async def serve_cloud(config: CloudConfig, stop_event: asyncio.Event | None = None) -> None:
     """Run the cloud server until SIGTERM/SIGINT (or ``stop_event``)."""
-    handle = await start_cloud(config)
-    try:
-        await run_until_signal(handle.server, stop_event=stop_event)
-    finally:
-        await handle.stop()
+    await (await start_cloud(config)).serve_until_signal(stop_event)
