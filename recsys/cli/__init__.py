@@ -3,6 +3,7 @@
 Each command group lives in its own module under ``recsys.cli`` and exposes
 ``register(groups)``; heavy imports happen inside the command functions, so
 ``recsys --help`` stays fast. Domain errors become a one-line message and exit code 2.
+What reaches stderr (quiet by default, ``-v`` for more) is set in :mod:`recsys.cli.quiet`.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad input / domain error.
 """
@@ -15,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from recsys.cli import quiet
 from recsys.errors import RecsysError
 
 logger = logging.getLogger(__name__)
@@ -47,40 +49,52 @@ COMMAND_MODULES = (
 Handler = Callable[[argparse.Namespace], int]
 
 
+class CommandGroups(dict[str, argparse._SubParsersAction]):
+    """What each module's ``register(groups)`` receives: ``groups[NAME]`` is the
+    sub-command list of ``recsys NAME`` (a :data:`GROUPS` key), created on first use, so
+    a group no module fills never exists and ``--help`` lists only groups with commands;
+    ``groups[""]`` is the top level (``recsys demo``)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self[""] = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def __missing__(self, name: str) -> argparse._SubParsersAction:
+        if name not in GROUPS:
+            raise KeyError(f"unknown command group {name!r}; add it to recsys.cli.GROUPS")
+        help_text = GROUPS[name]
+        group_parser = self[""].add_parser(name, help=help_text, description=help_text)
+        group_parser.set_defaults(_group_parser=group_parser)
+        action = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+        self[name] = action
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The full ``recsys`` parser: every module of :data:`COMMAND_MODULES` registers its
+    commands; groups appear in the order modules first use them."""
     parser = argparse.ArgumentParser(
         prog="recsys",
         description="Backpropagation-free on-device recommendation with cloud-generated edits.",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging: -v every package's INFO lines (third-party ones included), "
+        "-vv debug (default: warnings, progress bars and results only)",
     )
-    top = parser.add_subparsers(dest="command", metavar="COMMAND")
-    groups: dict[str, argparse._SubParsersAction] = {"": top}
-    for name, help_text in GROUPS.items():
-        group_parser = top.add_parser(name, help=help_text, description=help_text)
-        groups[name] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-        group_parser.set_defaults(_group_parser=group_parser)
+    groups = CommandGroups(parser)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(groups)
-    # drop groups that no module filled, so --help lists only what works
-    for name in list(GROUPS):
-        if not groups[name].choices:
-            top._name_parser_map.pop(name, None)
-            top._choices_actions = [a for a in top._choices_actions if a.dest != name]
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose + 1, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # faiss logs every optional CPU-feature library it tries (AVX512, ...) at INFO
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    quiet.configure(args.verbose)  # before any command imports torch, transformers, ...
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "_group_parser", None) or parser).print_help()

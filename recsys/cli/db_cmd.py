@@ -76,14 +76,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.set_defaults(handler=cmd_bench)
 
 
-def _quiet_alembic(args: argparse.Namespace) -> None:
-    """Alembic logs every context set-up at INFO; show it only with -vv."""
-    if getattr(args, "verbose", 0) < 2:
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    _quiet_alembic(args)
     from codebook.store import migrate
     from codebook.store.db import parse_url
 
@@ -99,7 +92,6 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_current(args: argparse.Namespace) -> int:
-    _quiet_alembic(args)
     from codebook.store import migrate
     from codebook.store.db import parse_url
 
@@ -114,7 +106,6 @@ def cmd_current(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _quiet_alembic(args)
     from codebook.store.bench import run_refine_benchmark
     from codebook.store.db import parse_url
 

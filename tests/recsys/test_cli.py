@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from recsys.cli import main
@@ -13,6 +15,47 @@ def test_help_lists_groups(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "data" in out
+
+
+def _listed(help_text: str) -> list[str]:
+    """The command names of a --help page (lines "    NAME   help ...")."""
+    return re.findall(r"^    (\S+)", help_text, flags=re.MULTILINE)
+
+
+def test_help_lists_only_groups_with_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import recsys.cli
+
+    monkeypatch.setattr(recsys.cli, "COMMAND_MODULES", ("recsys.cli.data_cmd",))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert _listed(capsys.readouterr().out) == ["data"]
+    with pytest.raises(SystemExit) as exc:
+        main(["train"])  # no module filled it: not a command at all
+    assert exc.value.code == 2
+
+
+def test_every_listed_group_has_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from recsys.cli import GROUPS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = [c for c in _listed(capsys.readouterr().out) if c in GROUPS]
+    assert "data" in listed and "train" in listed
+    for group in listed:
+        assert main([group]) == 2  # a group alone prints its own help with its commands
+        assert "SUBCOMMAND" in capsys.readouterr().out
+
+
+def test_unknown_group_is_a_programming_error() -> None:
+    import argparse
+
+    from recsys.cli import CommandGroups
+
+    groups = CommandGroups(argparse.ArgumentParser())
+    with pytest.raises(KeyError, match=r"recsys\.cli\.GROUPS"):
+        groups["no-such-group"]
 
 
 def test_group_without_subcommand_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
