@@ -2,7 +2,7 @@
 
 recsys data prepare ml-100k [--force]
 recsys data info ml-100k|PATH [--json out.json]
-recsys data fetch ml-100k [--url URL]
+recsys data fetch ml-100k [--url URL] [--no-verify]
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     p.add_argument("name", metavar="NAME", help=f"dataset to download ({', '.join(FETCHABLE)})")
     p.add_argument("--url", help="download from this address instead (a mirror or a file:// URL)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check against the official archive (only for an archive "
+        "built locally; a mirror of the official file passes the check)",
+    )
     add_location_options(p)
     p.set_defaults(handler=cmd_fetch)
 
@@ -104,15 +110,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    import pooch
+
     from recsys import settings
-    from recsys.data.fetch import fetch_dataset
+    from recsys.cli import quiet
+    from recsys.data.fetch import REGISTERED, fetch_dataset
+
+    quiet.adopt(pooch.get_logger())  # its "Downloading data from ..." line is INFO
 
     dest = (
         settings.raw_data_dir(args.data_dir)
         if args.data_dir
         else settings.cache_dir(args.cache_dir) / "raw"
     )
-    folder = fetch_dataset(args.name, dest, url=args.url)
+    known_hash = None if args.no_verify else REGISTERED
+    folder = fetch_dataset(args.name, dest, url=args.url, known_hash=known_hash)
     hint = "" if args.data_dir else " (searched by `data prepare` after the data directory)"
     print(f"fetched {args.name} into {folder}{hint}")
     return 0

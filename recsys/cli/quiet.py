@@ -160,6 +160,7 @@ class _Applied:
     ``-v`` after a quiet command in the same process still ignores them."""
 
     handler: logging.Handler | None = None
+    other: int = logging.WARNING  # third parties' threshold
     levels: tuple[tuple[logging.Logger, int], ...] = ()  # (logger, level before)
     log_filters: tuple[tuple[logging.Logger, logging.Filter], ...] = ()
     env: tuple[str, ...] = ()
@@ -193,7 +194,7 @@ def configure(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(own, other))
-    _applied.handler = handler
+    _applied.handler, _applied.other = handler, other
     if verbosity > 0:
         return
     raised = []
@@ -213,6 +214,14 @@ def configure(verbosity: int = 0) -> None:
     if not sys.warnoptions:  # an explicit -W / PYTHONWARNINGS choice wins
         for known in KNOWN_WARNINGS:
             known.in_process()
+
+
+def adopt(standalone: logging.Logger) -> None:
+    """Give a library's stand-alone logger (made with ``logging.Logger(name)``, outside
+    logging's tree, so the root handler never sees it; e.g. ``pooch.get_logger()``) the
+    third-party threshold of the current command. For a command to call once it has
+    imported that library."""
+    standalone.setLevel(_applied.other)
 
 
 def _export_env() -> list[str]:
@@ -249,6 +258,7 @@ __all__ = [
     "KNOWN_WARNINGS",
     "QUIET_ENV",
     "USER_FACING",
+    "adopt",
     "configure",
     "levels",
     "reset",

@@ -94,10 +94,10 @@ def _grouplens_zip(path: Path) -> Path:
 def test_prepare_and_fetch(main, tmp_path: Path, capsys) -> None:
     archive = _grouplens_zip(tmp_path / "ml-100k.zip")
     cache = tmp_path / "cache"
-    assert (
-        main(["data", "fetch", "ml-100k", "--url", archive.as_uri(), "--cache-dir", str(cache)])
-        == 0
-    )
+    fetch = ["data", "fetch", "ml-100k", "--url", archive.as_uri(), "--cache-dir", str(cache)]
+    assert main(fetch) == 2  # a made-up archive is not the official one
+    assert "not the official ml-100k.zip" in capsys.readouterr().err
+    assert main([*fetch, "--no-verify"]) == 0
     assert (cache / "raw" / "ml-100k" / "u.data").is_file()
     argv = [
         "data",

@@ -128,3 +128,13 @@ def test_known_warnings_are_ignored_only_when_quiet(fresh) -> None:
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
     entries = [k.env_entry() for k in quiet.KNOWN_WARNINGS]
     assert "ignore:`past_key_values` is deprecated:FutureWarning" in entries
+
+
+def test_adopt_gives_standalone_loggers_the_third_party_threshold(fresh) -> None:
+    standalone = logging.Logger("pooch-like")  # outside logging's tree, like pooch's
+    quiet.configure(0)
+    quiet.adopt(standalone)
+    assert standalone.level == logging.WARNING
+    quiet.configure(1)
+    quiet.adopt(standalone)
+    assert standalone.level == logging.INFO
