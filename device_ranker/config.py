@@ -1,4 +1,5 @@
-"""Configuration of the device ranker model (a small dataclass, validated on construction).
+"""Configuration of the device ranker model (small dataclasses, validated on construction
+by pydantic: :func:`recsys.validation.config_dataclass`).
 
 Shape letters used across ``device_ranker``: B users in a batch, T history positions
 (the most recent ``max_len`` events), D model width, H head hidden width, I catalogue
@@ -7,15 +8,15 @@ items, K top-K, r edit rank.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, field
+from typing import Any, Literal
 
-from recsys.errors import ValidationError
+from pydantic import Field
 
-ENCODERS = ("sasrec", "attn_pool")
+from recsys.validation import config_dataclass
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class IdFeatureConfig:
     """An extra id feature aligned with the item history (the extension point for codes).
 
@@ -30,21 +31,15 @@ class IdFeatureConfig:
         IdFeatureConfig(name="code_l0", num_embeddings=256)
     """
 
-    name: str
-    num_embeddings: int
+    name: str = Field(min_length=1)  # not "item" (the history's own feature)
+    num_embeddings: int = Field(ge=1)
 
     def __post_init__(self) -> None:
-        if not self.name or self.name == "item":
-            raise ValidationError(
-                f"extra feature name must be non-empty and not 'item', got {self.name!r}"
-            )
-        if self.num_embeddings < 1:
-            raise ValidationError(
-                f"feature {self.name!r}: num_embeddings must be >= 1, got {self.num_embeddings}"
-            )
+        if self.name == "item":
+            raise ValueError("an extra feature must not be named 'item' (the item history's)")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ModelConfig:
     """Hyper-parameters of :class:`device_ranker.model.SeqRanker`.
 
@@ -56,36 +51,27 @@ class ModelConfig:
         cfg.head_dims   # (64, 128, 64): D -> H -> D
     """
 
-    num_items: int  # I: size of the item table (item index 0..I-1); 0 = set by train()
-    dim: int = 64  # D: embedding / encoder / query width
-    max_len: int = 50  # T: most recent events the encoder reads (ml-100k median history ~65)
-    encoder: str = "sasrec"  # "sasrec" (causal self-attention) or "attn_pool" (DIN-style pooling)
-    num_layers: int = 2  # transformer blocks (sasrec only)
-    num_heads: int = 2  # attention heads; dim must be divisible by it
-    dropout: float = 0.2  # embedding / attention / FFN dropout during training (ml-100k is small)
-    head_hidden: int = 128  # H: hidden width of the editable MLP head
+    # I: size of the item table (item index 0..I-1); 0 = set by train()
+    num_items: int = Field(ge=0)
+    dim: int = Field(64, ge=1)  # D: embedding / encoder / query width
+    # T: most recent events the encoder reads (ml-100k median history ~65)
+    max_len: int = Field(50, ge=1)
+    # "sasrec" (causal self-attention) or "attn_pool" (DIN-style pooling)
+    encoder: Literal["sasrec", "attn_pool"] = "sasrec"
+    num_layers: int = Field(2, ge=0)  # transformer blocks (sasrec only)
+    num_heads: int = Field(2, ge=1)  # attention heads; dim must be divisible by it
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)  # embedding / attention / FFN dropout in training
+    head_hidden: int = Field(128, ge=1)  # H: hidden width of the editable MLP head
     head_residual: bool = True  # query = state + MLP(state): the base head starts near identity
     item_bias: bool = True  # learned per-item score bias (captures popularity)
     extra_features: tuple[IdFeatureConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.num_items < 0:
-            raise ValidationError(
-                f"num_items must be >= 0 (0: filled in by train), got {self.num_items}"
-            )
-        if self.dim < 1 or self.max_len < 1 or self.head_hidden < 1:
-            raise ValidationError(
-                f"dim, max_len, head_hidden must be >= 1, got {self.dim}, {self.max_len}, {self.head_hidden}"
-            )
-        if self.encoder not in ENCODERS:
-            raise ValidationError(f"unknown encoder {self.encoder!r}; choose one of {ENCODERS}")
         if self.dim % self.num_heads:
-            raise ValidationError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValidationError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         names = [f.name for f in self.extra_features]
         if len(set(names)) != len(names):
-            raise ValidationError(f"duplicate extra feature names in {names}")
+            raise ValueError(f"duplicate extra feature names in {names}")
 
     @property
     def head_dims(self) -> tuple[int, int, int]:

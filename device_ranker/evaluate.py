@@ -40,7 +40,7 @@ class EvalSet:
     targets: np.ndarray
     users: np.ndarray
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # arrays as data, not a config: a hand-written check
         if len(self.histories) != len(self.targets) or len(self.targets) != len(self.users):
             raise ValidationError(
                 f"histories, targets, users disagree: {len(self.histories)}, {len(self.targets)}, "

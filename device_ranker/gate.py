@@ -39,13 +39,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import Field
 
 from recsys.errors import ValidationError
+from recsys.validation import config_dataclass
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class GateConfig:
     """Request-gate settings.
 
@@ -60,26 +62,13 @@ class GateConfig:
             how many requests a device may save up for a burst (>= 1).
     """
 
-    budget: float = 0.2
-    window: int = 10
-    min_history: int = 5
-    min_gap: int = 5
-    threshold: float | None = None
-    calibration: int = 1000
-    max_credit: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.budget <= 1.0:
-            raise ValidationError(f"gate budget must be in [0, 1], got {self.budget}")
-        if self.window < 1 or self.min_history < 1 or self.min_gap < 1 or self.calibration < 1:
-            raise ValidationError(
-                "gate window, min_history, min_gap and calibration must be >= 1, got "
-                f"{self.window}, {self.min_history}, {self.min_gap}, {self.calibration}"
-            )
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValidationError(f"gate threshold must be in [0, 1], got {self.threshold}")
-        if not self.max_credit >= 1.0:
-            raise ValidationError(f"gate max_credit must be >= 1, got {self.max_credit}")
+    budget: float = Field(0.2, ge=0.0, le=1.0)
+    window: int = Field(10, ge=1)
+    min_history: int = Field(5, ge=1)
+    min_gap: int = Field(5, ge=1)
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    calibration: int = Field(1000, ge=1)
+    max_credit: float = Field(2.0, ge=1.0)
 
 
 @dataclass

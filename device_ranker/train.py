@@ -51,11 +51,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from device_ranker.config import ModelConfig
@@ -64,14 +65,14 @@ from device_ranker.features import history_kjt
 from device_ranker.model import SeqRanker
 from recsys.data import Dataset, leave_one_out, user_sequences
 from recsys.errors import ValidationError
+from recsys.validation import config_dataclass
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "device_ranker.checkpoint.v1"
-LOSSES = ("ce", "bce")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrainConfig:
     """Training hyper-parameters (defaults: measured on ml-100k, fit in ~2-3 min on 2 cores).
 
@@ -79,25 +80,17 @@ class TrainConfig:
     """
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_items=0))
-    loss: str = "ce"  # "ce" full softmax over all items, or "bce" sampled (1 negative)
-    epochs: int = 200  # upper bound; early stopping usually ends far sooner
-    batch_size: int = 128  # windows per step (each window has up to T targets)
-    lr: float = 1e-3  # AdamW
-    weight_decay: float = 0.0  # dropout regularises enough at this size
-    patience: int = 10  # epochs without a better valid NDCG@10 before stopping
-    min_epochs: int = 1  # never stop before this many epochs
+    # "ce" full softmax over all items, or "bce" sampled (1 negative)
+    loss: Literal["ce", "bce"] = "ce"
+    epochs: int = Field(200, ge=1)  # upper bound; early stopping usually ends far sooner
+    batch_size: int = Field(128, ge=1)  # windows per step (each window has up to T targets)
+    lr: float = Field(1e-3, gt=0)  # AdamW
+    weight_decay: float = Field(0.0, ge=0)  # dropout regularises enough at this size
+    patience: int = Field(10, ge=1)  # epochs without a better valid NDCG@10 before stopping
+    min_epochs: int = Field(1, ge=0)  # never stop before this many epochs
     seed: int = 0
-    max_minutes: float | None = None  # wall-time budget: stop after the epoch that crosses it
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValidationError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ValidationError("epochs, batch_size and patience must be >= 1")
-        if self.lr <= 0:
-            raise ValidationError(f"lr must be > 0, got {self.lr}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValidationError(f"max_minutes must be > 0, got {self.max_minutes}")
+    # wall-time budget: stop after the epoch that crosses it
+    max_minutes: float | None = Field(None, gt=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

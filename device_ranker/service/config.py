@@ -1,21 +1,23 @@
-"""Configuration of the device service (small frozen dataclasses, validated on construction).
+"""Configuration of the device service (small frozen dataclasses, validated on construction
+by pydantic: :func:`recsys.validation.config_dataclass`).
 
 The CLI (``recsys serve device``) fills them from its options; tests build them directly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Literal
+
+from pydantic import Field
 
 from device_ranker.gate import GateConfig
-from recsys.errors import ValidationError
 from recsys.serving.batching import BatchConfig
 from recsys.serving.server import ServerOptions
+from recsys.validation import config_dataclass
 
-PAYLOAD_DTYPES = ("fp16", "int8", "fp32")
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class CloudLinkConfig:
     """How the device talks to the cloud's AdaptationService.
 
@@ -34,35 +36,18 @@ class CloudLinkConfig:
     """
 
     target: str | None = None
-    deadline_s: float = 1.0
-    probe_interval_s: float = 1.0
+    deadline_s: float = Field(1.0, ge=0.001, le=600)
+    probe_interval_s: float = Field(1.0, gt=0)
     token_file: str | None = None
     tls_ca: str | None = None
     tls_server_name: str | None = None
-    payload_dtype: str = "fp16"
-    recent_items: int = 50
-    summary_items: int = 10
+    payload_dtype: Literal["fp16", "int8", "fp32"] = "fp16"
+    recent_items: int = Field(50, ge=1, le=512)
+    summary_items: int = Field(10, ge=1)
     send_summary: bool = True
 
-    def __post_init__(self) -> None:
-        if not 0.001 <= self.deadline_s <= 600:
-            raise ValidationError(
-                f"cloud deadline must be in [0.001, 600] s, got {self.deadline_s}"
-            )
-        if self.probe_interval_s <= 0:
-            raise ValidationError(f"probe interval must be > 0 s, got {self.probe_interval_s}")
-        if self.payload_dtype not in PAYLOAD_DTYPES:
-            raise ValidationError(
-                f"payload dtype {self.payload_dtype!r} is not one of {list(PAYLOAD_DTYPES)}"
-            )
-        if not 1 <= self.recent_items <= 512 or self.summary_items < 1:
-            raise ValidationError(
-                "recent_items must be in 1..512 and summary_items >= 1, got "
-                f"{self.recent_items}, {self.summary_items}"
-            )
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class DeviceConfig:
     """The device service.
 
@@ -97,38 +82,22 @@ class DeviceConfig:
     dataset: str | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
-    seed_histories: str = "time"
-    seed_quantile: float = 0.8
-    history_len: int = 200
-    max_k: int = 1000
-    max_candidates: int = 10_000
-    max_probes: int = 1000
+    seed_histories: Literal["time", "all", "none"] = "time"
+    seed_quantile: float = Field(0.8, gt=0.0, lt=1.0)
+    history_len: int = Field(200, ge=1)
+    max_k: int = Field(1000, ge=1)
+    max_candidates: int = Field(10_000, ge=1)
+    max_probes: int = Field(1000, ge=0, le=10_000)
     max_weight_norm: float | None = None
     max_bias_abs: float | None = None
-    torch_threads: int = 1
+    torch_threads: int = Field(1, ge=1)
     rank_batch: BatchConfig = field(
         default_factory=lambda: BatchConfig(max_batch=64, max_wait_ms=2.0)
     )
     rank_inline: bool = False
     experiment: str | None = None
     event_log: str | None = None
-    trigger: str = "gate"
+    trigger: Literal["gate", "timer"] = "gate"
     gate: GateConfig = field(default_factory=GateConfig)
     cloud: CloudLinkConfig = field(default_factory=CloudLinkConfig)
     server: ServerOptions = field(default_factory=ServerOptions)
-
-    def __post_init__(self) -> None:
-        if self.seed_histories not in ("time", "all", "none"):
-            raise ValidationError(
-                f"seed_histories must be 'time', 'all' or 'none', got {self.seed_histories!r}"
-            )
-        if self.history_len < 1 or self.max_k < 1 or self.max_candidates < 1:
-            raise ValidationError("history_len, max_k and max_candidates must be >= 1")
-        if self.trigger not in ("gate", "timer"):
-            raise ValidationError(f"trigger must be 'gate' or 'timer', got {self.trigger!r}")
-        if not 0 <= self.max_probes <= 10_000:
-            raise ValidationError(f"max_probes must be in 0..10000, got {self.max_probes}")
-        if self.torch_threads < 1:
-            raise ValidationError(f"torch_threads must be >= 1, got {self.torch_threads}")
-        if not 0.0 < self.seed_quantile < 1.0:
-            raise ValidationError(f"seed_quantile must be in (0, 1), got {self.seed_quantile}")

@@ -25,13 +25,15 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from device_ranker.gate import GateConfig, GateDecision, GateState, ShiftGate
 from recsys.errors import ValidationError
+from recsys.validation import config_dataclass
 
 # user id -> (arm name, policy dict with PolicySpec keys); may block (the store), so the
 # engine calls it in a worker thread, once per user
@@ -39,10 +41,9 @@ ArmResolver = Callable[[str], tuple[str, Mapping[str, Any]]]
 
 KINDS = ("static", "system")
 OFFLINE_KINDS = ("finetune", "duet")
-TRIGGERS = ("gate", "timer")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ArmPolicy:
     """How the users of one arm adapt.
 
@@ -53,25 +54,20 @@ class ArmPolicy:
         threshold: fixed shift threshold of the gate (None: calibrated from the budget).
     """
 
-    kind: str = "system"
-    trigger: str = "gate"
-    budget: float = 0.2
-    threshold: float | None = None
+    kind: Literal["static", "system"] = "system"
+    trigger: Literal["gate", "timer"] = "gate"
+    budget: float = Field(0.2, ge=0.0, le=1.0)
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
 
-    def __post_init__(self) -> None:
-        if self.kind in OFFLINE_KINDS:
-            raise ValidationError(
-                f"policy kind {self.kind!r} runs only in the offline replay; a device arm "
-                f"must be one of {list(KINDS)}"
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _device_kind(cls, kind: Any) -> Any:
+        if kind in OFFLINE_KINDS:  # say why, not only which kinds exist
+            raise ValueError(
+                f"policy kind {kind!r} runs only in the offline replay; a device arm must be "
+                f"one of {list(KINDS)}"
             )
-        if self.kind not in KINDS:
-            raise ValidationError(f"policy kind {self.kind!r} is not one of {list(KINDS)}")
-        if self.trigger not in TRIGGERS:
-            raise ValidationError(f"policy trigger {self.trigger!r} is not one of {list(TRIGGERS)}")
-        if not 0.0 <= self.budget <= 1.0:
-            raise ValidationError(f"policy budget must be in [0, 1], got {self.budget}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValidationError(f"policy threshold must be in [0, 1], got {self.threshold}")
+        return kind
 
     @property
     def adaptive(self) -> bool:

@@ -68,7 +68,7 @@ def test_attn_pool_encoder_and_extra_features_forward() -> None:
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"encoder": "gru"}, "unknown encoder"),
+        ({"encoder": "gru"}, "encoder: Input should be .sasrec. or .attn_pool."),
         ({"dim": 10, "num_heads": 3}, "divisible"),
         ({"dropout": 1.0}, "dropout"),
         ({"num_items": -1}, "num_items"),

@@ -138,7 +138,7 @@ def test_arm_policies_are_validated() -> None:
     assert isinstance(gate, TimerGate) and gate.period == 5
     for bad, words in [
         ({"kind": "finetune"}, "offline replay"),
-        ({"kind": "magic"}, "not one of"),
+        ({"kind": "magic"}, "should be .static. or .system."),
         ({"kind": "system", "trigger": "cron"}, "trigger"),
         ({"kind": "system", "budget": 1.5}, "budget"),
         ({"kind": "system", "budget": "lots"}, "bad arm policy"),
