@@ -120,6 +120,18 @@ def open_log(path: str | Path | None, prefix: str) -> tuple[Path, IO[bytes]]:
     return Path(name), os.fdopen(fd, "wb")
 
 
+def launch(
+    cmd: list[str], what: str, log_path: Path, kv_cache_gib: int, **streams: Any
+) -> subprocess.Popen:
+    """Start ``cmd`` (a vLLM process) with :func:`vllm_child_env` in its own process
+    group, so :func:`stop_process_group` reaches the engine processes it forks too.
+    ``streams``: the stdin / stdout / stderr (and text-mode) arguments of ``Popen``."""
+    logger.info("starting %s: %s (log %s)", what, " ".join(cmd), log_path)
+    return subprocess.Popen(
+        cmd, env=vllm_child_env(kv_cache_gib=kv_cache_gib), start_new_session=True, **streams
+    )
+
+
 def log_tail(path: Path | None, lines: int = 25) -> str:
     """The last ``lines`` lines of a log file ('' if unreadable)."""
     if path is None:
@@ -212,15 +224,15 @@ class VllmServer:
         self.port = cfg.port or free_port(cfg.host)
         self.log_path, self._log = open_log(cfg.log_path, "vllm-server-")
         cmd = cfg.command(python, self.port)
-        logger.info("starting vLLM server: %s (log %s)", " ".join(cmd), self.log_path)
         start = time.perf_counter()
-        self.proc = subprocess.Popen(
+        self.proc = launch(
             cmd,
+            "vLLM server",
+            self.log_path,
+            cfg.kv_cache_gib,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=vllm_child_env(kv_cache_gib=cfg.kv_cache_gib),
-            start_new_session=True,  # own process group: stop() reaches the engine processes
         )
         try:
             self._wait_healthy(start + cfg.startup_timeout)

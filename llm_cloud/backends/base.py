@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,23 @@ from recsys.errors import ValidationError
 logger = logging.getLogger(__name__)
 
 Ranked = list[tuple[int, float]]  # (item index, score), best first
+# prompts [u][T_u] of one batch, their exclusions (or None) -> [u][<=N]
+BatchSearch = Callable[[list[list[int]], list[set[int]] | None], list[Ranked]]
+
+
+def in_user_batches(
+    search: BatchSearch,
+    prompts: list[list[int]],
+    exclude: list[set[int]] | None,
+    batch_users: int,
+) -> list[Ranked]:
+    """``search`` over consecutive batches of ``batch_users`` users, results in order:
+    each batch gets its own slice of ``exclude``. [U][T_u] -> [U][<=N]."""
+    out: list[Ranked] = []
+    for start in range(0, len(prompts), batch_users):
+        part = None if exclude is None else exclude[start : start + batch_users]
+        out.extend(search(prompts[start : start + batch_users], part))
+    return out
 
 
 @dataclass
@@ -120,7 +137,12 @@ class Backend(ABC):
                 exclude.append({int(i) for i in history})
         if not prompts:
             return []
-        results = self._search(prompts, beams, top_n, exclude)
+        results = in_user_batches(
+            lambda batch, seen: self._search(batch, beams, top_n, seen),
+            prompts,
+            exclude,
+            self.config.batch_users,
+        )
         self._verify(results, top_n)
         return results
 
@@ -128,7 +150,8 @@ class Backend(ABC):
     def _search(
         self, prompts: list[list[int]], beams: int, top_n: int, exclude: list[set[int]] | None
     ) -> list[Ranked]:
-        """Constrained beam search for validated prompts [U][T] -> [U][<=top_n]."""
+        """Constrained beam search for validated prompts of one batch of at most
+        ``config.batch_users`` users: [u][T] -> [u][<=top_n]."""
 
     def _verify(self, results: list[Ranked], top_n: int) -> None:
         """Belt and braces: the trie already guarantees valid items; check cheaply."""

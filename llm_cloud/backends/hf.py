@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_cloud.backends.base import Backend, BackendConfig, Ranked
+from llm_cloud.backends.base import Backend, BackendConfig, Ranked, in_user_batches
 from llm_cloud.prompts import ItemVocab
 from recsys.errors import ValidationError
 
@@ -61,6 +62,19 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
         ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[row, width - len(p) :] = 1
     return ids, mask
+
+
+def _cache_keyword(model: Any) -> str:
+    """The KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x, whose
+    old name ``past_key_values`` warns and goes in 5.40) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned, under either name (see :func:`_cache_keyword`)."""
+    cache = getattr(output, "cache", None)  # never touch the old name when the new exists
+    return cache if cache is not None else output.past_key_values
 
 
 def _exclusion_mask(
@@ -130,15 +144,14 @@ def _tree_logits(
         input_ids=prefixes.reshape(users, k * length),
         attention_mask=mask,  # a 4D mask is used as given (custom attention pattern)
         position_ids=first_pos[:, None] + step[None, :],  # [U, K*l]
-        past_key_values=cache,
         use_cache=True,
+        **{_cache_keyword(model): cache},
     )
     cache.crop(-(k * length))  # drop the beam tokens again (transformers 5: negative = remove n)
     last = torch.arange(k) * length + (length - 1)  # [K] last token of each beam
     return out.logits[:, last, :].reshape(users * k, -1).float()
 
 
-@torch.inference_mode()
 def levelwise_beam_search(
     model: Any,
     vocab: ItemVocab,
@@ -151,7 +164,7 @@ def levelwise_beam_search(
     """Constrained level-wise beam search with a KV cache (see the module docstring).
 
     Args:
-        model: a causal LM (``model(input_ids, attention_mask, position_ids,
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, cache |
             past_key_values, use_cache)`` -> logits [R, T, V]), in eval mode.
         vocab: item tokens, trie and framing ids of the model's tokenizer.
         prompts: token-id lists [U][T_u], each ending with ``<sep>``.
@@ -163,51 +176,67 @@ def levelwise_beam_search(
     Returns:
         [U][<=N] (item index, summed constrained log-prob), best first.
     """
+    return in_user_batches(
+        lambda batch, seen: _levelwise_batch(model, vocab, batch, beams, top_n, seen),
+        prompts,
+        exclude,
+        batch_users,
+    )
+
+
+@torch.inference_mode()
+def _levelwise_batch(
+    model: Any,
+    vocab: ItemVocab,
+    chunk: list[list[int]],
+    beams: int,
+    top_n: int,
+    exclude: list[set[int]] | None,
+) -> list[Ranked]:
+    """:func:`levelwise_beam_search` of one batch of U users (prompts [U][T_u])."""
     depth, trie = vocab.depth, vocab.trie
     out: list[Ranked] = []
-    for start in range(0, len(prompts), batch_users):
-        chunk = prompts[start : start + batch_users]
-        users = len(chunk)
-        ids, attn = _left_pad(chunk, vocab.specials.pad)  # [U, T]
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [U, T] positions ignore the padding
-        step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        cache = step.past_key_values
-        logits = step.logits[:, -1, :].float()  # [U, V]
-        first_pos = pos[:, -1] + 1  # [U] position of each user's first answer token
-        prefixes = torch.zeros((users, 1, 0), dtype=torch.long)  # [U, nb, level]
-        scores = torch.zeros((users, 1))  # [U, nb]
-        for level in range(depth):
-            nb = scores.shape[1]
-            flat_prefixes = prefixes.reshape(users * nb, level).tolist()  # [U*nb][level]
-            allowed = torch.from_numpy(trie.allowed_mask(flat_prefixes, logits.shape[1]))
-            if exclude is not None and level == depth - 1:
-                owners = [start + u for u in range(users) for _ in range(nb)]
-                seen = _exclusion_mask(vocab, flat_prefixes, owners, exclude, logits.shape[1])
-                allowed &= ~torch.from_numpy(seen)
-            logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-            logp = torch.where(allowed, logp, float("-inf"))  # dead rows: -inf, not NaN
-            cand = (scores.reshape(-1, 1) + logp).reshape(users, -1)  # [U, nb*V]
-            k = min(beams, cand.shape[1])
-            scores, flat = cand.topk(k, dim=1)  # [U, k]
-            src, token = flat // logits.shape[1], flat % logits.shape[1]  # beam, token [U, k]
-            prefixes = torch.cat(
-                [prefixes.gather(1, src[..., None].expand(-1, -1, level)), token[..., None]], dim=2
-            )  # [U, k, level+1]
-            if level == depth - 1:
+    users = len(chunk)
+    ids, attn = _left_pad(chunk, vocab.specials.pad)  # [U, T]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [U, T] positions ignore the padding
+    step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache = _cache_of(step)
+    logits = step.logits[:, -1, :].float()  # [U, V]
+    first_pos = pos[:, -1] + 1  # [U] position of each user's first answer token
+    prefixes = torch.zeros((users, 1, 0), dtype=torch.long)  # [U, nb, level]
+    scores = torch.zeros((users, 1))  # [U, nb]
+    for level in range(depth):
+        nb = scores.shape[1]
+        flat_prefixes = prefixes.reshape(users * nb, level).tolist()  # [U*nb][level]
+        allowed = torch.from_numpy(trie.allowed_mask(flat_prefixes, logits.shape[1]))
+        if exclude is not None and level == depth - 1:
+            owners = [u for u in range(users) for _ in range(nb)]
+            seen = _exclusion_mask(vocab, flat_prefixes, owners, exclude, logits.shape[1])
+            allowed &= ~torch.from_numpy(seen)
+        logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        logp = torch.where(allowed, logp, float("-inf"))  # dead rows: -inf, not NaN
+        cand = (scores.reshape(-1, 1) + logp).reshape(users, -1)  # [U, nb*V]
+        k = min(beams, cand.shape[1])
+        scores, flat = cand.topk(k, dim=1)  # [U, k]
+        src, token = flat // logits.shape[1], flat % logits.shape[1]  # beam, token [U, k]
+        prefixes = torch.cat(
+            [prefixes.gather(1, src[..., None].expand(-1, -1, level)), token[..., None]], dim=2
+        )  # [U, k, level+1]
+        if level == depth - 1:
+            break
+        logits = _tree_logits(model, cache, attn, first_pos, prefixes)  # [U*k, V]
+    for u in range(users):
+        ranked: Ranked = []
+        for prefix, score in zip(prefixes[u].tolist(), scores[u].tolist(), strict=True):
+            if score == float("-inf"):
                 break
-            logits = _tree_logits(model, cache, attn, first_pos, prefixes)  # [U*k, V]
-        for u in range(users):
-            ranked: Ranked = []
-            for prefix, score in zip(prefixes[u].tolist(), scores[u].tolist(), strict=True):
-                if score == float("-inf"):
-                    break
-                item = vocab.item_of(prefix)
-                if item is None:  # impossible: every path of the trie is an item
-                    raise RuntimeError(f"beam search produced an invalid ID {prefix}")
-                ranked.append((item, float(score)))
-                if len(ranked) == top_n:
-                    break
-            out.append(ranked)
+            item = vocab.item_of(prefix)
+            if item is None:  # impossible: every path of the trie is an item
+                raise RuntimeError(f"beam search produced an invalid ID {prefix}")
+            ranked.append((item, float(score)))
+            if len(ranked) == top_n:
+                break
+        out.append(ranked)
     return out
 
 
@@ -215,55 +244,52 @@ def levelwise_beam_search(
 def hf_generate_search(
     model: Any,
     vocab: ItemVocab,
-    prompts: list[list[int]],
+    chunk: list[list[int]],
     beams: int,
     top_n: int,
     exclude: list[set[int]] | None = None,
-    batch_users: int = 64,
 ) -> list[Ranked]:
-    """Same contract as :func:`levelwise_beam_search`, via ``model.generate`` with
+    """One batch of :func:`_levelwise_batch`'s contract via ``model.generate`` with
     ``prefix_allowed_tokens_fn`` (scores: sum of unnormalised log-probs, length penalty 0).
     ``exclude`` is applied after the search (asks for B results, keeps the unseen)."""
     depth, trie, eos = vocab.depth, vocab.trie, vocab.specials.eos
+    ids, attn = _left_pad(chunk, vocab.specials.pad)  # [U, T]
+    width = ids.shape[1]
+
+    def allowed(_batch: int, seq: torch.Tensor) -> list[int]:
+        prefix = seq[width:].tolist()
+        return [eos] if len(prefix) >= depth else trie.allowed_next(prefix)
+
+    gen = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        num_beams=beams,
+        num_return_sequences=beams,
+        max_new_tokens=depth + 1,
+        min_new_tokens=depth + 1,
+        do_sample=False,
+        early_stopping=True,
+        length_penalty=0.0,
+        prefix_allowed_tokens_fn=allowed,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=vocab.specials.pad,
+        eos_token_id=eos,
+    )
+    seqs = gen.sequences[:, width : width + depth].reshape(len(chunk), beams, depth)
+    seq_scores = gen.sequences_scores.reshape(len(chunk), beams)  # [U, B]
     out: list[Ranked] = []
-    for start in range(0, len(prompts), batch_users):
-        chunk = prompts[start : start + batch_users]
-        ids, attn = _left_pad(chunk, vocab.specials.pad)
-        width = ids.shape[1]
-
-        def allowed(_batch: int, seq: torch.Tensor, width: int = width) -> list[int]:
-            prefix = seq[width:].tolist()
-            return [eos] if len(prefix) >= depth else trie.allowed_next(prefix)
-
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            num_beams=beams,
-            num_return_sequences=beams,
-            max_new_tokens=depth + 1,
-            min_new_tokens=depth + 1,
-            do_sample=False,
-            early_stopping=True,
-            length_penalty=0.0,
-            prefix_allowed_tokens_fn=allowed,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=vocab.specials.pad,
-            eos_token_id=eos,
-        )
-        seqs = gen.sequences[:, width : width + depth].reshape(len(chunk), beams, depth)
-        seq_scores = gen.sequences_scores.reshape(len(chunk), beams)
-        for u in range(len(chunk)):
-            ranked: Ranked = []
-            for tokens, score in zip(seqs[u].tolist(), seq_scores[u].tolist(), strict=True):
-                item = vocab.item_of(tokens)
-                if item is None or score == float("-inf"):
-                    continue
-                if exclude is not None and item in exclude[start + u]:
-                    continue
-                ranked.append((item, float(score)))
-            ranked.sort(key=lambda pair: -pair[1])
-            out.append(ranked[:top_n])
+    for u in range(len(chunk)):
+        ranked: Ranked = []
+        for tokens, score in zip(seqs[u].tolist(), seq_scores[u].tolist(), strict=True):
+            item = vocab.item_of(tokens)
+            if item is None or score == float("-inf"):
+                continue
+            if exclude is not None and item in exclude[u]:
+                continue
+            ranked.append((item, float(score)))
+        ranked.sort(key=lambda pair: -pair[1])
+        out.append(ranked[:top_n])
     return out
 
 
@@ -328,8 +354,8 @@ class TransformersBackend(Backend):
     def _search(
         self, prompts: list[list[int]], beams: int, top_n: int, exclude: list[set[int]] | None
     ) -> list[Ranked]:
-        fn = levelwise_beam_search if self.search == "levelwise" else hf_generate_search
-        return fn(self.model, self.vocab, prompts, beams, top_n, exclude, self.config.batch_users)
+        fn = _levelwise_batch if self.search == "levelwise" else hf_generate_search
+        return fn(self.model, self.vocab, prompts, beams, top_n, exclude)  # one batch
 
     def info(self) -> dict[str, Any]:
         return {

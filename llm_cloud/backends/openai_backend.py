@@ -167,16 +167,7 @@ class OpenAIBackend(Backend):
     def _search(
         self, prompts: list[list[int]], beams: int, top_n: int, exclude: list[set[int]] | None
     ) -> list[Ranked]:
-        out: list[Ranked] = []
-        size = self.config.batch_users
-        for start in range(0, len(prompts), size):
-            part = None if exclude is None else exclude[start : start + size]
-            out.extend(
-                stepwise_beam_search(
-                    self._step, self.vocab, prompts[start : start + size], beams, top_n, part
-                )
-            )
-        return out
+        return stepwise_beam_search(self._step, self.vocab, prompts, beams, top_n, exclude)
 
     def health(self) -> bool:
         """Whether ``GET /health`` answers 200."""

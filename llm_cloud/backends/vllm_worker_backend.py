@@ -44,8 +44,8 @@ from typing import IO, Any
 from llm_cloud.artifact import ensure_trie_file, load_item_vocab
 from llm_cloud.backends.base import Backend, BackendConfig, Ranked
 from llm_cloud.beam import stepwise_beam_search
-from llm_cloud.server import ServerError, log_tail, open_log, stop_process_group
-from llm_cloud.vllm_env import check_head_dim, find_vllm_python, vllm_child_env
+from llm_cloud.server import ServerError, launch, log_tail, open_log, stop_process_group
+from llm_cloud.vllm_env import check_head_dim, find_vllm_python
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +128,15 @@ class VllmBackend(Backend):
             "--max-logprobs", str(self.max_logprobs),
             "--block-size", str(self.block_size),
         ]  # fmt: skip
-        logger.info("starting vLLM worker: %s (log %s)", " ".join(cmd), self.log_path)
         start = time.perf_counter()
-        self.proc = subprocess.Popen(
+        self.proc = launch(
             cmd,
+            "vLLM worker",
+            self.log_path,
+            kv_cache_gib,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env=vllm_child_env(kv_cache_gib=kv_cache_gib),
-            start_new_session=True,  # own process group: close() reaches the engine processes
             text=True,
             encoding="utf-8",
         )
@@ -198,16 +198,7 @@ class VllmBackend(Backend):
             raise ServerError(
                 f"beam width {beams} exceeds the engine's max_logprobs {self.max_logprobs}"
             )
-        out: list[Ranked] = []
-        size = self.config.batch_users
-        for start in range(0, len(prompts), size):
-            part = None if exclude is None else exclude[start : start + size]
-            out.extend(
-                stepwise_beam_search(
-                    self._step, self.vocab, prompts[start : start + size], beams, top_n, part
-                )
-            )
-        return out
+        return stepwise_beam_search(self._step, self.vocab, prompts, beams, top_n, exclude)
 
     def info(self) -> dict[str, Any]:
         return {
