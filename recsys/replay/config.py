@@ -1,4 +1,5 @@
-"""What a replay runs: the protocol (:class:`ReplayConfig`) and the policies (:class:`PolicySpec`).
+"""What a replay runs: the protocol (:class:`ReplayConfig`), the policies
+(:class:`PolicySpec`) and, for the run through the real services, :class:`GrpcOptions`.
 
 A policy is one way a device keeps its head up to date while the replay period streams
 in; every policy sees the same events, the same histories and the same sampled
@@ -10,7 +11,9 @@ negatives (:mod:`recsys.replay.stream`).
 * ``duet``: the DUET-style generator's edit from the raw recent item ids (no LM, no
   codebook), requested by ``trigger`` at ``budget``.
 * ``system``: the full system: codebook-LM tokens + adaptor + prototypes (bank frozen at
-  the artefact's version), requested by ``trigger`` at ``budget``.
+  the artefact's version), requested by ``trigger`` at ``budget``. With
+  ``prototypes=False`` (CLI ``system-noproto``) the device receives the adaptor's own
+  bounded edit, with no prototype (the ablation of ``recsys eval adaptor``).
 
 Triggers: ``"gate"`` is the shift-score request gate (:mod:`device_ranker.gate`) with a
 threshold calibrated ONCE on the training period so that the requested fraction of
@@ -18,25 +21,32 @@ events is ``budget`` (:mod:`recsys.replay.gate_calibration`); ``"timer"`` asks e
 ``round(1 / budget)`` events. Both make a device's first request as soon as it has
 ``min_history`` events.
 
+Configs are validated at construction (:func:`recsys.validation.config_dataclass`):
+a bad value raises :class:`recsys.errors.ValidationError` naming the field and range.
+
 Example::
 
     specs = [PolicySpec("static"), PolicySpec("system", "gate", 0.1)]
     [s.label for s in specs]                  # ['static', 'system gate 10%']
     PolicySpec.from_dict({"kind": "system", "trigger": "timer", "budget": 0.2}).label
+    PolicySpec.parse("system-noproto:timer:0.2").label   # 'system-noproto timer 20%'
     cfg = ReplayConfig(seed=1, workers=2)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
+
+from pydantic import Field
 
 from recsys.errors import ValidationError
+from recsys.validation import config_dataclass
 
 KINDS = ("static", "finetune", "duet", "system")
 TRIGGERS = ("gate", "timer")
+NO_PROTOTYPES = "system-noproto"  # the CLI / label name of the system without prototypes
 DEFAULT_BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 QUICK_BUDGETS = (1.0, 0.2)
 
@@ -45,7 +55,7 @@ def _pct(budget: float) -> str:
     return f"{100 * budget:g}%"
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class PolicySpec:
     """One policy of a replay (see the module docstring).
 
@@ -56,31 +66,22 @@ class PolicySpec:
         budget: fraction of evaluated events that may trigger a request, in (0, 1].
         finetune_every: events between two fine-tuning updates (finetune only).
         name: display name; default derived from the fields (:attr:`label`).
+        prototypes: system only: the edit is a residual against the nearest prototype
+            (True, the full system) or the adaptor's own edit (False).
     """
 
-    kind: str
-    trigger: str = "gate"
-    budget: float = 1.0
-    finetune_every: int = 5
+    kind: Literal["static", "finetune", "duet", "system"]
+    trigger: Literal["gate", "timer"] = "gate"
+    budget: float = Field(1.0, gt=0.0, le=1.0)  # a fraction of events
+    finetune_every: int = Field(5, ge=1)
     name: str | None = None
+    prototypes: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValidationError(f"policy kind must be one of {KINDS}, got {self.kind!r}")
-        if self.trigger not in TRIGGERS:
-            raise ValidationError(f"policy trigger must be one of {TRIGGERS}, got {self.trigger!r}")
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
-            raise ValidationError(f"policy budget must be a number in (0, 1], got {self.budget!r}")
-        if not 0.0 < float(self.budget) <= 1.0:
-            raise ValidationError(
-                f"policy budget must be in (0, 1] (a fraction of events), got {self.budget}"
-            )
-        if isinstance(self.finetune_every, bool) or not isinstance(self.finetune_every, int):
-            raise ValidationError(f"finetune_every must be an integer, got {self.finetune_every!r}")
-        if self.finetune_every < 1:
-            raise ValidationError(f"finetune_every must be >= 1, got {self.finetune_every}")
-        if self.name is not None and not str(self.name).strip():
-            raise ValidationError("policy name must not be empty")
+        if self.name is not None and not self.name.strip():
+            raise ValueError("policy name must not be empty")
+        if not self.prototypes and self.kind != "system":
+            raise ValueError(f"prototypes=False applies to system policies only, not {self.kind}")
 
     @property
     def period(self) -> int:
@@ -98,12 +99,21 @@ class PolicySpec:
             return "static"
         if self.kind == "finetune":
             return f"finetune every {self.finetune_every}"
-        return f"{self.kind} {self.trigger} {_pct(self.budget)}"
+        kind = self.kind if self.prototypes else NO_PROTOTYPES
+        return f"{kind} {self.trigger} {_pct(self.budget)}"
 
     @property
     def requests(self) -> bool:
         """Whether the policy ever changes the head (everything but static)."""
         return self.kind != "static"
+
+    @property
+    def edit_kind(self) -> str | None:
+        """Which edits the policy applies: "system", "system-noproto", "duet", "finetune"
+        (None: static); policies of one edit kind share the edit at a request point."""
+        if self.kind == "static":
+            return None
+        return NO_PROTOTYPES if self.kind == "system" and not self.prototypes else self.kind
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"label": self.label}
@@ -116,37 +126,33 @@ class PolicySpec:
         """
         if not isinstance(d, Mapping):
             raise ValidationError(f"a policy must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known - {"label"}
-        if extra:
-            raise ValidationError(
-                f"unknown policy key(s) {sorted(extra)}; allowed: {sorted(known)}"
-            )
-        if "kind" not in d:
-            raise ValidationError(f"a policy needs a 'kind' (one of {KINDS})")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k != "label"})
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
         """Parse the CLI form: ``static``, ``finetune``, ``finetune:10`` (every 10 events),
-        ``system:gate:0.2``, ``duet:timer:0.1`` (budget as a fraction or ``20%``)."""
+        ``system:gate:0.2``, ``duet:timer:0.1``, ``system-noproto:timer:0.2`` (budget as a
+        fraction or ``20%``)."""
         parts = [p.strip() for p in text.split(":")]
         kind = parts[0]
-        if kind not in KINDS:
-            raise ValidationError(f"policy {text!r}: kind must be one of {KINDS}")
+        if kind not in (*KINDS, NO_PROTOTYPES):
+            raise ValidationError(f"policy {text!r}: kind must be one of {(*KINDS, NO_PROTOTYPES)}")
         if kind == "static":
             if len(parts) > 1:
                 raise ValidationError(f"policy {text!r}: static takes no options")
-            return cls("static")
+            return cls(kind="static")
         if kind == "finetune":
             if len(parts) > 2:
                 raise ValidationError(f"policy {text!r}: use finetune or finetune:N")
-            return cls("finetune", finetune_every=_int(parts[1], text) if len(parts) > 1 else 5)
+            every = _int(parts[1], text) if len(parts) > 1 else 5
+            return cls(kind="finetune", finetune_every=every)
         if len(parts) > 3:
             raise ValidationError(f"policy {text!r}: use {kind}[:gate|timer[:BUDGET]]")
         trigger = parts[1] if len(parts) > 1 else "gate"
         budget = parse_budget(parts[2]) if len(parts) > 2 else 1.0
-        return cls(kind, trigger, budget)
+        if kind == NO_PROTOTYPES:
+            return cls(kind="system", trigger=trigger, budget=budget, prototypes=False)
+        return cls(kind=kind, trigger=trigger, budget=budget)
 
 
 def _int(text: str, where: str) -> int:
@@ -184,7 +190,7 @@ def default_policies(budgets: Sequence[float] = DEFAULT_BUDGETS) -> list[PolicyS
     return specs
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ReplayConfig:
     """The replay protocol (written into every result).
 
@@ -192,13 +198,15 @@ class ReplayConfig:
         quantile: time-split quantile; must equal the one the adaptor artefact was
             trained with (0.8 by default), checked by the engine.
         min_history: events a device needs before it is evaluated and first requests
-            an edit (5, as in ``recsys eval adaptor`` and the generators' training).
+            an edit (5, as in the generators' training; >= 2: fine-tuning needs two).
         negatives: sampled negatives per evaluated event for AUC / UAUC (100).
         seed: seeds the negatives (per (seed, user, event position)) and the bootstrap.
         workers: processes the users are split across (results do not depend on it).
         quick: CI mode: at most ``quick_users`` users (the CLI also uses ``QUICK_BUDGETS``).
         quick_users: users kept by ``quick`` (the first in a seeded permutation).
         max_users: keep at most this many users (seeded sample; None = all).
+        max_events: keep at most this many replay events per device, its first ones
+            (None = all; the demo replays 40).
         gate_window: W of the shift gate (recent items compared with the anchor window).
         gate_min_gap: events between two gate requests of one device (1: any event may).
         finetune_steps / finetune_lr: each on-device fine-tuning update (Adam on the head).
@@ -212,60 +220,27 @@ class ReplayConfig:
         artifact: adaptor artefact path (None: CACHE/artifacts/NAME/adaptor/adaptor.pt).
     """
 
-    quantile: float = 0.8
-    min_history: int = 5
-    negatives: int = 100
+    quantile: float = Field(0.8, gt=0.0, lt=1.0)
+    min_history: int = Field(5, ge=2)
+    negatives: int = Field(100, ge=1)
     seed: int = 0
-    workers: int = 1
+    workers: int = Field(1, ge=1)
     quick: bool = False
-    quick_users: int = 24
-    max_users: int | None = None
-    gate_window: int = 10
-    gate_min_gap: int = 1
-    finetune_steps: int = 5
-    finetune_lr: float = (
-        3e-3  # best of 1e-2 / 3e-3 / 1e-3 on ml-100k's replay (favours the baseline)
-    )
-    payload_dtype: str = "fp16"
-    uplink_items: int = 20
-    chunk_users: int = 16
-    batch_size: int = 256
-    lm_batch: int = 64
-    bootstrap: int = 2000
+    quick_users: int = Field(24, ge=1)
+    max_users: int | None = Field(None, ge=1)
+    max_events: int | None = Field(None, ge=1)
+    gate_window: int = Field(10, ge=1)
+    gate_min_gap: int = Field(1, ge=1)
+    finetune_steps: int = Field(5, ge=1)
+    # best of 1e-2 / 3e-3 / 1e-3 on ml-100k's replay (favours the baseline)
+    finetune_lr: float = Field(3e-3, gt=0.0)
+    payload_dtype: Literal["fp16", "int8", "fp32"] = "fp16"
+    uplink_items: int = Field(20, ge=1)
+    chunk_users: int = Field(16, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lm_batch: int = Field(64, ge=1)
+    bootstrap: int = Field(2000, ge=1)
     artifact: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.quantile < 1.0:
-            raise ValidationError(f"quantile must be in (0, 1), got {self.quantile}")
-        for name in (
-            "min_history",
-            "negatives",
-            "workers",
-            "quick_users",
-            "gate_window",
-            "gate_min_gap",
-            "finetune_steps",
-            "uplink_items",
-            "chunk_users",
-            "batch_size",
-            "lm_batch",
-            "bootstrap",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValidationError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.min_history < 2:
-            raise ValidationError(
-                f"min_history must be >= 2 (fine-tuning needs two events), got {self.min_history}"
-            )
-        if self.max_users is not None and self.max_users < 1:
-            raise ValidationError(f"max_users must be >= 1, got {self.max_users}")
-        if self.finetune_lr <= 0:
-            raise ValidationError(f"finetune_lr must be > 0, got {self.finetune_lr}")
-        if self.payload_dtype not in ("fp16", "int8", "fp32"):
-            raise ValidationError(
-                f"payload_dtype must be fp16, int8 or fp32, got {self.payload_dtype!r}"
-            )
 
     @property
     def user_limit(self) -> int | None:
@@ -278,10 +253,35 @@ class ReplayConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReplayConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValidationError(
-                f"unknown replay config key(s) {sorted(extra)}; allowed: {sorted(known)}"
-            )
+        """Build from a plain mapping (:meth:`to_dict`); unknown keys are an error."""
         return cls(**dict(d))
+
+
+@config_dataclass
+class GrpcOptions:
+    """How the replay drives the real services (``run_replay(..., via="grpc")``).
+
+    Attributes:
+        concurrency: devices replayed at once (each device's events stay in order).
+        startup_timeout_s: how long a server may take to become healthy.
+        rpc_timeout_s: deadline of the driver's calls to a device (an edit on a cold LM
+            can take long; a ``RecordEvent`` waits for the edit it triggers).
+        cloud_deadline_s: the device's deadline on each call to the cloud (a late edit
+            fails and the device keeps its last good one); <= ``rpc_timeout_s``.
+        strict: a failed edit request aborts the replay (it would no longer match the
+            in-process one); False counts it (``failed_requests``) and goes on, the
+            device serving its last good edit (the demo).
+    """
+
+    concurrency: int = Field(4, ge=1)
+    startup_timeout_s: float = Field(600.0, gt=0.0)
+    rpc_timeout_s: float = Field(600.0, gt=0.0)
+    cloud_deadline_s: float = Field(600.0, gt=0.0)
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cloud_deadline_s > self.rpc_timeout_s:
+            raise ValueError(
+                f"cloud_deadline_s ({self.cloud_deadline_s}) must be <= rpc_timeout_s "
+                f"({self.rpc_timeout_s}): a RecordEvent waits for the edit it triggers"
+            )

@@ -19,7 +19,9 @@ Per request (or fine-tuning update) a policy records:
   batch) + prototype assignment / residual / encoding (per request).
 
 Ranking itself (encoder, head, catalogue scores) costs every policy the same and is
-reported once (:func:`scoring_flops`).
+reported once (:func:`scoring_flops`). Through the services (``rpc``), the accumulator
+also keeps the ``Recommend`` / ``RecordEvent`` round-trip latencies, the failed edit
+requests and the fallback answers.
 
 Example::
 
@@ -93,6 +95,12 @@ class CostAccumulator:
     cloud_ms: list[float] = field(default_factory=list)
     prototype_downloads: int = 0
     prototype_bytes: int = 0
+    # measured through the gRPC services only (rpc=True)
+    rpc: bool = False
+    recommend_ms: list[float] = field(default_factory=list)
+    record_ms: list[float] = field(default_factory=list)
+    failed_requests: int = 0
+    fallback_answers: int = 0
 
     def add(
         self,
@@ -130,13 +138,19 @@ class CostAccumulator:
             "downlink_bytes",
             "payload_bytes",
             "cloud_ms",
+            "recommend_ms",
+            "record_ms",
         ):
             getattr(self, name).extend(getattr(other, name))
         self.prototype_downloads += other.prototype_downloads
         self.prototype_bytes += other.prototype_bytes
+        self.rpc = self.rpc or other.rpc
+        self.failed_requests += other.failed_requests
+        self.fallback_answers += other.fallback_answers
 
     def summary(self, evaluated_events: int) -> dict[str, float]:
-        """Totals, per-request means / p50 and per-event device figures."""
+        """Totals, per-request means / p50 and per-event device figures (+ with ``rpc``:
+        failed requests, fallback answers, call latency p50 / p99, NaN without calls)."""
         n = max(self.requests, 1)
         e = max(evaluated_events, 1)
         device_us = [d + a for d, a in zip(self.decode_us, self.apply_us, strict=True)]
@@ -147,7 +161,7 @@ class CostAccumulator:
         def p50(xs: list[float]) -> float:
             return float(np.median(xs)) if xs else 0.0
 
-        return {
+        out = {
             "requests": self.requests,
             "initial_requests": self.initial_requests,
             "device_us_total": total(device_us),
@@ -170,3 +184,17 @@ class CostAccumulator:
             "cloud_ms_per_request_p50": p50(self.cloud_ms),
             "cloud_ms_total": total(self.cloud_ms),
         }
+        if self.rpc:
+
+            def pct(xs: list[float], q: float) -> float:
+                return float(np.percentile(xs, q)) if xs else float("nan")
+
+            out.update(
+                failed_requests=self.failed_requests,
+                fallback_answers=self.fallback_answers,
+                recommend_ms_p50=pct(self.recommend_ms, 50),
+                recommend_ms_p99=pct(self.recommend_ms, 99),
+                record_event_ms_p50=pct(self.record_ms, 50),
+                record_event_ms_p99=pct(self.record_ms, 99),
+            )
+        return out

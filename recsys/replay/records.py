@@ -1,4 +1,10 @@
-"""Per-event results of one policy: aligned arrays, and the metrics derived from them.
+"""Per-event results of one policy (aligned arrays, the metrics derived from them) and
+what a replay driver returns per device.
+
+Both drivers (in process: :mod:`recsys.replay.replayer`; through the services:
+:mod:`recsys.replay.grpc_driver`) return one :class:`UserResult` per device: its
+:class:`EventRecords` and :class:`~recsys.replay.costs.CostAccumulator` per policy label;
+:func:`merge_results` turns them into the run's records and cost summaries.
 
 Shape letter: E evaluated events of the policy, U users.
 
@@ -7,16 +13,19 @@ Example::
     rec = EventRecords.concat([part_a, part_b]).sorted()
     rec.ndcg10().mean(), rec.hr10().mean(), rec.requested.mean()
     users, means, counts = rec.per_user_mean("ndcg@10")   # [U], [U], [U]
+    records, costs = merge_results(user_results, ["static", "system gate 20%"])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from recsys.errors import ValidationError
+from recsys.replay.costs import CostAccumulator
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "auc")
 
@@ -43,6 +52,7 @@ class EventRecords:
     auc: np.ndarray
     requested: np.ndarray
 
+    # a plain dataclass (not a pydantic config): it holds arrays, coerced and shape-checked here
     def __post_init__(self) -> None:
         self.user = np.asarray(self.user, dtype=np.int64)
         self.item = np.asarray(self.item, dtype=np.int64)
@@ -154,3 +164,29 @@ class EventRecords:
 
     def to_dict(self) -> dict[str, list]:
         return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
+
+
+@dataclass
+class UserResult:
+    """One device's replay: records and costs per policy label (what a driver returns)."""
+
+    user: int
+    records: dict[str, EventRecords]
+    costs: dict[str, CostAccumulator] = field(default_factory=dict)
+
+
+def merge_results(
+    results: Sequence[UserResult], labels: Sequence[str]
+) -> tuple[dict[str, EventRecords], dict[str, dict[str, Any]]]:
+    """The devices' results (in user order) -> per label the records sorted by
+    (timestamp, user) and the cost summary (:meth:`CostAccumulator.summary`)."""
+    records = {
+        label: EventRecords.concat([r.records[label] for r in results]).sorted() for label in labels
+    }
+    costs = {}
+    for label in labels:
+        acc = CostAccumulator()
+        for r in results:
+            acc.merge(r.costs[label])
+        costs[label] = acc.summary(len(records[label]))
+    return records, costs

@@ -8,6 +8,7 @@ Protocol (configuration in :class:`~recsys.replay.config.ReplayConfig`, written 
   events (``split.cold_replay``, most of them new after the cut), in time order.
 * **Devices**: one per user. A device's history starts as its user's training-period
   events (empty for new users) and grows with its own replay events.
+* **Events per device**: all of its replay events, or its first ``max_events``.
 * **Evaluated events**: those whose history before the event has at least
   ``min_history`` events; the others only grow the history.
 * **Negatives**: per evaluated event, ``negatives`` items drawn uniformly (without
@@ -224,6 +225,10 @@ def build_stream(
     order = np.argsort(ev_user, kind="stable")  # user-major, time order kept
     rows = rows[order]
     ev_user = ev_user[order]
+    if cfg.max_events is not None:  # each device's first max_events replay events
+        first = np.searchsorted(ev_user, ev_user)  # [N] row of the user's first event
+        keep = np.arange(len(rows)) - first < cfg.max_events
+        rows, ev_user = rows[keep], ev_user[keep]
     item = ds.item_index[rows].astype(np.int64)
     ts = ds.timestamps[rows].astype(np.int64)
     counts = np.bincount(np.searchsorted(chosen, ev_user), minlength=len(chosen))

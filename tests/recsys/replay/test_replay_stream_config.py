@@ -9,7 +9,13 @@ from replay_world import drift_dataset
 
 from recsys.data import time_split, user_sequences
 from recsys.errors import ValidationError
-from recsys.replay.config import PolicySpec, ReplayConfig, default_policies, parse_budget
+from recsys.replay.config import (
+    GrpcOptions,
+    PolicySpec,
+    ReplayConfig,
+    default_policies,
+    parse_budget,
+)
 from recsys.replay.records import EventRecords
 from recsys.replay.stream import build_stream
 
@@ -71,6 +77,20 @@ def test_user_limits_sample_with_the_seed(ds) -> None:
         build_stream(ds, ReplayConfig(), users=[10_000])
 
 
+def test_max_events_keeps_each_devices_first_events(ds) -> None:
+    full = build_stream(ds, ReplayConfig(min_history=3, negatives=5))
+    cut = build_stream(ds, ReplayConfig(min_history=3, negatives=5, max_events=2))
+    assert cut.users.tolist() == full.users.tolist()
+    assert len(cut) < len(full)
+    for u in full.users.tolist():
+        a, b = full.user_slice(u), cut.user_slice(u)
+        n = min(2, a.stop - a.start)
+        assert b.stop - b.start == n
+        for name in ("item", "timestamp", "position", "evaluated", "negatives"):
+            got, want = getattr(cut, name)[b], getattr(full, name)[a][:n]
+            assert np.array_equal(got, want), (u, name)
+
+
 def test_policy_specs_labels_and_parsing() -> None:
     assert PolicySpec("static").label == "static"
     assert PolicySpec("finetune", finetune_every=10).label == "finetune every 10"
@@ -85,25 +105,41 @@ def test_policy_specs_labels_and_parsing() -> None:
     labels = [s.label for s in default_policies()]
     assert len(labels) == len(set(labels)) == 13
     assert "system timer 5%" in labels and "finetune every 5" in labels
+    assert all(s.prototypes for s in default_policies())
+
+
+def test_the_system_without_prototypes_is_a_variant_of_system() -> None:
+    bare = PolicySpec.parse("system-noproto:timer:0.2")
+    assert bare == PolicySpec(kind="system", trigger="timer", budget=0.2, prototypes=False)
+    assert bare.label == "system-noproto timer 20%" and bare.edit_kind == "system-noproto"
+    assert PolicySpec.parse("system:timer:0.2").edit_kind == "system"
+    assert PolicySpec("static").edit_kind is None and PolicySpec("duet").edit_kind == "duet"
+    assert PolicySpec.from_dict(bare.to_dict()) == bare
 
 
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: PolicySpec("magic"), "kind"),
-        (lambda: PolicySpec("system", "sometimes"), "trigger"),
-        (lambda: PolicySpec("system", "gate", 0.0), r"\(0, 1\]"),
-        (lambda: PolicySpec("system", "gate", 1.5), r"\(0, 1\]"),
+        (lambda: PolicySpec(kind="magic"), "kind: Input should be 'static'"),
+        (lambda: PolicySpec(kind="system", trigger="sometimes"), "trigger"),
+        (lambda: PolicySpec(kind="system", budget=0.0), "budget: Input should be greater than 0"),
+        (lambda: PolicySpec(kind="system", budget=1.5), "budget: Input should be less than"),
         (lambda: PolicySpec("finetune", finetune_every=0), "finetune_every"),
-        (lambda: PolicySpec.from_dict({"kind": "static", "budgte": 1}), "unknown policy key"),
-        (lambda: PolicySpec.from_dict({"trigger": "gate"}), "needs a 'kind'"),
+        (lambda: PolicySpec(kind="duet", prototypes=False), "system policies only"),
+        (lambda: PolicySpec(kind="static", name=" "), "name must not be empty"),
+        (lambda: PolicySpec.from_dict({"kind": "static", "budgte": 1}), "budgte: Unexpected"),
+        (lambda: PolicySpec.from_dict({"trigger": "gate"}), "kind: Field required"),
+        (lambda: PolicySpec.parse("magic:gate"), "kind must be one of"),
         (lambda: PolicySpec.parse("static:3"), "no options"),
         (lambda: parse_budget("lots"), "not a number"),
         (lambda: parse_budget("0"), "must be in"),
         (lambda: ReplayConfig(negatives=0), "negatives"),
         (lambda: ReplayConfig(min_history=1), "min_history"),
         (lambda: ReplayConfig(payload_dtype="fp8"), "payload_dtype"),
-        (lambda: ReplayConfig.from_dict({"seeds": 1}), "unknown replay config key"),
+        (lambda: ReplayConfig(max_events=0), "max_events"),
+        (lambda: ReplayConfig.from_dict({"seeds": 1}), "seeds: Unexpected keyword"),
+        (lambda: GrpcOptions(concurrency=0), "concurrency"),
+        (lambda: GrpcOptions(cloud_deadline_s=10.0, rpc_timeout_s=5.0), "RecordEvent waits"),
     ],
 )
 def test_bad_configs_fail_clearly(make, match) -> None:
