@@ -1,20 +1,39 @@
-"""Offline replay evaluation (``recsys replay``): every policy on the same stream.
+"""The replay core: every policy on the same stream, in process or through the services.
 
-* :mod:`recsys.replay.config`: :class:`ReplayConfig` (the protocol), :class:`PolicySpec`.
+One entry point, :func:`recsys.replay.engine.run_replay` (``via="inprocess" | "grpc"``),
+called by ``recsys replay``, ``recsys eval adaptor`` (:mod:`recsys.replay.adaptor_eval`),
+the parity and live A/B modes, the A/B harness and the demo. Shared parts:
+
+* :mod:`recsys.replay.config`: :class:`ReplayConfig` (the protocol), :class:`PolicySpec`,
+  :class:`GrpcOptions`.
 * :mod:`recsys.replay.stream`: :func:`build_stream`, the events, histories and negatives.
 * :mod:`recsys.replay.gate_calibration`: the gate threshold per budget, from the training period.
 * :mod:`recsys.replay.policies`: request points of the gate and the timer.
-* :mod:`recsys.replay.replayer`: one device through every policy (edits, batched scoring).
-* :mod:`recsys.replay.engine`: :func:`run_replay` in process (:class:`ReplayRun`), workers.
-* :mod:`recsys.replay.records` / :mod:`recsys.replay.costs`: per-event results, costs.
+* :mod:`recsys.replay.records` / :mod:`recsys.replay.costs`: per-event results, the
+  per-device :class:`UserResult` both drivers return, costs.
 * :mod:`recsys.replay.report` / :mod:`recsys.replay.plots`: tables, ``results.json``,
   ``results.md``, PNG plots.
-* :mod:`recsys.replay.grpc_driver`: the same replay through the gRPC services.
 
-Heavy modules (engine, report) are imported where used.
+Drivers:
+
+* in process: :mod:`recsys.replay.replayer` (one device through every policy, batched)
+  with :mod:`recsys.replay.edits` (system / DUET / fine-tuning edits);
+* through the real services: :mod:`recsys.replay.grpc_driver` (async per-user driver)
+  with :mod:`recsys.replay.services` (server command lines, start / stop);
+  :mod:`recsys.replay.parity` compares the two, :mod:`recsys.replay.live` sends live A/B
+  traffic through one device serving an experiment.
+
+Heavy modules (engine, drivers, report) are imported where used.
 """
 
-from recsys.replay.config import PolicySpec, ReplayConfig, default_policies
-from recsys.replay.records import EventRecords
+from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig, default_policies
+from recsys.replay.records import EventRecords, UserResult
 
-__all__ = ["EventRecords", "PolicySpec", "ReplayConfig", "default_policies"]
+__all__ = [
+    "EventRecords",
+    "GrpcOptions",
+    "PolicySpec",
+    "ReplayConfig",
+    "UserResult",
+    "default_policies",
+]

@@ -1,50 +1,56 @@
-"""The offline replay engine (in process): every policy on the same stream.
+"""The replay core's entry point: :func:`run_replay`, every policy on the same stream,
+in process or through the real gRPC services.
 
-:func:`run_replay` checks the artefacts, builds the stream
+:func:`run_replay` checks the artefacts and the policies, builds the stream
 (:func:`recsys.replay.stream.build_stream`), calibrates the gate threshold of every
-budget ONCE on the training period (:mod:`recsys.replay.gate_calibration`), then
-replays the devices (:class:`recsys.replay.replayer.Replayer`: request points, edits,
-batched scoring) and merges the per-event records and costs.
+budget ONCE on the training period (:mod:`recsys.replay.gate_calibration`)
+(:func:`prepare_replay`), then hands the devices to a driver:
 
-A device's results depend only on its own events (fixed thresholds, frozen prototype
-bank, per-device batches), so devices can be split across processes: they are cut
-into fixed blocks of ``chunk_users`` (in user order) that ``workers`` spawned processes
-(one torch thread each) take in turn; the merged records are sorted by (timestamp,
-user). Results are identical for any worker count.
+* ``via="inprocess"``: :func:`recsys.replay.replayer.replay_devices` (request points,
+  edits, batched scoring in this process or ``workers`` spawned ones);
+* ``via="grpc"``: :func:`recsys.replay.grpc_driver.replay_through_services` (a cloud and
+  one device server per policy as child processes, every decision and score from them).
+
+Both return one :class:`~recsys.replay.records.UserResult` per device, merged here
+(:func:`~recsys.replay.records.merge_results`) into the run's records, sorted by
+(timestamp, user), and cost summaries. A device's results depend only on its own
+events (fixed thresholds, frozen prototype bank, per-device batches), so results are
+identical for any worker count or concurrency.
 
 Example::
 
     run = run_replay(ds, ReplayConfig(quick=True), default_policies((1.0, 0.2)),
                      cache=settings.cache_dir())
     run.records["system gate 20%"].summary()["ndcg@10"], run.costs["finetune every 5"]
+    grpc = run_replay(ds, ReplayConfig(max_users=20), [PolicySpec("static")],
+                      cache=settings.cache_dir(), via="grpc")
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
-from tqdm.auto import tqdm
-
+from codebook.adaptor_artifact import artifact_dir, load_artifact
 from device_ranker.ranker import Ranker
 from recsys.data import Dataset, time_split, user_sequences
 from recsys.errors import NotFoundError, ValidationError
-from recsys.replay.config import PolicySpec, ReplayConfig
-from recsys.replay.costs import CostAccumulator, scoring_flops
+from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig
+from recsys.replay.costs import scoring_flops
 from recsys.replay.gate_calibration import GateCalibration, calibrate_gate
-from recsys.replay.policies import trigger_key
-from recsys.replay.records import EventRecords
-from recsys.replay.replayer import Replayer, UserResult
+from recsys.replay.records import EventRecords, merge_results
+from recsys.replay.replayer import replay_devices
 from recsys.replay.stream import ReplayStream, UserEvents, build_stream
-from recsys.workflows.adaptor_training import artifact_dir, config_from_dict, load_artifact
+from recsys.reporting import versions
+from recsys.workflows.adaptor_config import config_from_dict
 
 logger = logging.getLogger(__name__)
+
+VIAS = ("inprocess", "grpc")
 
 
 @dataclass
@@ -53,14 +59,28 @@ class ReplayRun:
 
     Attributes:
         records: policy label -> :class:`EventRecords` sorted by (timestamp, user).
-        costs: policy label -> cost summary (:meth:`CostAccumulator.summary`).
+        costs: policy label -> cost summary (:meth:`CostAccumulator.summary`, plus the
+            services' measurements with ``via="grpc"``).
         meta: config, policies, dataset (name, fingerprint), seed, versions, split and
-            stream summaries, gate calibrations, artefact, timings.
+            stream summaries, gate calibrations, artefact, driver, timings.
     """
 
     records: dict[str, EventRecords]
-    costs: dict[str, dict[str, float]]
+    costs: dict[str, dict[str, Any]]
     meta: dict[str, Any]
+
+
+class PreparedReplay(NamedTuple):
+    """What every driver starts from (:func:`prepare_replay`)."""
+
+    art_path: Path
+    art: dict[str, Any]
+    stream: ReplayStream
+    calibrations: dict[float, GateCalibration]  # budget -> gate calibration
+
+    def events(self) -> list[UserEvents]:
+        """The devices' events, in user order."""
+        return [self.stream.user_events(int(u)) for u in self.stream.users]
 
 
 def resolve_artifact(ds: Dataset, cfg: ReplayConfig, cache: Path) -> Path:
@@ -114,12 +134,8 @@ def prepare_replay(
     *,
     cache: Path,
     users: Sequence[int] | None = None,
-) -> tuple[Path, dict[str, Any], ReplayStream, dict[float, GateCalibration]]:
-    """Artefact checks, the stream and the gate calibration (shared by every driver).
-
-    Returns:
-        (artefact path, artefact dict, stream, budget -> calibration).
-    """
+) -> PreparedReplay:
+    """Artefact checks, the stream and the gate calibration (shared by every driver)."""
     specs = check_policies(policies)
     art_path = resolve_artifact(ds, cfg, cache)
     art = load_artifact(art_path)
@@ -157,23 +173,7 @@ def prepare_replay(
             min_history=cfg.min_history,
             min_gap=cfg.gate_min_gap,
         )
-    return art_path, art, stream, calibrations
-
-
-# ---- worker processes ---------------------------------------------------------------------
-_WORKER: Replayer | None = None
-
-
-def _init_worker(args: tuple) -> None:
-    global _WORKER
-    torch.set_num_threads(1)
-    _WORKER = Replayer(*args)
-
-
-def _run_chunk(chunk: list[UserEvents]) -> list[UserResult]:
-    if _WORKER is None:
-        raise RuntimeError("replay worker used before its initialiser ran")
-    return [_WORKER.replay_user(ev) for ev in chunk]
+    return PreparedReplay(art_path, art, stream, calibrations)
 
 
 def run_replay(
@@ -184,51 +184,51 @@ def run_replay(
     cache: Path,
     users: Sequence[int] | None = None,
     progress: bool = True,
+    via: str = "inprocess",
+    grpc: GrpcOptions | None = None,
 ) -> ReplayRun:
     """Replay the stream of ``ds`` through every policy (see the module docstring).
 
     Args:
         users: restrict to these dataset user indices (``cfg.quick`` / ``max_users`` then
             sample among them).
-        progress: a tqdm bar over devices.
+        progress: tqdm bars over devices.
+        via: "inprocess" or "grpc" (the real services; static and system policies only).
+        grpc: how to drive the services (``via="grpc"``; default :class:`GrpcOptions`).
+
+    Raises:
+        ValidationError: bad policies (or ones the services cannot run), bad config.
+        NotFoundError: missing artefacts (the message names the training commands).
+        RecsysError: with ``via="grpc"``, a server failed to start or (``grpc.strict``)
+            an edit request failed.
     """
+    if via not in VIAS:
+        raise ValidationError(f"via must be one of {VIAS}, got {via!r}")
     t0 = time.perf_counter()
     specs = check_policies(policies)
-    art_path, art, stream, calibrations = prepare_replay(ds, cfg, specs, cache=cache, users=users)
+    if via == "grpc":
+        from recsys.replay.services import check_grpc_policies
+
+        specs = check_grpc_policies(specs)
+    prep = prepare_replay(ds, cfg, specs, cache=cache, users=users)
     t_prep = time.perf_counter() - t0
-    events = [stream.user_events(int(u)) for u in stream.users]
-    chunks = [events[i : i + cfg.chunk_users] for i in range(0, len(events), cfg.chunk_users)]
-    init = (art_path, Path(cache), ds.name, cfg, specs, calibrations)
-    results: list[UserResult] = []
-    workers = min(cfg.workers, len(chunks))
-    with tqdm(total=len(events), desc="replay", unit="device", disable=not progress) as bar:
-        if workers <= 1:
-            rep = Replayer(*init)
-            try:
-                for ev in events:
-                    results.append(rep.replay_user(ev))
-                    bar.update(1)
-            finally:
-                rep.close()
-        else:
-            with mp.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(init,)
-            ) as pool:
-                for part in pool.imap(_run_chunk, chunks):
-                    results.extend(part)
-                    bar.update(len(part))
-                pool.close()  # let the workers exit on their own (no terminate)
-                pool.join()
-    records = {
-        s.label: EventRecords.concat([r.records[s.label] for r in results]).sorted() for s in specs
-    }
-    costs = {}
-    for s in specs:
-        acc = CostAccumulator()
-        for r in results:
-            acc.merge(r.costs[s.label])
-        costs[s.label] = acc.summary(len(records[s.label]))
-    meta = run_meta(ds, cfg, specs, art, art_path, cache, stream, calibrations)
+    events = prep.events()
+    extra: dict[str, Any] = {}
+    if via == "inprocess":
+        args = (prep.art_path, Path(cache), ds.name, cfg, specs, prep.calibrations)
+        results = replay_devices(args, events, progress=progress)
+    else:
+        from recsys.replay.grpc_driver import replay_through_services
+
+        results, extra = replay_through_services(
+            ds, cfg, specs, prep, events, cache=Path(cache), options=grpc or GrpcOptions(),
+            progress=progress,
+        )  # fmt: skip
+    records, costs = merge_results(results, [s.label for s in specs])
+    for label, more in extra.pop("costs", {}).items():  # per-server measurements
+        costs[label].update(more)
+    meta = run_meta(ds, cfg, specs, prep, Path(cache), via)
+    meta.update(extra, via=via)
     meta["seconds"] = {"prepare": t_prep, "total": time.perf_counter() - t0}
     return ReplayRun(records=records, costs=costs, meta=meta)
 
@@ -237,15 +237,12 @@ def run_meta(
     ds: Dataset,
     cfg: ReplayConfig,
     specs: Sequence[PolicySpec],
-    art: dict[str, Any],
-    art_path: Path,
+    prep: PreparedReplay,
     cache: Path,
-    stream: ReplayStream,
-    calibrations: dict[float, GateCalibration],
+    via: str = "inprocess",
 ) -> dict[str, Any]:
     """Everything a result needs besides the figures (config, data, versions, gate)."""
-    from recsys.cli.common import versions
-
+    art, art_path, stream, calibrations = prep.art, prep.art_path, prep.stream, prep.calibrations
     tcfg = config_from_dict(art["config"])
     head = [(int(o), int(i)) for _, o, i in art["adaptor_config"]["head_spec"]]
     dim = head[0][1]
@@ -277,7 +274,12 @@ def run_meta(
             "bounds": art["bounds"],
         },
         "prototypes": {
-            "mode": "frozen at the artefact's version 1 (no online refinement during replay)",
+            "mode": "frozen at the artefact's version 1 (no online refinement during replay)"
+            + (
+                "; the cloud runs a copy of the artefact that never refines"
+                if via == "grpc"
+                else ""
+            ),
             "count": len(art["prototype_centroids"]),
             "residual_rank": tcfg.prototypes.residual_rank,
         },
@@ -302,12 +304,12 @@ def display_path(path: Path, cache: Path) -> str:
 
 
 __all__ = [
+    "VIAS",
+    "PreparedReplay",
     "ReplayRun",
-    "UserEvents",
     "check_policies",
     "gate_budgets",
     "prepare_replay",
     "resolve_artifact",
     "run_replay",
-    "trigger_key",
 ]

@@ -1,0 +1,339 @@
+"""The edits of the in-process replay: what each request point of a device gets.
+
+:class:`EditMaker` builds, batched over one device's request points and each from the
+history the request was made from (never from the target it will serve):
+
+* **system** (full system): the adaptor artefact's tokens (:func:`adaptor_tokens` of the
+  uplink windows: the transformers LM backend in process, or the recent-items stand-in)
+  + device summary -> adaptor forward -> nearest prototype (bank FROZEN at the
+  artefact's version 1: no online refinement during replay, so a device's edits depend
+  on its own events only) -> bounded residual -> RSE1 payload. On the device: decode,
+  compose with the prototype edit (downloaded once per prototype), validate and
+  materialise (``Ranker.prepare``);
+* **system-noproto**: the same adaptor edit, sent whole (no prototype);
+* **duet**: the DUET-style generator from the raw recent item ids -> payload -> device;
+* **finetune**: :func:`device_ranker.finetune.finetune_head` on the device's history.
+
+The two adaptor kinds share one generation per request point. :meth:`EditMaker.costs`
+turns a policy's edits into its :class:`~recsys.replay.costs.CostAccumulator`.
+
+Shapes: R request points, D ranker width, N input items, L+1 semantic-ID levels.
+
+Example::
+
+    maker = EditMaker(art, cache, "ml-100k", cfg, ranker, kinds={"system", "finetune"})
+    edits = maker.cloud_edits("adaptor", seq, lengths, states, {"system": set(lengths)})
+    edits["system"][12].prepared.weights, maker.costs(lengths, edits["system"]).summary(40)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from codebook.adaptor import GeneratedEdit, head_spec, unbatch
+from codebook.adaptor_artifact import generators_from_artifact, load_semantic_ids
+from codebook.prototypes import nearest_prototype, prototype_edits, residual_edit
+from device_ranker.edits import HeadEdit, PreparedEdit, prepare_edit
+from device_ranker.finetune import UNBOUNDED, finetune_head
+from device_ranker.ranker import Ranker
+from recsys.adaptor_inputs import (
+    TokenSource,
+    device_summary,
+    item_codes,
+    recent_items,
+    summary_width,
+    uplink_window,
+)
+from recsys.edit_payload import decode_payload, encode_payload
+from recsys.replay.config import NO_PROTOTYPES, ReplayConfig
+from recsys.replay.costs import CostAccumulator, apply_flops, uplink_bytes
+from recsys.workflows.adaptor_config import config_from_dict
+from recsys.workflows.adaptor_data import resolve_token_source
+
+logger = logging.getLogger(__name__)
+
+ADAPTOR_KINDS = ("system", NO_PROTOTYPES)  # edit kinds made by the adaptor
+
+
+def adaptor_tokens(
+    source: TokenSource | Any, windows: Sequence[np.ndarray], codes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The adaptor's token input for B uplink windows: semantic IDs [B, N, L+1] and scores
+    [B, N] (or None).
+
+    A :class:`recsys.adaptor_inputs.TokenSource` answers item indices [B, N]; they are
+    mapped through :func:`~recsys.adaptor_inputs.item_codes` with ``codes`` [I, L+1]. A
+    source that already answers semantic IDs [B, N, L+1] is passed through.
+    """
+    out, scores = source(windows)
+    out = np.asarray(out)
+    if out.ndim == 2:
+        out = item_codes(out, codes)  # [B, N] -> [B, N, L+1]
+    return out, scores
+
+
+@dataclass
+class DeviceEdit:
+    """One request's result on the device (shared by the policies requesting there).
+
+    ``device_us`` = ``decode_us`` (payload decode + compose) + ``apply_us`` (validate +
+    materialise; for fine-tuning: the whole update).
+    """
+
+    prepared: PreparedEdit
+    decode_us: float
+    apply_us: float
+    device_flops: float
+    device_peak_bytes: float = 0.0
+    uplink_bytes: float = 0.0
+    payload_bytes: float = 0.0
+    cloud_ms: float = 0.0
+    prototype: int | None = None
+
+
+class EditMaker:
+    """Builds the edits of a device's request points (see the module docstring).
+
+    Args:
+        art: the loaded adaptor artefact; cache, dataset: where its codebook / LM live.
+        cfg: the protocol (uplink, payload dtype, LM batch, fine-tuning steps).
+        ranker: the device ranker (with the artefact's edit bounds).
+        kinds: the edit kinds the replay's policies use (loads only what they need).
+    """
+
+    def __init__(
+        self,
+        art: Mapping[str, Any],
+        cache: Path,
+        dataset: str,
+        cfg: ReplayConfig,
+        ranker: Ranker,
+        kinds: set[str],
+    ) -> None:
+        self.cfg = cfg
+        self.tcfg = tcfg = config_from_dict(art["config"])
+        self.rank = tcfg.rank
+        self.ranker = ranker
+        self.spec = ranker.edit_spec()
+        self.item_table = ranker.model.item_table.detach()
+        self.summary_dim = summary_width(int(self.item_table.shape[1]))
+        self.adaptor, self.duet = generators_from_artifact(art)
+        self.tokens = None
+        if kinds & set(ADAPTOR_KINDS):
+            ids = load_semantic_ids(cache, dataset)
+            self.codes = ids.codes  # [I, L+1]
+            self.tokens = resolve_token_source(
+                art["token_source"],
+                ids,
+                tcfg.windows.input_items,
+                cache / "artifacts" / dataset / "lm",
+                tcfg.lm_backend,
+            )
+        if "system" in kinds:
+            self._load_prototypes(art)
+        self._ft_measured: dict[int, tuple[int, int]] = {}
+
+    def _load_prototypes(self, art: Mapping[str, Any]) -> None:
+        """The frozen prototype bank: cloud edits, payloads, device-side decode time."""
+        b = art["bounds"]
+        self.bound, self.bias_bound = b["device_max_weight_norm"], b["device_max_bias_abs"]
+        self.pcfg = self.tcfg.prototypes
+        self.centroids = art["prototype_centroids"].numpy().astype(np.float32)  # [P, C]
+        self.hspec = head_spec(self.spec)
+        self.proto_flat = prototype_edits(
+            self.adaptor.decode, self.centroids, self.hspec, self.pcfg, self.bound, self.bias_bound
+        )
+        self.proto_edit: list[HeadEdit] = []
+        self.proto_bytes: list[int] = []
+        self.proto_us: list[float] = []
+        for k, flat in enumerate(self.proto_flat):
+            data = encode_payload(flat, dtype=self.cfg.payload_dtype, prototype=(k + 1, 1))
+            t0 = time.perf_counter()
+            payload = decode_payload(data, spec=self.spec, max_rank=2 * self.rank)
+            self.proto_edit.append(HeadEdit.from_flat(payload.tensors))
+            self.proto_us.append((time.perf_counter() - t0) * 1e6)
+            self.proto_bytes.append(len(data))
+
+    def close(self) -> None:
+        if self.tokens is not None:
+            self.tokens.close()
+
+    # ---- cloud edits ------------------------------------------------------------------------
+    def _generate(
+        self, generator: str, hists: list[np.ndarray], states: torch.Tensor
+    ) -> tuple[GeneratedEdit, float]:
+        """Cloud: ``generator``'s ("adaptor" | "duet") edits for R histories (states
+        [R, D]) and ms per request."""
+        with torch.inference_mode():
+            summary = device_summary(
+                self.item_table, hists, states, self.tcfg.windows.summary_items
+            )  # [R, 2D]
+            t0 = time.perf_counter()
+            if generator == "adaptor":
+                codes, scores = [], []
+                # the cloud sees what the device uplinks: its last ``uplink_items`` items
+                sent = [uplink_window(h, self.cfg.uplink_items) for h in hists]
+                for i in range(0, len(sent), self.cfg.lm_batch):
+                    c, s = adaptor_tokens(
+                        self.tokens, sent[i : i + self.cfg.lm_batch], self.codes
+                    )  # [r, N, L+1], [r, N]
+                    codes.append(c)
+                    scores.append(s)
+                sc = None if scores[0] is None else torch.from_numpy(np.concatenate(scores))
+                gen = self.adaptor(torch.from_numpy(np.concatenate(codes)), sc, summary)
+            else:
+                recent = recent_items(hists, self.tcfg.windows.input_items)  # [R, N]
+                gen = self.duet(torch.from_numpy(recent), None, summary)
+        return gen, (time.perf_counter() - t0) * 1e3 / max(len(hists), 1)
+
+    def cloud_edits(
+        self,
+        generator: str,
+        seq: np.ndarray,
+        lengths: np.ndarray,
+        states: torch.Tensor,
+        variants: Mapping[str, set[int]],
+    ) -> dict[str, dict[int, DeviceEdit]]:
+        """``generator``'s ("adaptor" | "duet") edits at the request points ``lengths``
+        [R] (history lengths, states [R, D]), through the payload to the device, once per
+        edit kind of ``variants`` (kind -> the lengths it requests at)."""
+        out: dict[str, dict[int, DeviceEdit]] = {kind: {} for kind in variants}
+        if len(lengths) == 0:
+            return out
+        hists = [seq[:L] for L in lengths.tolist()]
+        gen, gen_ms = self._generate(generator, hists, states)
+        pids = nearest_prototype(gen.code.numpy(), self.centroids) if "system" in variants else None
+        for r, length in enumerate(lengths.tolist()):
+            for kind, points in variants.items():
+                if length in points:
+                    proto = int(pids[r]) if kind == "system" and pids is not None else None
+                    out[kind][length] = self._deliver(gen, r, length, gen_ms, proto)
+        return out
+
+    def _deliver(
+        self, gen: GeneratedEdit, r: int, length: int, gen_ms: float, proto: int | None
+    ) -> DeviceEdit:
+        """Request ``r``: cloud residual against prototype ``proto`` (None: the whole edit)
+        and encoding; device decode (+ compose), validate and materialise."""
+        tc = time.perf_counter()  # cloud: residual against the prototype, encode
+        flat = unbatch(gen.tensors, r)
+        if proto is not None:
+            rho = self.pcfg.residual_share
+            flat, _ = residual_edit(
+                flat,
+                self.proto_flat[proto],
+                self.hspec,
+                rank=self.pcfg.residual_rank,
+                bound=rho * self.bound,
+                bias_bound=rho * self.bias_bound,
+            )
+        ref = None if proto is None else (proto + 1, 1)
+        data = encode_payload(flat, dtype=self.cfg.payload_dtype, prototype=ref)
+        cloud_ms = gen_ms + (time.perf_counter() - tc) * 1e3
+        t0 = time.perf_counter()  # device: decode (+ compose), then validate + materialise
+        payload = decode_payload(data, spec=self.spec, max_rank=2 * self.rank)
+        edit = HeadEdit.from_flat(payload.tensors)
+        if proto is not None:
+            edit = HeadEdit.compose(self.proto_edit[proto], edit)
+        t1 = time.perf_counter()
+        prepared = self.ranker.prepare(edit)
+        t2 = time.perf_counter()
+        return DeviceEdit(
+            prepared=prepared,
+            decode_us=(t1 - t0) * 1e6,
+            apply_us=(t2 - t1) * 1e6,
+            device_flops=apply_flops(edit, self.spec),
+            device_peak_bytes=_weights_bytes(prepared),
+            uplink_bytes=uplink_bytes(
+                length, self.cfg.uplink_items, self.summary_dim, proto is not None
+            ),
+            payload_bytes=len(data),
+            cloud_ms=cloud_ms,
+            prototype=proto,
+        )
+
+    # ---- on-device fine-tuning ---------------------------------------------------------------
+    def finetune_edits(self, seq: np.ndarray, lengths: np.ndarray) -> dict[int, DeviceEdit]:
+        """On-device fine-tuning at each request point; FLOPs and peak memory measured once
+        per number of training positions (all they depend on), wall time every time."""
+        model = self.ranker.model
+        steps, lr = self.cfg.finetune_steps, self.cfg.finetune_lr
+        out = {}
+        for length in lengths.tolist():
+            hist = seq[:length]
+            res = finetune_head(model, hist, steps=steps, lr=lr, measure=False)
+            if res.positions not in self._ft_measured:
+                with quiet_native_stderr():  # torch's profiler logs every start / stop
+                    m = finetune_head(model, hist, steps=steps, lr=lr)
+                self._ft_measured[res.positions] = (int(m.flops or 0), int(m.peak_bytes or 0))
+            flops, peak = self._ft_measured[res.positions]
+            t0 = time.perf_counter()
+            prepared = prepare_edit(model.head, res.edit, UNBOUNDED)
+            apply_us = res.wall_ms * 1e3 + (time.perf_counter() - t0) * 1e6
+            out[length] = DeviceEdit(
+                prepared=prepared,
+                decode_us=0.0,
+                apply_us=apply_us,
+                device_flops=flops + apply_flops(res.edit, self.spec),
+                device_peak_bytes=peak,
+            )
+        return out
+
+    # ---- costs --------------------------------------------------------------------------------
+    def costs(self, lengths: np.ndarray, edits: Mapping[int, DeviceEdit]) -> CostAccumulator:
+        """One policy's costs on one device (its request lengths [R] and their edits); a
+        prototype is downloaded on its first use."""
+        acc = CostAccumulator()
+        held: set[int] = set()
+        for n, length in enumerate(lengths.tolist()):
+            e = edits[length]
+            extra_us, extra_bytes = 0.0, 0
+            if e.prototype is not None and e.prototype not in held:
+                held.add(e.prototype)
+                extra_us, extra_bytes = self.proto_us[e.prototype], self.proto_bytes[e.prototype]
+                acc.prototype_downloads += 1
+                acc.prototype_bytes += extra_bytes
+            acc.add(
+                decode_us=e.decode_us + extra_us,
+                apply_us=e.apply_us,
+                device_flops=e.device_flops,
+                device_peak_bytes=e.device_peak_bytes,
+                uplink_bytes=e.uplink_bytes,
+                downlink_bytes=e.payload_bytes + extra_bytes,
+                payload_bytes=e.payload_bytes,
+                cloud_ms=e.cloud_ms,
+                initial=n == 0,
+            )
+        return acc
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (native logging, e.g. kineto's profiler start / stop lines)
+    for the block; Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _weights_bytes(prepared: PreparedEdit) -> int:
+    return sum(
+        w.numel() * w.element_size() + b.numel() * b.element_size() for w, b in prepared.weights
+    )
