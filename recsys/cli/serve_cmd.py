@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from recsys.cli.common import add_json_option, add_location_options, write_json
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("fp16", "int8", "fp32")
+T = TypeVar("T")
 
 
 def _opt(g: Any, flag: str, default: Any, help: str, **kw: Any) -> None:
@@ -44,6 +46,14 @@ def _add_batching(g: Any, flags: tuple[str, str], defaults: tuple[int, float], w
     """A micro-batcher's two options: calls per engine pass, wait for more (ms)."""
     _opt(g, flags[0], defaults[0], f"{what} per engine pass at most (1 = micro-batching off)")
     _opt(g, flags[1], defaults[1], "how long a batch waits for more calls, ms")
+
+
+def _from_args(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """``cls(...)`` from the options named like its fields, then ``given`` (which wins)."""
+    named = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
+    return cls(**{**named, **given})
 
 
 def _batch(max_batch: int, wait_ms: float) -> Any:
@@ -340,24 +350,13 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
     if args.experiment:
         experiment, arm_for = experiment_arms(args.experiment, args.store_url)
 
-    config = DeviceConfig(
+    config = _from_args(
+        DeviceConfig,
+        args,
         checkpoint=str(default_checkpoint(args)),
         dataset=args.dataset if args.seed_histories != "none" else None,
-        data_dir=args.data_dir,
-        cache_dir=args.cache_dir,
-        seed_histories=args.seed_histories,
-        seed_quantile=args.seed_quantile,
-        history_len=args.history_len,
-        max_k=args.max_k,
-        max_candidates=args.max_candidates,
-        max_probes=args.max_probes,
-        max_weight_norm=args.max_weight_norm,
-        max_bias_abs=args.max_bias_abs,
-        torch_threads=args.torch_threads,
         rank_batch=_batch(args.rank_batch, args.rank_wait_ms),
-        rank_inline=args.rank_inline,
         experiment=experiment,
-        event_log=args.event_log,
         trigger=args.gate_trigger,
         gate=GateConfig(
             budget=args.gate_budget,
@@ -425,23 +424,12 @@ def experiment_arms(path: str, store_url: str | None) -> tuple[str, Any]:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from recsys.workflows.serve_bench import ServeBenchConfig, run_serve_bench
 
-    cfg = ServeBenchConfig(
+    cfg = _from_args(
+        ServeBenchConfig,
+        args,
         checkpoint=str(default_checkpoint(args)),
         adaptor=str(_artifacts(args) / "adaptor" / "adaptor.pt"),
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        cache_dir=args.cache_dir,
-        concurrency=args.concurrency,
-        duration=args.duration,
-        warmup=args.warmup,
-        rate=args.rate,
-        k=args.k,
-        users=args.users,
         with_edits=not args.no_edits,
-        edit_engine=args.edit_engine,
-        edit_duration=args.edit_duration,
-        skip_edits=args.skip_edits,
-        torch_threads=args.torch_threads,
     )
     write_json(args.json, run_serve_bench(cfg))
     return 0
