@@ -44,14 +44,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Any, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator
 from torch import nn
 
 from recsys.errors import ValidationError
+from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,11 @@ def head_spec(spec: Mapping[str, tuple[int, int]] | Sequence[Sequence[Any]]) -> 
     return out
 
 
-@dataclass(frozen=True)
+# a head spec as written anywhere ({"fc0": (out, in)}, lists from JSON) -> HeadSpec
+HeadSpecField = Annotated[HeadSpec, BeforeValidator(head_spec)]
+
+
+@config_dataclass
 class DecoderConfig:
     """The cross-layer GRU decoder shared by the adaptor and the DUET-style baseline.
 
@@ -84,28 +90,19 @@ class DecoderConfig:
         DecoderConfig(head_spec=(("fc0", 128, 64), ("fc1", 64, 128)), rank=8)
     """
 
-    head_spec: HeadSpec
-    code_dim: int = 64  # C: the edit code (what prototypes cluster)
-    hidden: int = 128  # G: GRU state carried from layer to layer
-    rank: int = 8  # R: low-rank edit rank per layer (payload grows linearly with it)
-    max_weight_norm: float = 2.0  # bound on ||dW||_F per layer (set from the head's norms)
-    max_bias_abs: float = 0.1  # bound on every |db| element (set from the head's biases)
+    head_spec: HeadSpecField
+    code_dim: int = Field(64, ge=1)  # C: the edit code (what prototypes cluster)
+    hidden: int = Field(128, ge=1)  # G: GRU state carried from layer to layer
+    rank: int = Field(8, ge=1)  # R: low-rank edit rank per layer (payload grows linearly)
+    # bound on ||dW||_F per layer (set from the head's norms)
+    max_weight_norm: float = Field(2.0, gt=0)
+    max_bias_abs: float = Field(0.1, gt=0)  # bound on every |db| element (from the biases)
     edit_bias: bool = True  # also generate bias deltas
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "head_spec", head_spec(self.head_spec))
-        if self.code_dim < 1 or self.hidden < 1:
-            raise ValidationError(
-                f"code_dim and hidden must be >= 1, got {self.code_dim}, {self.hidden}"
-            )
         limit = min(min(o, i) for _, o, i in self.head_spec)
-        if not 1 <= self.rank <= limit:
-            raise ValidationError(f"rank must be in 1..{limit} for this head, got {self.rank}")
-        if not (self.max_weight_norm > 0 and self.max_bias_abs > 0):
-            raise ValidationError(
-                f"bounds must be > 0, got max_weight_norm={self.max_weight_norm}, "
-                f"max_bias_abs={self.max_bias_abs}"
-            )
+        if self.rank > limit:
+            raise ValueError(f"rank must be in 1..{limit} for this head, got {self.rank}")
 
 
 def lowrank_norm(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -209,29 +206,35 @@ class EditDecoder(nn.Module):
         return out
 
 
-class GeneratorConfigMixin:
-    """Shared by the generator configs (:class:`AdaptorConfig`, ``DuetConfig``): they
-    carry the decoder's fields (``head_spec``, ``code_dim``, ``hidden``, ``rank``, the
-    bounds, ``edit_bias``) and are plain dataclasses."""
+@config_dataclass
+class GeneratorConfig(DecoderConfig):
+    """Base of the generator configs (:class:`AdaptorConfig`, ``codebook.duet.DuetConfig``):
+    the decoder's fields plus the encoder settings both generators have.
+
+    ``to_dict`` / ``from_dict`` round-trip through JSON (lists become tuples again), and
+    dicts saved by earlier versions load: a field added since takes its default.
+    """
+
+    summary_dim: int = Field(0, ge=0)  # S: width of the device summary (0 = no summary)
+    max_items: int = Field(20, ge=1)  # N: items read per user (longer lists are cut)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the pooled inputs during training
 
     def decoder_config(self) -> DecoderConfig:
-        return DecoderConfig(
-            head_spec=self.head_spec,
-            code_dim=self.code_dim,
-            hidden=self.hidden,
-            rank=self.rank,
-            max_weight_norm=self.max_weight_norm,
-            max_bias_abs=self.max_bias_abs,
-            edit_bias=self.edit_bias,
-        )
+        """The :class:`DecoderConfig` part of this config."""
+        return DecoderConfig(**{f.name: getattr(self, f.name) for f in fields(DecoderConfig)})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        return cls(**data)
 
-@dataclass(frozen=True)
-class AdaptorConfig(GeneratorConfigMixin):
-    """The adaptor: token encoder + :class:`EditDecoder`.
+
+@config_dataclass
+class AdaptorConfig(GeneratorConfig):
+    """The adaptor: token encoder + :class:`EditDecoder` (decoder and shared encoder fields
+    in :class:`GeneratorConfig`).
 
     Example::
 
@@ -239,37 +242,10 @@ class AdaptorConfig(GeneratorConfigMixin):
                       ("fc1", 64, 128)), summary_dim=128)
     """
 
-    vocab_sizes: tuple[int, ...]  # codes per semantic-ID level (SemanticIdMap.vocab_sizes)
-    head_spec: HeadSpec
-    summary_dim: int = 0  # S: width of the device summary (0 = tokens only)
-    max_items: int = 20  # N: generated items read per user (longer lists are cut)
-    token_dim: int = 32  # E: embedding width per code and per item
-    code_dim: int = 64  # C: edit code width
-    hidden: int = 128  # G: decoder GRU width
-    rank: int = 8  # R
-    max_weight_norm: float = 2.0  # ||dW||_F bound per layer
-    max_bias_abs: float = 0.1  # |db| bound per element
-    edit_bias: bool = True
+    # codes per semantic-ID level (SemanticIdMap.vocab_sizes)
+    vocab_sizes: tuple[Annotated[int, Field(ge=1)], ...] = Field(kw_only=True, min_length=1)
+    token_dim: int = Field(32, ge=1)  # E: embedding width per code and per item
     score_weighting: bool = True  # pool items with softmax(scores) when scores are given
-    dropout: float = 0.1  # on the pooled inputs during training
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "vocab_sizes", tuple(int(v) for v in self.vocab_sizes))
-        object.__setattr__(self, "head_spec", head_spec(self.head_spec))
-        if len(self.vocab_sizes) < 1 or min(self.vocab_sizes) < 1:
-            raise ValidationError(f"vocab_sizes must be positive, got {self.vocab_sizes}")
-        if self.summary_dim < 0 or self.max_items < 1 or self.token_dim < 1:
-            raise ValidationError("summary_dim >= 0, max_items >= 1 and token_dim >= 1 required")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValidationError(f"dropout must be in [0, 1), got {self.dropout}")
-        self.decoder_config()  # validates rank and bounds
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AdaptorConfig:
-        data = dict(data)
-        data["head_spec"] = tuple(tuple(x) for x in data["head_spec"])
-        data["vocab_sizes"] = tuple(data["vocab_sizes"])
-        return cls(**data)
 
 
 class ContextEncoder(nn.Module):
@@ -311,7 +287,36 @@ def masked_pool(
     return torch.einsum("bn,bne->be", w, items)
 
 
-class Adaptor(nn.Module):
+class EditGenerator(nn.Module):
+    """Shared by the generators (:class:`Adaptor`, ``codebook.duet.DuetGenerator``): each
+    has its own ``encode(inputs, scores, summary) -> code [B, C]`` and an
+    :class:`EditDecoder` as ``self.decoder``."""
+
+    decoder: EditDecoder
+
+    def encode(
+        self,
+        inputs: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        summary: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Edit code [B, C] -> flat batched edit (used for prototype codes too)."""
+        return self.decoder(code)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        summary: torch.Tensor | None = None,
+    ) -> GeneratedEdit:
+        code = self.encode(inputs, scores, summary)
+        return GeneratedEdit(code=code, tensors=self.decode(code))
+
+
+class Adaptor(EditGenerator):
     """Codebook tokens (+ device summary) -> edit code -> bounded head edit.
 
     Args:
@@ -378,19 +383,6 @@ class Adaptor(nn.Module):
         pooled = masked_pool(items, mask, scores if cfg.score_weighting else None)  # [B, E]
         return self.context(pooled, summary)
 
-    def decode(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Edit code [B, C] -> flat batched edit (used for prototype codes too)."""
-        return self.decoder(code)
-
-    def forward(
-        self,
-        codes: torch.Tensor,
-        scores: torch.Tensor | None = None,
-        summary: torch.Tensor | None = None,
-    ) -> GeneratedEdit:
-        code = self.encode(codes, scores, summary)
-        return GeneratedEdit(code=code, tensors=self.decode(code))
-
 
 def edit_norms(tensors: Mapping[str, torch.Tensor], spec: HeadSpec) -> dict[str, torch.Tensor]:
     """Per layer ``||dW||_F`` [B] of a batched flat low-rank edit (for reports and tests)."""
@@ -413,7 +405,9 @@ __all__ = [
     "ContextEncoder",
     "DecoderConfig",
     "EditDecoder",
+    "EditGenerator",
     "GeneratedEdit",
+    "GeneratorConfig",
     "edit_norms",
     "head_spec",
     "lowrank_norm",

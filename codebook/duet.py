@@ -25,9 +25,6 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,56 +33,33 @@ from torch import nn
 from codebook.adaptor import (
     ContextEncoder,
     EditDecoder,
-    GeneratedEdit,
-    GeneratorConfigMixin,
-    HeadSpec,
-    head_spec,
+    EditGenerator,
+    GeneratorConfig,
     masked_pool,
 )
 from recsys.errors import ValidationError
+from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DuetConfig(GeneratorConfigMixin):
-    """The DUET-style generator (same decoder fields as :class:`codebook.adaptor.AdaptorConfig`).
+@config_dataclass
+class DuetConfig(GeneratorConfig):
+    """The DUET-style generator (decoder and shared encoder fields, with their defaults, in
+    :class:`codebook.adaptor.GeneratorConfig`, as for the adaptor).
 
     Example::
 
         DuetConfig(num_items=30, head_spec={"fc0": (16, 8), "fc1": (8, 16)}, rank=2)
     """
 
-    num_items: int  # I: item-id table size
-    head_spec: HeadSpec
-    summary_dim: int = 0  # S: device summary width (0 = item ids only)
-    max_items: int = 20  # N: recent items read
-    item_dim: int = 32  # E: pooled item width (the id table is projected to it)
-    table_dim: int | None = None  # width of the id table; None = item_dim (init_table's D if given)
-    code_dim: int = 64  # C
-    hidden: int = 128  # G
-    rank: int = 8  # R
-    max_weight_norm: float = 2.0
-    max_bias_abs: float = 0.1
-    edit_bias: bool = True
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "head_spec", head_spec(self.head_spec))
-        if self.num_items < 1 or self.max_items < 1 or self.item_dim < 1 or self.summary_dim < 0:
-            raise ValidationError(
-                "num_items, max_items, item_dim >= 1 and summary_dim >= 0 required"
-            )
-        self.decoder_config()
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DuetConfig:
-        data = dict(data)
-        data["head_spec"] = tuple(tuple(x) for x in data["head_spec"])
-        return cls(**data)
+    num_items: int = Field(kw_only=True, ge=1)  # I: item-id table size
+    item_dim: int = Field(32, ge=1)  # E: pooled item width (the id table is projected to it)
+    # width of the id table; None = item_dim (init_table's D if given)
+    table_dim: int | None = Field(None, ge=1)
 
 
-class DuetGenerator(nn.Module):
+class DuetGenerator(EditGenerator):
     """Raw recent item ids (+ device summary) -> edit code -> bounded head edit.
 
     Args:
@@ -136,15 +110,3 @@ class DuetGenerator(nn.Module):
         items = F.gelu(self.item_proj(self.item_embedding(ids.clamp_min(0))))  # [B, N, E]
         items = items + self.rank_embedding.weight[: ids.shape[1]]
         return self.context(masked_pool(items, mask, None), summary)
-
-    def decode(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decoder(code)
-
-    def forward(
-        self,
-        item_ids: torch.Tensor,
-        scores: torch.Tensor | None = None,
-        summary: torch.Tensor | None = None,
-    ) -> GeneratedEdit:
-        code = self.encode(item_ids, scores, summary)
-        return GeneratedEdit(code=code, tensors=self.decode(code))

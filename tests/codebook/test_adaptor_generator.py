@@ -4,6 +4,8 @@ layers, the initial edit is the identity, bad inputs are rejected."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -182,10 +184,65 @@ def test_adaptor_rejects_bad_inputs() -> None:
         model(random_codes(1, 2))
     with pytest.raises(ValidationError, match="rank"):
         AdaptorConfig(vocab_sizes=VOCAB, head_spec=SPEC, rank=9)
-    with pytest.raises(ValidationError, match="bounds"):
+    with pytest.raises(ValidationError, match="max_weight_norm: Input should be greater than 0"):
         AdaptorConfig(vocab_sizes=VOCAB, head_spec=SPEC, rank=2, max_weight_norm=0.0)
     cfg = AdaptorConfig(vocab_sizes=VOCAB, head_spec=SPEC, rank=2)
     assert AdaptorConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# adaptor_config / duet_config as artefacts saved them before the configs were pydantic
+# dataclasses (JSON lists; the DUET one without item_dim/table_dim, as older artefacts)
+SAVED_ADAPTOR = {
+    "vocab_sizes": [64, 64, 64, 3],
+    "head_spec": [["fc0", 128, 64], ["fc1", 64, 128]],
+    "summary_dim": 128,
+    "max_items": 20,
+    "token_dim": 32,
+    "code_dim": 64,
+    "hidden": 128,
+    "rank": 8,
+    "max_weight_norm": 2.807502698898315,
+    "max_bias_abs": 0.23184925168752668,
+    "edit_bias": True,
+    "score_weighting": True,
+    "dropout": 0.1,
+}
+SAVED_DUET = {
+    "num_items": 1682,
+    **{k: v for k, v in SAVED_ADAPTOR.items() if k not in ("vocab_sizes", "token_dim")},
+}
+SAVED_DUET.pop("score_weighting")
+
+
+def test_saved_generator_configs_still_load() -> None:
+    cfg = AdaptorConfig.from_dict(SAVED_ADAPTOR)
+    assert cfg.vocab_sizes == (64, 64, 64, 3)
+    assert cfg.head_spec == (("fc0", 128, 64), ("fc1", 64, 128))
+    assert cfg.to_dict() == {**SAVED_ADAPTOR, "vocab_sizes": (64, 64, 64, 3),
+                             "head_spec": cfg.head_spec}  # fmt: skip
+    assert cfg.decoder_config().max_weight_norm == SAVED_ADAPTOR["max_weight_norm"]
+    duet = DuetConfig.from_dict(SAVED_DUET)
+    assert (duet.num_items, duet.item_dim, duet.table_dim, duet.rank) == (1682, 32, None, 8)
+    assert DuetConfig.from_dict(json.loads(json.dumps(duet.to_dict()))) == duet
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"dropout": 1.0}, "AdaptorConfig: dropout: Input should be less than 1 (got 1.0)"),
+        ({"vocab_sizes": [64, 0]}, "vocab_sizes.1: Input should be greater than or equal to 1"),
+        ({"vocab_sizes": []}, "vocab_sizes: Tuple should have at least 1 item"),
+        ({"head_spec": {"fc0": (0, 4)}}, "head_spec: head layer 'fc0': bad shape (0, 4)"),
+        ({"rank": 65}, "AdaptorConfig: rank must be in 1..64 for this head, got 65"),
+        ({"colour": "red"}, "colour: Unexpected keyword argument"),
+    ],
+)
+def test_bad_generator_configs_name_the_field(change: dict, needle: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        AdaptorConfig.from_dict({**SAVED_ADAPTOR, **change})
+    assert needle in str(err.value)
+    with pytest.raises(ValidationError, match="num_items: Input should be greater than or"):
+        DuetConfig.from_dict({**SAVED_DUET, "num_items": 0})
 
 
 def test_duet_generator_shapes_bounds_and_table_init() -> None:
