@@ -77,6 +77,17 @@ def test_kmeans_recovers_the_groups() -> None:
         fit_prototypes(codes[:2], PrototypeConfig(num_prototypes=3))
 
 
+def test_prototype_config_ranges_and_saved_dicts() -> None:
+    saved = PrototypeConfig().to_dict()  # as artefacts store it (config.prototypes)
+    assert PrototypeConfig(**saved) == PrototypeConfig()
+    with pytest.raises(ValidationError, match=r"residual_share: Input should be less than 1"):
+        PrototypeConfig(residual_share=1.0)
+    with pytest.raises(ValidationError, match=r"spawn_fraction: Input should be greater than 0"):
+        PrototypeConfig(spawn_fraction=0.0)
+    with pytest.raises(ValidationError, match=r"refine_every: .* greater than or equal to 1"):
+        PrototypeConfig(**{**saved, "refine_every": 0})
+
+
 def test_residual_and_prototype_stay_within_their_shares(decoder: EditDecoder) -> None:
     user, proto = flat_of(decoder, blobs()[[0, 50]])
     proto = clip_lowrank(proto, SPEC, 0.5 * BOUND, 0.5 * BIAS)
@@ -95,13 +106,12 @@ def test_residual_and_prototype_stay_within_their_shares(decoder: EditDecoder) -
         )
 
 
-def test_bank_refines_versions_and_answers_what_changed(
-    decoder: EditDecoder, store: PrototypeStore
-) -> None:
-    codes = blobs()
-    cfg = PrototypeConfig(num_prototypes=3, refine_every=5, spawn_threshold=1e9, seed=0)
+def fitted_bank(
+    store: PrototypeStore, decoder: EditDecoder, cfg: PrototypeConfig, codes: np.ndarray
+) -> PrototypeBank:
+    """k-means of ``codes`` stored as version 1, with training residual norms measured."""
     cents, _ = fit_prototypes(codes, cfg)
-    bank = PrototypeBank.create(
+    return PrototypeBank.create(
         store,
         cents,
         decoder,
@@ -112,6 +122,14 @@ def test_bank_refines_versions_and_answers_what_changed(
         train_codes=codes,
         train_edits=lambda c: flat_of(decoder, c),
     )
+
+
+def test_bank_refines_versions_and_answers_what_changed(
+    decoder: EditDecoder, store: PrototypeStore
+) -> None:
+    codes = blobs()
+    cfg = PrototypeConfig(num_prototypes=3, refine_every=5, spawn_threshold=1e9, seed=0)
+    bank = fitted_bank(store, decoder, cfg, codes)
     assert len(store.list_prototypes()) == 3
     pid = bank.assign(codes[0])
     v1, edit1 = bank.edit(pid)
@@ -159,18 +177,7 @@ def test_persistently_far_members_spawn_a_prototype(
         spawn_quantile=0.9,
         seed=0,
     )
-    cents, _ = fit_prototypes(codes, cfg)
-    bank = PrototypeBank.create(
-        store,
-        cents,
-        decoder,
-        SPEC,
-        cfg,
-        bound=BOUND,
-        bias_bound=BIAS,
-        train_codes=codes,
-        train_edits=lambda c: flat_of(decoder, c),
-    )
+    bank = fitted_bank(store, decoder, cfg, codes)
     assert np.isfinite(bank.spawn_threshold)
     pid = bank.assign(codes[0])
     near = codes[0]

@@ -1,47 +1,21 @@
-"""Prototypes of edits: k-means over edit codes, online refinement, versions in the store.
+"""The prototype bank: prototypes in memory, every change a version in the store.
 
-Devices with similar behaviour share a **prototype**: an edit code (the generator's
-code space, see :mod:`codebook.adaptor`) and the bounded head edit decoded from it. A
-device's head is ``base + prototype edit + its own bounded residual``:
+:meth:`PrototypeBank.create` stores fitted centroids as version 1 (reason "init");
+:meth:`PrototypeBank.observe` assigns devices, folds every ``refine_every`` member codes
+into one new version (reason "refine", through the store's concurrent-safe
+``refine_prototype``) and spawns a prototype when a prototype's recent members are
+persistently far from it (reason "spawn"). See :mod:`codebook.prototypes` for the
+lifecycle and :mod:`codebook.prototypes.algebra` for the edit maths.
 
-* prototype edit ``P = clip(decode(c_p), (1 - rho) * bound)``;
-* residual ``R = clip(rank-R_res SVD of (E_u - P), rho * bound)`` where ``E_u`` is the
-  device's own generated edit (low-rank U diag(s) V^T plus bias),
-
-so ``||P + R||_F <= bound`` per layer whatever prototype version the device holds (the
-triangle inequality), and the device checks exactly that bound. The downlink of one edit
-is the residual plus (prototype id, version); a prototype's own tensors are fetched once
-per version ("what changed since version v").
-
-Lifecycle:
-
-1. :func:`fit_prototypes`: faiss k-means of the training users' edit codes (one per
-   training window) into P centroids; :meth:`PrototypeBank.create` stores each as
-   version 1 (reason "init") with its decoded edit tensors, member count and residual
-   statistics.
-2. Online, as edits arrive (:meth:`PrototypeBank.observe`): the device is assigned to
-   the nearest prototype code; the prototype's code follows the running mean of its
-   members' codes (``c <- (n c + sum of new codes) / (n + k)``, n capped at
-   ``max_count`` so it keeps adapting); every ``refine_every`` member edits become ONE
-   new version (reason "refine") through :meth:`codebook.store.PrototypeStore.refine_prototype`,
-   whose update reads the latest stored version, so concurrent refiners lose nothing.
-3. Spawn: when at least ``spawn_fraction`` of a prototype's last ``spawn_window``
-   members had a residual norm above ``spawn_threshold`` (default: the
-   ``spawn_quantile`` of the training residual norms), a new prototype is created
-   (reason "spawn", parent = that version) at the mean code of those far members.
-
-Shape letters: U codes, C code width, P prototypes, R rank.
+Shape letters: C code width, P prototypes.
 
 Example::
 
-    centroids, info = fit_prototypes(codes, PrototypeConfig(num_prototypes=16))
     bank = PrototypeBank.create(store, centroids, decode, spec, cfg, bound=2.0,
                                 bias_bound=0.1, train_codes=codes)
-    pid = bank.assign(code)                           # nearest prototype
-    version, proto_edit = bank.edit(pid)              # flat tensors, version
-    residual, norm = bank.residual(user_edit, pid)    # flat, bounded by rho * bound
-    changes = bank.observe("device-7", code, norm, pid)   # maybe new versions / spawns
-    store.changes_since(pid, version)                 # what changed since version v
+    pid = bank.assign(code)                           # nearest prototype, code [C]
+    residual, norm = bank.residual(user_edit, pid)
+    bank.observe("device-7", code, norm, pid)         # maybe new versions / spawns
 """
 
 from __future__ import annotations
@@ -50,192 +24,22 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from codebook.adaptor import HeadSpec, head_spec, lowrank_norm
-from codebook.quantizer import kmeans, limited_threads, nearest
+from codebook.adaptor import HeadSpec, head_spec
+from codebook.prototypes.algebra import DecodeFn, prototype_edits, residual_edit
+from codebook.prototypes.config import PrototypeConfig
+from codebook.quantizer import nearest
 from codebook.store import PrototypeStore, VersionContent, VersionRef
 from recsys.errors import ValidationError
 
 logger = logging.getLogger(__name__)
 
-DecodeFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]  # codes [P, C] -> batched flat
 
-
-@dataclass(frozen=True)
-class PrototypeConfig:
-    """Prototype clustering and online refinement.
-
-    Example::
-
-        PrototypeConfig(num_prototypes=16, residual_share=0.5, refine_every=20)
-    """
-
-    num_prototypes: int = 16  # P at start (k-means); spawning may add more
-    kmeans_iters: int = 25
-    residual_share: float = 0.5  # rho: share of the bound left to a device's own residual
-    residual_rank: int = 4  # rank of the residual sent to a device (held-out: 2-4 match rank 8)
-    refine_every: int = 20  # member edits folded into one new version
-    max_count: int = 1000  # running-mean count cap: later codes keep a weight >= 1/max_count
-    spawn_threshold: float | None = None  # residual norm that counts as "far"; None: quantile
-    spawn_quantile: float = 0.95  # of the training residual norms, when threshold is None
-    spawn_window: int = 40  # last member edits a spawn decision looks at
-    spawn_fraction: float = 0.75  # share of them above the threshold that triggers a spawn
-    max_prototypes: int = 64  # never spawn beyond this
-    seed: int = 0
-    name_prefix: str = "proto"  # prototype names: f"{prefix}-{index}"
-
-    def __post_init__(self) -> None:
-        if self.num_prototypes < 1 or self.residual_rank < 1 or self.refine_every < 1:
-            raise ValidationError("num_prototypes, residual_rank, refine_every must be >= 1")
-        if not 0.0 <= self.residual_share < 1.0:
-            raise ValidationError(f"residual_share must be in [0, 1), got {self.residual_share}")
-        if self.spawn_window < 1 or not 0.0 < self.spawn_fraction <= 1.0:
-            raise ValidationError("spawn_window >= 1 and spawn_fraction in (0, 1] required")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def fit_prototypes(codes: np.ndarray, cfg: PrototypeConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """faiss k-means of edit codes.
-
-    Args:
-        codes: float [U, C].
-
-    Returns:
-        (centroids float32 [P, C], info: sizes [P], inertia, P).
-    """
-    x = np.ascontiguousarray(np.asarray(codes, dtype=np.float32))
-    if x.ndim != 2 or len(x) < cfg.num_prototypes:
-        raise ValidationError(
-            f"need at least {cfg.num_prototypes} codes [U, C] to fit prototypes, got {x.shape}"
-        )
-    if not np.isfinite(x).all():
-        raise ValidationError("edit codes contain NaN or Inf")
-    with limited_threads(1):
-        centroids = kmeans(x, cfg.num_prototypes, seed=cfg.seed, niter=cfg.kmeans_iters)
-    assign = nearest(x, centroids)
-    sizes = np.bincount(assign, minlength=cfg.num_prototypes)
-    inertia = float(((x - centroids[assign]) ** 2).sum(axis=1).mean())
-    return centroids, {"sizes": sizes.tolist(), "inertia": inertia, "prototypes": len(centroids)}
-
-
-def nearest_prototype(codes: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid for each code: [U, C], [P, C] -> int64 [U]."""
-    return nearest(np.asarray(codes, np.float32), np.asarray(centroids, np.float32))
-
-
-# ---- edit algebra (cloud side, plain tensors) ------------------------------------------
-def layer_names(spec: HeadSpec) -> list[str]:
-    return [n for n, _, _ in spec]
-
-
-def dense_delta(flat: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
-    """dW [out, in] of one layer of an unbatched flat edit (low-rank + dense parts)."""
-    dw = None
-    if f"{name}.u" in flat:
-        u, s, v = flat[f"{name}.u"].float(), flat[f"{name}.s"].float(), flat[f"{name}.v"].float()
-        dw = (u * s) @ v.T
-    if f"{name}.dense" in flat:
-        dw = flat[f"{name}.dense"].float() if dw is None else dw + flat[f"{name}.dense"].float()
-    return dw
-
-
-def clip_lowrank(
-    flat: Mapping[str, torch.Tensor], spec: HeadSpec, bound: float, bias_bound: float
-) -> dict[str, torch.Tensor]:
-    """Hard-clip an unbatched low-rank flat edit: scale s so ``||dW||_F <= bound`` per layer
-    and clamp the bias to ``[-bias_bound, bias_bound]``."""
-    out = dict(flat)
-    for name in layer_names(spec):
-        if f"{name}.u" in flat:
-            u, s, v = flat[f"{name}.u"], flat[f"{name}.s"], flat[f"{name}.v"]
-            norm = float(lowrank_norm(u[None], s[None], v[None])[0])
-            if norm > bound:
-                out[f"{name}.s"] = s * (bound / norm)
-        if f"{name}.bias" in flat:
-            out[f"{name}.bias"] = flat[f"{name}.bias"].clamp(-bias_bound, bias_bound)
-    return out
-
-
-def residual_edit(
-    user: Mapping[str, torch.Tensor],
-    proto: Mapping[str, torch.Tensor],
-    spec: HeadSpec,
-    *,
-    rank: int,
-    bound: float,
-    bias_bound: float,
-) -> tuple[dict[str, torch.Tensor], float]:
-    """The device's residual ``user - proto`` as a rank-``rank`` edit, clipped.
-
-    dW per layer is formed densely (a [out, in] matrix; cloud side), truncated by SVD to
-    ``rank`` (U and V orthonormal, so ``||dW_R||_F = ||s||_2``, clipped exactly), bias
-    differences clamped.
-
-    Returns:
-        (flat residual, norm): norm = sqrt(sum over layers of ||dW_l||_F^2 + ||db_l||^2)
-        of the exact difference, before truncation and clipping (the spawn signal).
-    """
-    out: dict[str, torch.Tensor] = {}
-    total = 0.0
-    for name, o, i in spec:
-        du, dp = dense_delta(user, name), dense_delta(proto, name)
-        if du is None and dp is None:
-            continue
-        diff = (du if du is not None else 0.0) - (dp if dp is not None else torch.zeros(o, i))
-        total += float((diff**2).sum())
-        uu, ss, vh = torch.linalg.svd(diff, full_matrices=False)
-        r = min(rank, ss.shape[0])
-        s = ss[:r]
-        norm = float(s.norm())
-        if norm > bound:
-            s = s * (bound / norm)
-        out[f"{name}.u"], out[f"{name}.s"], out[f"{name}.v"] = (
-            uu[:, :r].contiguous(),
-            s.contiguous(),
-            vh[:r].T.contiguous(),
-        )
-        bu, bp = user.get(f"{name}.bias"), proto.get(f"{name}.bias")
-        if bu is not None or bp is not None:
-            db = (bu if bu is not None else torch.zeros(o)) - (
-                bp if bp is not None else torch.zeros(o)
-            )
-            total += float((db**2).sum())
-            out[f"{name}.bias"] = db.clamp(-bias_bound, bias_bound)
-    return out, math.sqrt(total)
-
-
-def prototype_edits(
-    decode: DecodeFn,
-    codes: np.ndarray,
-    spec: HeadSpec,
-    cfg: PrototypeConfig,
-    bound: float,
-    bias_bound: float,
-) -> list[dict[str, torch.Tensor]]:
-    """Prototype codes [P, C] -> P unbatched flat edits, clipped to ``(1 - rho)`` of the
-    device bounds (so that any residual within ``rho`` of them keeps the sum in bounds)."""
-    with torch.no_grad():
-        batched = decode(torch.from_numpy(np.asarray(codes, np.float32)))
-    share = 1.0 - cfg.residual_share
-    return [
-        clip_lowrank(
-            {k: v[p].detach().float() for k, v in batched.items()},
-            spec,
-            share * bound,
-            share * bias_bound,
-        )
-        for p in range(len(codes))
-    ]
-
-
-# ---- the bank ----------------------------------------------------------------------------
 @dataclass
 class _Live:
     """In-memory state of one prototype between versions."""
