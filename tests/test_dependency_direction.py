@@ -1,33 +1,75 @@
-"""The package dependency direction of DESIGN.md section 2, enforced with import-linter.
+"""The package dependency direction of docs/architecture.md, enforced with import-linter.
 
-The contracts live in pyproject.toml ([tool.importlinter]). A second test runs the same
-machinery on a contract that the code is known to break, so a silently passing linter
-(misconfigured root packages, nothing analysed) would be caught.
+The contracts live in pyproject.toml ([tool.importlinter]). Further tests run the same
+machinery on contracts that the code is known to break (a forbidden import, an inverted
+layer order), so a silently passing linter (misconfigured root packages, nothing
+analysed) would be caught, and check that every module of ``recsys`` is either in the
+core list of the contracts or in the application layer, so a new module cannot slip
+past them.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
+import pytest
 from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parent.parent
+APPLICATION = {"recsys.cli", "recsys.abtest", "recsys.replay", "recsys.workflows"}
+
+
+def contracts() -> list[dict]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 
 
 def test_package_dependency_direction_holds() -> None:
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
 
 
-def test_a_known_violation_is_detected(tmp_path: Path) -> None:
-    # recsys.cli imports recsys.errors by design, so forbidding it must fail.
+def _lint(tmp_path: Path, body: str) -> int:
     config = tmp_path / "violated.toml"
-    config.write_text(
-        "[tool.importlinter]\n"
-        'root_packages = ["recsys"]\n'
+    config.write_text('[tool.importlinter]\nroot_packages = ["recsys"]\n' + body)
+    return lint_imports(config_filename=str(config), no_cache=True)
+
+
+def test_a_known_forbidden_import_is_detected(tmp_path: Path) -> None:
+    # recsys.cli imports recsys.errors by design, so forbidding it must fail.
+    body = (
         "[[tool.importlinter.contracts]]\n"
         'name = "deliberately violated"\n'
         'type = "forbidden"\n'
         'source_modules = ["recsys.cli"]\n'
         'forbidden_modules = ["recsys.errors"]\n'
     )
-    assert lint_imports(config_filename=str(config), no_cache=True) == 1
+    assert _lint(tmp_path, body) == 1
+
+
+def test_an_inverted_layer_order_is_detected(tmp_path: Path) -> None:
+    # the CLI imports the replay, so putting the replay above the CLI must fail
+    body = (
+        "[[tool.importlinter.contracts]]\n"
+        'name = "deliberately inverted"\n'
+        'type = "layers"\n'
+        'layers = ["recsys.replay", "recsys.cli"]\n'
+    )
+    assert _lint(tmp_path, body) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "recsys core depends on no other project package",
+        "nothing below the application layer imports it",
+    ],
+)
+def test_every_recsys_module_is_core_or_application(name: str) -> None:
+    listed = next(c for c in contracts() if c["name"] == name)["source_modules"]
+    core = {m for m in listed if m.startswith("recsys.")}
+    found = {
+        f"recsys.{p.stem}"
+        for p in (ROOT / "recsys").iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
+    }
+    assert found - APPLICATION == core, "list each new recsys module in the contracts"
