@@ -61,6 +61,9 @@ class Dataset:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Not a validator (so not a pydantic config dataclass): a Dataset holds DataFrames
+        # and caches encodings; this only puts the interactions in time order. The
+        # checks are :meth:`validate`, whose DataFormatError names the file and the row.
         self.interactions = self.interactions.sort_values("timestamp", kind="stable").reset_index(
             drop=True
         )

@@ -29,11 +29,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from recsys.errors import ValidationError
 from recsys.serving.errors import NotReadyError, OverloadedError
+from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ R = TypeVar("R")
 _STOP = object()
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class BatchConfig:
     """How a :class:`MicroBatcher` forms batches.
 
@@ -54,17 +53,9 @@ class BatchConfig:
             (RESOURCE_EXHAUSTED at the edge) instead of growing latency without bound.
     """
 
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    queue_limit: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValidationError(f"max_batch must be >= 1, got {self.max_batch}")
-        if not 0.0 <= self.max_wait_ms <= 1000.0:
-            raise ValidationError(f"max_wait_ms must be in [0, 1000], got {self.max_wait_ms}")
-        if self.queue_limit < 1:
-            raise ValidationError(f"queue_limit must be >= 1, got {self.queue_limit}")
+    max_batch: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    queue_limit: int = Field(4096, ge=1)
 
 
 class MicroBatcher(Generic[T, R]):

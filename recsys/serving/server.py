@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsys.errors import ValidationError
+from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20  # 4 MiB: an edit is ~7 KB, a top-1000 list ~30 KB
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ServerOptions:
     """Where and how a server listens.
 
@@ -60,26 +60,18 @@ class ServerOptions:
         port_file: write the bound port there (atomically) once the server is started.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    grace_s: float = 5.0
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(0, ge=0, le=65535)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    grace_s: float = Field(5.0, ge=0.0)
     tls_cert: str | None = None
     tls_key: str | None = None
-    max_concurrent_rpcs: int | None = None
+    max_concurrent_rpcs: int | None = Field(None, ge=1)
     port_file: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValidationError(f"port must be in 0..65535, got {self.port}")
-        if self.max_message_bytes < 1024:
-            raise ValidationError(
-                f"max_message_bytes must be >= 1024, got {self.max_message_bytes}"
-            )
-        if self.grace_s < 0:
-            raise ValidationError(f"grace_s must be >= 0, got {self.grace_s}")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValidationError("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
 
 
 def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:

@@ -110,3 +110,17 @@ def test_status_mapping(exc: BaseException, code: grpc.StatusCode) -> None:
     assert got == code
     if code == grpc.StatusCode.INTERNAL:
         assert "secret" not in details
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"max_batch": 0}, "BatchConfig: max_batch: Input should be greater than or equal to 1"),
+        ({"max_wait_ms": 2000.0}, "max_wait_ms: Input should be less than or equal to 1000"),
+        ({"queue_limit": 0}, "queue_limit: Input should be greater than or equal to 1"),
+    ],
+)
+def test_batch_config_names_the_bad_field(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        BatchConfig(**kwargs)
+    assert needle in str(err.value)
