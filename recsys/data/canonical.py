@@ -308,6 +308,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the finished directory ``new`` to ``dest`` (same file system), replacing any
+    existing ``dest`` by renames only: a reader sees the old or the new folder, never a
+    half-written one."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
+
+
 def write_dataset(ds: Dataset, path: str | Path) -> Path:
     """Write ``ds`` as a canonical directory, atomically (a crash leaves the old one)."""
     ds.validate()
@@ -332,14 +346,7 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
         (tmp / "dataset.json").write_text(
             json.dumps(info, indent=2, default=_json_default) + "\n", encoding="utf-8"
         )
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

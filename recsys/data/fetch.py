@@ -17,7 +17,6 @@ by :mod:`recsys.data.movielens`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import urllib.parse
@@ -29,6 +28,7 @@ from typing import Any, Final
 
 import pooch
 
+from recsys.data.canonical import replace_dir
 from recsys.errors import DataFormatError, RecsysError
 
 logger = logging.getLogger(__name__)
@@ -177,14 +177,7 @@ def fetch_dataset(
         except DataFormatError:
             zip_path.unlink(missing_ok=True)  # a retry downloads again
             raise
-        if target.exists():
-            old = root / f".{spec.folder}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(extracted, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(extracted, target)
+        replace_dir(extracted, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("fetched %s into %s", name, target)
