@@ -14,6 +14,8 @@ Modules (one concern each):
   engine call, with a small wait budget).
 * :mod:`recsys.serving.server`: server options (message sizes, TLS, grace), health and
   reflection, SIGTERM-driven graceful shutdown, client channel options.
+* :mod:`recsys.serving.service_host`: the start-up (bind NOT_SERVING, load, attach,
+  SERVING) and shutdown sequence both servers share.
 * :mod:`recsys.serving.fingerprint`: the ranker's model version on the wire.
 * :mod:`recsys.serving.process`: a ``recsys serve ...`` server as a child process
   (benchmarks, the demo, the end-to-end test).
