@@ -1,33 +1,16 @@
-"""Small file helpers for codebook artefacts: atomic writes and JSON reads that name the file."""
+"""Small file helpers for codebook artefacts: atomic writes (:func:`recsys.data.atomic.atomic_write`,
+re-exported) and JSON reads that name the file and check the format version."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from recsys.data.atomic import atomic_write
 from recsys.errors import DataFormatError
-
-
-def atomic_write(dest: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``dest`` through a temporary file in the same folder, then rename it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -48,8 +31,11 @@ def write_json(dest: Path, payload: dict[str, Any]) -> None:
     atomic_write(dest, lambda fh: fh.write(data))
 
 
-def read_json(path: Path, hint: str) -> dict[str, Any]:
-    """Read a JSON object; a :class:`DataFormatError` names the file and says ``hint``."""
+def read_json(path: Path, hint: str, *, version: int | None = None) -> dict[str, Any]:
+    """Read a JSON object; a :class:`DataFormatError` names the file and says ``hint``.
+
+    With ``version``, the object's ``format_version`` must equal it.
+    """
     if not path.is_file():
         raise DataFormatError(path, None, f"missing; {hint}")
     try:
@@ -58,4 +44,11 @@ def read_json(path: Path, hint: str) -> dict[str, Any]:
         raise DataFormatError(path, exc.lineno, f"invalid JSON ({exc.msg}); {hint}") from None
     if not isinstance(payload, dict):
         raise DataFormatError(path, None, f"expected a JSON object; {hint}")
+    if version is not None and payload.get("format_version") != version:
+        raise DataFormatError(
+            path, None, f"format_version {payload.get('format_version')} is not {version}"
+        )
     return payload
+
+
+__all__ = ["atomic_write", "read_json", "write_json"]

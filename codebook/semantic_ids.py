@@ -473,13 +473,11 @@ class SemanticIdMap:
         from codebook.io import read_json
 
         root = Path(directory)
-        meta = read_json(root / META_FILE, "train a codebook first (`recsys train codebook`)")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataFormatError(
-                root / META_FILE,
-                None,
-                f"format_version {meta.get('format_version')} is not {FORMAT_VERSION}",
-            )
+        meta = read_json(
+            root / META_FILE,
+            "train a codebook first (`recsys train codebook`)",
+            version=FORMAT_VERSION,
+        )
         try:
             codes = np.load(root / CODES_FILE, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -213,13 +213,11 @@ class Codebook:
     def load(cls, directory: str | Path) -> Codebook:
         """Rebuild a saved codebook (no retraining); DataFormatError names a bad file."""
         root = Path(directory)
-        meta = read_json(root / CONFIG_FILE, "train a codebook first (`recsys train codebook`)")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataFormatError(
-                root / CONFIG_FILE,
-                None,
-                f"format_version {meta.get('format_version')} is not {FORMAT_VERSION}",
-            )
+        meta = read_json(
+            root / CONFIG_FILE,
+            "train a codebook first (`recsys train codebook`)",
+            version=FORMAT_VERSION,
+        )
         config = CodebookConfig.from_dict(meta.get("config", {}))
         method = meta.get("method")
         quantizer: ResidualQuantizer

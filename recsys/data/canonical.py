@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recsys.data.atomic import replace_dir
 from recsys.errors import DataFormatError, DatasetNotFoundError
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
@@ -306,20 +306,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished directory ``new`` to ``dest`` (same file system), replacing any
-    existing ``dest`` by renames only: a reader sees the old or the new folder, never a
-    half-written one."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(new, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:

@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import pooch
 
-from recsys.data.canonical import replace_dir
+from recsys.data.atomic import replace_dir
 from recsys.errors import DataFormatError, RecsysError
 
 logger = logging.getLogger(__name__)
