@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import numpy as np
 from recsys.abtest.assignment import assign_arms
 from recsys.abtest.experiment import Experiment
 from recsys.abtest.usertable import DailyTable, Events, UserTable, summarise
+from recsys.data.canonical import iter_jsonl
 from recsys.errors import DataFormatError, NotFoundError
 
 REQUIRED = (
@@ -65,52 +65,43 @@ def read_event_log(
     user_arm: list[str] = []
     ev_user, ts, rank, requested, nbytes = [], [], [], [], []
     lines = other = short = 0
-    with open(p, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            lines += 1
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(p, lineno, f"invalid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataFormatError(p, lineno, "expected a JSON object")
-            missing = [k for k in REQUIRED if k not in rec]
-            if missing:
-                raise DataFormatError(p, lineno, f"missing key(s) {missing}")
-            if rec["experiment"] != exp.name:
-                other += 1
-                continue
-            if "history_len" in rec and int(rec["history_len"]) < min_history:
-                short += 1
-                continue
-            uid, arm = str(rec["user_id"]), str(rec["arm"])
-            k = users.setdefault(uid, len(users))
-            if k == len(user_arm):
-                user_arm.append(arm)
-            elif user_arm[k] != arm:
-                raise DataFormatError(
-                    p,
-                    lineno,
-                    f"user {uid!r} is logged in arm {arm!r} and earlier in "
-                    f"{user_arm[k]!r}; a user must keep one arm",
-                )
-            try:
-                r = int(rec["rank"])
-                t = int(rec["timestamp"])
-                b = int(rec["bytes_up"]) + int(rec["bytes_down"])
-            except (TypeError, ValueError):
-                raise DataFormatError(
-                    p, lineno, "rank, timestamp, bytes_up and bytes_down must be integers"
-                ) from None
-            if r < 1:
-                raise DataFormatError(p, lineno, f"rank {r} is not 1-based")
-            ev_user.append(k)
-            ts.append(t)
-            rank.append(r)
-            requested.append(bool(rec["requested"]))
-            nbytes.append(b)
+    for lineno, rec in iter_jsonl(p):
+        lines += 1
+        missing = [k for k in REQUIRED if k not in rec]
+        if missing:
+            raise DataFormatError(p, lineno, f"missing key(s) {missing}")
+        if rec["experiment"] != exp.name:
+            other += 1
+            continue
+        if "history_len" in rec and int(rec["history_len"]) < min_history:
+            short += 1
+            continue
+        uid, arm = str(rec["user_id"]), str(rec["arm"])
+        k = users.setdefault(uid, len(users))
+        if k == len(user_arm):
+            user_arm.append(arm)
+        elif user_arm[k] != arm:
+            raise DataFormatError(
+                p,
+                lineno,
+                f"user {uid!r} is logged in arm {arm!r} and earlier in "
+                f"{user_arm[k]!r}; a user must keep one arm",
+            )
+        try:
+            r = int(rec["rank"])
+            t = int(rec["timestamp"])
+            b = int(rec["bytes_up"]) + int(rec["bytes_down"])
+        except (TypeError, ValueError):
+            raise DataFormatError(
+                p, lineno, "rank, timestamp, bytes_up and bytes_down must be integers"
+            ) from None
+        if r < 1:
+            raise DataFormatError(p, lineno, f"rank {r} is not 1-based")
+        ev_user.append(k)
+        ts.append(t)
+        rank.append(r)
+        requested.append(bool(rec["requested"]))
+        nbytes.append(b)
     if not ev_user:
         raise NotFoundError(
             f"{p}: no events of experiment {exp.name!r} in {lines} line(s) "

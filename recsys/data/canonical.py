@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -198,9 +199,9 @@ def parse_timestamps(raw: pd.Series, path: str | Path, line_offset: int) -> np.n
 
 
 # ---- reading -------------------------------------------------------------------------
-def read_items_jsonl(path: Path) -> pd.DataFrame:
-    """Parse items.jsonl line by line so a bad line is reported with its number."""
-    records: list[dict[str, Any]] = []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(1-based line number, object)`` for every non-blank line of a JSON-lines file; a
+    line that is not a JSON object is a :class:`DataFormatError` naming the line."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -211,10 +212,17 @@ def read_items_jsonl(path: Path) -> pd.DataFrame:
                 raise DataFormatError(path, lineno, f"invalid JSON ({exc.msg})") from None
             if not isinstance(rec, dict):
                 raise DataFormatError(path, lineno, "expected a JSON object per line")
-            if "item_id" not in rec or rec["item_id"] in (None, ""):
-                raise DataFormatError(path, lineno, "missing 'item_id'")
-            rec["item_id"] = str(rec["item_id"])
-            records.append(rec)
+            yield lineno, rec
+
+
+def read_items_jsonl(path: Path) -> pd.DataFrame:
+    """Parse items.jsonl line by line so a bad line is reported with its number."""
+    records: list[dict[str, Any]] = []
+    for lineno, rec in iter_jsonl(path):
+        if "item_id" not in rec or rec["item_id"] in (None, ""):
+            raise DataFormatError(path, lineno, "missing 'item_id'")
+        rec["item_id"] = str(rec["item_id"])
+        records.append(rec)
     if not records:
         raise DataFormatError(path, None, "no items")
     items = pd.DataFrame.from_records(records)
