@@ -13,7 +13,16 @@ import json
 import logging
 from pathlib import Path
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import (
+    add_command,
+    add_dataset_option,
+    add_json_option,
+    add_location_options,
+    add_progress_option,
+    add_seed_option,
+    add_threads_option,
+)
+from recsys.reporting import print_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +32,10 @@ RUN_FILE = "run.json"
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``run``, ``analyze`` and ``validate`` to the ``abtest`` group."""
-    p = groups["abtest"].add_parser(
+    p = add_command(
+        groups["abtest"],
         "run",
+        cmd_run,
         help="run an experiment over the replay stream: assign, persist, replay every arm",
         description="Assign every replay user to an arm by the hash of (salt, user), persist "
         "the assignments in the prototype store, replay each arm's policy over the time "
@@ -36,9 +47,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     p.add_argument("experiment", help="experiment file (TOML, see examples/experiments/)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument(
-        "--dataset", default="ml-100k", help="dataset name or canonical directory (default ml-100k)"
-    )
+    add_dataset_option(p)
     p.add_argument(
         "--quick", action="store_true", help="CI mode: a sample of users (replay --quick)"
     )
@@ -46,15 +55,13 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "--store-url",
         help="prototype store URL for the assignments (default: DIR/assignments.sqlite)",
     )
-    p.add_argument("--seed", type=int, default=0, help="replay seed (sampled negatives)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_location_options(p)
-    add_json_option(p)
-    p.set_defaults(handler=cmd_run)
+    add_seed_option(p, help="replay seed (sampled negatives; default 0)")
+    _add_run_options(p)
 
-    p = groups["abtest"].add_parser(
+    p = add_command(
+        groups["abtest"],
         "analyze",
+        cmd_analyze,
         help="analyse an experiment: differences with CIs, CUPED, SRM, sequential test, power",
         description="Read the per-user metrics written by `recsys abtest run` (DIR) or convert "
         "a live event log of `recsys serve device --experiment FILE --event-log LOG` (--events), "
@@ -76,10 +83,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     p.add_argument("--out", help="where the report goes (default: DIR; required with --events)")
     add_json_option(p)
-    p.set_defaults(handler=cmd_analyze)
 
-    p = groups["abtest"].add_parser(
+    p = add_command(
+        groups["abtest"],
         "validate",
+        cmd_validate,
         help="validation studies: A/A false-positive rates, planted-effect power, SRM, CUPED",
         description="(1) A/A: many salts re-randomise the ml-100k replay users (static model) "
         "into two arms: fixed-horizon false-positive rate with its Clopper-Pearson interval, "
@@ -88,21 +96,23 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "(3) SRM: a 55/45 split analysed as 50/50, and a correct split. (4) CUPED variance "
         "reduction on the replay metrics.",
     )
-    p.add_argument(
-        "--dataset", default="ml-100k", help="dataset name or canonical directory (default ml-100k)"
-    )
+    add_dataset_option(p)
     p.add_argument("--out", required=True, help="directory for the results and the replay cache")
     p.add_argument("--simulations", type=int, default=1000, help="salts / simulations per study")
     p.add_argument("--quick", action="store_true", help="CI mode: a sample of replay users")
-    p.add_argument("--seed", type=int, default=0, help="seed of the simulations")
+    add_seed_option(p, help="seed of the simulations (default 0)")
     p.add_argument(
         "--pre-period-events", type=int, default=10, help="events per user in the pre-period (10)"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(p)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """What ``run`` and ``validate`` (both replay the stream) share."""
+    add_threads_option(p, default=1)
+    add_progress_option(p)
     add_location_options(p)
     add_json_option(p)
-    p.set_defaults(handler=cmd_validate)
 
 
 # ---- analyze ------------------------------------------------------------------------------

@@ -15,8 +15,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import (
+    add_command,
+    add_dataset_option,
+    add_json_option,
+    add_location_options,
+    add_modalities_option,
+    add_progress_option,
+    add_seed_option,
+    modalities_of,
+)
 from recsys.errors import ValidationError
+from recsys.reporting import print_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
     collaborative = _load_collaborative(args.collaborative)
-    modalities = (
-        [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
-    )
+    modalities = modalities_of(args)
     features = build_item_features(
         ds,
         cache_dir=args.cache_dir,
@@ -125,21 +133,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``codebook`` to the ``train`` group."""
-    sub = groups["train"]
-    p = sub.add_parser(
+    p = add_command(
+        groups["train"],
         "codebook",
+        _train,
         help="learn the semantic codebook and the items' collision-free semantic IDs",
         description="Build the fused item features (text via MiniLM, the dataset's image/audio "
         "matrices, optional collaborative vectors), quantise them into L levels of K codes "
         "(RQ-VAE or RQ-k-means), append a disambiguation level so every item's ID is unique, "
         "print the quality report and save config, weights and semantic IDs to a directory.",
     )
-    p.add_argument(
-        "--dataset",
-        required=True,
-        metavar="NAME_OR_PATH",
-        help="a dataset name (ml-100k, tiktok, ...) or a canonical dataset directory",
-    )
+    add_dataset_option(p, required=True)
     p.add_argument(
         "--method",
         choices=("rqvae", "rqkmeans"),
@@ -159,19 +163,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         metavar="K",
         help="codes per level (default: power of two nearest 2*sqrt(items), in [4, 256]: 64 for ml-100k, 128 for tiktok)",
     )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        metavar="S",
-        help="random seed; the same seed gives the same codebook (default 0)",
-    )
+    add_seed_option(p, help="random seed; the same seed gives the same codebook (default 0)")
     p.add_argument("--epochs", type=int, metavar="N", help="RQ-VAE training epochs (default 200)")
-    p.add_argument(
-        "--modalities",
-        metavar="LIST",
-        help="comma-separated feature modalities to fuse (default: all the dataset has)",
-    )
+    add_modalities_option(p)
     p.add_argument(
         "--collaborative",
         metavar="PATH",
@@ -180,7 +174,6 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument(
         "--out", metavar="DIR", help="output directory (default: CACHE_DIR/artifacts/NAME/codebook)"
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_option(p)
     add_location_options(p)
     add_json_option(p)
-    p.set_defaults(handler=_train)

@@ -14,7 +14,8 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import add_command, add_json_option, add_location_options
+from recsys.reporting import print_table, write_json
 
 if TYPE_CHECKING:  # the CLI imports pandas only inside commands
     from recsys.data.canonical import Dataset
@@ -37,8 +38,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     data = groups["data"]
     known = ", ".join(DATASET_NAMES)
 
-    p = data.add_parser(
+    p = add_command(
+        data,
         "prepare",
+        cmd_prepare,
         help="convert a raw dataset into the canonical format (cached)",
         description="Convert the raw files of NAME into a canonical dataset directory at "
         "CACHE_DIR/datasets/NAME (reused on later runs unless --force).",
@@ -46,10 +49,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("name", metavar="NAME", help=f"dataset name ({known})")
     p.add_argument("--force", action="store_true", help="rebuild even if a prepared copy exists")
     add_location_options(p)
-    p.set_defaults(handler=cmd_prepare)
 
-    p = data.add_parser(
+    p = add_command(
+        data,
         "info",
+        cmd_info,
         help="print a dataset's statistics",
         description="Print users, items, interactions, time range, activity statistics, "
         "ratings, text coverage, feature matrices and join reports of a dataset.",
@@ -61,13 +65,15 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     add_json_option(p)
     add_location_options(p)
-    p.set_defaults(handler=cmd_info)
 
-    p = data.add_parser(
+    p = add_command(
+        data,
         "fetch",
+        cmd_fetch,
         help="download an official dataset archive",
         description="Download and unpack NAME into the raw data directory (--data-dir if "
-        "given, else CACHE_DIR/raw, where `data prepare` also looks).",
+        "given, else CACHE_DIR/raw, where `data prepare` also looks), checking the archive's "
+        "SHA-256.",
     )
     p.add_argument("name", metavar="NAME", help=f"dataset to download ({', '.join(FETCHABLE)})")
     p.add_argument("--url", help="download from this address instead (a mirror or a file:// URL)")
@@ -78,7 +84,6 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "built locally; a mirror of the official file passes the check)",
     )
     add_location_options(p)
-    p.set_defaults(handler=cmd_fetch)
 
 
 # ---- handlers -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from recsys.cli.common import add_json_option, print_table, write_json
+from recsys.cli.common import add_command, add_json_option
+from recsys.reporting import print_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``upgrade``, ``current`` and ``bench`` to the ``db`` group."""
     db = groups["db"]
 
-    p = db.add_parser(
+    p = add_command(
+        db,
         "upgrade",
+        cmd_upgrade,
         help="create or migrate the store's schema to the newest revision",
         description="Apply the Alembic migrations shipped with the package to the database "
         "(creating the schema on an empty one). Safe to run again: an up-to-date database "
@@ -37,19 +40,21 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     _add_url_option(p)
     p.add_argument("--revision", default="head", help="target revision (default: head, the newest)")
-    p.set_defaults(handler=cmd_upgrade)
 
-    p = db.add_parser(
+    p = add_command(
+        db,
         "current",
+        cmd_current,
         help="print the database's schema revision and whether it is up to date",
         description="Print the revision the database is at, the newest revision this code "
         "ships, and exit 0 when they match, 1 when the database needs `recsys db upgrade`.",
     )
     _add_url_option(p)
-    p.set_defaults(handler=cmd_current)
 
-    p = db.add_parser(
+    p = add_command(
+        db,
         "bench",
+        cmd_bench,
         help="measure concurrent prototype refinement (and check no update is lost)",
         description="Create a fresh prototype and let N writers (threads or processes) "
         "refine it K times each with an increment update; print refinements/s, retries and "
@@ -73,7 +78,6 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "version + retry; repeat to compare (default: lock)",
     )
     add_json_option(p)
-    p.set_defaults(handler=cmd_bench)
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:

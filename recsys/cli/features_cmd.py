@@ -14,8 +14,16 @@ import logging
 import time
 from typing import Any
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import (
+    add_command,
+    add_json_option,
+    add_location_options,
+    add_modalities_option,
+    add_progress_option,
+    modalities_of,
+)
 from recsys.errors import ValidationError
+from recsys.reporting import print_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +52,7 @@ def _build(args: argparse.Namespace) -> int:
     from recsys.features.fuse import build_item_features, features_dir, summarise
     from recsys.features.text import MiniLMEncoder
 
-    modalities = (
-        [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
-    )
+    modalities = modalities_of(args)
     weights = _parse_weights(args.weight)
     start = time.perf_counter()
     ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
@@ -112,8 +118,10 @@ def _show(args: argparse.Namespace) -> int:
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``build`` and ``show`` to the ``features`` group."""
     sub = groups["features"]
-    build = sub.add_parser(
+    build = add_command(
+        sub,
         "build",
+        _build,
         help="compute and save the fused item feature matrix of a dataset",
         description="Embed item text (all-MiniLM-L6-v2, offline, cached per text), add the "
         "dataset's own modality matrices (e.g. TikTok image/audio), L2-normalise and weight "
@@ -124,11 +132,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         metavar="NAME_OR_PATH",
         help="a dataset name (ml-100k, ...) or a canonical dataset directory",
     )
-    build.add_argument(
-        "--modalities",
-        metavar="LIST",
-        help="comma-separated modalities to use, in block order (default: all the dataset has)",
-    )
+    add_modalities_option(build)
     build.add_argument(
         "--weight",
         action="append",
@@ -146,13 +150,14 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         metavar="DIR",
         help="output folder (default: beside a dataset given by path, else CACHE_DIR/features/NAME)",
     )
-    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_option(build)
     add_location_options(build)
     add_json_option(build)
-    build.set_defaults(handler=_build)
 
-    show = sub.add_parser(
+    show = add_command(
+        sub,
         "show",
+        _show,
         help="print the summary of saved item features",
         description="Print modality, dimension, coverage, mean raw norm and share of saved item features.",
     )
@@ -163,4 +168,3 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     add_location_options(show)
     add_json_option(show)
-    show.set_defaults(handler=_show)

@@ -12,15 +12,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import (
+    add_command,
+    add_dataset_option,
+    add_json_option,
+    add_location_options,
+    add_max_minutes_option,
+    add_progress_option,
+    add_seed_option,
+    add_threads_option,
+    given,
+)
+from recsys.reporting import print_table, write_json
 
 logger = logging.getLogger(__name__)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``ranker`` to the ``train`` and ``bench`` groups."""
-    p = groups["train"].add_parser(
+    p = add_command(
+        groups["train"],
         "ranker",
+        cmd_train,
         help="train the device ranker (TorchRec embeddings + SASRec encoder + editable head)",
         description="Train the device ranker on the leave-one-out training rows of a dataset, "
         "early-stopping on the validation targets (each user's second-to-last event). Writes "
@@ -29,10 +42,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     _add_common(p)
     _add_train_options(p)
     add_json_option(p)
-    p.set_defaults(handler=cmd_train)
 
-    p = groups["bench"].add_parser(
+    p = add_command(
+        groups["bench"],
         "ranker",
+        cmd_bench,
         help="quality (HR/NDCG/MRR) and cost (latency, edit, fine-tune) of the device ranker",
         description="Leave-one-out-by-time full-catalogue evaluation (already-seen items "
         "excluded) of the trained ranker and a popularity baseline next to quoted RecBole "
@@ -54,25 +68,17 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "--finetune-users", type=int, default=20, help="users fine-tuned for the cost (default 20)"
     )
     add_json_option(p)
-    p.set_defaults(handler=cmd_bench)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dataset", default="ml-100k", help="dataset name or canonical directory (default ml-100k)"
-    )
+    add_dataset_option(p)
     p.add_argument(
         "--checkpoint",
         "--out",
         dest="checkpoint",
         help="checkpoint path (default CACHE_DIR/artifacts/NAME/ranker.pt)",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)",
-    )
+    add_threads_option(p)
     add_location_options(p)
 
 
@@ -82,9 +88,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--patience", type=int, help="epochs without a better valid NDCG@10 before stopping"
     )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seed for init, shuffling, dropout (default 0)"
-    )
+    add_seed_option(g, help="seed for init, shuffling, dropout (default 0)")
     g.add_argument(
         "--loss", choices=("ce", "bce"), help="full-softmax cross-entropy or sampled BCE"
     )
@@ -92,13 +96,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dim", type=int, help="embedding / model width D")
     g.add_argument("--max-len", type=int, help="history events read by the encoder T")
     g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument(
-        "--max-minutes", type=float, help="wall-time budget; stops after the epoch that crosses it"
-    )
+    add_max_minutes_option(g)
     g.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint (same config)"
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(g)
 
 
 def _train_config(args: argparse.Namespace):
@@ -107,25 +109,12 @@ def _train_config(args: argparse.Namespace):
     from device_ranker.config import ModelConfig
     from device_ranker.train import TrainConfig
 
-    base = TrainConfig()
-    model_kw = {
-        k: v
-        for k, v in {"encoder": args.encoder, "dim": args.dim, "max_len": args.max_len}.items()
-        if v is not None
-    }
-    train_kw = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "patience": args.patience,
-            "loss": args.loss,
-            "lr": args.lr,
-            "seed": args.seed,
-            "max_minutes": args.max_minutes,
-        }.items()
-        if v is not None
-    }
-    return replace(base, model=ModelConfig(num_items=0, **model_kw), **train_kw)
+    model_kw = given(args, {"encoder": "encoder", "dim": "dim", "max_len": "max_len"})
+    train_kw = given(
+        args,
+        {k: k for k in ("epochs", "patience", "loss", "lr", "seed", "max_minutes")},
+    )
+    return replace(TrainConfig(), model=ModelConfig(num_items=0, **model_kw), **train_kw)
 
 
 def _setup(args: argparse.Namespace):
