@@ -1,4 +1,5 @@
-"""The codebook LM's model directory: what is in it and how backends read it.
+"""The codebook LM's model directory: what is in it, how training writes it
+(:func:`save_lm`) and how backends read it.
 
 Layout (everything vLLM needs is standard Hugging Face; the rest is ours)::
 
@@ -26,13 +27,16 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llm_cloud.prompts import DEFAULT_MAX_HISTORY, ItemVocab
 from llm_cloud.tokenizer import load_tokenizer
 from recsys.errors import DataFormatError, ValidationError
+
+if TYPE_CHECKING:
+    from llm_cloud.lm_config import LMResult
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +178,35 @@ def ensure_trie_file(
         name = f"item_trie-{codes_fingerprint(vocab.item_tokens)}.json"
         logger.info("model directory %s is read-only; trie file goes to %s", model_dir, folder)
         return write_trie_file(vocab, folder / name).resolve()
+
+
+def save_lm(result: LMResult, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write a trained model's directory (the layout above); the meta file goes last, so a
+    directory with ``recsys_lm.json`` is complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(out, safe_serialization=True)
+    result.tokenizer.save_pretrained(out)
+    ids = result.vocab.ids
+    ids.save(out / CODEBOOK_SUBDIR)
+    write_trie_file(result.vocab, out / TRIE_FILE)
+    meta = {
+        **(info or {}),
+        "codebook": {
+            **(info or {}).get("codebook", {}),
+            "codes_fingerprint": codes_fingerprint(ids.codes),
+            "num_items": ids.num_items,
+            "vocab_sizes": ids.vocab_sizes,
+        },
+        "max_history": result.config.max_history,
+        "config": result.config.to_dict(),
+        "num_parameters": result.num_parameters,
+        "num_windows": result.num_windows,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "valid_metrics": result.valid_metrics,
+        "train_seconds": result.seconds,
+    }
+    write_meta(out, meta)
+    logger.info("saved codebook LM to %s", out)
+    return out

@@ -1,26 +1,20 @@
 """Train the codebook LM: a small Llama over semantic-ID tokens, from scratch, on the CPU.
 
-Shapes: B batch of windows, T tokens per window, V vocabulary, H history items per
-window (<= ``max_history``), D = L+1 tokens per semantic ID.
+Shapes: B batch of windows, T tokens per window, V vocabulary, D = L+1 tokens per
+semantic ID.
 
-**Data.** Each user's training-period history (item indices in time order) is cut into
-windows of up to ``max_history + 1`` items ending every ``stride`` items (plus always
-at the user's last item, with a random shift per epoch). A window [h_1 .. h_H, t] is
-written exactly like a serving prompt followed by its answer::
-
-    <bos> <user> ID(h_1) ... ID(h_H) <sep> ID(t) <eos>
-
-The loss is causal LM cross-entropy on every ID token: the answer ``ID(t) <eos>`` (weight
-1) *and* the history IDs, each predicted from the items before it
-(``history_loss_weight``). So one window trains H+1 next-item predictions instead of
-one: every next-item position of the data is trained for about the data's own token
-count, which is what makes minutes of CPU enough. ``<bos> <user> <sep>`` are never
-targets.
+**Data** (:mod:`llm_cloud.lm_data`): each user's history cut into windows written like a
+serving prompt plus its answer, ``<bos> <user> ID(h_1) ... ID(h_H) <sep> ID(t) <eos>``;
+the loss is causal LM cross-entropy on every ID token (the answer weight 1, the history
+IDs ``history_loss_weight``), so one window trains H+1 next-item predictions: every
+next-item position of the data is trained for about the data's own token count, which
+is what makes minutes of CPU enough.
 
 **Model.** ``LlamaForCausalLM`` (RMSNorm, RoPE, SwiGLU), default 2 layers of width 128,
-4 heads of ``head_dim`` 32 (354k parameters on ml-100k): vLLM's CPU attention only supports head_dim in {32, 64, 80,
-96, 112, 128, 160, 192, 224, 256, 512} (16 crashes at the first generate), so the head
-dim is set explicitly rather than derived from width/heads. Embeddings are tied.
+4 heads of ``head_dim`` 32 (354k parameters on ml-100k): vLLM's CPU attention only
+supports head_dim in {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512} (16 crashes at
+the first generate), so the head dim is set explicitly rather than derived from
+width/heads. Embeddings are tied. Settings: :class:`llm_cloud.lm_config.LMConfig`.
 
 **Training.** AdamW, linear warm-up then cosine decay, gradient clipping, seeded data
 order and initialisation; after every epoch the validation loss (NLL of the held-out
@@ -28,9 +22,9 @@ next item's D tokens after ``<sep>``, nats per item) decides early stopping, and
 best epoch's weights are kept. At the end the validation Recall@10 of constrained beam
 search is measured (:func:`llm_cloud.backends.hf.levelwise_beam_search`).
 
-**Output** (:func:`save_lm`): ``save_pretrained`` of model (safetensors), generation
-config and tokenizer, so ``vllm`` serves the directory unchanged, plus the semantic IDs
-and ``recsys_lm.json`` (see :mod:`llm_cloud.artifact`).
+**Output** (:func:`llm_cloud.artifact.save_lm`): ``save_pretrained`` of model
+(safetensors), generation config and tokenizer, so ``vllm`` serves the directory
+unchanged, plus the semantic IDs and ``recsys_lm.json``.
 
 **GPU path: fine-tune a pretrained LLM instead (LC-Rec style).** Set ``base_model`` to a
 Hugging Face causal-LM directory (e.g. a downloaded Qwen2.5-0.5B or Llama-3.2-1B) and
@@ -48,6 +42,8 @@ fine-tune every weight with the same loss; use a smaller ``lr`` (e.g. 1e-4) and
 by string in the tokenizer and never assume their positions. (For LoRA, merge the
 adapter before saving; vLLM then serves the merged directory.)
 
+The config, the data functions and :func:`save_lm` are importable from here too.
+
 Example::
 
     result = train_lm(train_seqs, valid_pairs, ids, LMConfig(epochs=2))
@@ -61,139 +57,28 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from llm_cloud.artifact import save_lm
+from llm_cloud.lm_config import LMConfig, LMResult
+from llm_cloud.lm_data import (
+    SPLITS,
+    build_windows,
+    collate,
+    dataset_sequences,
+    encode_window,
+    window_ends,
+)
 from llm_cloud.prompts import ItemVocab
-from llm_cloud.vllm_env import VLLM_CPU_HEAD_DIMS
 from recsys.errors import ValidationError
 
 if TYPE_CHECKING:
     from codebook.semantic_ids import SemanticIdMap
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("time", "loo")
-
-
-@dataclass
-class LMConfig:
-    """Model, data and optimisation settings of :func:`train_lm`.
-
-    Attributes (model; ignored with ``base_model``):
-        hidden_size: residual width.
-        num_layers: transformer blocks.
-        num_heads: attention heads (key/value heads too).
-        head_dim: per-head width; must be one vLLM-CPU supports (see module docstring).
-        intermediate_size: SwiGLU width.
-        max_position_embeddings: longest sequence (tokens) the model and vLLM accept.
-        attention_dropout: dropout on attention weights (Llama has no other dropout).
-        tie_embeddings: share input and output embeddings (fewer parameters; small data).
-
-    Attributes (data):
-        max_history: items of history per window / prompt.
-        stride: items between the ends of consecutive windows of one user.
-        history_loss_weight: weight of the history-ID tokens' loss (answer tokens: 1).
-
-    Attributes (optimisation):
-        epochs: maximum passes over the windows.
-        batch_size: windows per step.
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW decoupled weight decay (not on norms/biases).
-        warmup_steps: linear warm-up steps.
-        grad_clip: max global gradient norm.
-        patience: epochs without validation improvement before stopping.
-        min_delta: improvement (nats per item) that counts.
-        max_minutes: stop after this much wall time (None: no limit).
-        eval_beams: beam width of the final validation Recall@10 (0: skip it).
-        eval_users: at most this many validation users in that evaluation.
-        bf16: bfloat16 autocast for forward/backward (fp32 master weights; ~2x faster
-            on CPUs with AMX/AVX-512-BF16, and on GPUs).
-        seed: seeds initialisation, data order and window shifts.
-        threads: torch intra-op threads (None: leave the process setting).
-        device: "cpu" (here) or "cuda".
-        base_model: None (train from scratch) or a HF causal-LM directory to extend
-            with the codebook tokens and fine-tune (GPU path, see module docstring).
-    """
-
-    hidden_size: int = 128
-    num_layers: int = 2  # 4 layers overfit ml-100k sooner without a better optimum
-    num_heads: int = 4
-    head_dim: int = 32  # vLLM CPU attention: 32/64/80/...; 16 crashes the engine
-    intermediate_size: int = 256  # 2x hidden
-    max_position_embeddings: int = 512  # prompt (3 + 20 * 4) + answer (5) fits easily
-    attention_dropout: float = 0.1
-    tie_embeddings: bool = True
-    max_history: int = 20  # ml-100k users average ~100 events; recent ones predict best
-    stride: int = 20  # ~1 window per item per epoch; shifts vary the cuts between epochs
-    history_loss_weight: float = 1.0
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    patience: int = 2
-    min_delta: float = 0.005
-    max_minutes: float | None = None
-    eval_beams: int = 20
-    eval_users: int = 2000
-    bf16: bool = True
-    seed: int = 0
-    threads: int | None = None
-    device: str = "cpu"
-    base_model: str | None = None
-
-    def validate(self) -> None:
-        if self.base_model is None and self.head_dim not in VLLM_CPU_HEAD_DIMS:
-            raise ValidationError(
-                f"head_dim {self.head_dim} is not supported by vLLM's CPU attention; "
-                f"use one of {VLLM_CPU_HEAD_DIMS}"
-            )
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "epochs",
-                     "batch_size", "stride", "patience"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValidationError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_history < 1:
-            raise ValidationError(f"max_history must be >= 1, got {self.max_history}")
-        if not self.lr > 0:
-            raise ValidationError(f"lr must be > 0, got {self.lr}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class LMResult:
-    """What :func:`train_lm` returns.
-
-    Attributes:
-        model: the trained model (best validation epoch), eval mode, on the CPU.
-        tokenizer: its tokenizer.
-        vocab: token-id mapping used for the data.
-        config: the settings used.
-        history: one dict per epoch (train_loss, valid_nll, seconds).
-        best_epoch: 1-based epoch whose weights were kept.
-        valid_metrics: recall@10 / ndcg@10 of beam search on validation users (if run).
-        seconds: total wall time.
-        num_parameters: trainable parameters.
-        num_windows: training windows per epoch.
-    """
-
-    model: Any
-    tokenizer: Any
-    vocab: ItemVocab
-    config: LMConfig
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0
-    valid_metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    num_parameters: int = 0
-    num_windows: int = 0
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -254,66 +139,6 @@ def prepare_base_model(base_model: str, ids: SemanticIdMap, device: str = "cpu")
 
 def count_parameters(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-
-# ---- data ----------------------------------------------------------------------------------
-def window_ends(length: int, stride: int, shift: int) -> list[int]:
-    """Indices of the target items of one user's windows: the last item, then every
-    ``stride`` items back (offset by ``shift`` in [0, stride)), never index 0."""
-    if length < 2:
-        return []
-    ends = [length - 1]
-    pos = length - 1 - stride + shift
-    while pos >= 1:
-        if pos != ends[-1]:
-            ends.append(pos)
-        pos -= stride
-    return ends
-
-
-def encode_window(
-    vocab: ItemVocab, items: Sequence[int], history_weight: float
-) -> tuple[list[int], list[float]]:
-    """Window [h_1..h_H, t] -> (token ids [T], loss weight of predicting each token [T]).
-
-    Weight 0 for tokens never predicted (<bos>, <user>, <sep>), ``history_weight`` for
-    history ID tokens, 1 for the answer's ID tokens and <eos>.
-    """
-    depth = vocab.depth
-    head = vocab.prefix_ids()
-    body = vocab.item_tokens[list(items)].reshape(-1).tolist()  # [(H+1) * D]
-    hist, answer = body[:-depth], body[-depth:]
-    ids = [*head, *hist, vocab.specials.sep, *answer, vocab.specials.eos]
-    weights = [0.0] * len(head) + [history_weight] * len(hist) + [0.0] + [1.0] * (depth + 1)
-    return ids, weights
-
-
-def build_windows(
-    seqs: Sequence[np.ndarray], max_history: int, stride: int, rng: np.random.Generator | None
-) -> list[np.ndarray]:
-    """Every training window (item arrays, last = target) of one epoch."""
-    out: list[np.ndarray] = []
-    for seq in seqs:
-        shift = int(rng.integers(0, stride)) if rng is not None else 0
-        for end in window_ends(len(seq), stride, shift):
-            out.append(seq[max(0, end - max_history) : end + 1])
-    return out
-
-
-def collate(
-    vocab: ItemVocab, windows: Sequence[np.ndarray], history_weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded batch: (input_ids [B, T], attention_mask [B, T], weights [B, T])."""
-    encoded = [encode_window(vocab, w, history_weight) for w in windows]
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), vocab.specials.pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    weights = torch.zeros((len(encoded), width))
-    for row, (tokens, w) in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-        weights[row, : len(tokens)] = torch.tensor(w)
-    return ids, mask, weights
 
 
 def weighted_lm_loss(
@@ -437,7 +262,6 @@ def train_lm(
     from llm_cloud.tokenizer import build_tokenizer
 
     cfg = config or LMConfig()
-    cfg.validate()
     start = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -545,74 +369,21 @@ def train_lm(
     return result
 
 
-# ---- datasets ------------------------------------------------------------------------------
-def dataset_sequences(
-    ds: Any, split: str = "time", *, quantile: float = 0.8
-) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]], dict[str, Any]]:
-    """Training sequences and validation pairs of a dataset under a split protocol.
-
-    * ``loo``: leave-one-out by time; train on the LOO training rows, validate on each
-      user's second-to-last event (the test event stays unseen).
-    * ``time``: the training period of :func:`recsys.data.splits.time_split`; each user's
-      last training-period event is held out for validation (users with >= 3 events).
-
-    Returns:
-        (train_seqs [U][n_u], valid_pairs [(history, target)], split summary).
-    """
-    from recsys.data.splits import leave_one_out, time_split, user_sequences
-
-    if split == "loo":
-        loo = leave_one_out(ds)
-        seqs = user_sequences(ds, loo.train)
-        valid_items = ds.item_index[loo.valid]
-        pairs = [
-            (seqs[u], int(t)) for u, t in zip(loo.users.tolist(), valid_items.tolist(), strict=True)
-        ]
-        summary = {"split": "loo", "train_events": len(loo.train), "valid_users": len(pairs)}
-        return list(seqs), pairs, summary
-    if split == "time":
-        ts = time_split(ds, quantile=quantile)
-        full = user_sequences(ds, ts.train)
-        seqs, pairs = [], []
-        for s in full:
-            if len(s) >= 3:
-                seqs.append(s[:-1])
-                pairs.append((s[:-1], int(s[-1])))
-            else:
-                seqs.append(s)
-        summary = {"split": "time", **ts.summary(), "valid_users": len(pairs)}
-        return seqs, pairs, summary
-    raise ValidationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-
-
-def save_lm(result: LMResult, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
-    """Write the model directory (see :mod:`llm_cloud.artifact`); the meta file goes last."""
-    from llm_cloud.artifact import CODEBOOK_SUBDIR, codes_fingerprint, write_meta, write_trie_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result.model.save_pretrained(out, safe_serialization=True)
-    result.tokenizer.save_pretrained(out)
-    ids = result.vocab.ids
-    ids.save(out / CODEBOOK_SUBDIR)
-    write_trie_file(result.vocab, out / "item_trie.json")
-    meta = {
-        **(info or {}),
-        "codebook": {
-            **(info or {}).get("codebook", {}),
-            "codes_fingerprint": codes_fingerprint(ids.codes),
-            "num_items": ids.num_items,
-            "vocab_sizes": ids.vocab_sizes,
-        },
-        "max_history": result.config.max_history,
-        "config": result.config.to_dict(),
-        "num_parameters": result.num_parameters,
-        "num_windows": result.num_windows,
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "valid_metrics": result.valid_metrics,
-        "train_seconds": result.seconds,
-    }
-    write_meta(out, meta)
-    logger.info("saved codebook LM to %s", out)
-    return out
+__all__ = [
+    "SPLITS",
+    "LMConfig",
+    "LMResult",
+    "build_windows",
+    "collate",
+    "count_parameters",
+    "dataset_sequences",
+    "encode_window",
+    "new_llama",
+    "prepare_base_model",
+    "save_lm",
+    "train_lm",
+    "validation_nll",
+    "validation_recall",
+    "weighted_lm_loss",
+    "window_ends",
+]

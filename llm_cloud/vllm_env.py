@@ -28,9 +28,13 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys.errors import RecsysError
 from recsys.settings import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from llm_cloud.prompts import ItemVocab
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +121,10 @@ def check_head_dim(model_dir: str | Path) -> int | None:
             model_dir, head_dim, VLLM_CPU_HEAD_DIMS,
         )  # fmt: skip
     return int(head_dim) if head_dim else None
+
+
+def context_length(vocab: ItemVocab) -> int:
+    """The engine's ``--max-model-len`` for a model: its longest prompt plus one answer
+    (D tokens + ``<eos>``), rounded up to a multiple of 64, at least 128."""
+    need = vocab.max_prompt_len() + vocab.depth + 1
+    return max(128, -(-need // 64) * 64)

@@ -45,7 +45,7 @@ from llm_cloud.artifact import ensure_trie_file, load_item_vocab
 from llm_cloud.backends.base import Backend, BackendConfig, Ranked
 from llm_cloud.beam import stepwise_beam_search
 from llm_cloud.server import ServerError, launch, log_tail, open_log, stop_process_group
-from llm_cloud.vllm_env import check_head_dim, find_vllm_python
+from llm_cloud.vllm_env import check_head_dim, context_length, find_vllm_python
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ class VllmBackend(Backend):
         self.max_logprobs = int(max_logprobs)
         self.request_timeout = request_timeout
         self.dtype = dtype
-        need = self.vocab.max_prompt_len() + self.vocab.depth + 1
-        self.max_model_len = int(max_model_len or max(128, -(-need // 64) * 64))
+        self.max_model_len = int(max_model_len or context_length(self.vocab))
         self.block_size = int(block_size)
         self.proc: subprocess.Popen | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()

@@ -40,6 +40,8 @@ COMMAND_MODULES = (
     "recsys.cli.codebook_cmd",
     "recsys.cli.adaptor_cmd",
     "recsys.cli.llm_cmd",
+    "recsys.cli.llm_serve_cmd",
+    "recsys.cli.llm_bench_cmd",
     "recsys.cli.db_cmd",
     "recsys.cli.serve_cmd",
     "recsys.cli.replay_cmd",

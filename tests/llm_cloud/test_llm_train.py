@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,9 +44,21 @@ def test_window_encoding_and_loss_weights(ids: SemanticIdMap) -> None:
 
 
 def test_head_dim_must_suit_vllm_cpu() -> None:
-    with pytest.raises(ValidationError, match="head_dim"):
-        LMConfig(head_dim=16).validate()
-    LMConfig(head_dim=64).validate()
+    with pytest.raises(ValidationError, match="head_dim 16 is not supported"):
+        LMConfig(head_dim=16)
+    assert LMConfig(head_dim=64).head_dim == 64
+    assert LMConfig(head_dim=16, base_model="some/pretrained").head_dim == 16  # GPU path
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("lr", 0.0), ("max_history", 0), ("attention_dropout", 1.0), ("threads", 0)],
+)
+def test_config_ranges_fail_at_construction(field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=f"LMConfig: {field}"):
+        LMConfig(**{field: value})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LMConfig().epochs = 3  # type: ignore[misc]
 
 
 def test_training_is_deterministic_with_a_seed(ids: SemanticIdMap) -> None:
