@@ -9,10 +9,12 @@ Modules:
   vocabulary in order), and item-token lookup in any Hugging Face tokenizer.
 * :mod:`llm_cloud.prompts`: :class:`ItemVocab`: prompts ``<bos><user> ID ... <sep>`` from
   item histories, the valid-ID trie over one model's token ids.
+* :mod:`llm_cloud.lm_config`: :class:`LMConfig` (validated training settings), :class:`LMResult`.
+* :mod:`llm_cloud.lm_data`: training windows (prompt + answer tokens, loss weights), splits.
 * :mod:`llm_cloud.lm_train`: :func:`train_lm` (small Llama from scratch on every
-  next-item position; the GPU fine-tuning path), :func:`save_lm`.
+  next-item position; the GPU fine-tuning path).
 * :mod:`llm_cloud.artifact`: the model directory (HF files + semantic IDs + trie file +
-  ``recsys_lm.json``) and :func:`load_item_vocab`.
+  ``recsys_lm.json``): :func:`save_lm` writes it, :func:`load_item_vocab` reads it.
 * :mod:`llm_cloud.backends`: ``generate(histories, top_n) -> [(item, score)]`` behind
   ``transformers`` / ``vllm`` / ``openai`` (:func:`make_backend`).
 * :mod:`llm_cloud.beam`: level-wise constrained beam search over a one-token engine call.

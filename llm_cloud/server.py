@@ -28,12 +28,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
+
+from pydantic import Field
 
 from llm_cloud.vllm_env import LOGITS_PROCESSOR, check_head_dim, find_vllm_python, vllm_child_env
 from recsys.errors import RecsysError
+from recsys.validation import config_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +145,9 @@ def log_tail(path: Path | None, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-@dataclass
+@config_dataclass
 class ServerConfig:
-    """How to run the vLLM OpenAI-compatible server.
+    """How to run the vLLM OpenAI-compatible server (validated and frozen).
 
     Attributes:
         model_dir: HF model directory to serve.
@@ -167,18 +169,18 @@ class ServerConfig:
     """
 
     model_dir: str | Path
-    host: str = "127.0.0.1"
-    port: int = 0
-    served_model_name: str = "recsys-lm"
-    dtype: str = "bfloat16"
-    max_model_len: int = 512
-    max_logprobs: int = 64
-    kv_cache_gib: int = 1
-    block_size: int = 32
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(0, ge=0, le=65535)
+    served_model_name: str = Field("recsys-lm", min_length=1)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_model_len: int = Field(512, ge=16)
+    max_logprobs: int = Field(64, ge=1)
+    kv_cache_gib: int = Field(1, ge=1)
+    block_size: int = Field(32, ge=1)
     python: str | Path | None = None
     log_path: str | Path | None = None
-    startup_timeout: float = 600.0
-    extra_args: list[str] = field(default_factory=list)
+    startup_timeout: float = Field(600.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
 
     def command(self, python: Path, port: int) -> list[str]:
         return [

@@ -36,14 +36,15 @@ import importlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from llm_cloud.prompts import ItemVocab
 from recsys.errors import ValidationError
+from recsys.validation import config_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ def in_user_batches(
     return out
 
 
-@dataclass
+@config_dataclass
 class BackendConfig:
-    """Settings shared by every backend.
+    """Settings shared by every backend (validated and frozen: change one with
+    ``dataclasses.replace``).
 
     Attributes:
         codebook_dir: the codebook whose tokens the model's tokenizer holds; None = the
@@ -85,10 +87,10 @@ class BackendConfig:
     """
 
     codebook_dir: str | Path | None = None
-    max_history: int | None = None
-    beam_width: int | None = None
+    max_history: int | None = Field(None, ge=0)
+    beam_width: int | None = Field(None, ge=1)
     exclude_history: bool = False
-    batch_users: int = 64
+    batch_users: int = Field(64, ge=1)
 
     def beams_for(self, top_n: int) -> int:
         """Beam width for a request of ``top_n`` (validated)."""

@@ -166,3 +166,27 @@ def test_a_foreign_model_directory_works_with_an_explicit_codebook(
     assert foreign.vocab.item_tokens.min() >= 7  # ids after the base vocabulary, not 6 + p
     ranked = foreign.generate([[1, 2], []], 5)
     assert all(len(r) == 5 and all(0 <= i < ids.num_items for i, _ in r) for r in ranked)
+
+
+def test_backend_config_is_validated_and_frozen() -> None:
+    import dataclasses
+
+    from recsys.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="BackendConfig: batch_users"):
+        BackendConfig(batch_users=0)
+    with pytest.raises(ValidationError, match="BackendConfig: beam_width"):
+        BackendConfig(beam_width=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BackendConfig().exclude_history = True  # type: ignore[misc]
+
+
+def test_batches_of_users_give_the_same_results(tiny_lm_dir: Path) -> None:
+    """Backend.generate splits users into config.batch_users batches (in_user_batches)."""
+    histories = [[i % 40, (3 * i) % 40] for i in range(7)]
+    one = make_backend("transformers", tiny_lm_dir, BackendConfig(beam_width=6, batch_users=7))
+    many = make_backend("transformers", tiny_lm_dir, BackendConfig(beam_width=6, batch_users=2))
+    got, want = many.generate(histories, 4), one.generate(histories, 4)
+    assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)

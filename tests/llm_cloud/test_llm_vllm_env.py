@@ -72,3 +72,13 @@ def test_stop_process_group_ends_the_child_and_its_children() -> None:
     assert proc.returncode is not None
     assert live_group_members(proc.pid) == []  # the lingering child was killed too
     stop_process_group(proc, grace=1)  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("port", 70000), ("dtype", "float16"), ("startup_timeout", 0)]
+)
+def test_server_config_rejects_bad_values(tmp_path: Path, field: str, value: object) -> None:
+    from recsys.errors import ValidationError
+
+    with pytest.raises(ValidationError, match=f"ServerConfig: {field}"):
+        ServerConfig(model_dir=tmp_path, **{field: value})

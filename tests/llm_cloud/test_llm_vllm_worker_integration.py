@@ -7,6 +7,7 @@ IDs); for real users' histories its results must equal the transformers backend'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,11 +51,12 @@ def test_worker_equals_transformers(
 
 def test_worker_exclusion_and_close(engine: Backend, trained_dir: Path) -> None:
     history = [3, 4, 5]
-    engine.config.exclude_history = True
+    plain = engine.config
+    engine.config = dataclasses.replace(plain, exclude_history=True)
     try:
         assert not {i for i, _ in engine.generate([history], 8)[0]} & set(history)
     finally:
-        engine.config.exclude_history = False
+        engine.config = plain
     proc = engine.proc
     engine.close()
     assert proc is not None and proc.poll() is not None
