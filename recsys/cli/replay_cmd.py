@@ -3,6 +3,10 @@
 recsys replay --dataset ml-100k --out results/replay-ml-100k [--quick] [--json PATH]
               [--via inprocess|grpc] [--seed N] [--workers N] [--budgets 100,50,20,10,5]
               [--policies static,finetune,system:gate:0.2,...] [--max-users N]
+recsys replay --dataset ml-100k --parity [--max-users 20] [--json PATH]
+recsys replay --dataset ml-100k --live-experiment FILE --event-log LOG [--max-users 20]
+
+Every mode calls the replay core (:func:`recsys.replay.engine.run_replay`).
 """
 
 from __future__ import annotations
@@ -27,17 +31,42 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "gives HR@10 / NDCG@10 / MRR@10 and its AUC against sampled negatives; then the event "
         "is recorded and the policy's trigger (the shift-score gate with a threshold "
         "calibrated on the training period for the budget, or a timer) may request an edit, "
-        "which serves later events only. Writes OUT/results.json, OUT/results.md and PNG plots.",
+        "which serves later events only. Writes OUT/results.json, OUT/results.md and PNG plots. "
+        "--parity runs the same replay in process and through the services and compares them; "
+        "--live-experiment sends the users through one device server serving an experiment.",
     )
     p.add_argument(
         "--dataset", default="ml-100k", help="dataset name or canonical directory (default ml-100k)"
     )
-    p.add_argument("--out", required=True, help="results directory (created)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--out", help="results directory (created): the report mode")
+    mode.add_argument(
+        "--parity",
+        action="store_true",
+        help="replay in process and through the gRPC services, print the per-policy "
+        "differences and costs side by side (default 20 users; policies "
+        "static,system:gate:0.2,system:timer:0.2)",
+    )
+    mode.add_argument(
+        "--live-experiment",
+        metavar="FILE",
+        help="live A/B traffic: the users through ONE device server serving the experiment "
+        "TOML (with --event-log; default 20 users); then `recsys abtest analyze --events LOG "
+        "--experiment FILE`",
+    )
+    p.add_argument("--event-log", metavar="LOG", help="the device's event log (--live-experiment)")
     p.add_argument(
         "--via",
         choices=("inprocess", "grpc"),
         default="inprocess",
         help="replay in process (default, fast) or through the real gRPC services",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="users replayed at once through the services (--via grpc, --parity, "
+        "--live-experiment; default 4)",
     )
     p.add_argument(
         "--quick",
@@ -61,7 +90,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         help="comma-separated policies instead of the default set: static, finetune[:N], "
         "duet[:gate|timer[:BUDGET]], system[:gate|timer[:BUDGET]]",
     )
-    p.add_argument("--max-users", type=int, help="replay at most this many users (seeded sample)")
+    p.add_argument(
+        "--max-users",
+        type=int,
+        help="replay at most this many users (seeded sample; --parity / --live-experiment: 20)",
+    )
     p.add_argument("--min-history", type=int, help="events before a device is evaluated (5)")
     p.add_argument("--negatives", type=int, help="sampled negatives per event for AUC (100)")
     p.add_argument("--finetune-every", type=int, help="events between fine-tuning updates (5)")
@@ -91,11 +124,16 @@ def build_config(args: argparse.Namespace):
         default_policies,
         parse_budget,
     )
+    from recsys.replay.parity import DEFAULT_POLICIES, DEFAULT_USERS
 
+    services_mode = args.parity or args.live_experiment
+    max_users = args.max_users
+    if max_users is None and services_mode:
+        max_users = DEFAULT_USERS
     over = {
         "min_history": args.min_history,
         "negatives": args.negatives,
-        "max_users": args.max_users,
+        "max_users": max_users,
         "payload_dtype": args.payload,
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr,
@@ -109,13 +147,14 @@ def build_config(args: argparse.Namespace):
         quick=args.quick,
         **{k: v for k, v in over.items() if v is not None},
     )
-    if args.policies:
+    policies = args.policies or (DEFAULT_POLICIES if args.parity and not args.budgets else None)
+    if policies:
         if args.budgets or args.finetune_every:
             raise ValidationError(
                 "--policies already names every policy (e.g. finetune:5 or system:gate:0.2); "
                 "drop --budgets and --finetune-every"
             )
-        specs = [PolicySpec.parse(t) for t in args.policies.split(",") if t.strip()]
+        specs = [PolicySpec.parse(t) for t in policies.split(",") if t.strip()]
     else:
         budgets = (
             [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
@@ -123,7 +162,7 @@ def build_config(args: argparse.Namespace):
             else list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
         )
         specs = default_policies(budgets)
-        if args.via == "grpc":  # the services run static and the full system only
+        if args.via == "grpc" or args.parity:  # the services run static and the system only
             specs = [s for s in specs if s.kind in ("static", "system")]
         if args.finetune_every:
             specs = [
@@ -135,31 +174,37 @@ def build_config(args: argparse.Namespace):
     return cfg, specs
 
 
-def _driver(via: str):
-    if via == "inprocess":
-        from recsys.replay.engine import run_replay
-
-        return run_replay
-    try:
-        from recsys.replay.grpc_driver import run_replay_grpc
-    except ModuleNotFoundError as exc:
-        from recsys.errors import NotFoundError
-
-        if exc.name != "recsys.replay.grpc_driver":
-            raise
-        raise NotFoundError(
-            "--via grpc needs recsys.replay.grpc_driver, which is not installed in this "
-            "build; use --via inprocess"
-        ) from None
-    return run_replay_grpc
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     import torch
 
     from recsys import settings
     from recsys.data.registry import load_dataset
     from recsys.errors import ValidationError
+
+    if args.threads < 1:
+        raise ValidationError(f"--threads must be >= 1, got {args.threads}")
+    if args.event_log and not args.live_experiment:
+        raise ValidationError("--event-log goes with --live-experiment FILE")
+    torch.set_num_threads(args.threads)
+    cfg, specs = build_config(args)
+    cache = settings.cache_dir(args.cache_dir)
+    ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    if args.parity:
+        return _parity(args, ds, cfg, specs, cache)
+    if args.live_experiment:
+        return _live(args, ds, cfg, cache)
+    return _report(args, ds, cfg, specs, cache)
+
+
+def _grpc_options(args: argparse.Namespace):
+    from recsys.replay.config import GrpcOptions
+
+    return GrpcOptions(concurrency=args.concurrency)
+
+
+def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
+    """The report mode: every policy, one driver, tables, OUT/results.* and plots."""
+    from recsys.replay.engine import run_replay
     from recsys.replay.report import (
         bullets,
         cost_rows,
@@ -167,22 +212,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
         goal_lines,
         header_line,
         quality_rows,
+        service_rows,
         summarise,
         write_report,
     )
 
-    if args.threads < 1:
-        raise ValidationError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    cfg, specs = build_config(args)
-    cache = settings.cache_dir(args.cache_dir)
-    ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    run = _driver(args.via)(ds, cfg, specs, cache=cache, progress=not args.no_progress)
+    run = run_replay(
+        ds, cfg, specs, cache=cache, progress=not args.no_progress, via=args.via,
+        grpc=_grpc_options(args) if args.via == "grpc" else None,
+    )  # fmt: skip
     summary = summarise(run)
-    summary["meta"]["via"] = args.via
     print(header_line(summary))
     print_table(quality_rows(summary), title="Quality: full-catalogue ranking, seen items excluded")
     print_table(cost_rows(summary), title="Cost per policy (device compute = edit updates only)")
+    rows = service_rows(summary)
+    if rows:
+        print_table(rows, title="Through the services (round trips seen by the driver)")
     rows = gate_rows(summary)
     if rows:
         print_table(rows, title="Request gate: threshold calibrated once on the training period")
@@ -199,4 +244,70 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"({run.meta['seconds']['total']:.0f} s)"
     )
     write_json(args.json, summary)
+    return 0
+
+
+def _parity(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
+    """The parity mode: the same replay through both drivers, compared."""
+    from recsys.replay.parity import parity_cost_rows, parity_rows, run_parity
+
+    res = run_parity(
+        ds, cfg, specs, cache=cache, options=_grpc_options(args), progress=not args.no_progress
+    )
+    rows = parity_rows(res.local, res.remote)
+    shown = [{k: f"{v:.1e}" if k.endswith("diff|") else v for k, v in r.items()} for r in rows]
+    sec = res.seconds
+    print_table(
+        shown,
+        title=f"Replay parity on {ds.name}: in process vs through the gRPC services, "
+        f"{res.remote.meta['stream']['stream_users']} users, seed {cfg.seed} "
+        f"(in process {sec['inprocess']:.0f} s, gRPC {sec['grpc']:.0f} s)",
+    )
+    cost_rows = parity_cost_rows(res.local, res.remote)
+    print_table(
+        cost_rows,
+        title="Costs: in process (estimated uplink, payload bytes) vs gRPC (serialized "
+        "messages, prototypes re-sent when the device reports another one)",
+    )
+    write_json(
+        args.json,
+        {
+            "parity": rows,
+            "costs": cost_rows,
+            "config": cfg.to_dict(),
+            "dataset": res.remote.meta["dataset"],
+            "seed": cfg.seed,
+            "stream": res.remote.meta["stream"],
+            "costs_inprocess": res.local.costs,
+            "costs_grpc": res.remote.costs,
+            "gate": res.remote.meta["gate"],
+            "servers": res.remote.meta["servers"],
+            "seconds": sec,
+        },
+    )
+    return 0
+
+
+def _live(args: argparse.Namespace, ds, cfg, cache: Path) -> int:
+    """The live A/B mode: one device server serving the experiment, its event log."""
+    import time
+
+    from recsys.errors import ValidationError
+    from recsys.replay.live import run_live_experiment
+
+    if not args.event_log:
+        raise ValidationError("--live-experiment needs --event-log PATH")
+    t0 = time.perf_counter()
+    info = run_live_experiment(
+        ds, cfg, Path(args.live_experiment), Path(args.event_log), cache=cache,
+        progress=not args.no_progress, concurrency=args.concurrency,
+    )  # fmt: skip
+    info["seconds"] = time.perf_counter() - t0
+    rows = [{k: v for k, v in info.items() if k != "servers"}]
+    print_table(rows, title=f"Live A/B traffic on {ds.name} through one device server")
+    print(
+        f"analyse it: recsys abtest analyze --events {args.event_log} "
+        f"--experiment {args.live_experiment} --out DIR"
+    )
+    write_json(args.json, {"live": info, "config": cfg.to_dict(), "dataset": ds.name})
     return 0

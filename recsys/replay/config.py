@@ -271,6 +271,10 @@ class GrpcOptions:
         strict: a failed edit request aborts the replay (it would no longer match the
             in-process one); False counts it (``failed_requests``) and goes on, the
             device serving its last good edit (the demo).
+        prestart: start every device server at once, beside the cloud, before the first
+            policy replays (faster for a few policies, e.g. the demo; each server holds
+            the ranker and the dataset); False: one at a time, each stopped after its
+            policy (the first still starts while the cloud loads).
     """
 
     concurrency: int = Field(4, ge=1)
@@ -278,6 +282,7 @@ class GrpcOptions:
     rpc_timeout_s: float = Field(600.0, gt=0.0)
     cloud_deadline_s: float = Field(600.0, gt=0.0)
     strict: bool = True
+    prestart: bool = False
 
     def __post_init__(self) -> None:
         if self.cloud_deadline_s > self.rpc_timeout_s:

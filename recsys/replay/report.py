@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,34 @@ def cost_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _rows_with(
+    summary: Mapping[str, Any], key: str, row: Callable[[str, Mapping[str, Any]], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``row(label, figures)`` of every policy (in order) whose figures have ``key``."""
+    policies = summary["policies"]
+    return [row(label, policies[label]) for label in summary["order"] if key in policies[label]]
+
+
+def service_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per policy, what a run through the services measured (none for an in-process run):
+    edit requests, failures, fallback answers, bytes per request, round-trip latencies."""
+
+    def row(label: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "policy": label,
+            "requests": p["requests"],
+            "failed": p["failed_requests"],
+            "fallback answers": p["fallback_answers"],
+            "up B/req": round(p["uplink_bytes_per_request"]),
+            "down B/req": round(p["downlink_bytes_per_request"]),
+            "Recommend ms p50 / p99": f"{p['recommend_ms_p50']:.2f} / {p['recommend_ms_p99']:.2f}",
+            "RecordEvent ms p50 / p99": f"{p['record_event_ms_p50']:.2f} / "
+            f"{p['record_event_ms_p99']:.2f}",
+        }
+
+    return _rows_with(summary, "recommend_ms_p50", row)
+
+
 def goal_lines(summary: Mapping[str, Any]) -> list[str]:
     """Plain sentences: each target, the measured value, met or not."""
     g = summary["goals"]
@@ -298,22 +326,19 @@ def header_line(summary: Mapping[str, Any]) -> str:
 
 
 def gate_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for label in summary["order"]:
-        p = summary["policies"][label]
-        if "gate_threshold" not in p:
-            continue
-        rows.append(
-            {
-                "policy": label,
-                "budget": f"{100 * p['budget']:g}%",
-                "threshold": f"{p['gate_threshold']:.5f}",
-                "training-period rate": f"{100 * p['gate_train_rate']:.1f}%",
-                "replay: requests / event": f"{100 * p['request_rate']:.1f}%",
-                "replay: triggered by an event": f"{100 * p['triggered_rate']:.1f}%",
-            }
-        )
-    return rows
+    """Per gate policy: budget, calibrated threshold, training-period and replay rates."""
+
+    def row(label: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "policy": label,
+            "budget": f"{100 * p['budget']:g}%",
+            "threshold": f"{p['gate_threshold']:.5f}",
+            "training-period rate": f"{100 * p['gate_train_rate']:.1f}%",
+            "replay: requests / event": f"{100 * p['request_rate']:.1f}%",
+            "replay: triggered by an event": f"{100 * p['triggered_rate']:.1f}%",
+        }
+
+    return _rows_with(summary, "gate_threshold", row)
 
 
 def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
@@ -322,6 +347,7 @@ def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     for title, rows in (
         ("Quality (full-catalogue ranking, seen items excluded)", quality_rows(summary)),
         ("Cost per policy", cost_rows(summary)),
+        ("Through the services", service_rows(summary)),
         ("Request gate: threshold calibrated on the training period", gate_rows(summary)),
     ):
         if not rows:

@@ -1,6 +1,7 @@
 """``recsys replay --via grpc``: the same stream through the REAL services (cloud and one
 device server per policy, child processes on loopback) gives the in-process replay's
-metrics, for the same seed and users.
+metrics, for the same seed and users; the parity mode of the CLI and the live A/B mode
+run through the same driver.
 
 The world is tiny and built here in seconds: users walking a 30-item catalogue, a ranker
 trained on the time split's training period, 2-level semantic IDs, and an adaptor (recent-
@@ -23,9 +24,9 @@ from device_ranker.train import TrainConfig
 from recsys.data import Dataset, write_dataset
 from recsys.data.registry import load_dataset
 from recsys.errors import ValidationError
-from recsys.replay.config import PolicySpec, ReplayConfig
+from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig
 from recsys.replay.engine import run_replay
-from recsys.replay.grpc_driver import parity_rows, run_replay_grpc
+from recsys.replay.parity import parity_rows
 from recsys.workflows.adaptor_data import WindowConfig
 from recsys.workflows.adaptor_training import AdaptorTrainConfig, LoopConfig, train_adaptor
 
@@ -97,7 +98,7 @@ def test_grpc_replay_matches_in_process(world) -> None:
     ds, cache = world
     cfg = ReplayConfig(negatives=8, max_users=10, seed=3)
     local = run_replay(ds, cfg, POLICIES, cache=cache, progress=False)
-    remote = run_replay_grpc(ds, cfg, POLICIES, cache=cache, progress=False)
+    remote = run_replay(ds, cfg, POLICIES, cache=cache, progress=False, via="grpc")
     static = local.records["static"]
     assert len(static) >= 20 and len(np.unique(static.user)) >= 5
     summary = remote.meta["stream"]
@@ -126,6 +127,15 @@ def test_grpc_replay_matches_in_process(world) -> None:
         assert (rec.rank != static.rank).any(), spec.label
         assert cost["prototype_downloads"] >= 1 and np.isnan(cost["device_flops_per_event"])
     assert remote.costs["static"]["requests"] == 0
+    for spec in POLICIES:  # the services' own figures
+        cost = remote.costs[spec.label]
+        assert 0 < cost["recommend_ms_p50"] <= cost["recommend_ms_p99"]
+        assert cost["record_event_ms_p50"] > 0 and cost["fallback_answers"] == 0
+        assert cost["device_server_cpu_us_per_event"] > 0
+        assert remote.meta["servers"][spec.label]["exit_code"] == 0
+        assert remote.meta["servers"][spec.label]["startup_s"] > 0
+        assert "recommend_ms_p50" not in local.costs[spec.label]
+    assert remote.meta["servers"]["cloud"]["exit_code"] == 0
     rows = {r["policy"]: r for r in parity_rows(local, remote)}
     assert set(rows) == {s.label for s in POLICIES}
     assert all(r["request differs"] == 0 and r["rank differs"] <= 1 for r in rows.values())
@@ -134,12 +144,48 @@ def test_grpc_replay_matches_in_process(world) -> None:
     assert "/tmp" not in str(remote.meta["servers"])
 
 
-def test_grpc_replay_rejects_policies_without_a_service(world) -> None:
+@pytest.mark.parametrize(
+    "spec",
+    [PolicySpec(kind="finetune"), PolicySpec(kind="system", trigger="timer", prototypes=False)],
+)
+def test_grpc_replay_rejects_policies_without_a_service(world, spec) -> None:
     ds, cache = world
     with pytest.raises(ValidationError, match="in process"):
-        run_replay_grpc(
-            ds, ReplayConfig(max_users=2), [PolicySpec("finetune")], cache=cache, progress=False
-        )
+        run_replay(ds, ReplayConfig(max_users=2), [spec], cache=cache, progress=False, via="grpc")
+
+
+def test_cli_parity_mode(world, tmp_path, capsys) -> None:
+    """``recsys replay --parity``: both drivers on the same users, one table each."""
+    import json
+
+    from recsys.cli import main
+
+    _, cache = world
+    out = tmp_path / "parity.json"
+    rc = main(["replay", "--dataset", str(cache.parent / "walk"), "--cache-dir", str(cache),
+               "--parity", "--policies", "static", "--max-users", "3", "--negatives", "8",
+               "--no-progress", "--json", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "Replay parity on walk" in printed and "Costs: in process" in printed
+    res = json.loads(out.read_text())
+    (row,) = res["parity"]
+    assert row["policy"] == "static" and row["rank differs"] <= 1 and row["events"] > 0
+    assert res["servers"]["static"]["exit_code"] == 0 and "cloud" not in res["servers"]
+
+
+def test_grpc_options_reach_the_services(world) -> None:
+    """max_events keeps each device's first events; a non-strict run keeps going."""
+    ds, cache = world
+    cfg = ReplayConfig(negatives=8, max_users=4, max_events=3, seed=3)
+    opts = GrpcOptions(concurrency=2, strict=False, cloud_deadline_s=30.0, rpc_timeout_s=60.0)
+    spec = PolicySpec(kind="system", trigger="timer", budget=0.5)
+    run = run_replay(ds, cfg, [spec], cache=cache, progress=False, via="grpc", grpc=opts)
+    rec = run.records[spec.label]
+    assert max(np.bincount(rec.user)) <= 3 and run.meta["concurrency"] == 2
+    assert "--cloud-deadline" in run.meta["servers"][spec.label]["argv"]
+    argv = run.meta["servers"][spec.label]["argv"]
+    assert argv[argv.index("--cloud-deadline") + 1] == "30.0"
 
 
 def test_live_experiment_traffic_through_one_device(world, tmp_path) -> None:
@@ -150,7 +196,7 @@ def test_live_experiment_traffic_through_one_device(world, tmp_path) -> None:
     from device_ranker.service.event_log import FIELDS
     from recsys.abtest.eventlog import read_event_log
     from recsys.abtest.experiment import load_experiment
-    from recsys.replay.grpc_driver import run_live_experiment
+    from recsys.replay.live import run_live_experiment
 
     ds, cache = world
     exp_file = tmp_path / "exp.toml"

@@ -4,7 +4,6 @@ results.md, PNG plots), clean CLI errors, and the report's statistics and goal c
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +79,27 @@ def test_cli_missing_artefacts_say_what_to_train(world, tmp_path: Path, capsys) 
     assert rc == 2 and "recsys train adaptor" in err and "recsys train codebook" in err
 
 
-def test_cli_via_grpc_without_the_driver(world, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "recsys.replay.grpc_driver", None)  # as if not installed
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--live-experiment", "exp.toml"], "--live-experiment needs --event-log"),
+        (["--out", "o", "--event-log", "log.jsonl"], "--event-log goes with"),
+    ],
+)
+def test_cli_service_modes_check_their_options(world, capsys, extra, message) -> None:
     rc = main(["replay", "--dataset", str(world.root), "--cache-dir", str(world.cache),
-               "--out", str(tmp_path / "o"), "--via", "grpc", "--no-progress"])  # fmt: skip
-    assert rc == 2 and "--via inprocess" in capsys.readouterr().err
+               "--no-progress", *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_modes_are_exclusive_and_one_is_required(world, capsys) -> None:
+    base = ["replay", "--dataset", str(world.root)]
+    for extra in ([], ["--out", "o", "--parity"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, *extra])
+        assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_user_bootstrap_ci_brackets_the_mean_and_is_seeded() -> None:

@@ -1,0 +1,122 @@
+"""Parity of the two drivers: the same replay in process and through the gRPC services
+(``recsys replay --parity``).
+
+:func:`run_parity` replays the same users, seed and policies with both drivers of
+:func:`recsys.replay.engine.run_replay`; :func:`parity_rows` compares their figures per
+policy (metric differences, events whose rank or request decision differ), and
+:func:`parity_cost_rows` puts their costs side by side.
+
+Example::
+
+    result = run_parity(ds, ReplayConfig(max_users=20), specs, cache=settings.cache_dir())
+    parity_rows(result.local, result.remote)[0]["ndcg@10 |diff|"]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.data import Dataset
+from recsys.errors import ValidationError
+from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig
+from recsys.replay.engine import ReplayRun, run_replay
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POLICIES = "static,system:gate:0.2,system:timer:0.2"  # CLI default of --parity
+DEFAULT_USERS = 20  # CLI default of --parity / --live-experiment
+
+# (column, cost key) of the side-by-side cost table
+COST_COLUMNS = (
+    ("requests", "requests"),
+    ("up B/req", "uplink_bytes_per_request"),
+    ("down B/req", "downlink_bytes_per_request"),
+    ("payload B/req", "payload_bytes_per_request"),
+    ("prototype downloads", "prototype_downloads"),
+    ("device us/event", "device_us_per_event"),
+    ("cloud ms/req", "cloud_ms_per_request_mean"),
+)
+
+
+@dataclass
+class ParityResult:
+    """Both runs and their wall times (seconds)."""
+
+    local: ReplayRun
+    remote: ReplayRun
+    seconds: dict[str, float]
+
+
+def run_parity(
+    ds: Dataset,
+    cfg: ReplayConfig,
+    policies: Sequence[PolicySpec],
+    *,
+    cache: Path,
+    options: GrpcOptions | None = None,
+    progress: bool = True,
+) -> ParityResult:
+    """The same replay in process, then through the services."""
+    t0 = time.perf_counter()
+    local = run_replay(ds, cfg, policies, cache=cache, progress=progress)
+    t1 = time.perf_counter()
+    remote = run_replay(ds, cfg, policies, cache=cache, progress=progress, via="grpc", grpc=options)
+    t2 = time.perf_counter()
+    return ParityResult(local, remote, {"inprocess": t1 - t0, "grpc": t2 - t1})
+
+
+def parity_rows(local: ReplayRun, remote: ReplayRun) -> list[dict[str, Any]]:
+    """Per policy: in-process vs gRPC NDCG@10 / HR@10 / UAUC, the largest per-event
+    differences, events whose rank or request decision differ, and request counts."""
+    rows = []
+    for label, a in local.records.items():
+        b = remote.records.get(label)
+        if b is None:
+            continue
+        if len(a) != len(b) or (a.user != b.user).any() or (a.item != b.item).any():
+            raise ValidationError(f"policy {label!r}: the two runs replayed different events")
+        sa, sb = a.summary(), b.summary()
+        rows.append(
+            {
+                "policy": label,
+                "events": len(a),
+                "ndcg@10 inprocess": sa["ndcg@10"],
+                "ndcg@10 grpc": sb["ndcg@10"],
+                "ndcg@10 |diff|": abs(sa["ndcg@10"] - sb["ndcg@10"]),
+                "hr@10 |diff|": abs(sa["hr@10"] - sb["hr@10"]),
+                "uauc |diff|": abs(sa["uauc"] - sb["uauc"]),
+                "max event |auc diff|": float(np.abs(a.auc - b.auc).max()) if len(a) else 0.0,
+                "rank differs": int((a.rank != b.rank).sum()),
+                "request differs": int((a.requested != b.requested).sum()),
+                "requests inprocess": local.costs[label]["requests"],
+                "requests grpc": remote.costs[label]["requests"],
+            }
+        )
+    return rows
+
+
+def parity_cost_rows(local: ReplayRun, remote: ReplayRun) -> list[dict[str, Any]]:
+    """Per policy and driver, the cost figures of :data:`COST_COLUMNS`."""
+    return [
+        {"policy": label, "via": via, **{name: costs[label][key] for name, key in COST_COLUMNS}}
+        for label in local.costs
+        if label in remote.costs
+        for via, costs in (("inprocess", local.costs), ("grpc", remote.costs))
+    ]
+
+
+__all__ = [
+    "DEFAULT_POLICIES",
+    "DEFAULT_USERS",
+    "ParityResult",
+    "parity_cost_rows",
+    "parity_rows",
+    "run_parity",
+]
