@@ -1,7 +1,8 @@
 """``recsys train adaptor`` and ``recsys eval adaptor``: the cloud edit generators.
 
 recsys train adaptor [--dataset ml-100k] [--epochs N] [--rank R] [--tokens auto|recent|lm] ...
-recsys eval adaptor  [--dataset ml-100k] [--json PATH] [--payload fp16|int8|fp32] ...
+recsys eval adaptor  [--dataset ml-100k] [--json PATH] [--payload fp16|int8|fp32]
+                     [--refresh-every N] ...   (a preset of the replay core)
 """
 
 from __future__ import annotations
@@ -65,28 +66,25 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p = groups["eval"].add_parser(
         "adaptor",
         help="replay-period check: static base vs adaptor (with / without prototypes) vs "
-        "DUET-style baseline",
-        description="Replay the time split's later period (warm and new users, each user's own "
-        "earlier events as history) and compare the static base ranker, the adaptor with and "
-        "without prototypes and the DUET-style baseline: HR@10 and NDCG@10 over the full "
-        "catalogue (seen items excluded), UAUC on sampled negatives, edit payload bytes.",
+        "DUET-style baseline (a preset of `recsys replay`)",
+        description="Replay the time split's later period through the replay core (warm and "
+        "new users, each user's own earlier events as history) and compare the static base "
+        "ranker, the adaptor without and with (frozen) prototypes and the DUET-style baseline, "
+        "each adapted policy requesting an edit when a device first has --min-history events "
+        "and then every --refresh-every events: HR@10, NDCG@10 and MRR@10 over the full "
+        "catalogue (seen items excluded), UAUC on sampled negatives, user-bootstrap CIs, edit "
+        "costs. The prototype bank stays frozen at the artefact's version (no online "
+        "refinement: the global-time replay will bring it back inside the core).",
     )
     _common(p)
-    g = p.add_argument_group("protocol (defaults: recsys.workflows.adaptor_eval.EvalConfig)")
+    g = p.add_argument_group("protocol (defaults: recsys.replay.adaptor_eval.EvalConfig)")
     g.add_argument("--min-history", type=int, help="events before a device is evaluated (5)")
     g.add_argument("--refresh-every", type=int, help="events between edit requests (window W)")
     g.add_argument("--negatives", type=int, help="sampled negatives per event for UAUC (100)")
     g.add_argument("--payload", choices=("fp16", "int8", "fp32"), help="downlink dtype (fp16)")
-    g.add_argument(
-        "--prototype-sync",
-        choices=("event", "request", "lazy"),
-        help="devices pull new prototype versions at every event (default), only at requests, "
-        "or lazily (residuals against the version they hold, update after --max-version-lag)",
-    )
-    g.add_argument("--max-version-lag", type=int, help="lazy sync: versions a device may lag (10)")
-    g.add_argument("--no-edit-log", action="store_true", help="do not write the edit log")
-    g.add_argument("--seed", type=int, default=0, help="seed for the sampled negatives")
-    g.add_argument("--db", help="store URL for the replay (default: a fresh SQLite file)")
+    g.add_argument("--max-users", type=int, help="replay at most this many users (seeded sample)")
+    g.add_argument("--workers", type=int, help="processes the users are split across (1)")
+    g.add_argument("--seed", type=int, default=0, help="seed of negatives, samples, bootstrap (0)")
     add_json_option(p)
     p.set_defaults(handler=cmd_eval)
 
@@ -237,50 +235,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from recsys.workflows.adaptor_eval import EvalConfig, evaluate_adaptor, result_rows
+    from recsys.replay.adaptor_eval import EvalConfig, evaluate_adaptor
+    from recsys.replay.report import cost_rows, header_line, quality_rows
 
     ds, cache = _setup(args)
-    cfg = EvalConfig(seed=args.seed, log_edits=not args.no_edit_log)
     over = {
         "min_history": args.min_history,
         "refresh_every": args.refresh_every,
         "negatives": args.negatives,
         "payload_dtype": args.payload,
-        "prototype_sync": args.prototype_sync,
-        "max_version_lag": args.max_version_lag,
+        "max_users": args.max_users,
+        "workers": args.workers,
     }
-    cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    cfg = EvalConfig(seed=args.seed, **{k: v for k, v in over.items() if v is not None})
     res = evaluate_adaptor(
         cfg,
         ds,
         cache=cache,
         artifact_path=Path(args.artifact) if args.artifact else None,
-        store_url=args.db,
         progress=not args.no_progress,
     )
-    pr = res["protocol"]
-    print(
-        f"{ds.name} replay period (time split q={res['split']['quantile']}, cut "
-        f"{res['split']['cut_timestamp']}): {pr['evaluated_events']:,} events of "
-        f"{pr['evaluated_users']} users evaluated ({pr['evaluated_cold_user_events']:,} from "
-        f"users new after the cut), {pr['skipped_events_short_history']:,} skipped (history < "
-        f"{pr['min_history']}); edit requested every {pr['refresh_every']} events; "
-        f"tokens: {res['token_source']}; payload {cfg.payload_dtype}"
-    )
-    print_table(result_rows(res), title="Replay: full-catalogue ranking, seen items excluded")
-    p = res["policies"]["adaptor + prototypes"]
-    s = res["sizes"]
-    print(
-        f"\nsizes: dense head {s['dense_head_fp32_bytes']:,} B fp32 / "
-        f"{s['dense_head_fp16_bytes']:,} B fp16; prototypes {res['prototypes']['prototypes']} "
-        f"({res['prototypes']['refinements']} refinements, {res['prototypes']['spawned']} "
-        f"spawned), {p['prototype_downloads']:,} prototype downloads "
-        f"({p['prototype_bytes_total'] / max(p['prototype_downloads'], 1):,.0f} B each); "
-        f"cloud {res['policies']['adaptor (no prototypes)']['cloud_ms_p50']:.2f} ms / device "
-        f"apply {res['policies']['adaptor (no prototypes)']['device_apply_us_p50']:.0f} us "
-        f"(p50); {res['seconds']:.0f} s"
-    )
+    print(header_line(res))
+    print(f"edit requested every {res['eval_config']['refresh_every_resolved']} events")
+    print_table(quality_rows(res), title="Replay: full-catalogue ranking, seen items excluded")
+    print_table(cost_rows(res), title="Cost per policy (device compute = edit updates only)")
+    print(f"\n{res['meta']['seconds']['total']:.0f} s")
     write_json(args.json, res)
     return 0
