@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from recsys.data.atomic import atomic_write
 from recsys.errors import DataFormatError, ValidationError
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ class ItemFeatures:
         """Write ``item_features.npz`` + ``item_features.json`` into ``directory``."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(
+        atomic_write(
             out / MATRIX_FILE,
             lambda fh: np.savez(fh, matrix=self.matrix, item_ids=self.item_ids.astype(str)),
         )
@@ -113,7 +112,7 @@ class ItemFeatures:
             "info": self.info,
         }
         payload = (json.dumps(meta, indent=2, default=_jsonable) + "\n").encode("utf-8")
-        _atomic_write(out / LAYOUT_FILE, lambda fh: fh.write(payload))
+        atomic_write(out / LAYOUT_FILE, lambda fh: fh.write(payload))
         logger.info("saved item features [%d, %d] to %s", self.num_items, self.dim, out)
         return out
 
@@ -159,19 +158,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _atomic_write(dest: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_matrix(value: Any, name: str, num_items: int) -> np.ndarray:
