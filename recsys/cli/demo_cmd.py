@@ -11,11 +11,13 @@ Stages so far (each reuses cached artefacts from earlier runs):
    process, while this process trains the semantic codebook and the codebook LM; each
    trained once, then reused), the ranker's quality on every warm user's first event
    after the cut next to popularity, and one user's top-5;
-5. the adaptor with its prototypes (trained once, then reused), then the cloud and
-   device gRPC servers as child processes
-   on ephemeral loopback ports, a sample of users' replay-period events sent through
-   them (Recommend static and adapted, RecordEvent -> gate -> GenerateEdit), a table of
-   static vs adapted NDCG@10, bytes up/down and latency, and a clean shutdown.
+5. the adaptor with its prototypes (trained once, then reused), then the replay core's
+   gRPC driver (``recsys replay --via grpc``) on a seeded sample of users, each user's
+   first replay events: the cloud and one device server per policy (static, system
+   with the request gate) as child processes on ephemeral loopback ports, every event
+   through Recommend and RecordEvent (-> gate -> GenerateEdit); the core's tables of
+   static vs adapted NDCG@10, edit requests, failures, fallbacks, bytes up/down and
+   round-trip latencies, and a clean shutdown.
 
 From nothing, the models train within the demo's time budgets (``DEMO_*_MINUTES``
 below); ``recsys train ranker | lm | adaptor`` without ``--max-minutes`` train them to
@@ -216,9 +218,11 @@ def _ranker_table(ds: Any, ranker_path: Path, quantile: float) -> dict[str, Any]
 
 
 # ---- stage 5: the gRPC services (issue 6) -----------------------------------------------------
-DEMO_REPLAY_USERS = 100  # users replayed through the services
-DEMO_MAX_EVENTS = 40  # replay events per user at most
+DEMO_REPLAY_USERS = 100  # users replayed through the services (seeded sample)
+DEMO_MAX_EVENTS = 40  # replay events per user at most (each user's first ones)
 DEMO_CONCURRENCY = 8  # users replayed at once (their events stay in order)
+DEMO_BUDGET = 0.2  # the request gate's budget (threshold calibrated on the training period)
+DEMO_CLOUD_DEADLINE_S = 5.0  # a slower edit fails; the device keeps serving (a fallback)
 
 
 def _ensure_artifacts(
@@ -267,204 +271,63 @@ def _ensure_artifacts(
 
 
 def _services_stage(ds: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Stage 5: both services as child processes, a replay through gRPC, a table."""
-    import asyncio
-    import shutil
-    import tempfile
-
+    """Stage 5: the replay core's gRPC driver on a sample of users: the cloud and one
+    device server per policy (static, system with the gate) as child processes on
+    loopback ports, every event through Recommend and RecordEvent (-> gate ->
+    GenerateEdit), then the core's summary and a clean shutdown."""
+    from codebook.adaptor_artifact import load_artifact
     from recsys import settings
-    from recsys.serving.process import ServerProcess
-    from recsys.workflows.adaptor_training import load_artifact
+    from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig
+    from recsys.replay.engine import run_replay
+    from recsys.replay.report import quality_rows, service_rows, summarise
 
     made = _ensure_artifacts(ds, args, steps=("adaptor",))
-    root = settings.cache_dir(args.cache_dir) / "artifacts" / ds.name
-    adaptor_path = root / "adaptor" / "adaptor.pt"
+    cache = settings.cache_dir(args.cache_dir)
+    adaptor_path = cache / "artifacts" / ds.name / "adaptor" / "adaptor.pt"
     if not adaptor_path.is_file():
         print(f"skipping the services: no adaptor artefact at {adaptor_path}")
         return {"artifacts": made, "skipped": "no adaptor artefact"}
-    art = load_artifact(adaptor_path)
-    ranker_path = Path(art["ranker_path"])
-    bounds = art["bounds"]
-    quantile = float(art["config"]["quantile"])
-    stride = int(art["config"]["windows"]["stride"])
-    loc = [*(["--data-dir", args.data_dir] if args.data_dir else []),
-           *(["--cache-dir", args.cache_dir] if args.cache_dir else [])]  # fmt: skip
-    report: dict[str, Any] = {"artifacts": made, "token_source": art.get("token_source")}
-    with tempfile.TemporaryDirectory(prefix="recsys-demo-") as tmp:
-        # the demo refines a copy of the trained prototypes: reruns start from the same state
-        store = Path(tmp) / "prototypes.sqlite"
-        src = Path(str(art.get("store_url", "")).removeprefix("sqlite:///"))
-        store_args = []
-        if src.is_file():
-            shutil.copy(src, store)
-            store_args = ["--store-url", f"sqlite:///{store}"]
-        cloud = ServerProcess(
-            ["serve", "cloud", "--engine", "artifacts", "--dataset", args.dataset,
-             "--adaptor", str(adaptor_path), *store_args, *loc],
-            name="cloud", log_path=Path(tmp) / "cloud.log",
-        )  # fmt: skip
-        device = None
-        t0 = time.perf_counter()
-        try:
-            cloud.start().wait_port(timeout=120)  # bound at once; the engine loads meanwhile
-            device = ServerProcess(
-                ["serve", "device", "--checkpoint", str(ranker_path), "--dataset", args.dataset,
-                 "--seed-quantile", str(quantile), "--cloud", cloud.target,
-                 "--cloud-deadline", "5", "--gate-min-gap", str(stride),
-                 "--max-weight-norm", str(bounds["device_max_weight_norm"]),
-                 "--max-bias-abs", str(bounds["device_max_bias_abs"]), *loc],
-                name="device", log_path=Path(tmp) / "device.log",
-            ).start()  # fmt: skip
-            cloud.wait_ready(timeout=600)
-            device.wait_ready(timeout=600)
-            report["startup_s"] = round(time.perf_counter() - t0, 1)
-            print(f"cloud on {cloud.target}, device on {device.target} "
-                  f"(both ready in {report['startup_s']:.0f} s)")  # fmt: skip
-            events = _replay_events(ds, quantile)
-            report.update(asyncio.run(_replay(device.target, events)))
-        finally:
-            codes = {}
-            if device is not None:
-                codes["device"] = device.stop()
-                device.close()
-            codes["cloud"] = cloud.stop()
-            cloud.close()
-            report["exit_codes"] = codes
-    _print_services(report)
-    return report
-
-
-def _replay_events(ds: Any, quantile: float) -> dict[str, list[tuple[str, int]]]:
-    """A seeded sample of warm replay-period users: their events (item id, time) in order."""
-    import numpy as np
-
-    from recsys.data.splits import time_split
-
-    split = time_split(ds, quantile=quantile)
-    rows = np.sort(split.replay)
-    by_user: dict[str, list[tuple[str, int]]] = {}
-    for r in rows.tolist():
-        user = str(ds.user_ids[ds.user_index[r]])
-        by_user.setdefault(user, []).append(
-            (str(ds.item_ids[ds.item_index[r]]), int(ds.timestamps[r]))
-        )
-    users = sorted(by_user)
-    pick = np.random.default_rng(0).choice(
-        len(users), min(DEMO_REPLAY_USERS, len(users)), replace=False
+    quantile = float(load_artifact(adaptor_path)["config"]["quantile"])
+    cfg = ReplayConfig(
+        quantile=quantile, max_users=DEMO_REPLAY_USERS, max_events=DEMO_MAX_EVENTS, seed=0
     )
-    return {users[i]: by_user[users[i]][:DEMO_MAX_EVENTS] for i in sorted(pick.tolist())}
-
-
-def _ndcg_hit(items: list[str], target: str) -> tuple[float, float]:
-    import math
-
-    for rank, item in enumerate(items, start=1):
-        if item == target:
-            return 1.0 / math.log2(rank + 1), 1.0
-    return 0.0, 0.0
-
-
-async def _replay(target: str, events: dict[str, list[tuple[str, int]]]) -> dict[str, Any]:
-    """Each event: Recommend (static, then adapted) scores the true item, then RecordEvent
-    (the gate may fetch an edit; the call waits for it, so the replay is deterministic)."""
-    import asyncio
-
-    import numpy as np
-
-    from recsys.rpc.device.v1 import recommendation_pb2 as pb
-    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
-    from recsys.serving.server import client_channel
-
-    metrics = {"static": [0.0, 0.0], "adapted": [0.0, 0.0]}
-    lat: dict[str, list[float]] = {"recommend": [], "record": [], "record_edit": []}
-    counts = {"events": 0, "edits_applied": 0, "edit_failures": 0, "fallback_answers": 0}
-    async with client_channel(target) as channel:
-        stub = pb_grpc.RecommendationServiceStub(channel)
-
-        async def user_replay(user: str, evs: list[tuple[str, int]]) -> None:
-            for item, ts in evs:
-                static = await stub.Recommend(
-                    pb.RecommendRequest(user_id=user, k=10, base_model=True), timeout=10
-                )
-                t0 = time.perf_counter()
-                adapted = await stub.Recommend(pb.RecommendRequest(user_id=user, k=10), timeout=10)
-                lat["recommend"].append((time.perf_counter() - t0) * 1000)
-                for arm, reply in (("static", static), ("adapted", adapted)):
-                    n, h = _ndcg_hit([it.item_id for it in reply.items], item)
-                    metrics[arm][0] += n
-                    metrics[arm][1] += h
-                counts["fallback_answers"] += int(adapted.fallback)
-                t0 = time.perf_counter()
-                ev = await stub.RecordEvent(
-                    pb.RecordEventRequest(
-                        user_id=user, item_id=item, timestamp=ts, wait_for_edit=True
-                    ),
-                    timeout=30,
-                )
-                ms = (time.perf_counter() - t0) * 1000
-                lat["record_edit" if ev.edit_requested else "record"].append(ms)
-                counts["edits_applied"] += int(ev.outcome == pb.EDIT_OUTCOME_APPLIED)
-                counts["edit_failures"] += int(ev.outcome == pb.EDIT_OUTCOME_FAILED)
-                counts["events"] += 1
-
-        slots = asyncio.Semaphore(DEMO_CONCURRENCY)
-
-        async def bounded(user: str, evs: list[tuple[str, int]]) -> None:
-            async with slots:
-                await user_replay(user, evs)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(bounded(u, evs) for u, evs in events.items()))
-        seconds = time.perf_counter() - t0
-        status = await stub.GetStatus(pb.GetStatusRequest(), timeout=10)
-    n = max(counts["events"], 1)
-
-    def pct(values: list[float], q: float) -> float:
-        return float(np.percentile(values, q)) if values else float("nan")
-
+    specs = [
+        PolicySpec(kind="static"),
+        PolicySpec(kind="system", trigger="gate", budget=DEMO_BUDGET),
+    ]
+    options = GrpcOptions(
+        concurrency=DEMO_CONCURRENCY, cloud_deadline_s=DEMO_CLOUD_DEADLINE_S, rpc_timeout_s=60.0,
+        strict=False, prestart=True,
+    )  # fmt: skip
+    run = run_replay(ds, cfg, specs, cache=cache, via="grpc", grpc=options)
+    summary = summarise(run)
+    st = summary["meta"]["stream"]
+    print_table(
+        quality_rows(summary),
+        title=f"replay through gRPC: {st['stream_users']} users, {st['evaluated_events']:,} "
+        f"evaluated events (full catalogue, seen items excluded; adaptor tokens: "
+        f"{summary['meta']['token_source']})",
+    )
+    print_table(service_rows(summary), title="services: edit requests, bytes, round trips")
+    servers = summary["meta"]["servers"]
+    print(
+        "servers: "
+        + ", ".join(
+            f"{name} ready in {s.get('startup_s', float('nan')):.0f} s, exit code "
+            f"{s.get('exit_code')}"
+            for name, s in servers.items()
+        )
+    )
+    keep = ("events", "ndcg@10", "hr@10", "ndcg@10_diff_ci95", "requests", "failed_requests",
+            "fallback_answers", "uplink_bytes_per_request", "downlink_bytes_per_request",
+            "recommend_ms_p50", "recommend_ms_p99", "record_event_ms_p50", "record_event_ms_p99")  # fmt: skip
     return {
-        "users": len(events),
-        **counts,
-        "replay_s": round(seconds, 1),
-        "ndcg@10": {arm: m[0] / n for arm, m in metrics.items()},
-        "hr@10": {arm: m[1] / n for arm, m in metrics.items()},
-        "edit_requests": int(status.edit_requests),
-        "bytes_up": int(status.bytes_up),
-        "bytes_down": int(status.bytes_down),
-        "latency_ms": {
-            name: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for name, v in lat.items()
+        "artifacts": made,
+        "token_source": summary["meta"]["token_source"],
+        "stream": st,
+        "policies": {
+            label: {k: p[k] for k in keep if k in p} for label, p in summary["policies"].items()
         },
+        "servers": {n: {k: v for k, v in s.items() if k != "argv"} for n, s in servers.items()},
+        "seconds": summary["meta"]["seconds"],
     }
-
-
-def _print_services(report: dict[str, Any]) -> None:
-    if "ndcg@10" not in report:
-        return
-    requests = max(report["edit_requests"], 1)
-    print_table(
-        [
-            {"arm": "static (base ranker)", "NDCG@10": report["ndcg@10"]["static"],
-             "HR@10": report["hr@10"]["static"]},
-            {"arm": "adapted (cloud edits)", "NDCG@10": report["ndcg@10"]["adapted"],
-             "HR@10": report["hr@10"]["adapted"]},
-        ],
-        title=f"replay through gRPC: {report['users']} users, {report['events']} events "
-        f"(full catalogue, seen items excluded; adaptor tokens: {report['token_source']})",
-    )  # fmt: skip
-    lat = report["latency_ms"]
-    print_table(
-        [
-            {"figure": "edit requests (gate) / events", "value": f"{report['edit_requests']} / {report['events']}"},
-            {"figure": "edits applied / failed", "value": f"{report['edits_applied']} / {report['edit_failures']}"},
-            {"figure": "bytes up per request (protobuf)", "value": f"{report['bytes_up'] / requests:,.0f}"},
-            {"figure": "bytes down per request (protobuf)", "value": f"{report['bytes_down'] / requests:,.0f}"},
-            {"figure": "Recommend latency p50 / p99 (ms)",
-             "value": f"{lat['recommend']['p50']:.2f} / {lat['recommend']['p99']:.2f}"},
-            {"figure": "RecordEvent + edit request p50 / p99 (ms)",
-             "value": f"{lat['record_edit']['p50']:.1f} / {lat['record_edit']['p99']:.1f}"},
-            {"figure": "RecordEvent, no request p50 (ms)", "value": f"{lat['record']['p50']:.2f}"},
-            {"figure": "fallback answers", "value": str(report["fallback_answers"])},
-        ],
-        title=f"services: replay {report['replay_s']:.0f} s, startup {report['startup_s']:.0f} s, "
-        f"clean exit codes {report['exit_codes']}",
-    )  # fmt: skip

@@ -56,7 +56,8 @@ def build_world(base: Path) -> World:
     ds = load_dataset(write_dataset(drift_dataset(), base / "drift"))
     cache = base / "cache"
     i = np.arange(NUM_ITEMS)
-    SemanticIdMap.from_codes(np.stack([i % 5, (i // 5) % 4], axis=1), [5, 4]).save(
+    codes = np.stack([i % 5, (i // 5) % 4], axis=1)
+    SemanticIdMap.from_codes(codes, [5, 4], [f"i{n}" for n in i]).save(  # ids: the cloud server
         cache / "artifacts" / ds.name / "codebook"
     )
     cfg = AdaptorTrainConfig(
