@@ -21,6 +21,7 @@ from recsys.cli.common import (
     add_progress_option,
     add_seed_option,
     add_threads_option,
+    dataset_record,
 )
 from recsys.reporting import print_table, write_json
 
@@ -273,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         {
             "experiment": exp.to_dict(),
             "arms": rows,
-            "dataset": {"name": ds.name, "fingerprint": ds.fingerprint()},
+            "dataset": dataset_record(ds),
             "seed": args.seed,
             "quick": args.quick,
             "run": {k: v for k, v in info.items() if k != "replay"},
@@ -386,7 +387,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"with / without CUPED: {aa['se_ratio_cuped']:.3f}",
     )
     payload = {
-        "dataset": {"name": ds.name, "fingerprint": ds.fingerprint()},
+        "dataset": dataset_record(ds),
         "config": {
             "simulations": sims,
             "alpha": alpha,

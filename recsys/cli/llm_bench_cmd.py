@@ -21,6 +21,7 @@ from recsys.cli.common import (
     add_json_option,
     add_location_options,
     add_threads_option,
+    dataset_record,
 )
 from recsys.errors import ValidationError
 from recsys.reporting import print_table, write_json
@@ -112,13 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_json(
         args.json,
         {
-            "dataset": {
-                "name": ds.name,
-                "fingerprint": ds.fingerprint(),
-                "users": ds.num_users,
-                "items": ds.num_items,
-                "interactions": len(ds.interactions),
-            },
+            "dataset": dataset_record(ds, sizes=True),
             "protocol": "leave-one-out by time; last event = test; history = all earlier events "
             f"truncated to the {max_history} most recent; top-{args.top_n} by constrained beam search",
             "model_dir": str(model),

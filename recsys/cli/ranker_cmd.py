@@ -21,6 +21,7 @@ from recsys.cli.common import (
     add_progress_option,
     add_seed_option,
     add_threads_option,
+    dataset_record,
     given,
 )
 from recsys.reporting import print_table, write_json
@@ -170,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     write_json(
         args.json,
         {
-            "dataset": {"name": ds.name, "fingerprint": ds.fingerprint()},
+            "dataset": dataset_record(ds),
             "config": asdict(result.config),
             "seed": result.config.seed,
             "best_epoch": result.best_epoch,
@@ -235,13 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.json,
         {
             **figures,
-            "dataset": {
-                "name": ds.name,
-                "fingerprint": ds.fingerprint(),
-                "users": ds.num_users,
-                "items": ds.num_items,
-                "interactions": len(ds.interactions),
-            },
+            "dataset": dataset_record(ds, sizes=True),
             "config": {"model": ckpt_dict["model_config"], "train": ckpt_dict["train_config"]},
             "seed": ckpt_dict["train_config"]["seed"],
             "checkpoint": str(ckpt),
