@@ -23,7 +23,7 @@ from recsys.cli.common import (
     add_threads_option,
     dataset_record,
 )
-from recsys.reporting import print_table, write_json
+from recsys.reporting import print_table, strict_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -405,9 +405,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "srm": srm,
         "cuped": cuped,
     }
-    from recsys.abtest.analysis import _clean
-
-    payload = _clean(payload)
+    payload = strict_json(payload)
     (out / "validation.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out / 'validation.json'} and {out / 'aa_pvalues.png'}")
     write_json(args.json, payload)
