@@ -69,8 +69,9 @@ def vllm_child_env(
     """``base`` (None: this process's environment, copied) + :func:`fixed_env` + the
     project root on ``PYTHONPATH`` + ``extra``. Drops ``VIRTUAL_ENV`` of the calling venv.
 
-    The only place outside :mod:`recsys.settings` that touches ``os.environ``, and only
-    to copy it for a child process."""
+    Reads ``os.environ`` only to copy it for the child (the project's own variables are
+    read in :mod:`recsys.settings`; the CLI edge, :mod:`recsys.cli.quiet`, exports the
+    quiet-logging ones, which the child inherits)."""
     source = os.environ if base is None else base
     env = {k: v for k, v in source.items() if k != "VIRTUAL_ENV"}
     env.update(fixed_env(kv_cache_gib))
