@@ -95,6 +95,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         type=int,
         help="replay at most this many users (seeded sample; --parity / --live-experiment: 20)",
     )
+    p.add_argument("--max-events", type=int, help="replay each device's first N events only")
     p.add_argument("--min-history", type=int, help="events before a device is evaluated (5)")
     p.add_argument("--negatives", type=int, help="sampled negatives per event for AUC (100)")
     p.add_argument("--finetune-every", type=int, help="events between fine-tuning updates (5)")
@@ -134,6 +135,7 @@ def build_config(args: argparse.Namespace):
         "min_history": args.min_history,
         "negatives": args.negatives,
         "max_users": max_users,
+        "max_events": args.max_events,
         "payload_dtype": args.payload,
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr,
