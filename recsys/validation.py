@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar, dataclass_transform
@@ -40,11 +41,17 @@ T = TypeVar("T", bound=type)
 _CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_default=False)
 
 
-def format_errors(title: str, err: pydantic.ValidationError) -> str:
-    """One line per problem: ``title: field.sub: message (got value)``."""
+def format_errors(
+    title: str, err: pydantic.ValidationError, positional: tuple[str, ...] = ()
+) -> str:
+    """One line per problem: ``title: field.sub: message (got value)``; ``positional``
+    names the fields of positional arguments (pydantic reports their index)."""
     parts = []
     for e in err.errors(include_url=False):
-        loc = ".".join(str(x) for x in e.get("loc", ()))
+        path = list(e.get("loc", ()))
+        if path and isinstance(path[0], int) and path[0] < len(positional):
+            path[0] = positional[path[0]]
+        loc = ".".join(str(x) for x in path)
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         if not loc:  # a cross-field rule (``__post_init__``): its message says it all
             parts.append(msg)
@@ -63,13 +70,14 @@ def config_dataclass(cls: T | None = None, *, frozen: bool = True) -> T | Callab
     def wrap(c: T) -> T:
         dc = _pydantic_dataclass(c, frozen=frozen, config=_CONFIG)
         init = dc.__init__
+        names = tuple(f.name for f in dataclasses.fields(dc))
 
         @functools.wraps(init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             try:
                 init(self, *args, **kwargs)
             except pydantic.ValidationError as err:
-                raise ValidationError(format_errors(c.__name__, err)) from None
+                raise ValidationError(format_errors(c.__name__, err, names)) from None
 
         dc.__init__ = __init__
         return dc

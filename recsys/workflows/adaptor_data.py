@@ -1,7 +1,7 @@
 """Inputs of the edit generators and the frozen ranker as plain tensors.
 
 What the training loop (:mod:`recsys.workflows.adaptor_training`) and the replay check
-(:mod:`recsys.workflows.adaptor_eval`) share:
+(:mod:`recsys.replay.adaptor_eval`) share:
 
 * :class:`FrozenRanker`: the trained device ranker's head weights, item table and bias as
   plain tensors, with a differentiable low-rank edited head (:meth:`FrozenRanker.queries`).

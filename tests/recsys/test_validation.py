@@ -58,3 +58,8 @@ def test_validate_model_names_the_source() -> None:
     assert validate_model(Table, {"salt": "s"}, "exp.toml [experiment]").salt == "s"
     with pytest.raises(ValidationError, match=r"exp.toml \[experiment\]: salt: String should"):
         validate_model(Table, {"salt": ""}, "exp.toml [experiment]")
+
+
+def test_positional_arguments_are_named_by_their_field() -> None:
+    with pytest.raises(ValidationError, match=r"_Cfg: budget: Input should be greater than 0"):
+        _Cfg(5, 0.0)
