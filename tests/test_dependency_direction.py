@@ -57,6 +57,18 @@ def test_an_inverted_layer_order_is_detected(tmp_path: Path) -> None:
     assert _lint(tmp_path, body) == 1
 
 
+def test_reaching_into_a_protected_package_is_detected(tmp_path: Path) -> None:
+    # the CLI imports replay modules directly, so protecting them from it must fail
+    body = (
+        "[[tool.importlinter.contracts]]\n"
+        'name = "deliberately violated"\n'
+        'type = "protected"\n'
+        'protected_modules = ["recsys.replay.**"]\n'
+        'allowed_importers = ["recsys.replay"]\n'
+    )
+    assert _lint(tmp_path, body) == 1
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -38,8 +38,7 @@ from recsys.abtest.experiment import Experiment
 from recsys.abtest.usertable import DailyTable, Events, UserTable, summarise, write_tables
 from recsys.data import Dataset
 from recsys.errors import ValidationError
-from recsys.replay.config import PolicySpec, ReplayConfig
-from recsys.replay.records import EventRecords
+from recsys.replay import EventRecords, PolicySpec, ReplayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ def run_experiment(
     """Replay, assign, persist, summarise and write ``out`` (see the module docstring)."""
     from codebook.store import PrototypeStore
     from recsys.abtest.persist import persist_assignments, stored_arm_counts
-    from recsys.replay.engine import run_replay
+    from recsys.replay import run_replay
 
     check_replay_metrics(exp)
     arm_label, specs = arm_policies(exp)

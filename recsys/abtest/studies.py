@@ -72,8 +72,7 @@ def replay_base(
     """Replay the static model over the replay period once and build the tables (every
     user in one pseudo-arm; studies re-assign them)."""
     from recsys.abtest.runner import STATIC, build_tables, replay_users
-    from recsys.replay.config import ReplayConfig
-    from recsys.replay.engine import run_replay
+    from recsys.replay import ReplayConfig, run_replay
 
     run = run_replay(
         ds, ReplayConfig(seed=seed, quick=quick), [STATIC], cache=cache, progress=progress

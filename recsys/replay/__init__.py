@@ -23,11 +23,22 @@ Drivers:
   :mod:`recsys.replay.parity` compares the two, :mod:`recsys.replay.live` sends live A/B
   traffic through one device serving an experiment.
 
-Heavy modules (engine, drivers, report) are imported where used.
+The names below are the replay's public surface: the A/B harness (and anything else
+outside ``recsys.replay`` but the CLI) imports only these (an import-linter contract).
+``run_replay`` is loaded on first use, so importing the package stays light.
 """
 
 from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig, default_policies
 from recsys.replay.records import EventRecords, UserResult
+
+
+def __getattr__(name: str):  # PEP 562: the engine (torch, the drivers) on first use
+    if name == "run_replay":
+        from recsys.replay.engine import run_replay
+
+        return run_replay
+    raise AttributeError(f"module 'recsys.replay' has no attribute {name!r}")
+
 
 __all__ = [
     "EventRecords",
@@ -36,4 +47,5 @@ __all__ = [
     "ReplayConfig",
     "UserResult",
     "default_policies",
+    "run_replay",
 ]
