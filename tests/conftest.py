@@ -5,16 +5,24 @@
 * ``session_cache``: one cache directory for the whole session, so ml-100k is prepared
   (and its text embedded) once per test run, not once per test.
 * ``ml100k``: the prepared ml-100k :class:`recsys.data.Dataset`.
+* ``bg``: an asyncio event loop in a daemon thread (:class:`BackgroundLoop`, one per test
+  module), so tests start in-process gRPC servers and use the plain synchronous stubs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 from recsys import settings
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +48,26 @@ def ml100k(raw_data_dir: Path, session_cache: Path):
     from recsys.data.registry import load_dataset
 
     return load_dataset("ml-100k", data_dir=raw_data_dir, cache_dir=session_cache)
+
+
+class BackgroundLoop:
+    """An event loop running in a daemon thread; :meth:`run` executes a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def bg() -> Iterator[BackgroundLoop]:
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()

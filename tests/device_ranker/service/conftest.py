@@ -1,4 +1,4 @@
-"""Fixtures of the device service tests: tiny artefacts, a background event loop, and a
+"""Fixtures of the device service tests: tiny artefacts, and a
 device server (in this process) with a tiny cloud server beside it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from service_helpers import BackgroundLoop, cloud_config, device_config, write_tiny_artifacts
+from service_helpers import cloud_config, device_config, write_tiny_artifacts
 
 from device_ranker.service.server import DeviceHandle, start_device
 from llm_cloud.service.server import CloudHandle, start_cloud
@@ -22,14 +22,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def cloud(bg: BackgroundLoop, artifacts, tmp_path_factory) -> Iterator[CloudHandle]:
+def cloud(bg, artifacts, tmp_path_factory) -> Iterator[CloudHandle]:
     store = tmp_path_factory.mktemp("cloud") / "store.sqlite"
     handle = bg.run(start_cloud(cloud_config(artifacts, store)))
     yield handle
@@ -37,7 +30,7 @@ def cloud(bg: BackgroundLoop, artifacts, tmp_path_factory) -> Iterator[CloudHand
 
 
 @pytest.fixture(scope="module")
-def device(bg: BackgroundLoop, artifacts, cloud: CloudHandle) -> Iterator[DeviceHandle]:
+def device(bg, artifacts, cloud: CloudHandle) -> Iterator[DeviceHandle]:
     handle = bg.run(start_device(device_config(artifacts, cloud.port)))
     yield handle
     bg.run(handle.stop(0))

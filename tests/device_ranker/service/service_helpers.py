@@ -3,13 +3,10 @@ plain synchronous gRPC stubs), tiny artefacts, and a self-signed TLS certificate
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from device_ranker.gate import GateConfig
 from device_ranker.service.config import CloudLinkConfig, DeviceConfig
@@ -46,22 +43,6 @@ def cloud_config(artifacts: tuple[Path, Path], store: Path | None = None, **kw) 
     )
     base.update(kw)
     return CloudConfig(**base)
-
-
-class BackgroundLoop:
-    """An event loop running in a daemon thread; :meth:`run` executes a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def write_tiny_artifacts(root: Path) -> tuple[Path, Path]:

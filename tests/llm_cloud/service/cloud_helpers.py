@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -16,22 +13,6 @@ from llm_cloud.service.server import CloudConfig, CloudHandle, start_cloud
 T = TypeVar("T")
 HEAD = {"fc0": (16, 8), "fc1": (8, 16)}
 ITEMS = [f"i{n}" for n in range(30)]
-
-
-class BackgroundLoop:
-    """An event loop in a daemon thread; tests use the synchronous gRPC stubs."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def write_catalogue(root: Path) -> Path:
@@ -46,7 +27,7 @@ def write_catalogue(root: Path) -> Path:
     return Path(write_dataset(Dataset("catalogue", items, inter), root / "catalogue"))
 
 
-def start(bg: BackgroundLoop, catalogue: Path, store: Path | None, **kw) -> CloudHandle:
+def start(bg, catalogue: Path, store: Path | None, **kw) -> CloudHandle:
     cfg = CloudConfig(
         engine="tiny",
         dataset=str(catalogue),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cloud_helpers import HEAD, ITEMS, BackgroundLoop, start, write_catalogue
+from cloud_helpers import HEAD, ITEMS, start, write_catalogue
 
 from llm_cloud.service.server import CloudHandle
 from llm_cloud.service.tiny import build_tiny_engine
@@ -20,13 +20,6 @@ def tiny_engine(tmp_path: Path):
     engine = build_tiny_engine(ITEMS, HEAD, store_url=f"sqlite:///{tmp_path / 'store.sqlite'}")
     yield engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ observed) for an edit. The adaptor must read the same tokens and the same summar
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import grpc
@@ -89,22 +87,8 @@ def training_inputs(art_path: Path, history: np.ndarray) -> tuple[np.ndarray, np
     return data.codes[0], data.summary[0].numpy()
 
 
-class _Loop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def test_training_and_both_servers_feed_the_adaptor_the_same_inputs(
-    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bg
 ) -> None:
     ds_dir, art_path = trained
     art = load_artifact(art_path)
@@ -117,7 +101,6 @@ def test_training_and_both_servers_feed_the_adaptor_the_same_inputs(
 
     monkeypatch.setattr(Adaptor, "encode", spy)
     torch.set_num_threads(1)
-    bg = _Loop()
     cloud = bg.run(
         start_cloud(
             CloudConfig(
@@ -152,7 +135,6 @@ def test_training_and_both_servers_feed_the_adaptor_the_same_inputs(
     finally:
         device.stop()
         bg.run(cloud.stop(0))
-        bg.close()
     assert len(seen) == before + 1, "exactly one adaptor call serves the request"
     codes, scores, summary = seen[-1]
     ds = load_dataset(ds_dir)
