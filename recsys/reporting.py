@@ -51,6 +51,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def dataset_record(ds: Any, *, sizes: bool = False) -> dict[str, Any]:
+    """What a results file says about its dataset: name and fingerprint (the data's
+    version), with ``sizes`` also users, items and interactions."""
+    out: dict[str, Any] = {"name": ds.name, "fingerprint": ds.fingerprint()}
+    if sizes:
+        out.update(users=ds.num_users, items=ds.num_items, interactions=len(ds.interactions))
+    return out
+
+
 def strict_json(value: Any) -> Any:
     """``value`` with NaN / +-inf floats (anywhere inside) as None and numpy / torch values
     as plain Python numbers and lists: strict JSON has no NaN."""
@@ -107,6 +116,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> 
 
 
 __all__ = [
+    "dataset_record",
     "format_cell",
     "format_table",
     "print_table",

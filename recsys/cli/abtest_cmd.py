@@ -21,9 +21,8 @@ from recsys.cli.common import (
     add_progress_option,
     add_seed_option,
     add_threads_option,
-    dataset_record,
 )
-from recsys.reporting import print_table, strict_json, write_json
+from recsys.reporting import dataset_record, print_table, strict_json, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,6 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from recsys.reporting import print_table, versions, write_json
-
 DEFAULT_DATASET = "ml-100k"
 ArgumentTarget = argparse.ArgumentParser | argparse._ArgumentGroup  # parser or argument group
 
@@ -126,15 +124,6 @@ def modalities_of(args: argparse.Namespace) -> list[str] | None:
     return [m.strip() for m in args.modalities.split(",") if m.strip()]
 
 
-def dataset_record(ds: Any, *, sizes: bool = False) -> dict[str, Any]:
-    """What a results file says about its dataset: name and fingerprint (the data's
-    version), with ``sizes`` also users, items and interactions."""
-    out: dict[str, Any] = {"name": ds.name, "fingerprint": ds.fingerprint()}
-    if sizes:
-        out.update(users=ds.num_users, items=ds.num_items, interactions=len(ds.interactions))
-    return out
-
-
 def given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
     """``{field: value}`` of the options in ``names`` (option dest -> config field) that
     were given (not None): the overrides of a config's defaults."""
@@ -145,8 +134,6 @@ def given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
     }
 
 
-# output helpers live in the core (recsys.reporting) so evaluations below the CLI use them;
-# re-exported for modules not yet importing them from there
 __all__ = [
     "DEFAULT_DATASET",
     "add_command",
@@ -158,10 +145,6 @@ __all__ = [
     "add_progress_option",
     "add_seed_option",
     "add_threads_option",
-    "dataset_record",
     "given",
     "modalities_of",
-    "print_table",
-    "versions",
-    "write_json",
 ]

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import add_json_option, add_location_options
+from recsys.reporting import print_table, write_json
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:

@@ -21,10 +21,9 @@ from recsys.cli.common import (
     add_json_option,
     add_location_options,
     add_threads_option,
-    dataset_record,
 )
 from recsys.errors import ValidationError
-from recsys.reporting import print_table, write_json
+from recsys.reporting import dataset_record, print_table, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ from recsys.cli.common import (
     add_progress_option,
     add_seed_option,
     add_threads_option,
-    dataset_record,
     given,
 )
-from recsys.reporting import print_table, write_json
+from recsys.reporting import dataset_record, print_table, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from recsys.cli.common import add_json_option, add_location_options, print_table, write_json
+from recsys.cli.common import add_json_option, add_location_options
+from recsys.reporting import print_table, write_json
 
 logger = logging.getLogger(__name__)
 

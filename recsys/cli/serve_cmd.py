@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
-from recsys.cli.common import add_json_option, add_location_options, write_json
+from recsys.cli.common import add_json_option, add_location_options
+from recsys.reporting import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from recsys.replay.gate_calibration import GateCalibration, calibrate_gate
 from recsys.replay.records import EventRecords, merge_results
 from recsys.replay.replayer import replay_devices
 from recsys.replay.stream import ReplayStream, UserEvents, build_stream
-from recsys.reporting import versions
+from recsys.reporting import dataset_record, versions
 from recsys.workflows.adaptor_config import config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -252,12 +252,7 @@ def run_meta(
         if s.kind in ("system", "duet") and s.trigger == "gate"
     }
     return {
-        "dataset": {
-            "name": ds.name,
-            "fingerprint": ds.fingerprint(),
-            "users": ds.num_users,
-            "items": ds.num_items,
-        },
+        "dataset": dataset_record(ds, sizes=True),
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "policies": [s.to_dict() for s in specs],

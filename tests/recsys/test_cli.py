@@ -74,7 +74,7 @@ def test_json_output_is_strict_json_without_nan(tmp_path) -> None:
 
     import numpy as np
 
-    from recsys.cli.common import write_json
+    from recsys.reporting import write_json
 
     path = tmp_path / "out.json"
     write_json(path, {"nan": float("nan"), "arr": np.array([1.0, np.inf]), "f32": np.float32(2.5)})
