@@ -429,7 +429,3 @@ class ComposedEngine:
         self.tokens.close()
         if self.store is not None:
             self.store.close()
-
-
-# the artefact loader lives in llm_cloud.service.loading; re-exported for older imports
-from llm_cloud.service.loading import ArtifactEngineConfig, engine_from_artifacts  # noqa: E402, F401

@@ -13,18 +13,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llm_cloud.service.engine import ComposedEngine
 from recsys.adaptor_inputs import LMTokens, RecentTokens, TokenSource
 from recsys.errors import ValidationError
+from recsys.validation import config_dataclass
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ArtifactEngineConfig:
     """Where a :class:`ComposedEngine`'s trained pieces are.
 
@@ -42,7 +43,7 @@ class ArtifactEngineConfig:
     adaptor_path: str
     codebook_dir: str | None = None
     lm_dir: str | None = None
-    lm_backend: str = "transformers"
+    lm_backend: Literal["transformers", "vllm", "openai"] = "transformers"
     lm_options: Mapping[str, Any] = field(default_factory=dict)
     store_url: str | None = None
     prototypes: bool = True

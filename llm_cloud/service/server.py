@@ -20,25 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from llm_cloud.service.engine import AdaptationEngine, ArtifactEngineConfig, engine_from_artifacts
+from llm_cloud.service.engine import AdaptationEngine
+from llm_cloud.service.loading import ArtifactEngineConfig, engine_from_artifacts
 from llm_cloud.service.servicer import SERVICE_NAME, AdaptationServicer
-from recsys.errors import ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.auth import TokenAuthInterceptor, read_token
 from recsys.serving.batching import BatchConfig
 from recsys.serving.errors import ErrorMappingInterceptor
 from recsys.serving.server import ServerOptions
 from recsys.serving.service_host import ServiceHandle, start_service
+from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("artifacts", "tiny")
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class CloudConfig:
     """The cloud service.
 
@@ -56,7 +56,7 @@ class CloudConfig:
         server: :class:`ServerOptions`.
     """
 
-    engine: str = "artifacts"
+    engine: Literal["artifacts", "tiny"] = "artifacts"
     artifacts: ArtifactEngineConfig | None = None
     dataset: str | None = None
     data_dir: str | None = None
@@ -65,20 +65,16 @@ class CloudConfig:
     store_url: str | None = None
     seed: int = 0
     batch: BatchConfig = field(default_factory=BatchConfig)
-    default_dtype: str = "fp16"
+    default_dtype: Literal["fp16", "int8"] = "fp16"
     token_file: str | None = None
-    torch_threads: int = 1
+    torch_threads: int = Field(1, ge=1)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValidationError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "artifacts" and self.artifacts is None:
-            raise ValidationError("engine 'artifacts' needs the adaptor artefact (--adaptor)")
+            raise ValueError("engine 'artifacts' needs the adaptor artefact (--adaptor)")
         if self.engine == "tiny" and not self.dataset:
-            raise ValidationError("engine 'tiny' needs a dataset for its catalogue (--dataset)")
-        if self.torch_threads < 1:
-            raise ValidationError(f"torch_threads must be >= 1, got {self.torch_threads}")
+            raise ValueError("engine 'tiny' needs a dataset for its catalogue (--dataset)")
 
 
 def load_engine(config: CloudConfig) -> AdaptationEngine:

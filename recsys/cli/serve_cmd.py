@@ -309,7 +309,7 @@ def default_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve_cloud(args: argparse.Namespace) -> int:
-    from llm_cloud.service.engine import ArtifactEngineConfig
+    from llm_cloud.service.loading import ArtifactEngineConfig
     from llm_cloud.service.server import CloudConfig, serve_cloud
 
     artifacts = None

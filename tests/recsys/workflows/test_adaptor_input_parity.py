@@ -21,7 +21,7 @@ from codebook.adaptor import Adaptor
 from codebook.prototypes import PrototypeConfig
 from codebook.semantic_ids import SemanticIdMap
 from device_ranker.ranker import Ranker
-from llm_cloud.service.engine import ArtifactEngineConfig
+from llm_cloud.service.loading import ArtifactEngineConfig
 from llm_cloud.service.server import CloudConfig, start_cloud
 from recsys.data import write_dataset
 from recsys.data.registry import load_dataset
