@@ -27,13 +27,12 @@ alternatives that includes the few lines of glue above, e.g. ``reshape``).
 Example::
 
     result = run_payload_benchmark(runs=200)
-    print_payload_table(result)           # or: python -m recsys.edit_payload_bench
+    print_payload_table(result)           # or: recsys bench payload --json PATH
     result["rows"][0]["bytes"]            # RSE1 fp16 size
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import struct
@@ -53,7 +52,7 @@ from recsys.edit_payload import (
     encode_payload,
     quantise,
 )
-from recsys.reporting import print_table, write_json
+from recsys.reporting import print_table
 
 logger = logging.getLogger(__name__)
 
@@ -317,21 +316,3 @@ def print_payload_table(result: Mapping[str, Any]) -> None:
             "random single-bit flips / truncations that decoding refuses"
         ),
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m recsys.edit_payload_bench [--runs N] [--json PATH]``."""
-    p = argparse.ArgumentParser(prog="python -m recsys.edit_payload_bench", description=__doc__)
-    p.add_argument("--runs", type=int, default=1000, help="timed calls per figure (median)")
-    p.add_argument("--trials", type=int, default=400, help="bit flips / truncations tried")
-    p.add_argument("--seed", type=int, default=0, help="edit values and corruption positions")
-    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    args = p.parse_args(argv)
-    result = run_payload_benchmark(runs=args.runs, trials=args.trials, seed=args.seed)
-    print_payload_table(result)
-    write_json(args.json, result)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

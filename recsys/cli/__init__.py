@@ -43,6 +43,7 @@ COMMAND_MODULES = (
     "recsys.cli.llm_serve_cmd",
     "recsys.cli.llm_bench_cmd",
     "recsys.cli.db_cmd",
+    "recsys.cli.payload_cmd",
     "recsys.cli.serve_cmd",
     "recsys.cli.replay_cmd",
     "recsys.cli.abtest_cmd",

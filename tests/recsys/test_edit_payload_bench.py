@@ -11,7 +11,6 @@ import torch
 from recsys.edit_payload_bench import (
     CODECS,
     HEAD,
-    main,
     measure_codec,
     run_payload_benchmark,
     sample_edit,
@@ -56,9 +55,12 @@ def test_a_codec_carrying_other_numbers_is_refused() -> None:
         measure_codec(lossy, "fp16", runs=1, trials=1, seed=0)
 
 
-def test_main_prints_the_table_and_writes_json(tmp_path, capsys) -> None:
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys) -> None:
+    from recsys.cli import main
+
     out = tmp_path / "payload.json"
-    assert main(["--runs", "2", "--trials", "5", "--json", str(out)]) == 0
+    args = ["bench", "payload", "--runs", "2", "--trials", "5", "--json", str(out)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| rse1" in printed and "| protobuf" in printed
     assert json.loads(out.read_text())["config"]["rank"] == 8
