@@ -222,8 +222,8 @@ class ComposedEngine:
 
     Args:
         item_ids: [I] catalogue ids in index order.
-        semantic_ids: int64 [I, L+1] semantic IDs (``SemanticIdMap.codes``).
-        token_strings: function item index -> its token string (for the edit log).
+        ids: the ``codebook.semantic_ids.SemanticIdMap`` (``codes`` int64 [I, L+1] and
+            ``to_tokens(item)``, the token string in the edit log).
         adaptor: a ``codebook.adaptor.Adaptor`` (eval mode).
         tokens: :class:`RecentTokens` or :class:`LMTokens`.
         bank: a ``codebook.prototypes.PrototypeBank`` (None = absolute edits).
@@ -236,8 +236,7 @@ class ComposedEngine:
         self,
         *,
         item_ids: Sequence[str],
-        semantic_ids: np.ndarray,
-        token_strings: Any,
+        ids: Any,
         adaptor: torch.nn.Module,
         tokens: TokenSource,
         bank: Any | None = None,
@@ -246,12 +245,12 @@ class ComposedEngine:
         info: Mapping[str, Any] | None = None,
     ) -> None:
         self.item_ids = [str(i) for i in item_ids]
-        self.codes = np.asarray(semantic_ids, dtype=np.int64)
+        self.codes = np.asarray(ids.codes, dtype=np.int64)
         if len(self.codes) != len(self.item_ids):
             raise ValidationError(
                 f"{len(self.codes)} semantic IDs for {len(self.item_ids)} catalogue items"
             )
-        self.token_strings = token_strings
+        self.token_strings = ids.to_tokens
         self.adaptor = adaptor.eval()
         self.tokens = tokens
         self.bank = bank

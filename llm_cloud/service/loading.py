@@ -108,8 +108,7 @@ def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
     )
     return ComposedEngine(
         item_ids=[str(i) for i in ids.item_ids],
-        semantic_ids=ids.codes,
-        token_strings=ids.to_tokens,
+        ids=ids,
         adaptor=adaptor,
         tokens=tokens,
         bank=bank,

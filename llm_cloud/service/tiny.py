@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from llm_cloud.service.engine import ComposedEngine
-from recsys.adaptor_inputs import RecentTokens
+from recsys.adaptor_inputs import RecentTokens, item_codes
 from recsys.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ def build_tiny_engine(
         else:
             histories = [rng.integers(0, num_items, size=8) for _ in range(64)]
             items, _ = tokens(histories)
-            codes = ids.codes[np.clip(items, 0, None)]
-            codes[items < 0] = -1
+            codes = item_codes(items, ids.codes)
             with torch.no_grad():
                 train_codes = adaptor.encode(torch.from_numpy(codes)).numpy()
             centroids, _ = fit_prototypes(train_codes, pcfg)
@@ -117,8 +116,7 @@ def build_tiny_engine(
             )  # fmt: skip
     return ComposedEngine(
         item_ids=list(item_ids),
-        semantic_ids=ids.codes,
-        token_strings=ids.to_tokens,
+        ids=ids,
         adaptor=adaptor,
         tokens=tokens,
         bank=bank,
