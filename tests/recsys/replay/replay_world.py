@@ -9,15 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tiny_world import train_tiny_world
 
 from codebook.prototypes import PrototypeConfig
-from codebook.semantic_ids import SemanticIdMap
-from device_ranker.config import ModelConfig
-from device_ranker.train import TrainConfig
 from recsys.data import Dataset, write_dataset
 from recsys.data.registry import load_dataset
-from recsys.workflows.adaptor_data import WindowConfig
-from recsys.workflows.adaptor_training import AdaptorTrainConfig, LoopConfig, train_adaptor
 
 NUM_ITEMS = 30
 
@@ -55,32 +51,12 @@ class World:
 def build_world(base: Path) -> World:
     ds = load_dataset(write_dataset(drift_dataset(), base / "drift"))
     cache = base / "cache"
-    i = np.arange(NUM_ITEMS)
-    codes = np.stack([i % 5, (i // 5) % 4], axis=1)
-    SemanticIdMap.from_codes(codes, [5, 4], [f"i{n}" for n in i]).save(  # ids: the cloud server
-        cache / "artifacts" / ds.name / "codebook"
-    )
-    cfg = AdaptorTrainConfig(
-        windows=WindowConfig(window=3, stride=2, min_history=3, input_items=5, summary_items=4),
-        loop=LoopConfig(epochs=3, batch_size=16, lr=3e-3, patience=8, holdout_users=0.25),
-        rank=2,
-        token_dim=8,
-        code_dim=8,
-        hidden=16,
-        dropout=0.0,
+    train_tiny_world(
+        ds,
+        cache,
+        epochs=3,
         bound_fraction=20.0,  # the tiny head's last layer starts near zero (norm ~0.1)
         bias_fraction=4.0,
-        token_source="recent",
         prototypes=PrototypeConfig(num_prototypes=3, residual_rank=2),
-        ranker=TrainConfig(
-            model=ModelConfig(
-                num_items=0, dim=8, max_len=8, num_layers=1, num_heads=2, head_hidden=16
-            ),
-            epochs=2,
-            batch_size=16,
-            lr=3e-3,
-            seed=0,
-        ),
     )
-    train_adaptor(cfg, ds, cache=cache, progress=False)
     return World(ds=ds, root=base / "drift", cache=cache)

@@ -16,19 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_world import train_tiny_world
 
 from codebook.prototypes import PrototypeConfig
-from codebook.semantic_ids import SemanticIdMap
-from device_ranker.config import ModelConfig
-from device_ranker.train import TrainConfig
 from recsys.data import Dataset, write_dataset
 from recsys.data.registry import load_dataset
 from recsys.errors import ValidationError
 from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig
 from recsys.replay.engine import run_replay
 from recsys.replay.parity import parity_rows
-from recsys.workflows.adaptor_data import WindowConfig
-from recsys.workflows.adaptor_training import AdaptorTrainConfig, LoopConfig, train_adaptor
 
 pytestmark = pytest.mark.slow
 
@@ -64,33 +60,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
     root = tmp_path_factory.mktemp("replay-grpc")
     ds = load_dataset(write_dataset(walk_dataset(), root / "walk"))
     cache = root / "cache"
-    i = np.arange(NUM_ITEMS)
-    codes = np.stack([i % 5, (i // 5) % 4], axis=1)
-    SemanticIdMap.from_codes(codes, [5, 4], [f"i{n}" for n in i]).save(
-        cache / "artifacts" / ds.name / "codebook"
-    )
-    ranker = TrainConfig(
-        model=ModelConfig(num_items=0, dim=8, max_len=8, num_layers=1, num_heads=2, head_hidden=16),
-        epochs=2,
-        batch_size=16,
-        lr=3e-3,
-        seed=0,
-    )
-    cfg = AdaptorTrainConfig(
-        windows=WindowConfig(window=3, stride=2, min_history=3, input_items=5, summary_items=4),
-        loop=LoopConfig(epochs=3, batch_size=16, lr=3e-3, patience=8, holdout_users=0.25),
-        rank=2,
-        bound_fraction=4.0,  # the tiny head's weights are small: let the edits show
-        bias_fraction=2.0,
-        token_dim=8,
-        code_dim=8,
-        hidden=16,
-        dropout=0.0,
-        token_source="recent",
-        prototypes=PrototypeConfig(num_prototypes=3, residual_rank=2, refine_every=2),
-        ranker=ranker,
-    )
-    train_adaptor(cfg, ds, cache=cache, progress=False)
+    prototypes = PrototypeConfig(num_prototypes=3, residual_rank=2, refine_every=2)
+    train_tiny_world(ds, cache, epochs=3, prototypes=prototypes)
     return ds, cache
 
 

@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from adaptor_helpers import tiny_dataset, tiny_ranker_config
+from adaptor_helpers import tiny_dataset
+from tiny_world import train_tiny_world
 
 from codebook.adaptor import Adaptor
 from codebook.prototypes import PrototypeConfig
@@ -35,10 +36,7 @@ from recsys.workflows.adaptor_data import (
     resolve_token_source,
 )
 from recsys.workflows.adaptor_training import (
-    AdaptorTrainConfig,
-    LoopConfig,
     load_artifact,
-    train_adaptor,
 )
 
 pytestmark = pytest.mark.slow
@@ -54,24 +52,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("parity")
     ds = load_dataset(write_dataset(tiny_dataset(), root / "walk"))
     cache = root / "cache"
-    i = np.arange(ds.num_items)
-    SemanticIdMap.from_codes(
-        np.stack([i % 5, (i // 5) % 4], axis=1), [5, 4], [str(x) for x in ds.items["item_id"]]
-    ).save(cache / "artifacts" / ds.name / "codebook")
-    cfg = AdaptorTrainConfig(
-        windows=WINDOWS,
-        loop=LoopConfig(epochs=2, batch_size=16, holdout_users=0.25),
-        rank=2,
-        token_dim=8,
-        code_dim=8,
-        hidden=16,
-        dropout=0.0,
-        token_source="recent",
-        prototypes=PrototypeConfig(num_prototypes=2, residual_rank=2),
-        ranker=tiny_ranker_config(),
-    )
-    result = train_adaptor(cfg, ds, cache=cache, progress=False)
-    return root / "walk", result.artifact_path
+    prototypes = PrototypeConfig(num_prototypes=2, residual_rank=2)
+    art = train_tiny_world(ds, cache, windows=WINDOWS, prototypes=prototypes)
+    return root / "walk", art
 
 
 def training_inputs(art_path: Path, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
