@@ -253,7 +253,9 @@ def run_meta(
     }
     return {
         "dataset": dataset_record(ds, sizes=True),
-        "config": cfg.to_dict(),
+        # results carry no machine-specific paths
+        "config": cfg.to_dict()
+        | {"artifact": display_path(Path(cfg.artifact), cache) if cfg.artifact else None},
         "seed": cfg.seed,
         "policies": [s.to_dict() for s in specs],
         "split": time_split(ds, quantile=cfg.quantile).summary() | {"quantile": cfg.quantile},
