@@ -14,7 +14,7 @@ Layout::
 protoc is given the virtual include path ``recsys/rpc=protos``, so each file is known to
 protobuf as ``recsys/rpc/<side>/v1/<name>.proto`` and the generated modules import each
 other as ``recsys.rpc.<side>.v1``. ``recsys`` is the project's core package, which both
-the device side and the cloud side may import (DESIGN.md section 2), and the editable
+the device side and the cloud side may import (docs/architecture.md), and the editable
 install already maps it, so the stubs are importable from both without another package.
 
 usage: python scripts/gen_protos.py [--force] [--check]
