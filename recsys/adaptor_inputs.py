@@ -3,7 +3,7 @@
 Training (:mod:`recsys.workflows.adaptor_data`), the offline replay, the cloud service
 (:mod:`llm_cloud.service.engine`) and the device service (:mod:`device_ranker.service`)
 all build the adaptor's inputs with these functions, so they cannot drift apart
-(``tests/test_adaptor_input_parity.py`` feeds one history through the training path and
+(``tests/recsys/workflows/test_adaptor_input_parity.py`` feeds one history through the training path and
 through both real gRPC servers and compares the inputs).
 
 A request is made from a device history (item indices, oldest first) and carries:

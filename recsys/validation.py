@@ -7,7 +7,8 @@ rejected at construction with a message naming the class, the field, the bad val
 the allowed range. They stay plain dataclasses for everything else
 (``dataclasses.asdict``, ``dataclasses.replace`` (which validates again), ``==``).
 Cross-field rules go in ``__post_init__`` and raise ``ValueError``; they are reported the
-same way.
+same way. Number fields are strict: a bool, a string or (for an integer field) a float is
+refused rather than coerced.
 
 Example::
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, dataclass_transform
 
@@ -62,6 +65,42 @@ def format_errors(
     return f"{title}: " + "; ".join(parts)
 
 
+def _number_kinds(tp: Any) -> frozenset[type] | None:
+    """``{int}``, ``{float}`` or both when ``tp`` is a number type (or an Optional of one)."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    kinds = frozenset(a for a in (typing.get_args(tp) if union else (tp,)) if a is not type(None))
+    return kinds if kinds and kinds <= {int, float} else None
+
+
+def _hints(c: type) -> dict[str, Any]:
+    """Field annotations of ``c`` resolved; when a name cannot be resolved yet (a type
+    defined later in its module), the plain number annotations still are."""
+    try:
+        return typing.get_type_hints(c)
+    except NameError:
+        plain = {"int": int, "float": float, "int | None": int | None, "float | None": float | None}
+        return {
+            n: plain.get(a, a) if isinstance(a, str) else a for n, a in c.__annotations__.items()
+        }
+
+
+def _strict_numbers(title: str, kinds: dict[str, frozenset[type]], values: dict[str, Any]) -> None:
+    """Refuse what pydantic's lax mode would coerce into a number field: a bool, a string,
+    or a float for an integer field (``epochs=2.0``, ``budget=True``, ``workers="2"``)."""
+    bad = []
+    for name, value in values.items():
+        want = kinds.get(name)
+        if want is None or value is None:
+            continue
+        integer = want == {int}
+        if isinstance(value, (bool, str)) or (integer and isinstance(value, float)):
+            bad.append(
+                f"{name}: expected {'an integer' if integer else 'a number'} (got {value!r})"
+            )
+    if bad:
+        raise ValidationError(f"{title}: " + "; ".join(bad))
+
+
 @dataclass_transform(field_specifiers=(Field,))
 def config_dataclass(cls: T | None = None, *, frozen: bool = True) -> T | Callable[[T], T]:
     """Decorator: ``cls`` as a validated, by default frozen, pydantic dataclass whose
@@ -71,9 +110,11 @@ def config_dataclass(cls: T | None = None, *, frozen: bool = True) -> T | Callab
         dc = _pydantic_dataclass(c, frozen=frozen, config=_CONFIG)
         init = dc.__init__
         names = tuple(f.name for f in dataclasses.fields(dc))
+        kinds = {n: k for n in names if (k := _number_kinds(_hints(c).get(n))) is not None}
 
         @functools.wraps(init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            _strict_numbers(c.__name__, kinds, {**dict(zip(names, args, strict=False)), **kwargs})
             try:
                 init(self, *args, **kwargs)
             except pydantic.ValidationError as err:

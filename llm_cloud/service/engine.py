@@ -41,7 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from recsys.adaptor_inputs import TokenSource, check_summary, item_codes
+from recsys.adaptor_inputs import TokenSource, check_summary, item_codes, uplink_window
 from recsys.edit_payload import DTYPES, encode_payload
 from recsys.errors import NotFoundError, ValidationError
 
@@ -229,6 +229,8 @@ class ComposedEngine:
         bank: a ``codebook.prototypes.PrototypeBank`` (None = absolute edits).
         store: the ``PrototypeStore`` for the edit log and prototype reads (None = no log).
         model_version: ranker fingerprint the adaptor was trained against (None: any).
+        uplink_items: the tokens read each request's last ``uplink_items`` items, as in
+            training (the artefact's ``windows.uplink_items``; None: the whole request).
         default_dtype: payload precision when a request leaves it unspecified.
     """
 
@@ -243,6 +245,7 @@ class ComposedEngine:
         store: Any | None = None,
         model_version: str | None = None,
         info: Mapping[str, Any] | None = None,
+        uplink_items: int | None = None,
     ) -> None:
         self.item_ids = [str(i) for i in item_ids]
         self.codes = np.asarray(ids.codes, dtype=np.int64)
@@ -253,6 +256,7 @@ class ComposedEngine:
         self.token_strings = ids.to_tokens
         self.adaptor = adaptor.eval()
         self.tokens = tokens
+        self.uplink_items = uplink_items
         self.bank = bank
         self.store = store
         self.model_version = model_version
@@ -271,7 +275,15 @@ class ComposedEngine:
             return []
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
-            items, scores = self.tokens([r.history for r in requests])  # [B, N], [B, N] | None
+            # the token source reads the window the adaptor was trained on, whatever the
+            # device sent (recsys.adaptor_inputs.uplink_window)
+            windows = [
+                r.history
+                if self.uplink_items is None
+                else uplink_window(r.history, self.uplink_items)
+                for r in requests
+            ]
+            items, scores = self.tokens(windows)  # [B, N], [B, N] | None
             for b, r in enumerate(requests):
                 if r.top_n is not None:
                     items[b, r.top_n :] = -1

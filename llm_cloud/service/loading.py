@@ -115,4 +115,6 @@ def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
         store=store,
         model_version=model_version,
         info={"adaptor_path": str(path), "bounds": dict(art.get("bounds", {}))},
+        # artefacts from before the field: the training default (the LM's prompt length)
+        uplink_items=int(art["config"]["windows"].get("uplink_items", 20)),
     )

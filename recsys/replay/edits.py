@@ -3,7 +3,7 @@
 :class:`EditMaker` builds, batched over one device's request points and each from the
 history the request was made from (never from the target it will serve):
 
-* **system** (full system): the adaptor artefact's tokens (:func:`adaptor_tokens` of the
+* **system** (full system): the adaptor artefact's tokens (semantic IDs from the
   uplink windows: the transformers LM backend in process, or the recent-items stand-in)
   + device summary -> adaptor forward -> nearest prototype (bank FROZEN at the
   artefact's version 1: no online refinement during replay, so a device's edits depend
@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,7 @@ from device_ranker.edits import HeadEdit, PreparedEdit, prepare_edit
 from device_ranker.finetune import UNBOUNDED, finetune_head
 from device_ranker.ranker import Ranker
 from recsys.adaptor_inputs import (
-    TokenSource,
     device_summary,
-    item_codes,
     recent_items,
     summary_width,
     uplink_window,
@@ -64,23 +62,6 @@ from recsys.workflows.adaptor_data import resolve_token_source
 logger = logging.getLogger(__name__)
 
 ADAPTOR_KINDS = ("system", NO_PROTOTYPES)  # edit kinds made by the adaptor
-
-
-def adaptor_tokens(
-    source: TokenSource | Any, windows: Sequence[np.ndarray], codes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The adaptor's token input for B uplink windows: semantic IDs [B, N, L+1] and scores
-    [B, N] (or None).
-
-    A :class:`recsys.adaptor_inputs.TokenSource` answers item indices [B, N]; they are
-    mapped through :func:`~recsys.adaptor_inputs.item_codes` with ``codes`` [I, L+1]. A
-    source that already answers semantic IDs [B, N, L+1] is passed through.
-    """
-    out, scores = source(windows)
-    out = np.asarray(out)
-    if out.ndim == 2:
-        out = item_codes(out, codes)  # [B, N] -> [B, N, L+1]
-    return out, scores
 
 
 @dataclass
@@ -182,12 +163,12 @@ class EditMaker:
             t0 = time.perf_counter()
             if generator == "adaptor":
                 codes, scores = [], []
-                # the cloud sees what the device uplinks: its last ``uplink_items`` items
-                sent = [uplink_window(h, self.cfg.uplink_items) for h in hists]
+                # the device uplinks its last ``uplink_items`` items; the cloud's tokens read
+                # the window the adaptor was trained on (as llm_cloud's engine does)
+                read = self.tcfg.windows.uplink_items
+                sent = [uplink_window(uplink_window(h, self.cfg.uplink_items), read) for h in hists]
                 for i in range(0, len(sent), self.cfg.lm_batch):
-                    c, s = adaptor_tokens(
-                        self.tokens, sent[i : i + self.cfg.lm_batch], self.codes
-                    )  # [r, N, L+1], [r, N]
+                    c, s = self.tokens(sent[i : i + self.cfg.lm_batch])  # [r, N, L+1], [r, N]
                     codes.append(c)
                     scores.append(s)
                 sc = None if scores[0] is None else torch.from_numpy(np.concatenate(scores))

@@ -34,7 +34,7 @@ def test_defaults_asdict_replace_and_frozen() -> None:
     [
         ({"window": 0}, "_Cfg: window: Input should be greater than or equal to 1 (got 0)"),
         ({"budget": 2.0}, "budget: Input should be less than or equal to 1 (got 2.0)"),
-        ({"window": "x"}, "window: Input should be a valid integer"),
+        ({"window": "x"}, "window: expected an integer (got 'x')"),
         ({"colour": 1}, "colour: Unexpected keyword argument"),
         ({"window": 200, "budget": 0.9}, "_Cfg: window > 100 needs budget <= 0.5"),
     ],
@@ -63,3 +63,19 @@ def test_validate_model_names_the_source() -> None:
 def test_positional_arguments_are_named_by_their_field() -> None:
     with pytest.raises(ValidationError, match=r"_Cfg: budget: Input should be greater than 0"):
         _Cfg(5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"window": True}, "window: expected an integer (got True)"),
+        ({"window": 2.0}, "window: expected an integer (got 2.0)"),
+        ({"window": "3"}, "window: expected an integer (got '3')"),
+        ({"budget": True}, "budget: expected a number (got True)"),
+    ],
+)
+def test_number_fields_refuse_bools_strings_and_floats_for_integers(kwargs, needle) -> None:
+    with pytest.raises(ValidationError) as err:
+        _Cfg(**kwargs)
+    assert needle in str(err.value)
+    assert _Cfg(budget=1).budget == 1  # an integer is a number

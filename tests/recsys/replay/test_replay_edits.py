@@ -1,35 +1,19 @@
-"""The in-process edits: the adaptor's token input from either kind of token source, and
-the system without prototypes (same request points, the adaptor's own edit, no
-prototype downloads) next to the full system, whose figures it leaves unchanged."""
+"""The in-process edits: the system without prototypes (same request points, the
+adaptor's own edit, no prototype downloads) next to the full system, whose figures it
+leaves unchanged. (The token input itself: tests/recsys/test_adaptor_inputs.py and the
+training/serving parity test.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from recsys.adaptor_inputs import RecentTokens
 from recsys.replay.config import PolicySpec, ReplayConfig
 from recsys.replay.costs import PROTOTYPE_REF_BYTES
-from recsys.replay.edits import adaptor_tokens
 from recsys.replay.engine import prepare_replay, run_replay
 from recsys.replay.replayer import Replayer
 
 CFG = ReplayConfig(min_history=3, negatives=10, gate_window=4)
-CODES = np.arange(12).reshape(6, 2)  # [I=6, L+1=2] semantic IDs
-
-
-def test_adaptor_tokens_maps_items_to_codes_and_passes_codes_through() -> None:
-    windows = [np.array([0, 1, 2]), np.array([5])]
-    codes, scores = adaptor_tokens(RecentTokens(2), windows, CODES)  # items [2, 2] -> codes
-    assert scores is None and codes.shape == (2, 2, 2)
-    assert codes[0].tolist() == [[4, 5], [2, 3]]  # most recent first
-    assert codes[1].tolist() == [[10, 11], [-1, -1]]  # padding stays -1
-
-    def coded(ws):  # an older source that answers semantic IDs itself
-        return codes, np.ones((len(ws), 2), dtype=np.float32)
-
-    again, sc = adaptor_tokens(coded, windows, CODES)
-    assert np.array_equal(again, codes) and sc.shape == (2, 2)
 
 
 def test_system_without_prototypes_next_to_the_full_system(world) -> None:

@@ -41,8 +41,10 @@ from recsys.workflows.adaptor_training import (
 
 pytestmark = pytest.mark.slow
 
+# the adaptor reads 8 tokens from a 6-item uplink window: the window's length shows in the
+# tokens (2 paddings), so a cloud that read more of what the device sent would differ
 WINDOWS = WindowConfig(
-    window=3, stride=2, min_history=3, input_items=5, summary_items=4, uplink_items=6
+    window=3, stride=2, min_history=3, input_items=8, summary_items=4, uplink_items=6
 )
 
 
@@ -96,7 +98,7 @@ def test_training_and_both_servers_feed_the_adaptor_the_same_inputs(
     device = ServerProcess(
         ["serve", "device", "--checkpoint", str(art["ranker_path"]), "--dataset", str(ds_dir),
          "--seed-histories", "none", "--cloud", f"127.0.0.1:{cloud.port}",
-         "--cloud-deadline", "20", "--recent-items", str(WINDOWS.uplink_items),
+         "--cloud-deadline", "20",  # --recent-items: the default (50), more than is read
          "--summary-items", str(WINDOWS.summary_items), "--gate-trigger", "timer",
          "--gate-budget", "0.001", "--gate-min-history", "100", "--torch-threads", "1"],
         name="device", log_path=tmp_path / "device.log",
@@ -125,6 +127,7 @@ def test_training_and_both_servers_feed_the_adaptor_the_same_inputs(
     history = np.array([index[i] for i in item_ids], dtype=np.int64)
     want_codes, want_summary = training_inputs(art_path, history)
     np.testing.assert_array_equal(codes[0].numpy(), want_codes)  # tokens: bit-exact
+    assert (want_codes[WINDOWS.uplink_items :] == -1).all()  # the window's length shows
     assert scores is None
     assert summary.shape == (1, len(want_summary))
     np.testing.assert_allclose(summary[0].numpy(), want_summary, rtol=0, atol=1e-6)
