@@ -30,9 +30,11 @@ def test_demo_services_stage_runs_the_cores_grpc_driver(world, capsys) -> None:
     assert all(s["exit_code"] == 0 for s in report["servers"].values())
     assert set(report["servers"]) == {"cloud", "static", "system gate 20%"}
     cfg = ReplayConfig(max_users=demo_cmd.DEMO_REPLAY_USERS, max_events=demo_cmd.DEMO_MAX_EVENTS)
+    gate = PolicySpec(kind="system", trigger="gate", budget=0.2)
     local = run_replay(
-        world.ds, cfg, [PolicySpec(kind="static")], cache=world.cache, progress=False
+        world.ds, cfg, [PolicySpec(kind="static"), gate], cache=world.cache, progress=False
     )
-    assert static["ndcg@10"] == pytest.approx(
-        local.records["static"].summary()["ndcg@10"], abs=1e-6
-    )
+    for label, remote in (("static", static), (gate.label, adapted)):
+        want = local.records[label].summary()["ndcg@10"]
+        assert remote["ndcg@10"] == pytest.approx(want, abs=1e-5), label
+    assert adapted["requests"] == local.costs[gate.label]["requests"]
