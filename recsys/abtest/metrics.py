@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys.errors import ValidationError
+from recsys.metrics import rank_metric
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,7 @@ def event_values(name: str, **fields: np.ndarray) -> np.ndarray:
         return x
     if np.any(x < 1):
         raise ValidationError("ranks must be 1-based (>= 1)")
-    hit = x <= TOP_K
-    if name == "hr@10":
-        return hit.astype(np.float64)
-    if name == "ndcg@10":
-        return np.where(hit, 1.0 / np.log2(x + 1.0), 0.0)
-    return np.where(hit, 1.0 / x, 0.0)  # mrr@10
+    return rank_metric(name.split("@")[0], x, TOP_K)  # hr / ndcg / mrr @10
 
 
 def per_user_means(

@@ -13,6 +13,7 @@ from recsys.metrics.ranking import (
     hit_rate_at_k,
     mrr_at_k,
     ndcg_at_k,
+    rank_metric,
     ranking_report,
     target_ranks,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "mrr_at_k",
     "ndcg_at_k",
     "per_user_auc",
+    "rank_metric",
     "ranking_report",
     "sampled_auc",
     "target_ranks",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from recsys.errors import ValidationError
@@ -126,3 +127,20 @@ def ranking_report(ranks: torch.Tensor, ks: Iterable[int] = (5, 10, 20)) -> dict
             values = fn(ranks, k)
             out[f"{name}@{k}"] = float(values.mean()) if values.numel() else float("nan")
     return out
+
+
+def rank_metric(name: str, ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-event ``hr@K``, ``ndcg@K`` or ``mrr@K`` (``name`` without the cut-off: "hr",
+    "ndcg", "mrr") of 1-based ranks [E], as float64 [E]: the NumPy twin of
+    :func:`hit_rate_at_k`, :func:`ndcg_at_k` and :func:`mrr_at_k` for event logs and
+    replay records."""
+    _check_k(k)
+    r = np.asarray(ranks).astype(np.float64)
+    hit = r <= k
+    if name == "hr":
+        return hit.astype(np.float64)
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)
+    if name == "mrr":
+        return np.where(hit, 1.0 / r, 0.0)
+    raise ValidationError(f"unknown rank metric {name!r}; use hr, ndcg or mrr")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from recsys.errors import ValidationError
+from recsys.metrics import rank_metric
 from recsys.replay.costs import CostAccumulator
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "auc")
@@ -102,16 +103,15 @@ class EventRecords:
     # ---- metrics ----------------------------------------------------------------------
     def ndcg10(self) -> np.ndarray:
         """[E] NDCG@10 of one target: 1 / log2(rank + 1) if rank <= 10, else 0."""
-        r = self.rank.astype(np.float64)
-        return np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)
+        return rank_metric("ndcg", self.rank)
 
     def hr10(self) -> np.ndarray:
         """[E] 1.0 if the target is in the top 10."""
-        return (self.rank <= 10).astype(np.float64)
+        return rank_metric("hr", self.rank)
 
     def mrr10(self) -> np.ndarray:
         """[E] 1 / rank if rank <= 10, else 0."""
-        return np.where(self.rank <= 10, 1.0 / self.rank.astype(np.float64), 0.0)
+        return rank_metric("mrr", self.rank)
 
     def metric(self, name: str) -> np.ndarray:
         """[E] per-event values of ``name`` (one of :data:`METRICS`)."""

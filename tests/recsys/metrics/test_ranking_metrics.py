@@ -82,3 +82,23 @@ def test_bad_input_raises_validation_error(scores, targets, exclude) -> None:
 def test_k_must_be_positive() -> None:
     with pytest.raises(ValidationError):
         hit_rate_at_k(torch.tensor([1]), 0)
+
+
+def test_rank_metric_is_the_numpy_twin_of_the_torch_metrics() -> None:
+    import numpy as np
+    import torch
+
+    from recsys.errors import ValidationError
+    from recsys.metrics import hit_rate_at_k, mrr_at_k, ndcg_at_k, rank_metric
+
+    ranks = np.array([1, 2, 3, 10, 11, 500])
+    t = torch.from_numpy(ranks)
+    for name, fn in (("hr", hit_rate_at_k), ("ndcg", ndcg_at_k), ("mrr", mrr_at_k)):
+        np.testing.assert_allclose(rank_metric(name, ranks, 10), fn(t, 10).numpy(), rtol=1e-15)
+    assert rank_metric("ndcg", ranks, 10)[0] == 1.0 and rank_metric("ndcg", ranks, 10)[4] == 0.0
+    try:
+        rank_metric("auc", ranks)
+    except ValidationError:
+        pass
+    else:
+        raise AssertionError("an unknown metric must be refused")
