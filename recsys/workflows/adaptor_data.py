@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from codebook.adaptor import GeneratedEdit
+from codebook.refine import lowrank_queries
 from codebook.semantic_ids import SemanticIdMap
 from device_ranker.edits import EditBounds
 from device_ranker.ranker import Ranker
@@ -115,22 +116,9 @@ class FrozenRanker:
     def queries(
         self, x: torch.Tensor, tensors: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """Head with per-row low-rank edits: x [B, W, D], tensors batched [B, ...] -> [B, W, D].
-
-        ``F.linear(h, W + U diag(s) V^T, b + db) = F.linear(h, W, b) + ((h V) * s) U^T + db``
-        (exactly ``device_ranker.head.head_forward`` with the edit applied).
-        """
-        h = x
-        last = len(self.head) - 1
-        for idx, (name, w, b) in enumerate(self.head):
-            y = F.linear(h, w, b)  # [B, W, out]
-            if tensors is not None and f"{name}.u" in tensors:
-                u, s, v = tensors[f"{name}.u"], tensors[f"{name}.s"], tensors[f"{name}.v"]
-                y = y + torch.bmm(torch.bmm(h, v) * s.unsqueeze(1), u.transpose(1, 2))
-            if tensors is not None and f"{name}.bias" in tensors:
-                y = y + tensors[f"{name}.bias"].unsqueeze(1)
-            h = F.gelu(y) if idx < last else y
-        return x + h if self.residual else h
+        """Head with per-row low-rank edits: x [B, W, D], tensors batched [B, ...] -> [B, W, D]
+        (:func:`codebook.refine.lowrank_queries`: the device head with the edit applied)."""
+        return lowrank_queries(self.head, self.residual, x, tensors)
 
     def logits(self, q: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., I]."""
