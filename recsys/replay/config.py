@@ -13,7 +13,11 @@ negatives (:mod:`recsys.replay.stream`).
 * ``system``: the full system: codebook-LM tokens + adaptor + prototypes (bank frozen at
   the artefact's version), requested by ``trigger`` at ``budget``. With
   ``prototypes=False`` (CLI ``system-noproto``) the device receives the adaptor's own
-  bounded edit, with no prototype (the ablation of ``recsys eval adaptor``).
+  bounded edit, with no prototype (the ablation of ``recsys eval adaptor``). With
+  ``refine=True`` (CLI ``system-refine``; no prototypes) the cloud first refines the
+  adaptor's edit with a few gradient steps of the fine-tuning objective on the device's
+  recent positions (:mod:`codebook.refine`, ``ReplayConfig.refine``); the device still
+  only applies the edit. In process only, for now (issue 13).
 
 Triggers: ``"gate"`` is the shift-score request gate (:mod:`device_ranker.gate`) with a
 threshold calibrated ONCE on the training period so that the requested fraction of
@@ -36,17 +40,19 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, field
 from typing import Any, Literal
 
 from pydantic import Field
 
+from codebook.refine import RefineConfig
 from recsys.errors import ValidationError
 from recsys.validation import config_dataclass
 
 KINDS = ("static", "finetune", "duet", "system")
 TRIGGERS = ("gate", "timer")
 NO_PROTOTYPES = "system-noproto"  # the CLI / label name of the system without prototypes
+REFINE = "system-refine"  # ... of the system whose cloud refines the adaptor's edit
 DEFAULT_BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 QUICK_BUDGETS = (1.0, 0.2)
 
@@ -68,6 +74,8 @@ class PolicySpec:
         name: display name; default derived from the fields (:attr:`label`).
         prototypes: system only: the edit is a residual against the nearest prototype
             (True, the full system) or the adaptor's own edit (False).
+        refine: system without prototypes only: the cloud refines the adaptor's edit
+            (:mod:`codebook.refine`) before sending it.
     """
 
     kind: Literal["static", "finetune", "duet", "system"]
@@ -76,12 +84,15 @@ class PolicySpec:
     finetune_every: int = Field(5, ge=1)
     name: str | None = None
     prototypes: bool = True
+    refine: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
             raise ValueError("policy name must not be empty")
         if not self.prototypes and self.kind != "system":
             raise ValueError(f"prototypes=False applies to system policies only, not {self.kind}")
+        if self.refine and (self.kind != "system" or self.prototypes):
+            raise ValueError("refine=True applies to system policies with prototypes=False")
 
     @property
     def period(self) -> int:
@@ -99,8 +110,7 @@ class PolicySpec:
             return "static"
         if self.kind == "finetune":
             return f"finetune every {self.finetune_every}"
-        kind = self.kind if self.prototypes else NO_PROTOTYPES
-        return f"{kind} {self.trigger} {_pct(self.budget)}"
+        return f"{self.edit_kind} {self.trigger} {_pct(self.budget)}"
 
     @property
     def requests(self) -> bool:
@@ -113,7 +123,9 @@ class PolicySpec:
         (None: static); policies of one edit kind share the edit at a request point."""
         if self.kind == "static":
             return None
-        return NO_PROTOTYPES if self.kind == "system" and not self.prototypes else self.kind
+        if self.kind == "system" and not self.prototypes:
+            return REFINE if self.refine else NO_PROTOTYPES
+        return self.kind
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"label": self.label}
@@ -131,12 +143,14 @@ class PolicySpec:
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
         """Parse the CLI form: ``static``, ``finetune``, ``finetune:10`` (every 10 events),
-        ``system:gate:0.2``, ``duet:timer:0.1``, ``system-noproto:timer:0.2`` (budget as a
-        fraction or ``20%``)."""
+        ``system:gate:0.2``, ``duet:timer:0.1``, ``system-noproto:timer:0.2``,
+        ``system-refine:gate:1.0`` (budget as a fraction or ``20%``)."""
         parts = [p.strip() for p in text.split(":")]
         kind = parts[0]
-        if kind not in (*KINDS, NO_PROTOTYPES):
-            raise ValidationError(f"policy {text!r}: kind must be one of {(*KINDS, NO_PROTOTYPES)}")
+        if kind not in (*KINDS, NO_PROTOTYPES, REFINE):
+            raise ValidationError(
+                f"policy {text!r}: kind must be one of {(*KINDS, NO_PROTOTYPES, REFINE)}"
+            )
         if kind == "static":
             if len(parts) > 1:
                 raise ValidationError(f"policy {text!r}: static takes no options")
@@ -150,8 +164,14 @@ class PolicySpec:
             raise ValidationError(f"policy {text!r}: use {kind}[:gate|timer[:BUDGET]]")
         trigger = parts[1] if len(parts) > 1 else "gate"
         budget = parse_budget(parts[2]) if len(parts) > 2 else 1.0
-        if kind == NO_PROTOTYPES:
-            return cls(kind="system", trigger=trigger, budget=budget, prototypes=False)
+        if kind in (NO_PROTOTYPES, REFINE):
+            return cls(
+                kind="system",
+                trigger=trigger,
+                budget=budget,
+                prototypes=False,
+                refine=kind == REFINE,
+            )
         return cls(kind=kind, trigger=trigger, budget=budget)
 
 
@@ -216,6 +236,8 @@ class ReplayConfig:
             batches do not depend on the worker count).
         batch_size: events scored per batch.
         lm_batch: histories per LM generation call (within one user).
+        refine: how the cloud refines edits for ``system-refine`` policies (steps, lr,
+            positions; defaults chosen on held-out training users).
         bootstrap: user-bootstrap resamples of the NDCG@10 difference CIs.
         artifact: adaptor artefact path (None: CACHE/artifacts/NAME/adaptor/adaptor.pt).
     """
@@ -239,6 +261,7 @@ class ReplayConfig:
     chunk_users: int = Field(16, ge=1)
     batch_size: int = Field(256, ge=1)
     lm_batch: int = Field(64, ge=1)
+    refine: RefineConfig = field(default_factory=RefineConfig)  # system-refine policies
     bootstrap: int = Field(2000, ge=1)
     artifact: str | None = None
 

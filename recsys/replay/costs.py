@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,15 @@ def uplink_bytes(history_len: int, items: int, summary_dim: int, prototype_ref: 
         + FLOAT_BYTES * summary_dim
         + (PROTOTYPE_REF_BYTES if prototype_ref else 0)
     )
+
+
+def refine_uplink_bytes(history_len: int, cfg: Any, dim: int) -> int:
+    """What a refine request adds to the uplink: the device's user states before its last
+    ``cfg.refine.positions`` positions (fp16, D each) and the item ids beyond the uplink
+    window that those positions' targets need (int32)."""
+    p = min(cfg.refine.positions, max(history_len - 1, 0))
+    extra_ids = max(0, min(history_len, p + 1) - min(history_len, cfg.uplink_items))
+    return 2 * dim * p + ID_BYTES * extra_ids
 
 
 def apply_flops(edit: HeadEdit, spec: Mapping[str, tuple[int, int]]) -> int:

@@ -44,6 +44,7 @@ import torch
 from codebook.adaptor import GeneratedEdit, head_spec, unbatch
 from codebook.adaptor_artifact import generators_from_artifact, load_semantic_ids
 from codebook.prototypes import nearest_prototype, prototype_edits, residual_edit
+from codebook.refine import HeadTensors, refine_edits
 from device_ranker.edits import HeadEdit, PreparedEdit, prepare_edit
 from device_ranker.finetune import UNBOUNDED, finetune_head
 from device_ranker.ranker import Ranker
@@ -54,14 +55,14 @@ from recsys.adaptor_inputs import (
     uplink_window,
 )
 from recsys.edit_payload import decode_payload, encode_payload
-from recsys.replay.config import NO_PROTOTYPES, ReplayConfig
-from recsys.replay.costs import CostAccumulator, apply_flops, uplink_bytes
+from recsys.replay.config import NO_PROTOTYPES, REFINE, ReplayConfig
+from recsys.replay.costs import CostAccumulator, apply_flops, refine_uplink_bytes, uplink_bytes
 from recsys.workflows.adaptor_config import config_from_dict
 from recsys.workflows.adaptor_data import resolve_token_source
 
 logger = logging.getLogger(__name__)
 
-ADAPTOR_KINDS = ("system", NO_PROTOTYPES)  # edit kinds made by the adaptor
+ADAPTOR_KINDS = ("system", NO_PROTOTYPES, REFINE)  # edit kinds made by the adaptor
 
 
 @dataclass
@@ -123,6 +124,18 @@ class EditMaker:
             )
         if "system" in kinds:
             self._load_prototypes(art)
+        if REFINE in kinds:
+            model = ranker.model
+            layers = zip(model.head.layer_names(), model.head.base_weights(), strict=True)
+            self.head = HeadTensors.from_weights(
+                [(n, w, b) for n, (w, b) in layers],
+                residual=model.head.residual,
+                item_table=model.item_table,
+                item_bias=model.item_bias,
+            )
+            # refined edits are clipped like the generators' (a margin for payload rounding)
+            b = art["bounds"]
+            self.refine_bounds = (b["generator_max_weight_norm"], b["generator_max_bias_abs"])
         self._ft_measured: dict[int, tuple[int, int]] = {}
 
     def _load_prototypes(self, art: Mapping[str, Any]) -> None:
@@ -195,20 +208,69 @@ class EditMaker:
         hists = [seq[:L] for L in lengths.tolist()]
         gen, gen_ms = self._generate(generator, hists, states)
         pids = nearest_prototype(gen.code.numpy(), self.centroids) if "system" in variants else None
+        refined: dict[int, dict[str, torch.Tensor]] = {}
+        refine_ms = 0.0
+        if REFINE in variants:
+            rows = [r for r, L in enumerate(lengths.tolist()) if L in variants[REFINE]]
+            refined, refine_ms = self._refine(gen, hists, rows)
         for r, length in enumerate(lengths.tolist()):
             for kind, points in variants.items():
                 if length in points:
                     proto = int(pids[r]) if kind == "system" and pids is not None else None
-                    out[kind][length] = self._deliver(gen, r, length, gen_ms, proto)
+                    if kind == REFINE:
+                        out[kind][length] = self._deliver(
+                            refined[r], length, gen_ms + refine_ms, None, states_uplinked=True
+                        )
+                    else:
+                        flat = unbatch(gen.tensors, r)
+                        out[kind][length] = self._deliver(flat, length, gen_ms, proto)
         return out
 
+    def _refine(
+        self, gen: GeneratedEdit, hists: list[np.ndarray], rows: list[int]
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
+        """Cloud: the adaptor's edits of requests ``rows`` refined on each history's last
+        ``refine.positions`` positions (:func:`codebook.refine.refine_edits`, batched over
+        the rows); returns row -> unbatched flat edit and the ms per request."""
+        t0 = time.perf_counter()
+        cfg = self.cfg.refine
+        prefixes, slots, targets = [], [], np.full((len(rows), cfg.positions), -1, np.int64)
+        for j, r in enumerate(rows):  # R requests x P positions: histories to encode
+            h = hists[r]
+            for k, p in enumerate(range(max(1, len(h) - cfg.positions), len(h))):
+                prefixes.append(h[:p])
+                slots.append((j, k))
+                targets[j, k] = h[p]
+        dim = int(self.item_table.shape[1])
+        states = torch.zeros(len(rows), cfg.positions, dim)  # [R, P, D]
+        bs = self.cfg.batch_size
+        for a in range(0, len(prefixes), bs):
+            part = self.ranker.user_states(prefixes[a : a + bs])  # [b, D]
+            js, ks = zip(*slots[a : a + bs], strict=True)
+            states[list(js), list(ks)] = part
+        sel = torch.tensor(rows, dtype=torch.int64)
+        tensors = {k: v[sel] for k, v in gen.tensors.items()}
+        bound, bias_bound = self.refine_bounds
+        out = refine_edits(
+            self.head, tensors, states, torch.from_numpy(targets), cfg,
+            bound=bound, bias_bound=bias_bound,
+        )  # fmt: skip
+        ms = (time.perf_counter() - t0) * 1e3 / max(len(rows), 1)
+        return {r: unbatch(out, j) for j, r in enumerate(rows)}, ms
+
     def _deliver(
-        self, gen: GeneratedEdit, r: int, length: int, gen_ms: float, proto: int | None
+        self,
+        flat: dict[str, torch.Tensor],
+        length: int,
+        gen_ms: float,
+        proto: int | None,
+        *,
+        states_uplinked: bool = False,
     ) -> DeviceEdit:
-        """Request ``r``: cloud residual against prototype ``proto`` (None: the whole edit)
-        and encoding; device decode (+ compose), validate and materialise."""
+        """One request's edit ``flat``: cloud residual against prototype ``proto`` (None:
+        the whole edit) and encoding; device decode (+ compose), validate and materialise.
+        ``states_uplinked``: the request also carried the device's recent states (refine)."""
         tc = time.perf_counter()  # cloud: residual against the prototype, encode
-        flat = unbatch(gen.tensors, r)
         if proto is not None:
             rho = self.pcfg.residual_share
             flat, _ = residual_edit(
@@ -238,6 +300,11 @@ class EditMaker:
             device_peak_bytes=_weights_bytes(prepared),
             uplink_bytes=uplink_bytes(
                 length, self.cfg.uplink_items, self.summary_dim, proto is not None
+            )
+            + (
+                refine_uplink_bytes(length, self.cfg, self.summary_dim // 2)
+                if states_uplinked
+                else 0
             ),
             payload_bytes=len(data),
             cloud_ms=cloud_ms,

@@ -44,7 +44,7 @@ from device_ranker.gate import ShiftGate
 from device_ranker.head import queries_per_user
 from device_ranker.ranker import Ranker
 from recsys.metrics import sampled_auc, target_ranks
-from recsys.replay.config import NO_PROTOTYPES, PolicySpec, ReplayConfig
+from recsys.replay.config import NO_PROTOTYPES, REFINE, PolicySpec, ReplayConfig
 from recsys.replay.edits import ADAPTOR_KINDS, DeviceEdit, EditMaker
 from recsys.replay.gate_calibration import GateCalibration
 from recsys.replay.policies import (
@@ -62,7 +62,7 @@ from recsys.workflows.adaptor_data import device_bounds
 
 logger = logging.getLogger(__name__)
 
-EDIT_KINDS = ("system", NO_PROTOTYPES, "duet", "finetune")
+EDIT_KINDS = ("system", NO_PROTOTYPES, REFINE, "duet", "finetune")
 
 
 class Replayer:

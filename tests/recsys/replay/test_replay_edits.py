@@ -56,3 +56,38 @@ def test_the_two_adaptor_variants_apply_different_edits(world) -> None:
             assert not torch.equal(w_full, w_bare)
     finally:
         rep.close()
+
+
+def test_system_refine_refines_the_adaptors_edit_at_the_same_request_points(world) -> None:
+    bare = PolicySpec.parse("system-noproto:timer:0.3")
+    refine = PolicySpec.parse("system-refine:timer:0.3")
+    assert refine.label == "system-refine timer 30%" and refine.edit_kind == "system-refine"
+    assert PolicySpec.from_dict(refine.to_dict()) == refine
+    specs = [PolicySpec(kind="static"), bare, refine]
+    run = run_replay(world.ds, CFG, specs, cache=world.cache, progress=False)
+    a, b = run.records[bare.label], run.records[refine.label]
+    np.testing.assert_array_equal(a.requested, b.requested)  # the same requests...
+    assert not np.array_equal(a.rank, b.rank)  # ...answered with refined edits
+    ca, cb = run.costs[bare.label], run.costs[refine.label]
+    assert ca["requests"] == cb["requests"] > 0
+    assert cb["uplink_bytes_per_request"] > ca["uplink_bytes_per_request"]  # the states
+    assert cb["prototype_downloads"] == 0 and cb["device_flops_total"] == ca["device_flops_total"]
+    again = run_replay(world.ds, CFG, [refine], cache=world.cache, progress=False)
+    np.testing.assert_array_equal(again.records[refine.label].rank, b.rank)  # deterministic
+    off = run_replay(
+        world.ds, CFG.__class__(**{**CFG.to_dict(), "refine": {"steps": 0}}), [bare, refine],
+        cache=world.cache, progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(off.records[bare.label].rank, off.records[refine.label].rank)
+
+
+def test_refine_needs_an_absolute_system_edit_and_runs_in_process_only() -> None:
+    import pytest
+
+    from recsys.errors import ValidationError
+    from recsys.replay.services import check_grpc_policies
+
+    with pytest.raises(ValidationError, match="refine=True applies to system policies"):
+        PolicySpec(kind="system", refine=True)
+    with pytest.raises(ValidationError, match="in process only"):
+        check_grpc_policies([PolicySpec.parse("system-refine:gate:0.2")])
