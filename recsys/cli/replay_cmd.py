@@ -89,7 +89,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument(
         "--policies",
         help="comma-separated policies instead of the default set: static, finetune[:N], "
-        "duet[:gate|timer[:BUDGET]], system[:gate|timer[:BUDGET]]",
+        "duet[:gate|timer[:BUDGET]], system[:gate|timer[:BUDGET]], system-noproto[...] (the "
+        "adaptor's own edit, no prototypes), system-refine[...] (that edit refined in the "
+        "cloud; in process only)",
     )
     p.add_argument(
         "--max-users",
