@@ -35,11 +35,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from device_ranker.edits import HeadEdit
+
+if TYPE_CHECKING:
+    from recsys.replay.config import ReplayConfig
 
 # int32 item ids, fp32 summary values, (prototype id, version) as two uint32
 ID_BYTES, FLOAT_BYTES, PROTOTYPE_REF_BYTES = 4, 4, 8
@@ -55,7 +58,7 @@ def uplink_bytes(history_len: int, items: int, summary_dim: int, prototype_ref: 
     )
 
 
-def refine_uplink_bytes(history_len: int, cfg: Any, dim: int) -> int:
+def refine_uplink_bytes(history_len: int, cfg: ReplayConfig, dim: int) -> int:
     """What a refine request adds to the uplink: the device's user states before its last
     ``cfg.refine.positions`` positions (fp16, D each) and the item ids beyond the uplink
     window that those positions' targets need (int32)."""
