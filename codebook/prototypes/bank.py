@@ -115,17 +115,22 @@ class PrototypeBank:
         bias_bound: float,
         train_codes: np.ndarray | None = None,
         train_edits: Callable[[np.ndarray], list[Mapping[str, torch.Tensor]]] | None = None,
+        member_counts: np.ndarray | None = None,
+        spawn_threshold: float | None = None,
     ) -> PrototypeBank:
         """Store every centroid as a new prototype (version 1, reason "init").
 
         ``train_codes`` [U, C] give member counts; with ``train_edits`` (codes -> their
         unbatched flat edits) the training residual norms are measured too, which set
-        ``spawn_threshold`` when the config leaves it None.
+        ``spawn_threshold`` when the config leaves it None. Without codes,
+        ``member_counts`` [P] and ``spawn_threshold`` (e.g. an artefact's) say the same.
         """
         bank = cls(store, decode, spec, cfg, bound=bound, bias_bound=bias_bound)
         cents = np.asarray(centroids, dtype=np.float32)
         protos = bank._decode(cents)
         sizes = np.zeros(len(cents), dtype=np.int64)
+        if member_counts is not None:
+            sizes = np.asarray(member_counts, dtype=np.int64).reshape(len(cents))
         norms_by: list[list[float]] = [[] for _ in cents]
         if train_codes is not None and len(train_codes):
             assign = nearest(np.asarray(train_codes, np.float32), cents)
@@ -136,7 +141,7 @@ class PrototypeBank:
                     _, n = bank.residual_from(e, protos[k])
                     norms_by[k].append(n)
         all_norms = [n for ns in norms_by for n in ns]
-        threshold = cfg.spawn_threshold
+        threshold = cfg.spawn_threshold if spawn_threshold is None else spawn_threshold
         if threshold is None:
             threshold = float(np.quantile(all_norms, cfg.spawn_quantile)) if all_norms else math.inf
         bank.spawn_threshold = float(threshold)

@@ -91,7 +91,24 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         help="comma-separated policies instead of the default set: static, finetune[:N], "
         "duet[:gate|timer[:BUDGET]], system[:gate|timer[:BUDGET]], system-noproto[...] (the "
         "adaptor's own edit, no prototypes), system-refine[...] (that edit refined in the "
-        "cloud; in process only)",
+        "cloud; in process only), system-live[...] (prototypes refined online) and "
+        "system-continual[...] (an adaptor that keeps learning from the uplinks): these "
+        "two run in global stream time, in process only",
+    )
+    p.add_argument(
+        "--store-url",
+        help="global time (system-live): the prototype store the live bank writes its "
+        "versions to, e.g. postgresql+psycopg://user@host/db (default: a temporary SQLite file)",
+    )
+    p.add_argument(
+        "--slice-seconds",
+        type=float,
+        help="global time: stream seconds of one batched slice of requests (3600)",
+    )
+    p.add_argument(
+        "--continual-every",
+        type=float,
+        help="global time (system-continual): stream seconds between adaptor refreshes (86400)",
     )
     p.add_argument(
         "--max-users",
@@ -143,9 +160,15 @@ def build_config(args: argparse.Namespace):
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr,
         "artifact": args.artifact,
+        "store_url": args.store_url,
+        "slice_s": args.slice_seconds,
     }
     if args.workers is not None and args.workers < 1:
         raise ValidationError(f"--workers must be >= 1, got {args.workers}")
+    if args.continual_every is not None:
+        from codebook.continual import ContinualConfig
+
+        over["continual"] = ContinualConfig(interval_s=args.continual_every)
     cfg = ReplayConfig(
         seed=args.seed,
         workers=args.workers,

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from codebook.continual import ContinualConfig
 from codebook.refine import RefineConfig
 from recsys.errors import ValidationError
 from recsys.validation import config_dataclass
@@ -53,6 +54,10 @@ KINDS = ("static", "finetune", "duet", "system")
 TRIGGERS = ("gate", "timer")
 NO_PROTOTYPES = "system-noproto"  # the CLI / label name of the system without prototypes
 REFINE = "system-refine"  # ... of the system whose cloud refines the adaptor's edit
+LIVE = "system-live"  # ... of the system whose prototypes are refined online (global time)
+CONTINUAL = "system-continual"  # ... whose adaptor keeps learning from the uplinks (global time)
+LIVE_KINDS = (LIVE, CONTINUAL)  # edit kinds that need the global-time replay
+SYSTEM_KINDS = (NO_PROTOTYPES, REFINE, *LIVE_KINDS)  # the CLI names of system variants
 DEFAULT_BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 QUICK_BUDGETS = (1.0, 0.2)
 
@@ -76,6 +81,10 @@ class PolicySpec:
             (True, the full system) or the adaptor's own edit (False).
         refine: system without prototypes only: the cloud refines the adaptor's edit
             (:mod:`codebook.refine`) before sending it.
+        live: system with prototypes only: the prototype bank is refined online from
+            every device's requests in stream order (global-time replay only).
+        continual: system without prototypes only: the cloud's adaptor keeps training
+            on what devices uplinked so far (:mod:`codebook.continual`; global time only).
     """
 
     kind: Literal["static", "finetune", "duet", "system"]
@@ -85,6 +94,8 @@ class PolicySpec:
     name: str | None = None
     prototypes: bool = True
     refine: bool = False
+    live: bool = False
+    continual: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
@@ -93,6 +104,12 @@ class PolicySpec:
             raise ValueError(f"prototypes=False applies to system policies only, not {self.kind}")
         if self.refine and (self.kind != "system" or self.prototypes):
             raise ValueError("refine=True applies to system policies with prototypes=False")
+        if self.live and (self.kind != "system" or not self.prototypes):
+            raise ValueError("live=True applies to system policies with prototypes")
+        if self.continual and (self.kind != "system" or self.prototypes or self.refine):
+            raise ValueError(
+                "continual=True applies to system policies with prototypes=False, refine=False"
+            )
 
     @property
     def period(self) -> int:
@@ -124,8 +141,16 @@ class PolicySpec:
         if self.kind == "static":
             return None
         if self.kind == "system" and not self.prototypes:
-            return REFINE if self.refine else NO_PROTOTYPES
+            return REFINE if self.refine else CONTINUAL if self.continual else NO_PROTOTYPES
+        if self.kind == "system" and self.live:
+            return LIVE
         return self.kind
+
+    @property
+    def global_time(self) -> bool:
+        """Whether the policy needs the global-time replay (its edits depend on other
+        devices' earlier requests)."""
+        return self.edit_kind in LIVE_KINDS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"label": self.label}
@@ -144,13 +169,12 @@ class PolicySpec:
     def parse(cls, text: str) -> PolicySpec:
         """Parse the CLI form: ``static``, ``finetune``, ``finetune:10`` (every 10 events),
         ``system:gate:0.2``, ``duet:timer:0.1``, ``system-noproto:timer:0.2``,
-        ``system-refine:gate:1.0`` (budget as a fraction or ``20%``)."""
+        ``system-refine:gate:1.0``, ``system-live:gate:0.1``, ``system-continual``
+        (budget as a fraction or ``20%``)."""
         parts = [p.strip() for p in text.split(":")]
         kind = parts[0]
-        if kind not in (*KINDS, NO_PROTOTYPES, REFINE):
-            raise ValidationError(
-                f"policy {text!r}: kind must be one of {(*KINDS, NO_PROTOTYPES, REFINE)}"
-            )
+        if kind not in (*KINDS, *SYSTEM_KINDS):
+            raise ValidationError(f"policy {text!r}: kind must be one of {(*KINDS, *SYSTEM_KINDS)}")
         if kind == "static":
             if len(parts) > 1:
                 raise ValidationError(f"policy {text!r}: static takes no options")
@@ -164,13 +188,16 @@ class PolicySpec:
             raise ValidationError(f"policy {text!r}: use {kind}[:gate|timer[:BUDGET]]")
         trigger = parts[1] if len(parts) > 1 else "gate"
         budget = parse_budget(parts[2]) if len(parts) > 2 else 1.0
-        if kind in (NO_PROTOTYPES, REFINE):
+        if kind == LIVE:
+            return cls(kind="system", trigger=trigger, budget=budget, live=True)
+        if kind in (NO_PROTOTYPES, REFINE, CONTINUAL):
             return cls(
                 kind="system",
                 trigger=trigger,
                 budget=budget,
                 prototypes=False,
                 refine=kind == REFINE,
+                continual=kind == CONTINUAL,
             )
         return cls(kind=kind, trigger=trigger, budget=budget)
 
@@ -238,6 +265,12 @@ class ReplayConfig:
         lm_batch: histories per LM generation call (within one user).
         refine: how the cloud refines edits for ``system-refine`` policies (steps, lr,
             positions; defaults chosen on held-out training users).
+        slice_s: global-time replay: requests are served in slices of this much stream
+            time; a slice's requests are batched and see the cloud (prototype bank,
+            continual adaptor) as it was when the slice began.
+        store_url: global-time replay: the prototype store the live bank writes its
+            versions to (None: a fresh SQLite file in a temporary directory).
+        continual: how ``system-continual`` policies' adaptor keeps learning.
         bootstrap: user-bootstrap resamples of the NDCG@10 difference CIs.
         artifact: adaptor artefact path (None: CACHE/artifacts/NAME/adaptor/adaptor.pt).
     """
@@ -262,6 +295,9 @@ class ReplayConfig:
     batch_size: int = Field(256, ge=1)
     lm_batch: int = Field(64, ge=1)
     refine: RefineConfig = field(default_factory=RefineConfig)  # system-refine policies
+    slice_s: float = Field(3600.0, gt=0.0)
+    store_url: str | None = None
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     bootstrap: int = Field(2000, ge=1)
     artifact: str | None = None
 

@@ -61,9 +61,10 @@ def uplink_bytes(history_len: int, items: int, summary_dim: int, prototype_ref: 
 def refine_uplink_bytes(history_len: int, cfg: ReplayConfig, dim: int) -> int:
     """What a refine request adds to the uplink: the device's user states before its last
     ``cfg.refine.positions`` positions (fp16, D each) and the item ids beyond the uplink
-    window that those positions' targets need (int32)."""
+    window that those positions' targets need (int32): the targets are the last ``p``
+    items, of which the uplink already carries ``min(history_len, uplink_items)``."""
     p = min(cfg.refine.positions, max(history_len - 1, 0))
-    extra_ids = max(0, min(history_len, p + 1) - min(history_len, cfg.uplink_items))
+    extra_ids = max(0, p - min(history_len, cfg.uplink_items))
     return 2 * dim * p + ID_BYTES * extra_ids
 
 

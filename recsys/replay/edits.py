@@ -55,7 +55,7 @@ from recsys.adaptor_inputs import (
     uplink_window,
 )
 from recsys.edit_payload import decode_payload, encode_payload
-from recsys.replay.config import NO_PROTOTYPES, REFINE, ReplayConfig
+from recsys.replay.config import CONTINUAL, LIVE_KINDS, NO_PROTOTYPES, REFINE, ReplayConfig
 from recsys.replay.costs import CostAccumulator, apply_flops, refine_uplink_bytes, uplink_bytes
 from recsys.workflows.adaptor_config import config_from_dict
 from recsys.workflows.adaptor_data import resolve_token_source
@@ -81,7 +81,20 @@ class DeviceEdit:
     uplink_bytes: float = 0.0
     payload_bytes: float = 0.0
     cloud_ms: float = 0.0
-    prototype: int | None = None
+    prototype: tuple[int, int] | None = None  # (id, version) the edit is a residual against
+    residual_norm: float = 0.0
+
+
+@dataclass
+class ProtoEdit:
+    """One prototype version as both sides hold it: ``flat`` (cloud, unbatched) and
+    ``edit`` (device, decoded from its ``payload_bytes`` download in ``decode_us``)."""
+
+    key: tuple[int, int]  # (prototype id, version)
+    flat: dict[str, torch.Tensor]
+    edit: HeadEdit
+    payload_bytes: int
+    decode_us: float
 
 
 class EditMaker:
@@ -112,7 +125,7 @@ class EditMaker:
         self.summary_dim = summary_width(int(self.item_table.shape[1]))
         self.adaptor, self.duet = generators_from_artifact(art)
         self.tokens = None
-        if kinds & set(ADAPTOR_KINDS):
+        if kinds & {*ADAPTOR_KINDS, *LIVE_KINDS}:
             ids = load_semantic_ids(cache, dataset)
             self.codes = ids.codes  # [I, L+1]
             self.tokens = resolve_token_source(
@@ -122,9 +135,10 @@ class EditMaker:
                 cache / "artifacts" / dataset / "lm",
                 tcfg.lm_backend,
             )
-        if "system" in kinds:
+        self._protos: dict[tuple[int, int], ProtoEdit] = {}
+        if kinds & {"system", *LIVE_KINDS}:
             self._load_prototypes(art)
-        if REFINE in kinds:
+        if kinds & {REFINE, CONTINUAL}:
             model = ranker.model
             layers = zip(model.head.layer_names(), model.head.base_weights(), strict=True)
             self.head = HeadTensors.from_weights(
@@ -139,53 +153,67 @@ class EditMaker:
         self._ft_measured: dict[int, tuple[int, int]] = {}
 
     def _load_prototypes(self, art: Mapping[str, Any]) -> None:
-        """The frozen prototype bank: cloud edits, payloads, device-side decode time."""
+        """The frozen prototype bank (ids 1..P at version 1, as a fresh store numbers
+        them): cloud edits, payloads, device-side decode time."""
         b = art["bounds"]
         self.bound, self.bias_bound = b["device_max_weight_norm"], b["device_max_bias_abs"]
         self.pcfg = self.tcfg.prototypes
+        self.art_prototypes = dict(art.get("prototypes", {}))  # sizes, spawn threshold
         self.centroids = art["prototype_centroids"].numpy().astype(np.float32)  # [P, C]
         self.hspec = head_spec(self.spec)
-        self.proto_flat = prototype_edits(
+        flats = prototype_edits(
             self.adaptor.decode, self.centroids, self.hspec, self.pcfg, self.bound, self.bias_bound
         )
-        self.proto_edit: list[HeadEdit] = []
-        self.proto_bytes: list[int] = []
-        self.proto_us: list[float] = []
-        for k, flat in enumerate(self.proto_flat):
-            data = encode_payload(flat, dtype=self.cfg.payload_dtype, prototype=(k + 1, 1))
+        self.frozen_protos = [self.prototype((k + 1, 1), f) for k, f in enumerate(flats)]
+
+    def prototype(self, key: tuple[int, int], flat: Mapping[str, torch.Tensor]) -> ProtoEdit:
+        """The prototype edit ``flat`` at ``key`` = (id, version) as both sides hold it:
+        the cloud's flat edit and the device's decoded copy with its download cost
+        (cached per key: a device downloads each version once)."""
+        if key not in self._protos:
+            data = encode_payload(dict(flat), dtype=self.cfg.payload_dtype, prototype=key)
             t0 = time.perf_counter()
             payload = decode_payload(data, spec=self.spec, max_rank=2 * self.rank)
-            self.proto_edit.append(HeadEdit.from_flat(payload.tensors))
-            self.proto_us.append((time.perf_counter() - t0) * 1e6)
-            self.proto_bytes.append(len(data))
+            edit = HeadEdit.from_flat(payload.tensors)
+            us = (time.perf_counter() - t0) * 1e6
+            self._protos[key] = ProtoEdit(key, dict(flat), edit, len(data), us)
+        return self._protos[key]
 
     def close(self) -> None:
         if self.tokens is not None:
             self.tokens.close()
 
     # ---- cloud edits ------------------------------------------------------------------------
+    def summaries(self, hists: list[np.ndarray], states: torch.Tensor) -> torch.Tensor:
+        """Device summaries [R, 2D] of R histories with their user states [R, D]."""
+        with torch.inference_mode():
+            return device_summary(self.item_table, hists, states, self.tcfg.windows.summary_items)
+
+    def adaptor_tokens(self, hists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Cloud: the adaptor's tokens [R, N, L+1] (and scores [R, N] or None) of R
+        histories: the device uplinks its last ``uplink_items`` items; the tokens read the
+        window the adaptor was trained on (as llm_cloud's engine does)."""
+        read = self.tcfg.windows.uplink_items
+        sent = [uplink_window(uplink_window(h, self.cfg.uplink_items), read) for h in hists]
+        codes, scores = [], []
+        for i in range(0, len(sent), self.cfg.lm_batch):
+            c, s = self.tokens(sent[i : i + self.cfg.lm_batch])  # [r, N, L+1], [r, N]
+            codes.append(c)
+            scores.append(s)
+        return np.concatenate(codes), None if scores[0] is None else np.concatenate(scores)
+
     def _generate(
         self, generator: str, hists: list[np.ndarray], states: torch.Tensor
     ) -> tuple[GeneratedEdit, float]:
         """Cloud: ``generator``'s ("adaptor" | "duet") edits for R histories (states
         [R, D]) and ms per request."""
+        summary = self.summaries(hists, states)  # [R, 2D]
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            summary = device_summary(
-                self.item_table, hists, states, self.tcfg.windows.summary_items
-            )  # [R, 2D]
-            t0 = time.perf_counter()
             if generator == "adaptor":
-                codes, scores = [], []
-                # the device uplinks its last ``uplink_items`` items; the cloud's tokens read
-                # the window the adaptor was trained on (as llm_cloud's engine does)
-                read = self.tcfg.windows.uplink_items
-                sent = [uplink_window(uplink_window(h, self.cfg.uplink_items), read) for h in hists]
-                for i in range(0, len(sent), self.cfg.lm_batch):
-                    c, s = self.tokens(sent[i : i + self.cfg.lm_batch])  # [r, N, L+1], [r, N]
-                    codes.append(c)
-                    scores.append(s)
-                sc = None if scores[0] is None else torch.from_numpy(np.concatenate(scores))
-                gen = self.adaptor(torch.from_numpy(np.concatenate(codes)), sc, summary)
+                codes, scores = self.adaptor_tokens(hists)
+                sc = None if scores is None else torch.from_numpy(scores)
+                gen = self.adaptor(torch.from_numpy(codes), sc, summary)
             else:
                 recent = recent_items(hists, self.tcfg.windows.input_items)  # [R, N]
                 gen = self.duet(torch.from_numpy(recent), None, summary)
@@ -208,6 +236,7 @@ class EditMaker:
         hists = [seq[:L] for L in lengths.tolist()]
         gen, gen_ms = self._generate(generator, hists, states)
         pids = nearest_prototype(gen.code.numpy(), self.centroids) if "system" in variants else None
+        protos = self.frozen_protos if pids is not None else []
         refined: dict[int, dict[str, torch.Tensor]] = {}
         refine_ms = 0.0
         if REFINE in variants:
@@ -216,7 +245,7 @@ class EditMaker:
         for r, length in enumerate(lengths.tolist()):
             for kind, points in variants.items():
                 if length in points:
-                    proto = int(pids[r]) if kind == "system" and pids is not None else None
+                    proto = protos[int(pids[r])] if kind == "system" and pids is not None else None
                     if kind == REFINE:
                         out[kind][length] = self._deliver(
                             refined[r], length, gen_ms + refine_ms, None, states_uplinked=True
@@ -263,7 +292,7 @@ class EditMaker:
         flat: dict[str, torch.Tensor],
         length: int,
         gen_ms: float,
-        proto: int | None,
+        proto: ProtoEdit | None,
         *,
         states_uplinked: bool = False,
     ) -> DeviceEdit:
@@ -271,24 +300,25 @@ class EditMaker:
         the whole edit) and encoding; device decode (+ compose), validate and materialise.
         ``states_uplinked``: the request also carried the device's recent states (refine)."""
         tc = time.perf_counter()  # cloud: residual against the prototype, encode
+        norm = 0.0
         if proto is not None:
             rho = self.pcfg.residual_share
-            flat, _ = residual_edit(
+            flat, norm = residual_edit(
                 flat,
-                self.proto_flat[proto],
+                proto.flat,
                 self.hspec,
                 rank=self.pcfg.residual_rank,
                 bound=rho * self.bound,
                 bias_bound=rho * self.bias_bound,
             )
-        ref = None if proto is None else (proto + 1, 1)
+        ref = None if proto is None else proto.key
         data = encode_payload(flat, dtype=self.cfg.payload_dtype, prototype=ref)
         cloud_ms = gen_ms + (time.perf_counter() - tc) * 1e3
         t0 = time.perf_counter()  # device: decode (+ compose), then validate + materialise
         payload = decode_payload(data, spec=self.spec, max_rank=2 * self.rank)
         edit = HeadEdit.from_flat(payload.tensors)
         if proto is not None:
-            edit = HeadEdit.compose(self.proto_edit[proto], edit)
+            edit = HeadEdit.compose(proto.edit, edit)
         t1 = time.perf_counter()
         prepared = self.ranker.prepare(edit)
         t2 = time.perf_counter()
@@ -308,7 +338,8 @@ class EditMaker:
             ),
             payload_bytes=len(data),
             cloud_ms=cloud_ms,
-            prototype=proto,
+            prototype=ref,
+            residual_norm=float(norm),
         )
 
     # ---- on-device fine-tuning ---------------------------------------------------------------
@@ -343,13 +374,14 @@ class EditMaker:
         """One policy's costs on one device (its request lengths [R] and their edits); a
         prototype is downloaded on its first use."""
         acc = CostAccumulator()
-        held: set[int] = set()
+        held: set[tuple[int, int]] = set()
         for n, length in enumerate(lengths.tolist()):
             e = edits[length]
             extra_us, extra_bytes = 0.0, 0
             if e.prototype is not None and e.prototype not in held:
                 held.add(e.prototype)
-                extra_us, extra_bytes = self.proto_us[e.prototype], self.proto_bytes[e.prototype]
+                p = self._protos[e.prototype]
+                extra_us, extra_bytes = p.decode_us, p.payload_bytes
                 acc.prototype_downloads += 1
                 acc.prototype_bytes += extra_bytes
             acc.add(

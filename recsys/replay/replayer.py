@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,9 @@ from device_ranker.features import seen_mask
 from device_ranker.gate import ShiftGate
 from device_ranker.head import queries_per_user
 from device_ranker.ranker import Ranker
+from recsys.errors import ValidationError
 from recsys.metrics import sampled_auc, target_ranks
-from recsys.replay.config import NO_PROTOTYPES, REFINE, PolicySpec, ReplayConfig
+from recsys.replay.config import LIVE_KINDS, NO_PROTOTYPES, REFINE, PolicySpec, ReplayConfig
 from recsys.replay.edits import ADAPTOR_KINDS, DeviceEdit, EditMaker
 from recsys.replay.gate_calibration import GateCalibration
 from recsys.replay.policies import (
@@ -62,7 +64,16 @@ from recsys.workflows.adaptor_data import device_bounds
 
 logger = logging.getLogger(__name__)
 
-EDIT_KINDS = ("system", NO_PROTOTYPES, REFINE, "duet", "finetune")
+EDIT_KINDS = ("system", NO_PROTOTYPES, REFINE, "duet", "finetune")  # made per device
+
+
+@dataclass
+class RequestPlan:
+    """A device's request points: trigger -> history lengths [R] of its requests, and
+    edit kind -> the lengths some policy of that kind requests at."""
+
+    lengths: dict[TriggerKey, np.ndarray]
+    points: dict[str, set[int]]
 
 
 class Replayer:
@@ -114,23 +125,40 @@ class Replayer:
     # ---- device states -------------------------------------------------------------------
     def states(self, seq: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         """User states [K, D] of the histories ``seq[:L]`` for each L in ``lengths`` [K]."""
+        return self.history_states([seq[:L] for L in lengths])
+
+    def history_states(self, hists: Sequence[np.ndarray]) -> torch.Tensor:
+        """User states [K, D] of K histories, in batches of ``cfg.batch_size``."""
         bs = self.cfg.batch_size
-        hists = [seq[:L] for L in lengths]
         parts = [self.ranker.user_states(hists[i : i + bs]) for i in range(0, len(hists), bs)]
         dim = self.ranker.model.item_table.shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, dim)
 
     # ---- one device ------------------------------------------------------------------------
-    def replay_user(self, ev: UserEvents) -> UserResult:
-        """Every policy on one device's events (see the module docstring)."""
+    def request_plan(self, ev: UserEvents) -> RequestPlan:
+        """Step 1 for one device: every trigger's request lengths and, per edit kind, the
+        lengths some policy of that kind requests at."""
         seq, start = ev.sequence, len(ev.start)
         lengths = {k: self.request_lengths(k, seq, start) for k in set(self.keys.values()) if k}
-        idx = np.flatnonzero(ev.evaluated)
-        pos = ev.positions[idx]  # [E] history lengths of the evaluated events
-        points: dict[str, set[int]] = {kind: set() for kind in EDIT_KINDS}
+        points: dict[str, set[int]] = {kind: set() for kind in (*EDIT_KINDS, *LIVE_KINDS)}
         for s in self.specs:
             if self.keys[s.label] is not None:
                 points[s.edit_kind].update(lengths[self.keys[s.label]].tolist())
+        return RequestPlan(lengths, points)
+
+    def replay_user(
+        self,
+        ev: UserEvents,
+        injected: Mapping[str, Mapping[int, DeviceEdit]] | None = None,
+    ) -> UserResult:
+        """Every policy on one device's events (see the module docstring). ``injected``:
+        the edits of the global-time kinds (:mod:`recsys.replay.global_time`), made
+        outside the device (kind -> history length -> edit)."""
+        seq = ev.sequence
+        plan = self.request_plan(ev)
+        lengths, points = plan.lengths, plan.points
+        idx = np.flatnonzero(ev.evaluated)
+        pos = ev.positions[idx]  # [E] history lengths of the evaluated events
         cloud = set().union(*(points[k] for k in (*ADAPTOR_KINDS, "duet")))
         need = sorted(set(pos.tolist()) | cloud)
         states = self.states(seq, np.asarray(need, dtype=np.int64))  # [K, D]
@@ -139,7 +167,7 @@ class Replayer:
         def states_of(ls: Sequence[int]) -> torch.Tensor:
             return states[torch.tensor([row[L] for L in ls], dtype=torch.int64)]
 
-        edits: dict[str, dict[int, DeviceEdit]] = {}
+        edits: dict[str, Mapping[int, DeviceEdit]] = {}
         for generator, kinds in (("adaptor", ADAPTOR_KINDS), ("duet", ("duet",))):
             variants = {k: points[k] for k in kinds if points[k]}
             pts = np.array(sorted(set().union(*variants.values())), dtype=np.int64)
@@ -147,6 +175,14 @@ class Replayer:
         edits["finetune"] = self.edits.finetune_edits(
             seq, np.array(sorted(points["finetune"]), dtype=np.int64)
         )
+        for kind in LIVE_KINDS:
+            if points[kind]:
+                if injected is None or kind not in injected:
+                    raise ValidationError(
+                        f"{kind} policies need the global-time replay (their edits depend on "
+                        "other devices' earlier requests); run them through run_replay"
+                    )
+                edits[kind] = injected[kind]
 
         result = UserResult(user=ev.user, records={})
         targets = torch.from_numpy(ev.items[idx])

@@ -1,0 +1,170 @@
+"""Continual cloud learning: the adaptor keeps training on what devices uplinked.
+
+The generator is trained once on the training period; afterwards the cloud still sees,
+with every request, the device's uplinked window (its tokens and summary) and, when the
+device also sends its recent user states (as ``system-refine`` requests do), the items
+that followed the device's previous request and the states before them. Each such pair
+is one **uplinked example**, exactly the shape of a training window: "from this request's
+input, the edit should rank these next items". :class:`ContinualLearner` buffers the
+examples as they arrive and, when asked (:meth:`ContinualLearner.refresh`, at a stream-
+time interval the caller chooses), takes a few AdamW steps of the adaptor's training
+objective (next-window full-softmax cross-entropy of the frozen ranker with the edit,
+already-uplinked items excluded from the softmax) on the most recent ones. Nothing else
+is read: an example exists only once the request that completes it has arrived, so an
+edit can depend only on events uplinked before it was made.
+
+Shapes: B examples, N input tokens, L+1 semantic-ID levels, S summary width, W window
+positions, D ranker width, I items.
+
+Example::
+
+    learner = ContinualLearner(adaptor, head, ContinualConfig())
+    learner.add(UplinkExample(codes, None, summary, states, targets, seen))
+    learner.refresh()          # -> {"steps": 20, "loss_before": ..., "ms": ...}
+    learner.adaptor(codes[None], None, summary[None])   # the refreshed generator
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from codebook.refine import HeadTensors, lowrank_queries
+from recsys.validation import config_dataclass
+
+
+@config_dataclass
+class ContinualConfig:
+    """How the cloud's adaptor keeps learning (fixed a priori, not tuned on the replay:
+    a tenth of the training learning rate, a daily refresh)."""
+
+    interval_s: float = Field(86400.0, gt=0)  # stream seconds between two refreshes
+    steps: int = Field(20, ge=0)  # AdamW steps per refresh (0 = never changes)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1)  # examples per step
+    buffer: int = Field(4096, ge=1)  # the most recent examples a refresh samples from
+    min_examples: int = Field(64, ge=1)  # no refresh before this many examples arrived
+    seed: int = 0
+
+
+@dataclass
+class UplinkExample:
+    """One example the cloud assembled from two requests of a device.
+
+    Attributes:
+        codes: [N, L+1] the earlier request's adaptor tokens; scores: [N] or None.
+        summary: [S] its device summary.
+        states: [W, D] user states before each later item (uplinked with the later
+            request); targets: [W] the items (-1 padding).
+        seen: item ids the cloud knows the device had already seen (its uplinked
+            window), excluded from the softmax like training's ``mask_seen``.
+    """
+
+    codes: np.ndarray
+    scores: np.ndarray | None
+    summary: torch.Tensor
+    states: torch.Tensor
+    targets: np.ndarray
+    seen: np.ndarray
+
+
+class ContinualLearner:
+    """A private copy of the adaptor, refreshed on uplinked examples (module docstring).
+
+    Args:
+        adaptor: the trained generator (copied; the original is not touched).
+        head: the frozen ranker head the edits apply to.
+        cfg: :class:`ContinualConfig`.
+    """
+
+    def __init__(self, adaptor: torch.nn.Module, head: HeadTensors, cfg: ContinualConfig):
+        self.adaptor = copy.deepcopy(adaptor)
+        self.adaptor.eval()
+        self.head = head
+        self.cfg = cfg
+        self.examples: deque[UplinkExample] = deque(maxlen=cfg.buffer)
+        self.opt = torch.optim.AdamW(
+            self.adaptor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.refreshes = 0
+        self.seen_examples = 0
+
+    def add(self, example: UplinkExample) -> None:
+        self.examples.append(example)
+        self.seen_examples += 1
+
+    def loss(self, batch: list[UplinkExample]) -> torch.Tensor:
+        """Mean next-window cross-entropy of the adaptor's edits on ``batch``."""
+        codes = torch.from_numpy(np.stack([e.codes for e in batch]))  # [B, N, L+1]
+        scores = None
+        if batch[0].scores is not None:
+            scores = torch.from_numpy(np.stack([e.scores for e in batch]))
+        summary = torch.stack([e.summary for e in batch])  # [B, S]
+        states = torch.stack([e.states for e in batch])  # [B, W, D]
+        targets = torch.from_numpy(np.stack([e.targets for e in batch]))  # [B, W]
+        edit = self.adaptor(codes, scores, summary)
+        q = lowrank_queries(self.head.layers, self.head.residual, states, edit.tensors)
+        logits = self.head.logits(q)  # [B, W, I]
+        logits = logits.masked_fill(_seen_mask(batch, logits.shape), float("-inf"))
+        valid = targets >= 0
+        return F.cross_entropy(logits[valid], targets[valid])
+
+    def refresh(self) -> dict[str, Any]:
+        """``cfg.steps`` AdamW steps on batches drawn (seeded) from the buffer; the
+        adaptor is back in eval mode afterwards. Returns what it did."""
+        cfg = self.cfg
+        n = len(self.examples)
+        if n < cfg.min_examples or cfg.steps == 0:
+            return {"steps": 0, "examples": n}
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, self.refreshes])
+        pool = list(self.examples)
+        self.adaptor.train()
+        torch.manual_seed(cfg.seed * 100_003 + self.refreshes)  # dropout
+        losses = []
+        for _ in range(cfg.steps):
+            idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)
+            loss = self.loss([pool[i] for i in idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.adaptor.parameters(), cfg.grad_clip)
+            self.opt.step()
+            losses.append(float(loss.detach()))
+        self.adaptor.eval()
+        self.refreshes += 1
+        return {
+            "steps": cfg.steps,
+            "examples": n,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "ms": (time.perf_counter() - t0) * 1e3,
+        }
+
+
+def _seen_mask(batch: list[UplinkExample], shape: torch.Size) -> torch.Tensor:
+    """[B, W, I] bool: the uplinked window and the window's earlier targets, never the
+    position's own target."""
+    b, w, items = shape
+    rows = np.concatenate([np.full(len(e.seen), j) for j, e in enumerate(batch)])
+    cols = np.concatenate([e.seen for e in batch]).astype(np.int64)
+    base = torch.zeros(b, items, dtype=torch.bool)
+    base[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+    mask = base.unsqueeze(1).repeat(1, w, 1)
+    tg = torch.from_numpy(np.stack([e.targets for e in batch]))  # [B, W]
+    for t in range(1, w):  # position t has also seen the targets before it
+        prev = tg[:, t - 1]
+        ok = torch.nonzero(prev >= 0).squeeze(1)
+        mask[ok, t:, prev[ok]] = True
+    valid = tg >= 0
+    mask[(*valid.nonzero(as_tuple=True), tg[valid])] = False
+    return mask
