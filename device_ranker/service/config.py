@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from device_ranker.gate import GateConfig
+from device_ranker.service.policy import StalenessConfig
 from recsys.serving.batching import BatchConfig
 from recsys.serving.server import ServerOptions
 from recsys.validation import config_dataclass
@@ -33,6 +34,10 @@ class CloudLinkConfig:
         summary_items: items pooled into the device summary's mean item embedding.
         send_summary: also send the summary vector [2D] (mean recent item embedding +
             user state), which the trained adaptor reads.
+        uplink_states: P, also send the ranker's user states before each of the user's
+            last P positions (and the items beyond the uplink window those positions
+            need), so a cloud that refines edits (issue 13) can optimise on them; 0 = never.
+        state_dtype: wire precision of those states ("fp16": 2 bytes per value, "fp32").
     """
 
     target: str | None = None
@@ -45,6 +50,8 @@ class CloudLinkConfig:
     recent_items: int = Field(50, ge=1, le=512)
     summary_items: int = Field(10, ge=1)
     send_summary: bool = True
+    uplink_states: int = Field(0, ge=0, le=512)
+    state_dtype: Literal["fp16", "fp32"] = "fp16"
 
 
 @config_dataclass
@@ -74,6 +81,9 @@ class DeviceConfig:
             :mod:`device_ranker.service.event_log`.
         trigger: what makes a device ask the cloud: "gate" (the shift gate) or "timer"
             (every ``round(1 / gate.budget)`` events), for users outside an experiment.
+        staleness: what the device tracks about each user's current edit (age, fit) and
+            the optional staleness request rule (off by default):
+            :class:`~device_ranker.service.policy.StalenessConfig`.
         gate / cloud / server: see :class:`GateConfig`, :class:`CloudLinkConfig`,
             :class:`recsys.serving.server.ServerOptions`.
     """
@@ -99,5 +109,6 @@ class DeviceConfig:
     event_log: str | None = None
     trigger: Literal["gate", "timer"] = "gate"
     gate: GateConfig = field(default_factory=GateConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
     cloud: CloudLinkConfig = field(default_factory=CloudLinkConfig)
     server: ServerOptions = field(default_factory=ServerOptions)

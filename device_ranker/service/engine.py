@@ -16,7 +16,13 @@ it composes the parts, each in its own module:
   the item's rank under the model the user was served just before, request, bytes).
 
 Per event, the user's gate (:mod:`device_ranker.gate`, or the arm's gate or timer,
-:mod:`device_ranker.service.policy`) decides whether to ask the cloud. When the cloud is
+:mod:`device_ranker.service.policy`) decides whether to ask the cloud; the optional
+staleness rule (:func:`~device_ranker.service.policy.stale_reason`, off by default) may
+add a request when the current edit is too old or no longer fits. Before the event is
+appended, the clicked item's rank under the model the user is served is recorded (the
+fit signal: from the scores of the Recommend that preceded the click when there was one,
+else one scoring pass), and the user state before it goes into the user's ring buffer
+of recent states when the device uplinks them (``CloudLinkConfig.uplink_states``). When the cloud is
 slow, down or sends a bad edit, the user keeps the last good edit (or the base model) and
 the response says so (``mode``/``note``).
 
@@ -54,7 +60,7 @@ from device_ranker.service.cloud_edits import CloudEdits, FetchResult
 from device_ranker.service.cloud_link import CloudLink
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.event_log import EventLog
-from device_ranker.service.policy import ArmResolver
+from device_ranker.service.policy import ArmResolver, stale_reason
 from device_ranker.service.ranking import Ranking
 from device_ranker.service.users import (
     BASE,
@@ -100,6 +106,17 @@ class EventResult:
     new_user: bool
     cost: FetchResult | None = None  # the edit request this call made and waited for
     arm: str = ""
+
+
+def click_rank(scores: torch.Tensor, item: int, seen: set[int]) -> int:
+    """1-based rank of ``item`` from full-catalogue scores [I], among the items not in
+    ``seen`` (the item always counts itself: ties pessimistic, as
+    :func:`device_ranker.service.ranking.probe_ranks`)."""
+    above = scores >= scores[item]  # [I]
+    if seen:
+        idx = torch.from_numpy(np.fromiter(seen, np.int64, len(seen)))
+        above[idx] = False
+    return int(above.sum()) + int(item in seen)
 
 
 class DeviceEngine:
@@ -245,6 +262,7 @@ class DeviceEngine:
             exclude=None if include_seen else st.seen,
             candidates=cand,
             probes=probe_idx,
+            keep_scores=self.config.staleness.fit_clicks > 0,
         )
         if base_model:
             mode, note, info = BASE, "", None
@@ -280,16 +298,14 @@ class DeviceEngine:
         async with st.lock:
             await self.store.ensure_arm(st, user_id)
             served = await self._served_rank(st, item) if self.event_log is not None else None
-            st.history.append(item)
-            st.times.append(int(timestamp))
-            st.seen.add(item)
-            st.version += 1
+            await self._before_append(st, item, None if served is None else served[0])
+            st.append(item, timestamp)
             history = list(st.history)
             _, gate = self.store.arm_policy(st)
             if gate is None:  # a static arm: never asks
                 decision = GateDecision(False, 0.0, float("inf"), "static")
             else:
-                decision = gate.decide(history, st.gate)
+                decision = self._stale(st, gate, gate.decide(history, st.gate))
             outcome, fetched, task = "not_requested", FetchResult("not_requested"), None
             if decision.request and gate is not None:
                 outcome, fetched, task = await self.edits.request(user_id, st, gate, wait_for_edit)
@@ -348,6 +364,51 @@ class DeviceEngine:
             cost=fetched if fetched.outcome in ("applied", "failed") else None,
             arm=st.arm or "",
         )
+
+    async def _before_append(self, st: UserState, item: int, served: int | None) -> None:
+        """Before an event is appended: the clicked item's rank under the model the user
+        is served (the fit signal; ``served``: already ranked for the event log) and the
+        user state before it (the ring buffer of recent states)."""
+        keep = self.config.staleness.fit_clicks > 0
+        if keep:
+            rank = served if served is not None else await self._click_rank(st, item)
+            st.staleness.ranks.append(int(rank))
+        if st.past_states.maxlen and st.history:
+            state = st.state if st.state_version == st.version else None
+            if state is not None:  # free when a ranking pass cached it; else computed later
+                st.past_states.append((st.position, state))
+
+    async def _click_rank(self, st: UserState, item: int) -> int:
+        """Rank of ``item`` among the catalogue minus the user's history under the model
+        the user is served now (ties pessimistic, as the probes of Recommend): from the
+        scores of the user's last ranking when they are for this history and this edit
+        (no pass), else one scoring pass (its scores are kept too)."""
+        edit = st.edit if self.store.adaptive(st) else None
+        cached = st.scores
+        if cached is None or cached[0] != st.version or cached[1] is not edit:
+            out = await self.ranking.rank(
+                st,
+                edit=edit,
+                k=0,
+                exclude=st.seen,
+                probes=np.asarray([item], dtype=np.int64),
+                keep_scores=True,
+            )
+            return int(out.probe_ranks[0])
+        return click_rank(cached[2], item, st.seen)
+
+    def _stale(self, st: UserState, gate: Any, decision: GateDecision) -> GateDecision:
+        """The gate's decision, or a request when the staleness rule says the current
+        edit is stale (only after the first request and outside the gate's min_gap)."""
+        cfg = self.config.staleness
+        if decision.request or not cfg.rule_on or st.gate.anchor is None:
+            return decision
+        if decision.reason == "short" or st.gate.events_since_request < gate.config.min_gap:
+            return decision
+        why = stale_reason(cfg, st.staleness, st.times[-1] if st.times else None)
+        if why is None:
+            return decision
+        return GateDecision(True, decision.score, decision.threshold, why)
 
     async def _served_rank(self, st: UserState, item: int) -> tuple[int, int]:
         """(rank of ``item`` under the model the user is served now, rankable items):

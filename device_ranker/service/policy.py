@@ -16,16 +16,28 @@ or "timer"), ``budget`` (fraction of events that may trigger a request) and opti
 ``name``. Other keys are ignored. As in the replay, the gate at a 100 % budget is the
 timer with period 1 (it asks after every event).
 
+**Staleness** (issue 13): each user's device knows how old its current edit is and how
+well it still fits (:class:`Staleness`, kept in
+:class:`~device_ranker.service.users.UserState`): events and seconds since the edit (or
+the base model) was applied, and the ranks that model gave the user's last K clicks at
+the time they were recorded. :class:`StalenessConfig` sets K and an optional rule,
+:func:`stale_reason`, that asks the cloud when the edit is older than N events / S
+seconds or its fit dropped below a mean reciprocal rank X; the rule is off by default
+(every threshold None), so the gate alone decides, as before.
+
 Example::
 
     policy = ArmPolicy.from_dict({"kind": "system", "trigger": "timer", "budget": 0.2})
     gate = policy.make_gate(GateConfig(), item_vectors)   # a TimerGate asking every 5 events
+    stale_reason(StalenessConfig(max_events=20), st.staleness)   # "stale-events" or None
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -134,3 +146,98 @@ class TimerGate:
         state.anchor = frozenset(history[-self.config.window :])
         state.events_since_request = 0
         self.requests += 1
+
+
+# ---- staleness of the active edit -------------------------------------------------------------
+@config_dataclass
+class StalenessConfig:
+    """What the device tracks about its current edit, and the optional staleness rule.
+
+    Attributes:
+        fit_clicks: K, the clicks whose ranks make the fit signal (0 = do not track the
+            fit; then no click is ranked for it).
+        max_events: request when the current edit is at least this many events old
+            (None = off).
+        max_seconds: request when it is at least this old, in the events' clock (or wall
+            seconds when events carry no time; None = off).
+        min_fit_mrr: request when the mean reciprocal rank of the last ``fit_clicks``
+            clicks under the current edit drops below this (None = off).
+        min_fit_clicks: clicks under the current edit before the fit rule may fire.
+
+    The rule only adds requests the gate would not make: never before the user's first
+    request, never within the gate's ``min_gap`` of the last request, never for a static
+    arm. A request it triggers spends gate credit like a shift request.
+    """
+
+    fit_clicks: int = Field(5, ge=0, le=1000)
+    max_events: int | None = Field(None, ge=1)
+    max_seconds: float | None = Field(None, gt=0)
+    min_fit_mrr: float | None = Field(None, gt=0.0, le=1.0)
+    min_fit_clicks: int = Field(3, ge=1)
+
+    @property
+    def rule_on(self) -> bool:
+        return any(v is not None for v in (self.max_events, self.max_seconds, self.min_fit_mrr))
+
+
+@dataclass
+class Staleness:
+    """Age and fit of one user's current edit (or of the base model when it has none).
+
+    Attributes:
+        events: events recorded since the edit was applied (or reverted, or the user was
+            created: the base model's age).
+        applied_event_time: the user's event clock when it was applied (the timestamp of
+            its last event then; None = the user had no event yet).
+        applied_wall: wall time of the apply, unix seconds.
+        ranks: 1-based ranks of the clicks recorded since the apply (the last K), each
+            under the model the user was served when it was recorded (the catalogue minus
+            the user's history; ties pessimistic, as the probes of Recommend).
+    """
+
+    events: int = 0
+    applied_event_time: int | None = None
+    applied_wall: float = field(default_factory=time.time)
+    ranks: deque[int] = field(default_factory=lambda: deque(maxlen=5))
+
+    def reset(self, event_time: int | None) -> None:
+        """A new edit (or the base model) became current."""
+        self.events, self.applied_event_time = 0, event_time
+        self.applied_wall = time.time()
+        self.ranks.clear()
+
+    def age_seconds(self, last_event_time: int | None) -> tuple[float, str]:
+        """(age, clock): in the events' clock ("event": the last event's timestamp minus
+        the one at the apply) when both are known and the clock is running, else wall
+        seconds ("wall")."""
+        t0 = self.applied_event_time
+        if t0 is not None and last_event_time is not None and last_event_time > 0:
+            return float(max(last_event_time - t0, 0)), "event"
+        return max(time.time() - self.applied_wall, 0.0), "wall"
+
+    def fit(self) -> tuple[float, float, int]:
+        """(mean reciprocal rank, mean rank, clicks) of the recorded ranks; NaN, NaN, 0
+        before any click under the current edit."""
+        n = len(self.ranks)
+        if not n:
+            return float("nan"), float("nan"), 0
+        r = np.fromiter(self.ranks, np.float64, n)
+        return float((1.0 / r).mean()), float(r.mean()), n
+
+
+def stale_reason(
+    cfg: StalenessConfig, staleness: Staleness, last_event_time: int | None = None
+) -> str | None:
+    """Why the current edit is stale under ``cfg``'s rule ("stale-events", "stale-time",
+    "stale-fit"), or None (fresh, or the rule is off)."""
+    if cfg.max_events is not None and staleness.events >= cfg.max_events:
+        return "stale-events"
+    if cfg.max_seconds is not None:
+        age, _ = staleness.age_seconds(last_event_time)
+        if age >= cfg.max_seconds:
+            return "stale-time"
+    if cfg.min_fit_mrr is not None:
+        mrr, _, n = staleness.fit()
+        if n >= cfg.min_fit_clicks and mrr < cfg.min_fit_mrr:
+            return "stale-fit"
+    return None

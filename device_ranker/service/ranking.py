@@ -63,6 +63,7 @@ class RankOutput:
     probe_scores: list[float] = field(default_factory=list)  # [P]
     probe_ranks: list[int] = field(default_factory=list)  # [P], 1-based
     rankable: int = 0  # items that could be ranked (catalogue or candidates, minus excluded)
+    raw: torch.Tensor | None = None  # [I] full-catalogue scores (nothing masked), a row view
 
 
 def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutput]:
@@ -111,6 +112,7 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
                 probe_scores=p_scores,
                 probe_ranks=p_ranks,
                 rankable=rankable,
+                raw=raw[b],
             )
         )
     return out
@@ -184,9 +186,12 @@ class Ranking:
         exclude: Collection[int] | None,
         candidates: np.ndarray | None = None,
         probes: np.ndarray | None = None,
+        keep_scores: bool = False,
     ) -> RankOutput:
         """Rank for user ``st`` now (its history, cached state, the given edit and
-        exclusions); caches the state the pass computed unless an event came meanwhile."""
+        exclusions); caches the state the pass computed unless an event came meanwhile,
+        and with ``keep_scores`` its full-catalogue scores under ``edit`` (``st.scores``:
+        the fit signal then ranks the next click without another pass)."""
         version = st.version
         job = RankJob(
             history=np.fromiter(st.history, np.int64, len(st.history)),
@@ -200,4 +205,6 @@ class Ranking:
         out = await self.batcher.submit(job)
         if st.version == version and st.state_version != version:
             st.state, st.state_version = out.state, version
+        if keep_scores and st.version == version and out.raw is not None:
+            st.scores = (version, edit, out.raw.clone())  # [I], not a view of the batch
         return out

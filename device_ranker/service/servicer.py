@@ -158,6 +158,12 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
                     trigger=user["trigger"],
                     gate_budget=user["gate_budget"],
                     gate_threshold=user["gate_threshold"],
+                    events_since_apply=user["events_since_apply"],
+                    edit_age_seconds=user["edit_age_seconds"],
+                    edit_age_clock=user["edit_age_clock"],
+                    fit_mrr=user["fit_mrr"],
+                    fit_mean_rank=user["fit_mean_rank"],
+                    fit_clicks=user["fit_clicks"],
                 )
             )
         return reply

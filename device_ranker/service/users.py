@@ -2,7 +2,10 @@
 
 :class:`UserState` is one device's state: a bounded recent history (item indices, oldest
 first) with its timestamps, the set of seen items, the cached user state [D], the active
-edit, the request-gate state and the cost counters. It is mutated on the event loop
+edit, the request-gate state, the cost counters, the edit's staleness (age and fit,
+:class:`~device_ranker.service.policy.Staleness`), the scores of its last ranking (so the
+fit signal costs no extra pass when a Recommend preceded the click) and a ring buffer of
+its recent user states (what a refining cloud optimises on). It is mutated on the event loop
 only; its ``lock`` orders one user's concurrent RecordEvents.
 
 :class:`UserStore` holds the users by id (created by their first event or seeded from a
@@ -35,7 +38,7 @@ import torch
 from device_ranker.edits import PreparedEdit
 from device_ranker.gate import GateState, ShiftGate
 from device_ranker.service.config import DeviceConfig
-from device_ranker.service.policy import ArmPolicy, ArmResolver, TimerGate
+from device_ranker.service.policy import ArmPolicy, ArmResolver, Staleness, TimerGate
 from recsys.errors import NotFoundError, ValidationError
 
 if TYPE_CHECKING:
@@ -92,14 +95,48 @@ class UserState:
     pending: asyncio.Task[FetchResult] | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    staleness: Staleness = field(default_factory=Staleness)
+    # full-catalogue scores [I] of the last ranking: (version, the edit it used, scores)
+    scores: tuple[int, PreparedEdit | None, torch.Tensor] | None = None
+    # items ever in the history (seeded + recorded): the position of the next event
+    position: int = 0
+    # user states before recent positions: (position, state [D]), oldest first
+    past_states: deque[tuple[int, torch.Tensor]] = field(default_factory=lambda: deque(maxlen=0))
     arm: str | None = None  # experiment arm (None = not resolved yet; "" = no experiment)
     # orders one user's concurrent RecordEvents: rank-for-the-log, append, gate, request
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def install_edit(self, edit: PreparedEdit | None, info: EditInfo | None) -> None:
-        """Make ``edit`` the active edit (None = back to the base model); clears a failure."""
+        """Make ``edit`` the active edit (None = back to the base model); clears a failure
+        and restarts the staleness clock (age 0, no click ranked under it yet)."""
         self.edit, self.edit_info = edit, info
         self.failed, self.note = False, ""
+        self.staleness.reset(self.times[-1] if self.times else None)
+
+    def append(self, item: int, timestamp: int) -> None:
+        """Record an event: history, time, seen set, version, position, edit age."""
+        self.history.append(item)
+        self.times.append(int(timestamp))
+        self.seen.add(item)
+        self.version += 1
+        self.position += 1
+        self.staleness.events += 1
+        if self.staleness.applied_event_time is None:  # the base model, since this event
+            self.staleness.applied_event_time = int(timestamp)
+
+    def staleness_status(self) -> dict[str, Any]:
+        """The current edit's age and fit (GetStatus)."""
+        s = self.staleness
+        age, clock = s.age_seconds(self.times[-1] if self.times else None)
+        mrr, mean_rank, clicks = s.fit()
+        return {
+            "events_since_apply": s.events,
+            "edit_age_seconds": age,
+            "edit_age_clock": clock,
+            "fit_mrr": mrr,
+            "fit_mean_rank": mean_rank,
+            "fit_clicks": clicks,
+        }
 
 
 def serving_mode(st: UserState, adaptive: bool, link: CloudLink | None) -> tuple[str, str]:
@@ -149,6 +186,8 @@ class UserStore:
     def new_user(self, user_id: str) -> UserState:
         n = self.config.history_len
         st = UserState(history=deque(maxlen=n), times=deque(maxlen=n))
+        st.staleness.ranks = deque(maxlen=self.config.staleness.fit_clicks)
+        st.past_states = deque(maxlen=self.config.cloud.uplink_states)
         self.users[user_id] = st
         return st
 
@@ -192,6 +231,9 @@ class UserStore:
             st.history.append(i)
             st.times.append(int(t))
             st.seen.add(i)
+            st.position += 1
+        for st in self.users.values():  # seeding creates them: the base model's age starts
+            st.staleness.applied_event_time = st.times[-1] if st.times else None
         return len(self.users)
 
     # ---- the catalogue --------------------------------------------------------------------
@@ -269,6 +311,7 @@ class UserStore:
             "note": note,
             "edit": st.edit_info,
             "events_since_edit": st.gate.events_since_request,
+            **st.staleness_status(),
             "last_shift_score": st.gate.last_score,
             "bytes_up": st.bytes_up,
             "bytes_down": st.bytes_down,
