@@ -20,8 +20,8 @@ Per event, the user's gate (:mod:`device_ranker.gate`, or the arm's gate or time
 staleness rule (:func:`~device_ranker.service.policy.stale_reason`, off by default) may
 add a request when the current edit is too old or no longer fits. Before the event is
 appended, the clicked item's rank under the model the user is served is recorded (the
-fit signal: from the scores of the Recommend that preceded the click when there was one,
-else one scoring pass), and the user state before it goes into the user's ring buffer
+fit signal: from the scores of the Recommend that preceded the click; a click no
+ranking preceded is skipped, or ranked with one scoring pass with ``fit_every_click``), and the user state before it goes into the user's ring buffer
 of recent states when the device uplinks them (``CloudLinkConfig.uplink_states``). When the cloud is
 slow, down or sends a bad edit, the user keeps the last good edit (or the base model) and
 the response says so (``mode``/``note``).
@@ -369,23 +369,26 @@ class DeviceEngine:
         """Before an event is appended: the clicked item's rank under the model the user
         is served (the fit signal; ``served``: already ranked for the event log) and the
         user state before it (the ring buffer of recent states)."""
-        keep = self.config.staleness.fit_clicks > 0
-        if keep:
+        cfg = self.config.staleness
+        if cfg.fit_clicks > 0:
             rank = served if served is not None else await self._click_rank(st, item)
-            st.staleness.ranks.append(int(rank))
+            if rank is not None:
+                st.staleness.ranks.append(int(rank))
         if st.past_states.maxlen and st.history:
             state = st.state if st.state_version == st.version else None
             if state is not None:  # free when a ranking pass cached it; else computed later
                 st.past_states.append((st.position, state))
 
-    async def _click_rank(self, st: UserState, item: int) -> int:
+    async def _click_rank(self, st: UserState, item: int) -> int | None:
         """Rank of ``item`` among the catalogue minus the user's history under the model
         the user is served now (ties pessimistic, as the probes of Recommend): from the
         scores of the user's last ranking when they are for this history and this edit
-        (no pass), else one scoring pass (its scores are kept too)."""
+        (no pass), else one scoring pass with ``fit_every_click`` (None without)."""
         edit = st.edit if self.store.adaptive(st) else None
         cached = st.scores
         if cached is None or cached[0] != st.version or cached[1] is not edit:
+            if not self.config.staleness.fit_every_click:
+                return None
             out = await self.ranking.rank(
                 st,
                 edit=edit,

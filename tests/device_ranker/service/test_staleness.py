@@ -27,8 +27,9 @@ T0 = 10_000  # event clock of the test events (after every seeded event)
 
 @pytest.fixture(scope="module")
 def local(bg, artifacts) -> Iterator[tuple[DeviceHandle, pb_grpc.RecommendationServiceStub]]:
-    """A device without a cloud (edits are pushed), tracking the last 3 clicks."""
-    handle = bg.run(start_device(device_config(artifacts, staleness=StalenessConfig(fit_clicks=3))))
+    """A device without a cloud (edits are pushed), ranking each of the last 3 clicks."""
+    staleness = StalenessConfig(fit_clicks=3, fit_every_click=True)
+    handle = bg.run(start_device(device_config(artifacts, staleness=staleness)))
     with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
         yield handle, pb_grpc.RecommendationServiceStub(channel)
     bg.run(handle.stop(0))
@@ -113,6 +114,26 @@ def test_fit_ranks_are_the_served_ranks(local) -> None:
     record(stub, user, "i13", T0 + 9)  # K = 3: the oldest click drops
     s = status(stub, user)
     assert s.fit_mean_rank == pytest.approx(np.mean([*ranks[1:], rec.probe_ranks[0]]))
+
+
+def test_default_fit_counts_only_ranked_clicks(bg, artifacts) -> None:
+    """The default device ranks a click only from the scores of a preceding Recommend
+    (no extra pass): a click nothing ranked is not counted."""
+    handle = bg.run(start_device(device_config(artifacts)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            _default_fit(pb_grpc.RecommendationServiceStub(channel))
+    finally:
+        bg.run(handle.stop(0))
+
+
+def _default_fit(stub) -> None:
+    record(stub, "u11", "i20", T0)
+    assert status(stub, "u11").fit_clicks == 0
+    rec = stub.Recommend(pb.RecommendRequest(user_id="u11", k=1, probe_item_ids=["i21"]))
+    record(stub, "u11", "i21", T0 + 1)
+    s = status(stub, "u11")
+    assert s.fit_clicks == 1 and s.fit_mean_rank == rec.probe_ranks[0]
 
 
 def test_fit_tells_a_bad_edit_from_a_good_one(local) -> None:
