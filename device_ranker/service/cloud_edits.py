@@ -9,6 +9,13 @@ user's active edit. When the cloud is slow, down or sends a bad edit, the user k
 last good edit (or the base model), its state says so (``failed``/``note``), the gate
 measures the next shift from the last good edit, and the log has a warning.
 
+With ``CloudLinkConfig.uplink_states = P`` a request also carries the ranker's user
+states before each of the user's last P positions (:func:`recent_states`: from the
+user's ring buffer of states its rankings computed, the missing ones in one batched
+encoder pass) and the items beyond the uplink window those positions need, so a cloud
+that refines edits (issue 13) can optimise on them; the device still only applies what
+comes back.
+
 ApplyEdit (:meth:`CloudEdits.apply_pushed`) installs an edit pushed to the device; it may
 refer only to a prototype the device holds.
 
@@ -27,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +65,10 @@ _DTYPE_ENUM = {
     "int8": cpb.PAYLOAD_DTYPE_INT8,
     "fp32": cpb.PAYLOAD_DTYPE_FP32,
 }
+_STATE_DTYPES = {
+    "fp16": (cpb.STATE_DTYPE_FP16, np.dtype("<f2")),
+    "fp32": (cpb.STATE_DTYPE_FP32, np.dtype("<f4")),
+}
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -79,6 +90,40 @@ def device_summary(ranker: Ranker, history: Sequence[int], summary_items: int) -
             model.item_table.detach(), [hist], state, summary_items
         )  # [1, 2D]
         return summary[0].tolist()
+
+
+def recent_states(
+    ranker: Ranker,
+    history: Sequence[int],
+    position: int,
+    known: Mapping[int, torch.Tensor],
+    count: int,
+) -> tuple[np.ndarray, list[int]]:
+    """The user states before the last ``min(count, H - 1)`` positions of ``history``
+    (H items, oldest first; the next event's absolute position is ``position``):
+    (float32 [P, D] oldest first, the relative indices [P] of the items that followed).
+
+    ``known`` maps absolute positions to states a ranking already computed (the user's
+    ring buffer); the others come from one batched encoder pass over the prefixes.
+    """
+    n = len(history)
+    p = max(0, min(count, n - 1))
+    rel = list(range(n - p, n))  # the target of row k is history[rel[k]]
+    offset = position - n  # absolute position of history[0]
+    rows: list[torch.Tensor | None] = [known.get(offset + j) for j in rel]
+    missing = [k for k, row in enumerate(rows) if row is None]
+    if missing:
+        hist = np.asarray(history, dtype=np.int64)
+        model = ranker.model
+        with torch.inference_mode():
+            fresh = model.user_states(
+                history_kjt([hist[: rel[k]] for k in missing], model.cfg.max_len)
+            )  # [M, D]
+        for m, k in enumerate(missing):
+            rows[k] = fresh[m]
+    dim = int(ranker.model.item_table.shape[1])
+    states = torch.stack(rows).numpy() if rows else np.zeros((0, dim), np.float32)  # [P, D]
+    return states.astype(np.float32, copy=False), rel
 
 
 @dataclass(frozen=True)
@@ -152,8 +197,9 @@ class CloudEdits:
         history = list(st.history)
         previous_anchor = st.gate.anchor
         gate.on_request(history, st.gate)
+        known = dict(st.past_states) if self.config.uplink_states else {}
         task = asyncio.get_running_loop().create_task(
-            self._fetch(user_id, st, history, list(st.times), previous_anchor)
+            self._fetch(user_id, st, history, list(st.times), previous_anchor, st.position, known)
         )
         st.pending = task
         if not wait:
@@ -168,6 +214,8 @@ class CloudEdits:
         history: list[int],
         times: list[int],
         previous_anchor: Any,
+        position: int = 0,
+        known: Mapping[int, torch.Tensor] | None = None,
     ) -> FetchResult:
         """Ask the cloud for the user's edit and apply it: "applied" or "failed", with the
         request's bytes up / down (GenerateEdit + a fetched prototype) and cloud time."""
@@ -196,6 +244,28 @@ class CloudEdits:
             if st.edit_info is not None and st.edit_info.prototype_id:
                 request.cached_prototype.id = st.edit_info.prototype_id
                 request.cached_prototype.version = st.edit_info.prototype_version
+            if cfg.uplink_states:
+                states, rel = await loop.run_in_executor(
+                    self.executor,
+                    recent_states,
+                    self.ranker,
+                    history,
+                    position,
+                    known or {},
+                    cfg.uplink_states,
+                )
+                if len(rel):
+                    enum, dt = _STATE_DTYPES[cfg.state_dtype]
+                    first_sent = len(history) - len(recent)  # earlier targets are not uplinked
+                    request.recent_states.CopyFrom(
+                        cpb.RecentStates(
+                            states=states.astype(dt).tobytes(),
+                            state_dim=states.shape[1],
+                            dtype=enum,
+                            earlier_item_ids=[self.item_ids[history[j]] for j in rel
+                                              if j < first_sent],
+                        )
+                    )  # fmt: skip
             response, up, down = await link.generate_edit(request)
             cloud_ms = float(response.engine_ms)
             st.bytes_up += up

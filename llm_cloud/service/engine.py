@@ -18,13 +18,18 @@ the :mod:`llm_cloud.service.servicer`, the replay evaluator and the CLI all use:
    device's residual against it (what goes down the wire, with the prototype id +
    version), online refinement of the prototype versions;
 4. **store** (``codebook.store.PrototypeStore``): prototype versions, device
-   assignments and the edit log (one write transaction per batch for the log).
+   assignments and the edit log (one write transaction per batch for the log);
+5. **refinement** (optional, issue 13; :class:`EditRefiner`): a request that carries the
+   device's recent user states (``states`` [P, D], and the item that followed each,
+   ``targets`` [P]) gets the adaptor's edit refined by a few Adam steps of the
+   fine-tuning objective on them (:func:`codebook.refine.refine_edits`, batched over the
+   call's refining requests, users independent), sent whole: no prototype.
 
 The whole batch runs in one call: the LM and the adaptor see B users at once, which is
 what the servicer's micro-batching is for. Payloads use :mod:`recsys.edit_payload`.
 
 Shapes: B requests, H history length, N generated items, L+1 semantic-ID levels,
-S summary width, C edit-code width.
+S summary width, C edit-code width, P recent positions, D ranker width.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 MAX_DEVICE_ID = 200
 MAX_HISTORY = 512  # items per request (the LM reads the last max_history of them)
+MAX_STATES = 512  # recent user states per request
+MAX_STATE_DIM = 4096
+STATE_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
 
 
 # ---- requests and results ------------------------------------------------------------------
@@ -63,6 +71,8 @@ class EditRequest:
         payload_dtype: "fp16", "int8" or "fp32".
         cached_prototype: (id, version) the device holds, or None.
         top_n: generated items the adaptor reads (None = the engine's N).
+        states: float32 [P, D] the device's user states before its last P positions
+            (oldest first), or None; targets: int64 [P] the item at each of them.
     """
 
     device_id: str
@@ -71,6 +81,8 @@ class EditRequest:
     payload_dtype: str = "fp16"
     cached_prototype: tuple[int, int] | None = None
     top_n: int | None = None
+    states: np.ndarray | None = None
+    targets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class EditResult:
         tokens: their semantic-ID tokens, space separated.
         edit_norm: the residual's norm (or the edit's, without prototypes).
         batch_size: requests in the engine call that made it; engine_ms: that call's time.
+        refined: the edit was refined on the request's states (absolute, no prototype).
     """
 
     payload: bytes
@@ -97,6 +110,7 @@ class EditResult:
     edit_norm: float = 0.0
     batch_size: int = 1
     engine_ms: float = 0.0
+    refined: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,12 +169,21 @@ def build_request(
     payload_dtype: str = "fp16",
     cached_prototype: tuple[int, int] | None = None,
     top_n: int = 0,
+    states: bytes | None = None,
+    state_dim: int = 0,
+    state_dtype: str | None = None,
+    earlier_item_ids: Sequence[str] = (),
 ) -> EditRequest:
     """Validate a request against ``engine`` (the domain checks the servicer relies on).
 
+    ``states`` (None = the request carries none): the device's recent user states as
+    bytes, ``state_dim`` values per row in ``state_dtype`` ("fp16" | "fp32"), see
+    :func:`parse_states`.
+
     Raises:
         ValidationError: empty/oversized ids or history, mismatched timestamps, NaN/Inf or
-            wrong length in the summary, a foreign model version, a bad dtype or top_n.
+            wrong length in the summary, a foreign model version, a bad dtype or top_n,
+            malformed states.
         NotFoundError: an unknown item id.
     """
     if not device_id.strip() or len(device_id) > MAX_DEVICE_ID:
@@ -203,6 +226,16 @@ def build_request(
         raise ValidationError(f"payload dtype {payload_dtype!r} is not one of {list(DTYPES)}")
     if not 0 <= top_n <= engine.max_top_n:
         raise ValidationError(f"top_n must be in 0..{engine.max_top_n}, got {top_n}")
+    rows = targets = None
+    if states is not None:
+        rows, targets = parse_states(
+            states,
+            state_dim,
+            state_dtype,
+            _item_indices(item_index, earlier_item_ids, "earlier_item_ids"),
+            history,
+            int(getattr(engine, "state_dim", 0) or 0),
+        )
     return EditRequest(
         device_id=device_id,
         history=history,
@@ -210,10 +243,131 @@ def build_request(
         payload_dtype=payload_dtype,
         cached_prototype=cached_prototype,
         top_n=top_n or None,
+        states=rows,
+        targets=targets,
     )
 
 
+def _item_indices(item_index: Mapping[str, int], ids: Sequence[str], field: str) -> np.ndarray:
+    """Item ids -> int64 indices (at most MAX_HISTORY; unknown: NotFoundError)."""
+    if len(ids) > MAX_HISTORY:
+        raise ValidationError(f"{len(ids)} {field}; the limit is {MAX_HISTORY}")
+    out = np.empty(len(ids), dtype=np.int64)
+    for n, item in enumerate(ids):
+        idx = item_index.get(item)
+        if idx is None:
+            raise NotFoundError(f"unknown item {item[:100]!r} in {field} (position {n})")
+        out[n] = idx
+    return out
+
+
+def parse_states(
+    data: bytes,
+    state_dim: int,
+    dtype: str | None,
+    earlier: np.ndarray,
+    history: np.ndarray,
+    expected_dim: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The device's recent user states -> (states float32 [P, D], targets int64 [P]).
+
+    ``data`` holds P x ``state_dim`` little-endian values of ``dtype``, oldest position
+    first; position k's target is item k of the last P of ``earlier ++ history``.
+
+    Raises:
+        ValidationError: an unknown dtype, a width other than ``expected_dim`` (when
+            known) or outside 1..MAX_STATE_DIM, a byte count that is not a whole number of
+            rows, no rows or more than MAX_STATES, NaN / Inf, fewer items than rows.
+    """
+    if dtype not in STATE_DTYPES:
+        raise ValidationError(
+            f"recent_states.dtype must be one of {list(STATE_DTYPES)} (got {dtype or 'unset'})"
+        )
+    if not 1 <= state_dim <= MAX_STATE_DIM:
+        raise ValidationError(
+            f"recent_states.state_dim must be in 1..{MAX_STATE_DIM}, got {state_dim}"
+        )
+    if expected_dim and state_dim != expected_dim:
+        raise ValidationError(
+            f"recent_states.state_dim is {state_dim}, but the cloud's ranker has width "
+            f"{expected_dim}; send the device ranker's user states"
+        )
+    width = STATE_DTYPES[dtype].itemsize * state_dim
+    if not data or len(data) % width:
+        raise ValidationError(
+            f"recent_states.states has {len(data)} bytes: not a whole, non-zero number of "
+            f"rows of {state_dim} {dtype} values ({width} bytes each)"
+        )
+    p = len(data) // width
+    if p > MAX_STATES:
+        raise ValidationError(f"{p} recent states; the limit is {MAX_STATES}")
+    rows = np.frombuffer(data, dtype=STATE_DTYPES[dtype]).reshape(p, state_dim)
+    if not np.isfinite(rows).all():
+        raise ValidationError("recent_states.states contains NaN or Inf")
+    items = np.concatenate([earlier, history])  # [H']
+    if p > len(items):
+        raise ValidationError(
+            f"{p} recent states need the {p} items that followed them, but the request "
+            f"carries {len(items)} (recent_item_ids + recent_states.earlier_item_ids)"
+        )
+    return rows.astype(np.float32), items[len(items) - p :].copy()
+
+
 # token sources: recsys.adaptor_inputs (RecentTokens, LMTokens), shared with training
+
+
+# ---- refinement ---------------------------------------------------------------------------------
+class EditRefiner:
+    """Cloud-side refinement of the adaptor's edits on the devices' recent states.
+
+    Args:
+        head: the frozen ranker head and output layer (``codebook.refine.HeadTensors``).
+        config: ``codebook.refine.RefineConfig`` (steps, lr, positions: a request's last
+            ``positions`` states are used).
+        bound / bias_bound: the refined edit's per-layer ``||dW||_F`` and ``|db|`` bounds
+            (the generator's bounds: a margin inside the device's for payload rounding).
+    """
+
+    def __init__(self, head: Any, config: Any, *, bound: float, bias_bound: float) -> None:
+        self.head = head
+        self.config = config
+        self.bound = float(bound)
+        self.bias_bound = float(bias_bound)
+        self.state_dim = int(head.item_table.shape[1])
+
+    def refine(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        requests: Sequence[EditRequest],
+        rows: Sequence[int],
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """The batched edits ``tensors`` [B, ...] of the call's ``rows`` (whose
+        ``requests`` carry states), refined together: row -> unbatched flat edit."""
+        from codebook.refine import refine_edits
+
+        p = self.config.positions
+        states = torch.zeros(len(rows), p, self.state_dim)  # [R, P, D], padding after
+        targets = torch.full((len(rows), p), -1, dtype=torch.int64)  # [R, P], -1 = padding
+        for j, r in enumerate(requests):  # R requests, each one [<=P, D] copy
+            s, t = r.states[-p:], r.targets[-p:]
+            states[j, : len(s)] = torch.from_numpy(s)
+            targets[j, : len(t)] = torch.from_numpy(t)
+        sel = torch.as_tensor(list(rows), dtype=torch.int64)
+        out = refine_edits(
+            self.head,
+            {k: v[sel] for k, v in tensors.items()},
+            states,
+            targets,
+            self.config,
+            bound=self.bound,
+            bias_bound=self.bias_bound,
+        )
+        return {b: {k: v[j] for k, v in out.items()} for j, b in enumerate(rows)}
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"steps": cfg.steps, "lr": cfg.lr, "positions": cfg.positions,
+                "bound": self.bound, "bias_bound": self.bias_bound}  # fmt: skip
 
 
 # ---- the composed engine -------------------------------------------------------------------------
@@ -232,6 +386,8 @@ class ComposedEngine:
         uplink_items: the tokens read each request's last ``uplink_items`` items, as in
             training (the artefact's ``windows.uplink_items``; None: the whole request).
         default_dtype: payload precision when a request leaves it unspecified.
+        refiner: refines the edits of requests that carry states (:class:`EditRefiner`;
+            None = such requests get the usual edit, their states unused).
     """
 
     def __init__(
@@ -246,6 +402,7 @@ class ComposedEngine:
         model_version: str | None = None,
         info: Mapping[str, Any] | None = None,
         uplink_items: int | None = None,
+        refiner: EditRefiner | None = None,
     ) -> None:
         self.item_ids = [str(i) for i in item_ids]
         self.codes = np.asarray(ids.codes, dtype=np.int64)
@@ -262,6 +419,8 @@ class ComposedEngine:
         self.model_version = model_version
         self.summary_dim = int(adaptor.cfg.summary_dim)
         self.max_top_n = int(adaptor.cfg.max_items)
+        self.refiner = refiner
+        self.state_dim = refiner.state_dim if refiner is not None else 0
         self._info = dict(info or {})
         self._lock = threading.Lock()  # generate_edits is serialised (bank state)
         self._edit_counter = 0
@@ -296,14 +455,17 @@ class ComposedEngine:
                 None if scores is None else torch.from_numpy(scores),
                 summary,
             )
+            refined: dict[int, dict[str, torch.Tensor]] = {}
+            rows = [b for b, r in enumerate(requests) if r.states is not None]
+            if self.refiner is not None and rows:
+                refined = self.refiner.refine(out.tensors, [requests[b] for b in rows], rows)
             results: list[dict[str, Any] | Exception] = []
             for b, r in enumerate(requests):
                 try:
-                    results.append(
-                        self._one(
-                            r, out.code[b], {k: v[b] for k, v in out.tensors.items()}, items[b]
-                        )
-                    )
+                    edit = refined.get(b)
+                    if edit is None:
+                        edit = {k: v[b] for k, v in out.tensors.items()}
+                    results.append(self._one(r, out.code[b], edit, items[b], b in refined))
                 except Exception as exc:  # one bad item must not fail the batch
                     logger.exception("edit for device %r failed", r.device_id)
                     results.append(exc)
@@ -328,6 +490,7 @@ class ComposedEngine:
                         edit_norm=x["norm"],
                         batch_size=len(requests),
                         engine_ms=engine_ms,
+                        refined=x["refined"],
                     )
                 )
         return final
@@ -338,11 +501,13 @@ class ComposedEngine:
         code: torch.Tensor,
         user_edit: dict[str, torch.Tensor],
         items: np.ndarray,
+        refined: bool = False,
     ) -> dict[str, Any]:
-        """Prototype, residual, payloads for one request (inside the batch)."""
+        """Prototype, residual, payloads for one request (inside the batch); a refined
+        edit goes whole (no prototype, the bank neither assigns nor observes it)."""
         gen = [int(i) for i in items if i >= 0]
         prototype = proto_payload = None
-        if self.bank is not None:
+        if self.bank is not None and not refined:
             code_np = code.numpy().astype(np.float32)
             pid = self.bank.assign(code_np)
             version, proto_edit = self.bank.edit(pid)
@@ -363,6 +528,7 @@ class ComposedEngine:
             "tokens": " ".join(self.token_strings(i) for i in gen),
             "norm": float(norm),
             "device_id": r.device_id,
+            "refined": refined,
         }
 
     def _log(self, made: list[dict[str, Any]], latency_ms: float) -> list[int]:
@@ -431,6 +597,7 @@ class ComposedEngine:
             "top_n": self.max_top_n,
             "items": len(self.item_ids),
             "model_version": self.model_version,
+            "refine": None if self.refiner is None else self.refiner.describe(),
             "calls": self.calls,
             "requests": self.requests,
             **self._info,

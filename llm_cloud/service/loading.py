@@ -1,6 +1,9 @@
 """Building the cloud's :class:`~llm_cloud.service.engine.ComposedEngine` from trained
 artefacts: the adaptor artefact (``codebook.adaptor_artifact``), the semantic IDs, the
-codebook LM when the adaptor was trained on its tokens, the prototype bank and the store.
+codebook LM when the adaptor was trained on its tokens, the prototype bank and the store,
+and, when edit refinement is on (issue 13), the ranker head the artefact names
+(:func:`head_from_checkpoint`: read from the checkpoint file as plain tensors; the cloud
+never imports the device package).
 
 Example::
 
@@ -17,7 +20,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_cloud.service.engine import ComposedEngine
+from codebook.refine import HeadTensors, RefineConfig
+from llm_cloud.service.engine import ComposedEngine, EditRefiner
 from recsys.adaptor_inputs import LMTokens, RecentTokens, TokenSource
 from recsys.errors import ValidationError
 from recsys.validation import config_dataclass
@@ -38,6 +42,9 @@ class ArtifactEngineConfig:
         lm_options: backend keyword arguments (e.g. ``url`` for ``openai``).
         store_url: the prototype store (default: the one the training wrote).
         prototypes: use the prototype bank (False = absolute edits, no residuals).
+        refine: refine the edits of requests that carry the device's recent states
+            (``codebook.refine.RefineConfig``; None = the artefact's ``cloud_refine``
+            entry when it has one, e.g. the replay's copy, else off).
     """
 
     adaptor_path: str
@@ -47,6 +54,58 @@ class ArtifactEngineConfig:
     lm_options: Mapping[str, Any] = field(default_factory=dict)
     store_url: str | None = None
     prototypes: bool = True
+    refine: RefineConfig | None = None
+
+
+CHECKPOINT_FORMAT = "device_ranker.checkpoint.v1"  # device_ranker.train's checkpoint dict
+ITEM_TABLE_KEY = "embeddings.embeddings.item.weight"
+HEAD_PREFIX = "head.layers."
+
+
+def head_from_checkpoint(path: str | Path) -> HeadTensors:
+    """The ranker's head layers, residual flag, item table and item bias from its
+    training checkpoint (the best weights, as the device loads them), as
+    :class:`codebook.refine.HeadTensors`."""
+    import torch
+
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValidationError(
+            f"{path} is not a device ranker checkpoint (format {ckpt.get('format')!r})"
+        )
+    state = ckpt.get("best_state") or ckpt["model_state"]
+    names = [k[len(HEAD_PREFIX) : -len(".weight")] for k in state
+             if k.startswith(HEAD_PREFIX) and k.endswith(".weight")]  # fmt: skip
+    if not names:
+        raise ValidationError(f"{path}: the checkpoint has no head layers")
+    layers = [
+        (n, state[f"{HEAD_PREFIX}{n}.weight"], state[f"{HEAD_PREFIX}{n}.bias"]) for n in names
+    ]
+    table = state[ITEM_TABLE_KEY]
+    return HeadTensors.from_weights(
+        layers,
+        residual=bool(ckpt["model_config"].get("head_residual", True)),
+        item_table=table,
+        item_bias=state.get("item_bias", torch.zeros(len(table))),
+    )
+
+
+def edit_refiner(art: Mapping[str, Any], cfg: RefineConfig) -> EditRefiner:
+    """The refiner of the artefact's ranker (``ranker_path``), clipping to the
+    generator's bounds as the adaptor does."""
+    bounds = art["bounds"]
+    ranker = Path(str(art.get("ranker_path", "")))
+    if not ranker.is_file():
+        raise ValidationError(
+            f"edit refinement needs the ranker the adaptor was trained against; {ranker} "
+            "(the artefact's ranker_path) is not a file"
+        )
+    return EditRefiner(
+        head_from_checkpoint(ranker),
+        cfg,
+        bound=float(bounds["generator_max_weight_norm"]),
+        bias_bound=float(bounds["generator_max_bias_abs"]),
+    )
 
 
 def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
@@ -97,14 +156,19 @@ def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
         )
     ranker_path = Path(art.get("ranker_path", ""))
     model_version = file_fingerprint(ranker_path) if ranker_path.is_file() else None
+    refine = cfg.refine
+    if refine is None and art.get("cloud_refine") is not None:
+        refine = RefineConfig(**dict(art["cloud_refine"]))
+    refiner = edit_refiner(art, refine) if refine is not None else None
     logger.info(
-        "cloud engine: adaptor %s (tokens %s, N=%d, S=%d), %d prototypes, ranker %s",
+        "cloud engine: adaptor %s (tokens %s, N=%d, S=%d), %d prototypes, ranker %s, refine %s",
         path,
         tokens.name,
         n,
         adaptor.cfg.summary_dim,
         len(bank.live) if bank is not None else 0,
         model_version,
+        refiner.describe() if refiner is not None else "off",
     )
     return ComposedEngine(
         item_ids=[str(i) for i in ids.item_ids],
@@ -117,4 +181,5 @@ def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
         info={"adaptor_path": str(path), "bounds": dict(art.get("bounds", {}))},
         # artefacts from before the field: the training default (the LM's prompt length)
         uplink_items=int(art["config"]["windows"].get("uplink_items", 20)),
+        refiner=refiner,
     )

@@ -29,6 +29,7 @@ DTYPE_NAMES = {
     cpb.PAYLOAD_DTYPE_INT8: "int8",
     cpb.PAYLOAD_DTYPE_FP32: "fp32",
 }
+STATE_DTYPE_NAMES = {cpb.STATE_DTYPE_FP16: "fp16", cpb.STATE_DTYPE_FP32: "fp32"}
 
 
 def _prototype_pb(view: PrototypeView) -> cpb.Prototype:
@@ -86,6 +87,15 @@ class AdaptationServicer(cpb_grpc.AdaptationServiceServicer):
         cached = None
         if request.HasField("cached_prototype") and request.cached_prototype.id:
             cached = (request.cached_prototype.id, request.cached_prototype.version)
+        states: dict = {}
+        if request.HasField("recent_states"):
+            rs = request.recent_states
+            states = dict(
+                states=rs.states,
+                state_dim=rs.state_dim,
+                state_dtype=STATE_DTYPE_NAMES.get(rs.dtype),
+                earlier_item_ids=rs.earlier_item_ids,
+            )
         edit_request = build_request(
             engine,
             self._item_index,
@@ -97,6 +107,7 @@ class AdaptationServicer(cpb_grpc.AdaptationServiceServicer):
             payload_dtype=self._dtype(request.payload_dtype),
             cached_prototype=cached,
             top_n=request.top_n,
+            **states,
         )
         assert self.batcher is not None
         result: EditResult = await self.batcher.submit(edit_request)
@@ -107,6 +118,7 @@ class AdaptationServicer(cpb_grpc.AdaptationServiceServicer):
             tokens=result.tokens,
             batch_size=result.batch_size,
             engine_ms=result.engine_ms,
+            refined=result.refined,
         )
         if result.prototype is not None:
             reply.prototype_ref.id, reply.prototype_ref.version = result.prototype
