@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -44,9 +45,10 @@ from recsys.validation import config_dataclass
 @config_dataclass
 class ContinualConfig:
     """How the cloud's adaptor keeps learning (fixed a priori, not tuned on the replay:
-    a tenth of the training learning rate, a daily refresh)."""
+    a tenth of the training learning rate, ten refreshes over the period)."""
 
-    interval_s: float = Field(86400.0, gt=0)  # stream seconds between two refreshes
+    # stream time between two refreshes; None: a tenth of the replay period's span
+    interval_s: float | None = Field(None, gt=0)
     steps: int = Field(20, ge=0)  # AdamW steps per refresh (0 = never changes)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -54,7 +56,14 @@ class ContinualConfig:
     batch_size: int = Field(128, ge=1)  # examples per step
     buffer: int = Field(4096, ge=1)  # the most recent examples a refresh samples from
     min_examples: int = Field(64, ge=1)  # no refresh before this many examples arrived
+    # the newest share of the buffer is held out: a refresh is kept only if it lowers
+    # their loss (else the adaptor and the optimiser go back to where they were)
+    holdout: float = Field(0.2, gt=0.0, lt=1.0)
+    validate: bool = True  # False: keep every refresh (the held-out loss is still reported)
     seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -97,6 +106,7 @@ class ContinualLearner:
             self.adaptor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         self.refreshes = 0
+        self.accepted = 0
         self.seen_examples = 0
 
     def add(self, example: UplinkExample) -> None:
@@ -120,35 +130,60 @@ class ContinualLearner:
         return F.cross_entropy(logits[valid], targets[valid])
 
     def refresh(self) -> dict[str, Any]:
-        """``cfg.steps`` AdamW steps on batches drawn (seeded) from the buffer; the
-        adaptor is back in eval mode afterwards. Returns what it did."""
+        """``cfg.steps`` AdamW steps on batches drawn (seeded) from the older part of the
+        buffer, kept only if the held-out newest examples' loss went down; the adaptor is
+        in eval mode afterwards. Returns what it did."""
         cfg = self.cfg
         n = len(self.examples)
         if n < cfg.min_examples or cfg.steps == 0:
-            return {"steps": 0, "examples": n}
+            return {"steps": 0, "examples": n, "accepted": False}
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, self.refreshes])
         pool = list(self.examples)
+        held = max(1, round(cfg.holdout * n))
+        train, val = pool[: n - held], pool[n - held :]
+        before = self.held_out_loss(val)
+        saved = copy.deepcopy(self.adaptor.state_dict()), copy.deepcopy(self.opt.state_dict())
+        rng = np.random.default_rng([cfg.seed, self.refreshes])
         self.adaptor.train()
         torch.manual_seed(cfg.seed * 100_003 + self.refreshes)  # dropout
         losses = []
         for _ in range(cfg.steps):
-            idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)
-            loss = self.loss([pool[i] for i in idx])
+            idx = rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
+            loss = self.loss([train[i] for i in idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.adaptor.parameters(), cfg.grad_clip)
             self.opt.step()
             losses.append(float(loss.detach()))
         self.adaptor.eval()
+        after = self.held_out_loss(val)
+        accepted = after < before or not cfg.validate
+        if not accepted:
+            self.adaptor.load_state_dict(saved[0])
+            self.opt.load_state_dict(saved[1])
         self.refreshes += 1
+        self.accepted += int(accepted)
         return {
             "steps": cfg.steps,
             "examples": n,
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
+            "train_loss_first": losses[0],
+            "train_loss_last": losses[-1],
+            "held_out_before": before,
+            "held_out_after": after,
+            "accepted": accepted,
             "ms": (time.perf_counter() - t0) * 1e3,
         }
+
+    def held_out_loss(self, examples: list[UplinkExample]) -> float:
+        """Mean loss of the adaptor (eval mode) on ``examples``, in batches."""
+        self.adaptor.eval()
+        bs = self.cfg.batch_size
+        total = 0.0
+        with torch.no_grad():
+            for a in range(0, len(examples), bs):
+                part = examples[a : a + bs]
+                total += float(self.loss(part)) * len(part)
+        return total / max(len(examples), 1)
 
 
 def _seen_mask(batch: list[UplinkExample], shape: torch.Size) -> torch.Tensor:

@@ -103,12 +103,14 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument(
         "--slice-seconds",
         type=float,
-        help="global time: stream seconds of one batched slice of requests (3600)",
+        help="global time: stream seconds of one batched slice of requests (default: the "
+        "replay period's span / 200)",
     )
     p.add_argument(
         "--continual-every",
         type=float,
-        help="global time (system-continual): stream seconds between adaptor refreshes (86400)",
+        help="global time (system-continual): stream seconds between adaptor refreshes "
+        "(default: the replay period's span / 10)",
     )
     p.add_argument(
         "--max-users",
@@ -235,8 +237,10 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
     from recsys.replay.engine import run_replay
     from recsys.replay.report import (
         bullets,
+        comparison_rows,
         cost_rows,
         gate_rows,
+        global_time_lines,
         goal_lines,
         header_line,
         quality_rows,
@@ -252,7 +256,12 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
     summary = summarise(run)
     print(header_line(summary))
     print_table(quality_rows(summary), title="Quality: full-catalogue ranking, seen items excluded")
+    rows = comparison_rows(summary)
+    if rows:
+        print_table(rows, title="Paired NDCG@10 differences (user-bootstrap 95% CIs)")
     print_table(cost_rows(summary), title="Cost per policy (device compute = edit updates only)")
+    for line in bullets(global_time_lines(summary)):
+        print(line)
     rows = service_rows(summary)
     if rows:
         print_table(rows, title="Through the services (round trips seen by the driver)")

@@ -58,6 +58,7 @@ LIVE = "system-live"  # ... of the system whose prototypes are refined online (g
 CONTINUAL = "system-continual"  # ... whose adaptor keeps learning from the uplinks (global time)
 LIVE_KINDS = (LIVE, CONTINUAL)  # edit kinds that need the global-time replay
 SYSTEM_KINDS = (NO_PROTOTYPES, REFINE, *LIVE_KINDS)  # the CLI names of system variants
+GLOBAL_SLICES = 200  # default slices of a global-time replay period
 DEFAULT_BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 QUICK_BUDGETS = (1.0, 0.2)
 
@@ -267,7 +268,9 @@ class ReplayConfig:
             positions; defaults chosen on held-out training users).
         slice_s: global-time replay: requests are served in slices of this much stream
             time; a slice's requests are batched and see the cloud (prototype bank,
-            continual adaptor) as it was when the slice began.
+            continual adaptor) as it was when the slice began. None: the replay
+            period's span / ``GLOBAL_SLICES`` (datasets whose "time" is a position in
+            the user's list get as many slices as real-time ones).
         store_url: global-time replay: the prototype store the live bank writes its
             versions to (None: a fresh SQLite file in a temporary directory).
         continual: how ``system-continual`` policies' adaptor keeps learning.
@@ -295,7 +298,7 @@ class ReplayConfig:
     batch_size: int = Field(256, ge=1)
     lm_batch: int = Field(64, ge=1)
     refine: RefineConfig = field(default_factory=RefineConfig)  # system-refine policies
-    slice_s: float = Field(3600.0, gt=0.0)
+    slice_s: float | None = Field(None, gt=0.0)
     store_url: str | None = None
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     bootstrap: int = Field(2000, ge=1)

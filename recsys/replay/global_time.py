@@ -20,10 +20,10 @@ count), then this module's :class:`GlobalCloud` over the second: every device's 
 of those kinds are merged in stream order, **sorted by (request time, user, history
 length, kind)**, where a request made after the device's event ``L - 1`` has that event's
 timestamp (a request before any replay event has the first replay event's), and cut
-into slices of ``cfg.slice_s`` stream seconds. A slice's requests are generated in one
+into slices of ``cfg.slice_s`` stream seconds (default: the period's span / 200). A slice's requests are generated in one
 batch against the cloud as it was when the slice began; then the bank observes them in
 that order and their uplinked examples join the learner; the learner refreshes at the
-first slice at or after each ``continual.interval_s`` boundary. So an edit depends only
+first slice at or after each ``continual.interval_s`` boundary (default: span / 10). So an edit depends only
 on requests of earlier slices (all strictly earlier in stream time) and on its own
 device's history: no event at or after time t influences an edit served before t
 (tested). Then each device's events are scored with those edits by the same
@@ -56,7 +56,7 @@ from codebook.prototypes import PrototypeBank
 from codebook.quantizer import nearest
 from codebook.store import PrototypeStore
 from recsys.adaptor_inputs import uplink_window
-from recsys.replay.config import CONTINUAL, LIVE, LIVE_KINDS
+from recsys.replay.config import CONTINUAL, GLOBAL_SLICES, LIVE, LIVE_KINDS
 from recsys.replay.edits import DeviceEdit
 from recsys.replay.records import UserResult
 from recsys.replay.replayer import Replayer, ReplayerArgs, replay_devices
@@ -161,18 +161,21 @@ class GlobalCloud:
         if not requests:
             return edits
         t0 = requests[0].time
-        slice_of = [int((r.time - t0) // self.cfg.slice_s) for r in requests]
-        next_refresh = t0 + self.cfg.continual.interval_s
+        span = max(requests[-1].time - t0, 1)
+        self.slice_s = self.cfg.slice_s or span / GLOBAL_SLICES
+        self.interval_s = self.cfg.continual.interval_s or span / 10
+        slice_of = [int((r.time - t0) // self.slice_s) for r in requests]
+        next_refresh = t0 + self.interval_s
         self.slices = 0
         a = 0
         while a < len(requests):
             b = a
             while b < len(requests) and slice_of[b] == slice_of[a]:
                 b += 1
-            start = t0 + slice_of[a] * self.cfg.slice_s
+            start = t0 + slice_of[a] * self.slice_s
             while self.learner is not None and start >= next_refresh:
                 self.refreshes.append(self.learner.refresh() | {"at": next_refresh})
-                next_refresh += self.cfg.continual.interval_s
+                next_refresh += self.interval_s
             self._serve_slice(requests[a:b], events, edits)
             self.slices += 1
             a = b
@@ -262,8 +265,9 @@ class GlobalCloud:
     def summary(self, requests: Sequence[CloudRequest], seconds: float) -> dict[str, Any]:
         """What the cloud did: requests, slices, bank versions and store writes, refreshes."""
         out: dict[str, Any] = {
-            "order": "(request time, user, history length, kind); slices of "
-            f"{self.cfg.slice_s:g} s",
+            "order": "(request time, user, history length, kind)",
+            "slice_s": getattr(self, "slice_s", None),
+            "refresh_interval_s": getattr(self, "interval_s", None),
             "requests": {k: sum(r.kind == k for r in requests) for k in LIVE_KINDS},
             "slices": getattr(self, "slices", 0),
             "cloud_seconds": dict(self.cloud_s),
@@ -286,15 +290,14 @@ class GlobalCloud:
                 "writes_per_s": writes / self.store_s if self.store_s else None,
             }
         if self.learner is not None:
+            done = [r for r in self.refreshes if r.get("steps")]
             out["continual"] = {
                 "examples": self.learner.seen_examples,
-                "refreshes": len([r for r in self.refreshes if r.get("steps")]),
-                "refresh_ms_mean": float(
-                    np.mean([r["ms"] for r in self.refreshes if "ms" in r] or [0.0])
-                ),
-                "config": self.cfg.continual.to_dict()
-                if hasattr(self.cfg.continual, "to_dict")
-                else None,
+                "refreshes": len(done),
+                "accepted": sum(r["accepted"] for r in done),
+                "refresh_ms_mean": float(np.mean([r["ms"] for r in done] or [0.0])),
+                "config": self.cfg.continual.to_dict(),
+                "history": self.refreshes,
             }
         return out
 

@@ -137,6 +137,117 @@ def goal_checks(policies: Mapping[str, dict], specs: list[PolicySpec]) -> dict[s
     return out
 
 
+LATE_SHARE = 1 / 3  # "late in the replay period": the last third of its events by time
+
+
+def comparison_pairs(specs: list[PolicySpec]) -> list[tuple[str, str]]:
+    """(policy, reference) pairs the report compares with paired CIs: every system
+    variant against fine-tuning and against DUET at the same trigger and budget (else
+    DUET's largest budget); live / continual against the frozen system / the plain
+    adaptor edit at the same trigger and budget."""
+    by_label = {s.label: s for s in specs}
+    ft = _find(specs, "finetune")
+    duets = [s for s in specs if s.kind == "duet"]
+    pairs = []
+    for s in specs:
+        if s.kind != "system":
+            continue
+        if ft:
+            pairs.append((s.label, ft))
+        same = [d for d in duets if d.trigger == s.trigger and abs(d.budget - s.budget) < 1e-9]
+        if same or duets:
+            pairs.append((s.label, (same or sorted(duets, key=lambda d: -d.budget))[0].label))
+        twin = {"system-live": "system", "system-continual": "system-noproto"}.get(s.edit_kind)
+        if twin:
+            for o in by_label.values():
+                if (
+                    o.edit_kind == twin
+                    and o.trigger == s.trigger
+                    and abs(o.budget - s.budget) < 1e-9
+                ):
+                    pairs.append((s.label, o.label))
+    return pairs
+
+
+def comparisons(
+    records: Mapping[str, EventRecords], pairs: list[tuple[str, str]], seed: int, resamples: int
+) -> list[dict[str, Any]]:
+    """Paired NDCG@10 differences with user-bootstrap 95 % CIs, over the whole replay
+    period and over its late part (the last ``LATE_SHARE`` of the events by time)."""
+    out = []
+    for a, b in pairs:
+        ra, rb = records[a], records[b]
+        _aligned(ra, rb)
+        diff = ra.ndcg10() - rb.ndcg10()
+        cut = np.quantile(ra.timestamp, 1 - LATE_SHARE) if len(ra) else 0
+        late = ra.timestamp >= cut
+        out.append(
+            {
+                "policy": a,
+                "reference": b,
+                "diff": float(diff.mean()) if len(diff) else 0.0,
+                "ci95": user_bootstrap_ci(diff, ra.user, seed, resamples),
+                "late_diff": float(diff[late].mean()) if late.any() else 0.0,
+                "late_ci95": user_bootstrap_ci(diff[late], ra.user[late], seed, resamples),
+                "late_from": int(cut),
+            }
+        )
+    return out
+
+
+def comparison_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "policy": c["policy"],
+            "minus": c["reference"],
+            "NDCG@10 diff": f"{c['diff']:+.4f}",
+            "95% CI": f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]",
+            "late third diff": f"{c['late_diff']:+.4f}",
+            "late 95% CI": f"[{c['late_ci95'][0]:+.4f}, {c['late_ci95'][1]:+.4f}]",
+        }
+        for c in summary.get("comparisons", [])
+    ]
+
+
+def global_time_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The shared cloud of a global-time replay: requests, slices, versions, store, learning."""
+    g = summary["meta"].get("global_time")
+    if not g:
+        return []
+    ev = max(summary["policies"][summary["order"][0]]["events"], 1)
+    out = [
+        f"order {g['order']}; {g['slices']:,} slices of {g['slice_s']:,.0f} s; requests "
+        + ", ".join(f"{k} {v:,}" for k, v in g["requests"].items())
+        + f"; cloud CPU {g['seconds']:.1f} s in all"
+    ]
+    for kind, sec in g["cloud_seconds"].items():
+        n = g["requests"].get(kind, 0)
+        if n:
+            out.append(
+                f"{kind}: cloud {1e3 * sec / n:.2f} ms per edit, {1e3 * sec / ev:.2f} ms per "
+                "evaluated event (tokens, summary, generation, residual, encoding; the "
+                "store writes and learner refreshes below not included)"
+            )
+    if "prototypes" in g:
+        p, st = g["prototypes"], g["store"]
+        wps = "n/a" if st["writes_per_s"] is None else f"{st['writes_per_s']:,.0f}"
+        out.append(
+            f"prototype bank ({g.get('store_backend', '?')}): {p['versions_written']:,} versions "
+            f"written ({p['refinements']:,} refinements, {p['spawned']} spawned), "
+            f"{p['prototypes']} prototypes at the end; {st['writes']:,} store writes in "
+            f"{st['write_seconds']:.2f} s ({wps} writes/s)"
+        )
+    if "continual" in g:
+        c = g["continual"]
+        out.append(
+            f"continual adaptor: {c['examples']:,} uplinked examples, {c['refreshes']} "
+            f"refreshes (every {g['refresh_interval_s']:,.0f} s) of "
+            f"{c['refresh_ms_mean']:.0f} ms each on average, {c['accepted']} kept "
+            "(lower loss on the newest held-out examples)"
+        )
+    return out
+
+
 def summarise(run: ReplayRun, bins: int = 20) -> dict[str, Any]:
     """Every figure of the report (quality, CIs, costs, gate rates, goals, over time)."""
     specs = [PolicySpec.from_dict(p) for p in run.meta["policies"]]
@@ -180,6 +291,7 @@ def summarise(run: ReplayRun, bins: int = 20) -> dict[str, Any]:
         "meta": run.meta,
         "policies": policies,
         "order": labels,
+        "comparisons": comparisons(run.records, comparison_pairs(specs), seed, resamples),
         "goals": goal_checks(policies, specs),
         "over_time": over_time({k: run.records[k] for k in labels}, bins),
     }
@@ -320,7 +432,8 @@ def header_line(summary: Mapping[str, Any]) -> str:
         f"{sp['cut_timestamp']}): {st['evaluated_events']:,} events of {st['evaluated_users']} "
         f"users evaluated ({st['evaluated_cold_user_events']:,} from users with < 5 training "
         f"events), {st['skipped_events_short_history']:,} skipped (history < {st['min_history']}); "
-        f"tokens: {m['token_source']}; payload {m['config']['payload_dtype']}; prototypes frozen; "
+        f"tokens: {m['token_source']}; payload {m['config']['payload_dtype']}; prototypes "
+        f"{'frozen except system-live' if m.get('global_time') else 'frozen'}; "
         f"seed {m['seed']}; {m['config']['workers']} worker(s)"
     )
 
@@ -346,6 +459,7 @@ def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     lines = [f"# Replay: {summary['meta']['dataset']['name']}", "", header_line(summary), ""]
     for title, rows in (
         ("Quality (full-catalogue ranking, seen items excluded)", quality_rows(summary)),
+        ("Paired differences (user-bootstrap 95% CIs)", comparison_rows(summary)),
         ("Cost per policy", cost_rows(summary)),
         ("Through the services", service_rows(summary)),
         ("Request gate: threshold calibrated on the training period", gate_rows(summary)),
@@ -353,6 +467,8 @@ def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         if not rows:
             continue
         lines += [f"## {title}", "", *_md_table(rows), ""]
+    if global_time_lines(summary):
+        lines += ["## The shared cloud (global time)", "", *bullets(global_time_lines(summary)), ""]
     lines += ["## Targets (as measured)", "", *bullets(goal_lines(summary)), ""]
     for name, file in plots.items():
         lines += [f"![{name}]({file})", ""]

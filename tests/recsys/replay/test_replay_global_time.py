@@ -23,7 +23,9 @@ CFG = ReplayConfig(
     negatives=10,
     gate_window=4,
     slice_s=200.0,
-    continual=ContinualConfig(interval_s=400.0, steps=3, min_examples=4, batch_size=16),
+    continual=ContinualConfig(
+        interval_s=400.0, steps=10, lr=3e-3, min_examples=4, batch_size=16, holdout=0.5
+    ),
 )
 STATIC = PolicySpec("static")
 FROZEN = PolicySpec("system", "timer", 0.5)
@@ -90,17 +92,29 @@ def test_live_bank_writes_versions_and_replays_deterministically(world, tmp_path
         assert np.allclose(again.records[s.label].auc, run.records[s.label].auc)
 
 
-def test_continual_learning_changes_edits_only_after_a_refresh(world) -> None:
+def test_continual_learning_keeps_a_refresh_only_when_it_helps(world) -> None:
     never = dataclasses.replace(CFG, continual=dataclasses.replace(CFG.continual, steps=0))
     bare = PolicySpec.parse("system-noproto:timer:0.5")
     run = run_replay(world.ds, never, [bare, CONT], cache=world.cache, progress=False)
     # with no refresh steps the continual adaptor is the trained one
     assert np.array_equal(run.records[bare.label].rank, run.records[CONT.label].rank)
-    learning = run_replay(world.ds, CFG, [bare, CONT], cache=world.cache, progress=False)
-    r0, r1 = learning.records[bare.label], learning.records[CONT.label]
-    first = learning.meta["global_time"]["continual"]
-    assert first["refreshes"] >= 1
-    assert not np.array_equal(r0.rank, r1.rank) or not np.allclose(r0.auc, r1.auc)
+    # validated: a refresh is kept only when the newest held-out examples' loss went down
+    checked = run_replay(world.ds, CFG, [bare, CONT], cache=world.cache, progress=False)
+    info = checked.meta["global_time"]["continual"]
+    done = [h for h in info["history"] if h["steps"]]
+    assert len(done) == info["refreshes"] >= 2
+    for h in done:
+        assert h["accepted"] == (h["held_out_after"] < h["held_out_before"])
+        assert h["train_loss_last"] < h["train_loss_first"]  # it does learn
+    r0, r1 = checked.records[bare.label], checked.records[CONT.label]
+    if info["accepted"] == 0:  # every refresh rolled back: the trained adaptor's edits
+        assert np.array_equal(r0.rank, r1.rank)
+    # unvalidated: every refresh is kept and the edits change
+    cfg = dataclasses.replace(CFG, continual=dataclasses.replace(CFG.continual, validate=False))
+    kept = run_replay(world.ds, cfg, [bare, CONT], cache=world.cache, progress=False)
+    assert kept.meta["global_time"]["continual"]["accepted"] == info["refreshes"]
+    k0, k1 = kept.records[bare.label], kept.records[CONT.label]
+    assert not np.allclose(k0.auc, k1.auc)
 
 
 def test_no_event_at_or_after_t_influences_an_edit_served_before_t(world) -> None:
