@@ -16,9 +16,12 @@ the device's trigger may ask the cloud, synchronously, and the edit serves later
 Users run concurrently (``GrpcOptions.concurrency``); a user's results depend only on
 its own events.
 
-Policies: ``static`` and ``system`` (gate or timer). ``finetune`` and ``duet`` have no
-deployed service (back-propagation on the device, a cloud without the LM) and are
-rejected with a clear error (:func:`recsys.replay.services.check_grpc_policies`).
+Policies: ``static``, ``system`` (gate or timer) and ``system-refine`` (its device
+uplinks its recent user states, the cloud refines the adaptor's edit on them and sends
+it whole). ``finetune``, ``duet`` and ``system-noproto`` have no deployed service
+(back-propagation on the device, a cloud without the LM, a cloud that always sends
+residuals) and are rejected with a clear error
+(:func:`recsys.replay.services.check_grpc_policies`).
 
 Costs per policy are measured on the services: serialized GenerateEdit requests and
 responses (the response also carries the generated item ids and tokens, for audit), the
@@ -235,7 +238,8 @@ def replay_through_services(
 
         with contextlib.ExitStack() as stack:
             if any(s.requests for s in specs):
-                argv = cloud_argv(prep.art, prep.art_path, cache, ds.name, tmp)
+                refine = cfg.refine if any(s.refine for s in specs) else None
+                argv = cloud_argv(prep.art, prep.art_path, cache, ds.name, tmp, refine)
                 servers["cloud"] = {"argv": display_argv(argv, tmp, cache)}
                 cloud = stack.enter_context(server(argv, "cloud", tmp, servers["cloud"], timeout))
             early = {}  # prestart: every device server now, beside the cloud

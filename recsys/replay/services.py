@@ -5,12 +5,17 @@ and starting / stopping them.
   recent-item) tokens, adaptor and prototypes, on a copy of the artefact whose prototype
   bank is frozen (never refined, never spawned: the in-process replay's bank is frozen at
   the artefact's version 1) and a copy of its store; micro-batching off, so an edit never
-  depends on which other devices asked at the same moment (:func:`cloud_argv`);
+  depends on which other devices asked at the same moment (:func:`cloud_argv`); when a
+  ``system-refine`` policy is replayed the copy also carries the protocol's refinement
+  settings (``cloud_refine``: ``ReplayConfig.refine``), so the cloud refines the edits
+  of requests that carry the device's recent states and sends them whole;
 * **device** (``recsys serve device``), one per policy: the time-split ranker with the
   artefact's edit bounds, every user seeded with its training-period history, the
   policy's trigger (``gate`` with the threshold calibrated once by
   :func:`recsys.replay.engine.prepare_replay`, or ``timer``), the same uplink (recent
-  items, summary) and payload precision as the protocol; ranking one call at a time
+  items, summary) and payload precision as the protocol; ranking one call at a time; a
+  ``system-refine`` device also uplinks its user states before its last
+  ``refine.positions`` positions, in fp32 (:data:`REFINE_STATE_DTYPE`)
   (:func:`device_argv`).
 
 :func:`server` starts one as a child process on a loopback port and records its
@@ -38,6 +43,7 @@ from typing import Any
 
 import torch
 
+from codebook.refine import RefineConfig
 from recsys.errors import ValidationError
 from recsys.replay.config import PolicySpec, ReplayConfig
 from recsys.replay.policies import trigger_key
@@ -46,11 +52,15 @@ from recsys.serving.process import ServerProcess
 logger = logging.getLogger(__name__)
 
 GRPC_KINDS = ("static", "system")
+# wire precision of the states a system-refine device uplinks in the replay: fp32, so the
+# cloud refines on exactly the states the in-process replay uses (fp16 rounding, 2^-11
+# relative, moves Adam's first steps where gradients are near zero)
+REFINE_STATE_DTYPE = "fp32"
 
 
 def check_grpc_policies(specs: Sequence[PolicySpec]) -> list[PolicySpec]:
-    """The policies the deployed services can run (static, system with prototypes);
-    others: a clear error."""
+    """The policies the deployed services can run (static, system with prototypes,
+    system-refine); others: a clear error."""
     bad = [s.label for s in specs if s.kind not in GRPC_KINDS]
     if bad:
         raise ValidationError(
@@ -58,24 +68,29 @@ def check_grpc_policies(specs: Sequence[PolicySpec]) -> list[PolicySpec]:
             f"policies; {bad} have no service (on-device fine-tuning, the DUET baseline): "
             "replay them in process, or leave them out"
         )
-    bare = [s.label for s in specs if not s.prototypes]
+    bare = [s.label for s in specs if not s.prototypes and not s.refine]
     if bare:
         raise ValidationError(
-            f"the cloud service always sends prototype residuals; {bare} (no prototypes) "
-            "runs in process only"
+            f"the cloud service sends prototype residuals (or, to a device that uplinks its "
+            f"states, a refined edit); {bare} (no prototypes, no refinement) runs in process only"
         )
     return list(specs)
 
 
-def frozen_artifact(art: dict[str, Any], dest: Path) -> Path:
+def frozen_artifact(art: dict[str, Any], dest: Path, refine: RefineConfig | None = None) -> Path:
     """Write a copy of the adaptor artefact whose prototype bank never changes.
 
     The cloud refines a prototype every ``refine_every`` member edits and spawns one when
     enough residuals are far; the in-process replay freezes the bank at the artefact's
     version, so the copy sets ``refine_every`` beyond reach and the spawn threshold to
-    +inf. Everything else (weights, bounds, ranker, token source) is unchanged.
+    +inf. Everything else (weights, bounds, ranker, token source) is unchanged. With
+    ``refine`` the copy also asks the cloud to refine the edits of requests that carry
+    states (the ``cloud_refine`` entry ``llm_cloud.service.loading`` reads).
     """
     frozen = dict(art)
+    if refine is not None:
+        frozen["cloud_refine"] = {"steps": refine.steps, "lr": refine.lr,
+                                  "positions": refine.positions}  # fmt: skip
     cfg = dict(art["config"])
     cfg["prototypes"] = dict(cfg["prototypes"], refine_every=2**62)
     frozen["config"] = cfg
@@ -98,14 +113,20 @@ def _store_copy(art: dict[str, Any], tmp: Path) -> list[str]:
 
 
 def cloud_argv(
-    art: dict[str, Any], art_path: Path, cache: Path, dataset: str, tmp: Path
+    art: dict[str, Any],
+    art_path: Path,
+    cache: Path,
+    dataset: str,
+    tmp: Path,
+    refine: RefineConfig | None = None,
 ) -> list[str]:
-    """``recsys serve cloud`` arguments for the replay (frozen bank, no micro-batching)."""
+    """``recsys serve cloud`` arguments for the replay (frozen bank, no micro-batching;
+    ``refine``: edits of requests with states are refined so)."""
     from recsys.workflows.adaptor_config import config_from_dict
 
     tcfg = config_from_dict(art["config"])
     root = Path(cache) / "artifacts" / dataset
-    frozen = frozen_artifact(art, tmp / art_path.name)
+    frozen = frozen_artifact(art, tmp / art_path.name, refine)
     return [
         "serve", "cloud", "--engine", "artifacts", "--adaptor", str(frozen),
         "--codebook-dir", str(root / "codebook"), "--lm-dir", str(root / "lm"),
@@ -132,7 +153,8 @@ def device_argv(
     argv = [
         "serve", "device", "--checkpoint", str(art["ranker_path"]), "--dataset", str(ds_dir),
         "--seed-histories", "time", "--seed-quantile", repr(cfg.quantile),
-        "--history-len", str(max(200, cfg.uplink_items, tcfg.windows.summary_items)),
+        "--history-len",
+        str(max(200, cfg.uplink_items, tcfg.windows.summary_items, cfg.refine.positions + 1)),
         "--max-weight-norm", repr(float(bounds["device_max_weight_norm"])),
         "--max-bias-abs", repr(float(bounds["device_max_bias_abs"])),
         "--max-probes", str(max(1000, cfg.negatives + 1)),
@@ -159,6 +181,8 @@ def device_argv(
     ]  # fmt: skip
     if not int(art["adaptor_config"].get("summary_dim", 0)):
         argv.append("--no-summary")
+    if spec is not None and spec.refine:
+        argv += ["--uplink-states", str(cfg.refine.positions), "--state-dtype", REFINE_STATE_DTYPE]
     return argv
 
 
@@ -201,6 +225,7 @@ def display_argv(argv: Sequence[str], tmp: Path, cache: Path) -> list[str]:
 
 __all__ = [
     "GRPC_KINDS",
+    "REFINE_STATE_DTYPE",
     "check_grpc_policies",
     "cloud_argv",
     "device_argv",

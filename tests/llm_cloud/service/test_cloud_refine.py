@@ -32,6 +32,7 @@ from recsys.data.registry import load_dataset
 from recsys.edit_payload import decode_payload
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
+from recsys.serving.batching import BatchConfig
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def walk(num_users: int = 30, length: int = 16) -> Dataset:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, Ranker]:
-    """(adaptor artefact, the ranker it names)."""
+    """(adaptor artefact, the ranker it names); the dataset is beside the cache."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cloud-refine")
     ds = load_dataset(write_dataset(walk(), root / "walk"))
@@ -236,3 +237,70 @@ def test_refinement_is_batched_and_users_independent(cloud, world) -> None:
             np.testing.assert_allclose(ta[k].numpy(), tb[k].numpy(), atol=1e-5, err_msg=k)
     assert [r.refined for r in together] == [True, True, True, False]
     assert together[0].batch_size == 4
+
+
+def test_device_uplinks_its_recent_states_and_applies_the_refined_edit(
+    bg, cloud, world, monkeypatch
+) -> None:
+    """A device server with ``uplink_states`` sends the states before its last P
+    positions (from its ring buffer where a Recommend computed them, the rest in one
+    pass; both equal the ranker's states of the prefixes) and the items beyond its uplink
+    window; the cloud's refined edit is applied whole."""
+    from device_ranker.gate import GateConfig
+    from device_ranker.service.config import CloudLinkConfig, DeviceConfig
+    from device_ranker.service.server import start_device
+    from recsys.rpc.device.v1 import recommendation_pb2 as pb
+    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+
+    art, ranker = world
+    seen: list[EditRequest] = []
+    generate = cloud.engine.generate_edits
+
+    def spy(requests):
+        seen.extend(requests)
+        return generate(requests)
+
+    monkeypatch.setattr(cloud.servicer.batcher, "fn", spy)
+    cfg = DeviceConfig(
+        checkpoint=str(torch.load(art, weights_only=False)["ranker_path"]),
+        seed_histories="none",
+        rank_batch=BatchConfig(max_batch=1, max_wait_ms=0.0),
+        trigger="timer",
+        gate=GateConfig(budget=1 / 3, min_history=4, min_gap=1),
+        cloud=CloudLinkConfig(
+            target=f"127.0.0.1:{cloud.port}", deadline_s=30.0, recent_items=3,
+            summary_items=4, payload_dtype="fp32", uplink_states=REFINE.positions,
+            state_dtype="fp32",
+        ),
+    )  # fmt: skip
+    device = bg.run(start_device(cfg))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{device.port}") as channel:
+            stub = pb_grpc.RecommendationServiceStub(channel)
+            replies = []
+            for n, item in enumerate(HISTORY.tolist()):
+                if n % 2:  # some positions' states come from a Recommend's ranking pass
+                    stub.Recommend(pb.RecommendRequest(user_id="dev", k=1), timeout=30)
+                replies.append(
+                    stub.RecordEvent(
+                        pb.RecordEventRequest(
+                            user_id="dev", item_id=f"i{item}", timestamp=n + 1, wait_for_edit=True
+                        ),
+                        timeout=60,
+                    )
+                )
+            status = stub.GetStatus(pb.GetStatusRequest(user_id="dev"), timeout=10).user
+    finally:
+        bg.run(device.stop(0))
+    applied = [r for r in replies if r.outcome == pb.EDIT_OUTCOME_APPLIED]
+    assert len(applied) >= 2 and all(r.cost.prototype_bytes == 0 for r in applied)
+    assert status.edit.prototype_id == 0 and status.edit.edit_id >= 1
+    mine = [r for r in seen if r.device_id == "dev"]
+    assert len(mine) == len(applied)
+    for r in mine:
+        assert len(r.history) == 3  # the uplink window; earlier targets came separately
+        hist = HISTORY[: HISTORY.tolist().index(int(r.history[-1])) + 1]
+        p = min(REFINE.positions, len(hist) - 1)
+        want = ranker.user_states([hist[:j] for j in range(len(hist) - p, len(hist))]).numpy()
+        np.testing.assert_allclose(r.states, want, atol=1e-5)
+        np.testing.assert_array_equal(r.targets, hist[-p:])
