@@ -19,7 +19,7 @@ positions, D ranker width, I items.
 Example::
 
     learner = ContinualLearner(adaptor, head, ContinualConfig())
-    learner.add(UplinkExample(codes, None, summary, states, targets, seen))
+    learner.add(UplinkExample(7, codes, None, summary, states, targets, seen))
     learner.refresh()          # -> {"steps": 20, "loss_before": ..., "ms": ...}
     learner.adaptor(codes[None], None, summary[None])   # the refreshed generator
 """
@@ -56,8 +56,10 @@ class ContinualConfig:
     batch_size: int = Field(128, ge=1)  # examples per step
     buffer: int = Field(4096, ge=1)  # the most recent examples a refresh samples from
     min_examples: int = Field(64, ge=1)  # no refresh before this many examples arrived
-    # the newest share of the buffer is held out: a refresh is kept only if it lowers
-    # their loss (else the adaptor and the optimiser go back to where they were)
+    # this share of the devices is held out: a refresh trains on the others' examples
+    # and is kept only if it lowers the held-out devices' loss (else the adaptor and the
+    # optimiser go back to where they were); by device, since one device's consecutive
+    # examples are too alike to check each other
     holdout: float = Field(0.2, gt=0.0, lt=1.0)
     validate: bool = True  # False: keep every refresh (the held-out loss is still reported)
     seed: int = 0
@@ -71,6 +73,7 @@ class UplinkExample:
     """One example the cloud assembled from two requests of a device.
 
     Attributes:
+        device: who sent it (the held-out split is by device).
         codes: [N, L+1] the earlier request's adaptor tokens; scores: [N] or None.
         summary: [S] its device summary.
         states: [W, D] user states before each later item (uplinked with the later
@@ -79,6 +82,7 @@ class UplinkExample:
             window), excluded from the softmax like training's ``mask_seen``.
     """
 
+    device: int
     codes: np.ndarray
     scores: np.ndarray | None
     summary: torch.Tensor
@@ -130,17 +134,19 @@ class ContinualLearner:
         return F.cross_entropy(logits[valid], targets[valid])
 
     def refresh(self) -> dict[str, Any]:
-        """``cfg.steps`` AdamW steps on batches drawn (seeded) from the older part of the
-        buffer, kept only if the held-out newest examples' loss went down; the adaptor is
-        in eval mode afterwards. Returns what it did."""
+        """``cfg.steps`` AdamW steps on batches drawn (seeded) from the buffer's examples
+        of the training devices, kept only if the held-out devices' loss went down; the
+        adaptor is in eval mode afterwards. Returns what it did."""
         cfg = self.cfg
         n = len(self.examples)
         if n < cfg.min_examples or cfg.steps == 0:
             return {"steps": 0, "examples": n, "accepted": False}
         t0 = time.perf_counter()
         pool = list(self.examples)
-        held = max(1, round(cfg.holdout * n))
-        train, val = pool[: n - held], pool[n - held :]
+        val = [e for e in pool if self.held_out(e.device)]
+        train = [e for e in pool if not self.held_out(e.device)]
+        if not val or not train:
+            return {"steps": 0, "examples": n, "accepted": False}
         before = self.held_out_loss(val)
         saved = copy.deepcopy(self.adaptor.state_dict()), copy.deepcopy(self.opt.state_dict())
         rng = np.random.default_rng([cfg.seed, self.refreshes])
@@ -173,6 +179,11 @@ class ContinualLearner:
             "accepted": accepted,
             "ms": (time.perf_counter() - t0) * 1e3,
         }
+
+    def held_out(self, device: int) -> bool:
+        """Whether ``device`` is one of the held-out devices (a fixed hash, seeded)."""
+        h = (int(device) * 2654435761 + 97 * self.cfg.seed) % 2**32
+        return h / 2**32 < self.cfg.holdout
 
     def held_out_loss(self, examples: list[UplinkExample]) -> float:
         """Mean loss of the adaptor (eval mode) on ``examples``, in batches."""

@@ -1,5 +1,5 @@
-"""Cloud-side refinement of generated edits: a building block of issue 13 (not yet wired
-into the cloud service or the replay).
+"""Cloud-side refinement of generated edits (issue 13): the replay's ``system-refine``
+policies and the cloud service's refiner (``llm_cloud.service``) call it.
 
 The cloud warm-starts from the generator's bounded low-rank edit and takes a few Adam
 steps of the on-device fine-tuning objective (next-item full-softmax cross-entropy of

@@ -244,7 +244,7 @@ class GlobalCloud:
                 lo = max(prev.length, r.length - ring)  # positions the uplink covers
                 hi = min(prev.length + self.window, r.length)
                 if hi > lo:
-                    done.append((prev, seq, np.arange(lo, hi)))
+                    done.append((r.user, prev, seq, np.arange(lo, hi)))
                     prefixes += [seq[:p] for p in range(lo, hi)]
             self.pending[r.user] = _Pending(
                 r.length, codes[j], None if scores is None else scores[j], summary[j]
@@ -253,14 +253,16 @@ class GlobalCloud:
             return
         states = self.rep.history_states(prefixes).clone()  # [sum W_j, D]
         at = 0
-        for prev, seq, pos in done:
+        for user, prev, seq, pos in done:
             tg = np.full(self.window, -1, dtype=np.int64)
             tg[: len(pos)] = seq[pos]
             st = torch.zeros(self.window, states.shape[1])
             st[: len(pos)] = states[at : at + len(pos)]
             at += len(pos)
             seen = uplink_window(seq[: prev.length], self.cfg.uplink_items)
-            self.learner.add(UplinkExample(prev.codes, prev.scores, prev.summary, st, tg, seen))
+            self.learner.add(
+                UplinkExample(user, prev.codes, prev.scores, prev.summary, st, tg, seen)
+            )
 
     def summary(self, requests: Sequence[CloudRequest], seconds: float) -> dict[str, Any]:
         """What the cloud did: requests, slices, bank versions and store writes, refreshes."""

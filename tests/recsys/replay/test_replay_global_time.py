@@ -78,9 +78,10 @@ def test_live_bank_writes_versions_and_replays_deterministically(world, tmp_path
     # the frozen system and the live one share request points; the live bank changes edits
     a, b = run.records[FROZEN.label], run.records[LIVE.label]
     assert np.array_equal(a.requested, b.requested)
-    assert run.costs[LIVE.label]["prototype_downloads"] > run.costs[FROZEN.label][
-        "prototype_downloads"
-    ]  # devices download new versions
+    assert (
+        run.costs[LIVE.label]["prototype_downloads"]
+        > run.costs[FROZEN.label]["prototype_downloads"]
+    )  # devices download new versions
     # the per-device policies are exactly those of a replay without the global ones
     alone = run_replay(world.ds, CFG, [STATIC, FROZEN], cache=world.cache, progress=False)
     assert np.array_equal(alone.records[FROZEN.label].rank, a.rank)
@@ -98,7 +99,7 @@ def test_continual_learning_keeps_a_refresh_only_when_it_helps(world) -> None:
     run = run_replay(world.ds, never, [bare, CONT], cache=world.cache, progress=False)
     # with no refresh steps the continual adaptor is the trained one
     assert np.array_equal(run.records[bare.label].rank, run.records[CONT.label].rank)
-    # validated: a refresh is kept only when the newest held-out examples' loss went down
+    # validated: a refresh is kept only when the held-out devices' loss went down
     checked = run_replay(world.ds, CFG, [bare, CONT], cache=world.cache, progress=False)
     info = checked.meta["global_time"]["continual"]
     done = [h for h in info["history"] if h["steps"]]
