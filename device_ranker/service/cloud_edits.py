@@ -135,6 +135,7 @@ class FetchResult:
         payload_bytes: the residual's RSE1 payload; prototype_bytes: a prototype payload
             received for it (0 when the device held it).
         cloud_ms: the cloud engine's time.
+        states_us: device compute for the uplinked recent states (0 without).
         decode_us / apply_us: device compute on the ranking thread: RSE1 -> tensors, then
             compose + validate + materialise the head weights.
     """
@@ -147,6 +148,7 @@ class FetchResult:
     cloud_ms: float = 0.0
     decode_us: float = 0.0
     apply_us: float = 0.0
+    states_us: float = 0.0
 
 
 class CloudEdits:
@@ -225,7 +227,7 @@ class CloudEdits:
         self.requests += 1
         t0 = time.perf_counter()
         up = down = payload_bytes = proto_bytes = 0
-        cloud_ms = decode_us = apply_us = 0.0
+        cloud_ms = decode_us = apply_us = states_us = 0.0
         try:
             if not link.reachable:
                 raise ConnectionError(f"cloud unreachable ({link.last_error}); not asked")
@@ -245,8 +247,9 @@ class CloudEdits:
                 request.cached_prototype.id = st.edit_info.prototype_id
                 request.cached_prototype.version = st.edit_info.prototype_version
             if cfg.uplink_states:
-                states, rel = await loop.run_in_executor(
+                (states, rel), states_us = await loop.run_in_executor(
                     self.executor,
+                    _timed,
                     recent_states,
                     self.ranker,
                     history,
@@ -301,7 +304,15 @@ class CloudEdits:
             self.failures += 1
             logger.warning("user %r: %s", user_id, st.note)
             return FetchResult(
-                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us
+                "failed",
+                up,
+                down,
+                payload_bytes,
+                proto_bytes,
+                cloud_ms,
+                decode_us,
+                apply_us,
+                states_us,
             )
         finally:
             st.pending = None
@@ -325,7 +336,15 @@ class CloudEdits:
             response.batch_size,
         )
         return FetchResult(
-            "applied", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us
+            "applied",
+            up,
+            down,
+            payload_bytes,
+            proto_bytes,
+            cloud_ms,
+            decode_us,
+            apply_us,
+            states_us,
         )
 
     async def _prototype(

@@ -66,6 +66,7 @@ def edit_cost(cost: FetchResult | None) -> pb.EditCost | None:
         cloud_ms=cost.cloud_ms,
         device_decode_us=cost.decode_us,
         device_apply_us=cost.apply_us,
+        device_states_us=cost.states_us,
     )
 
 

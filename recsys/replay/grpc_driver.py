@@ -70,7 +70,8 @@ COSTS_NOTE = (
     "over gRPC: uplink/downlink bytes are the serialized GenerateEdit request and response "
     "(+ a GetPrototype reply; the response also carries the generated item ids and tokens "
     "for audit); device_us is the device's decode + compose + validate + materialise time "
-    "per edit, measured in the device server; cloud_ms is the cloud engine's time per edit; "
+    "per edit (+ assembling the uplinked user states for system-refine: the ones missing from "
+    "its ring buffer cost one encoder pass), measured in the device server; cloud_ms is the cloud engine's time per edit; "
     "FLOPs and peak memory are not observable (NaN); recommend_ms / record_event_ms are "
     "round trips seen by the driver; device_server_cpu_* is the device server's whole CPU "
     "time, ranking included"
@@ -98,7 +99,8 @@ async def replay_user(
         acc.failed_requests += int(reply.outcome == pb.EDIT_OUTCOME_FAILED)
         e = reply.cost
         acc.add(
-            decode_us=e.device_decode_us, apply_us=e.device_apply_us, device_flops=nan,
+            decode_us=e.device_decode_us + e.device_states_us, apply_us=e.device_apply_us,
+            device_flops=nan,
             device_peak_bytes=nan, uplink_bytes=e.bytes_up, downlink_bytes=e.bytes_down,
             payload_bytes=e.payload_bytes, cloud_ms=e.cloud_ms, initial=acc.requests == 0,
         )  # fmt: skip

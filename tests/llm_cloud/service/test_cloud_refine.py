@@ -294,6 +294,7 @@ def test_device_uplinks_its_recent_states_and_applies_the_refined_edit(
         bg.run(device.stop(0))
     applied = [r for r in replies if r.outcome == pb.EDIT_OUTCOME_APPLIED]
     assert len(applied) >= 2 and all(r.cost.prototype_bytes == 0 for r in applied)
+    assert all(r.cost.device_states_us > 0 for r in applied)
     assert status.edit.prototype_id == 0 and status.edit.edit_id >= 1
     mine = [r for r in seen if r.device_id == "dev"]
     assert len(mine) == len(applied)
