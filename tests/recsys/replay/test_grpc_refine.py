@@ -72,4 +72,4 @@ def test_grpc_system_refine_matches_in_process(world) -> None:
     # the refined edits are not the prototype system's: the cloud did refine
     assert not np.array_equal(rec.rank, remote.records[POLICIES[2].label].rank)
     rows = {r["policy"]: r for r in parity_rows(local, remote)}
-    assert rows[REFINE.label]["request differs"] == 0 and rows[REFINE.label]["rank differs"] <= 1
+    assert all(r["matches"] for r in rows.values()), rows
