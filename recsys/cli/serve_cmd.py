@@ -104,6 +104,15 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
         "--no-prototypes", action="store_true", help="send absolute edits (no prototype bank)"
     )
     p.add_argument(
+        "--refine",
+        action="store_true",
+        help="refine the adaptor's edit of a request that carries the device's recent user "
+        "states (codebook.refine; sent whole, no prototype)",
+    )
+    _opt(p, "--refine-steps", 5, "Adam steps of --refine")
+    _opt(p, "--refine-lr", 1e-3, "learning rate of --refine")
+    _opt(p, "--refine-positions", 30, "recent positions --refine optimises on")
+    p.add_argument(
         "--head-spec",
         default="fc0=128x64,fc1=64x128",
         help="tiny engine: the ranker head, 'fc0=OUTxIN,fc1=OUTxIN' (default: ml-100k's)",
@@ -173,6 +182,20 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         help="gate: the shift gate; timer: a request every round(1/budget) events, "
         "the baseline the gate must beat (default gate)",
     )
+    g = p.add_argument_group("staleness of the edit (device_ranker.service.policy)")
+    _opt(g, "--fit-clicks", 5, "clicks whose ranks make the fit signal (0 = off)")
+    g.add_argument(
+        "--fit-every-click",
+        action="store_true",
+        help="also rank clicks no Recommend preceded (one scoring pass each)",
+    )
+    g.add_argument("--stale-events", type=int, help="request when the edit is this many events old")
+    g.add_argument("--stale-seconds", type=float, help="request when the edit is this old, s")
+    g.add_argument(
+        "--stale-fit-mrr",
+        type=float,
+        help="request when the fit MRR of the last clicks drops below",
+    )
     g = p.add_argument_group("link to the cloud")
     g.add_argument("--cloud", help="cloud host:port (default: none, base model only)")
     _opt(g, "--cloud-deadline", 1.0, "GenerateEdit deadline, s")
@@ -186,6 +209,19 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
     )
     _opt(g, "--recent-items", 50, "recent item ids a GenerateEdit request carries")
     _opt(g, "--summary-items", 10, "recent items pooled into the summary vector")
+    _opt(
+        g,
+        "--uplink-states",
+        0,
+        "also send the ranker's user states before the user's last N positions (for a "
+        "cloud started with --refine; 0 = never)",
+    )
+    g.add_argument(
+        "--state-dtype",
+        choices=("fp16", "fp32"),
+        default="fp16",
+        help="wire precision of --uplink-states (default fp16)",
+    )
     g = p.add_argument_group("A/B experiment and evaluation")
     g.add_argument(
         "--experiment",
@@ -309,6 +345,7 @@ def default_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve_cloud(args: argparse.Namespace) -> int:
+    from codebook.refine import RefineConfig
     from llm_cloud.service.loading import ArtifactEngineConfig
     from llm_cloud.service.server import CloudConfig, serve_cloud
 
@@ -322,6 +359,11 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
             lm_options={"url": args.lm_url} if args.lm_url else {},
             store_url=args.store_url,
             prototypes=not args.no_prototypes,
+            refine=RefineConfig(
+                steps=args.refine_steps, lr=args.refine_lr, positions=args.refine_positions
+            )
+            if args.refine
+            else None,
         )
     config = CloudConfig(
         engine=args.engine,
@@ -345,6 +387,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
 def cmd_serve_device(args: argparse.Namespace) -> int:
     from device_ranker.gate import GateConfig
     from device_ranker.service.config import CloudLinkConfig, DeviceConfig
+    from device_ranker.service.policy import StalenessConfig
     from device_ranker.service.server import serve_device
 
     experiment, arm_for = None, None
@@ -359,6 +402,13 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         rank_batch=_batch(args.rank_batch, args.rank_wait_ms),
         experiment=experiment,
         trigger=args.gate_trigger,
+        staleness=StalenessConfig(
+            fit_clicks=args.fit_clicks,
+            fit_every_click=args.fit_every_click,
+            max_events=args.stale_events,
+            max_seconds=args.stale_seconds,
+            min_fit_mrr=args.stale_fit_mrr,
+        ),
         gate=GateConfig(
             budget=args.gate_budget,
             window=args.gate_window,
@@ -377,6 +427,8 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
             recent_items=args.recent_items,
             summary_items=args.summary_items,
             send_summary=not args.no_summary,
+            uplink_states=args.uplink_states,
+            state_dtype=args.state_dtype,
         ),
         server=_server_options(args),
     )

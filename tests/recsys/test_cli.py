@@ -83,3 +83,16 @@ def test_json_output_is_strict_json_without_nan(tmp_path) -> None:
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
     assert data["nan"] is None and data["arr"] == [1.0, None] and data["f32"] == 2.5
     assert "versions" in data
+
+
+def test_serve_cloud_refine_flags_default_to_the_refine_config() -> None:
+    from codebook.refine import RefineConfig
+    from recsys.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "cloud", "--refine"])
+    cfg = RefineConfig()
+    assert (args.refine_steps, args.refine_lr, args.refine_positions) == (
+        cfg.steps,
+        cfg.lr,
+        cfg.positions,
+    )

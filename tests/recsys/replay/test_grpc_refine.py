@@ -8,8 +8,6 @@ The states go up in fp32 (``recsys.replay.services.REFINE_STATE_DTYPE``).
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -23,19 +21,6 @@ pytestmark = pytest.mark.slow
 CFG = ReplayConfig(negatives=8, max_users=6, seed=5)
 REFINE = PolicySpec.parse("system-refine:timer:0.3")
 POLICIES = [PolicySpec("static"), REFINE, PolicySpec("system", "timer", 0.3)]
-
-
-def _cli_serves_states() -> bool:
-    from recsys.cli import serve_cmd
-
-    source = inspect.getsource(serve_cmd)
-    return "--uplink-states" in source and "--refine" in source
-
-
-needs_cli = pytest.mark.skipif(
-    not _cli_serves_states(),
-    reason="`recsys serve device` has no --uplink-states / `serve cloud` no --refine yet",
-)
 
 
 def test_refine_policies_get_a_service_and_the_device_uplinks_states(world) -> None:
@@ -52,7 +37,6 @@ def test_refine_policies_get_a_service_and_the_device_uplinks_states(world) -> N
     assert "--uplink-states" not in plain
 
 
-@needs_cli
 def test_grpc_system_refine_matches_in_process(world) -> None:
     local = run_replay(world.ds, CFG, POLICIES, cache=world.cache, progress=False)
     remote = run_replay(world.ds, CFG, POLICIES, cache=world.cache, progress=False, via="grpc")

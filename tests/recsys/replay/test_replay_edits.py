@@ -81,7 +81,7 @@ def test_system_refine_refines_the_adaptors_edit_at_the_same_request_points(worl
     np.testing.assert_array_equal(off.records[bare.label].rank, off.records[refine.label].rank)
 
 
-def test_refine_needs_an_absolute_system_edit_and_runs_in_process_only() -> None:
+def test_refine_needs_an_absolute_system_edit_and_the_noproto_edit_no_service() -> None:
     import pytest
 
     from recsys.errors import ValidationError
@@ -90,4 +90,5 @@ def test_refine_needs_an_absolute_system_edit_and_runs_in_process_only() -> None
     with pytest.raises(ValidationError, match="refine=True applies to system policies"):
         PolicySpec(kind="system", refine=True)
     with pytest.raises(ValidationError, match="in process only"):
-        check_grpc_policies([PolicySpec.parse("system-refine:gate:0.2")])
+        check_grpc_policies([PolicySpec.parse("system-noproto:gate:0.2")])
+    assert check_grpc_policies([PolicySpec.parse("system-refine:gate:0.2")])  # it has one
