@@ -270,7 +270,9 @@ class ReplayConfig:
             time; a slice's requests are batched and see the cloud (prototype bank,
             continual adaptor) as it was when the slice began. None: the replay
             period's span / ``GLOBAL_SLICES`` (datasets whose "time" is a position in
-            the user's list get as many slices as real-time ones).
+            the user's list get as many slices as real-time ones). 0: every request is
+            its own slice (a cloud serving requests one at a time, as the gRPC
+            global-time replay drives it).
         store_url: global-time replay: the prototype store the live bank writes its
             versions to (None: a fresh SQLite file in a temporary directory).
         continual: how ``system-continual`` policies' adaptor keeps learning.
@@ -298,7 +300,7 @@ class ReplayConfig:
     batch_size: int = Field(256, ge=1)
     lm_batch: int = Field(64, ge=1)
     refine: RefineConfig = field(default_factory=RefineConfig)  # system-refine policies
-    slice_s: float | None = Field(None, gt=0.0)
+    slice_s: float | None = Field(None, ge=0.0)
     store_url: str | None = None
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     bootstrap: int = Field(2000, ge=1)

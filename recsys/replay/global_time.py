@@ -162,9 +162,14 @@ class GlobalCloud:
             return edits
         t0 = requests[0].time
         span = max(requests[-1].time - t0, 1)
-        self.slice_s = self.cfg.slice_s or span / GLOBAL_SLICES
+        self.slice_s = span / GLOBAL_SLICES if self.cfg.slice_s is None else self.cfg.slice_s
         self.interval_s = self.cfg.continual.interval_s or span / 10
-        slice_of = [int((r.time - t0) // self.slice_s) for r in requests]
+        if self.slice_s == 0:  # one request per slice, in serving order
+            slice_of = list(range(len(requests)))
+            starts = [r.time for r in requests]
+        else:
+            slice_of = [int((r.time - t0) // self.slice_s) for r in requests]
+            starts = [t0 + k * self.slice_s for k in slice_of]
         next_refresh = t0 + self.interval_s
         self.slices = 0
         a = 0
@@ -172,8 +177,7 @@ class GlobalCloud:
             b = a
             while b < len(requests) and slice_of[b] == slice_of[a]:
                 b += 1
-            start = t0 + slice_of[a] * self.slice_s
-            while self.learner is not None and start >= next_refresh:
+            while self.learner is not None and starts[a] >= next_refresh:
                 self.refreshes.append(self.learner.refresh() | {"at": next_refresh})
                 next_refresh += self.interval_s
             self._serve_slice(requests[a:b], events, edits)

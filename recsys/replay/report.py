@@ -216,7 +216,9 @@ def global_time_lines(summary: Mapping[str, Any]) -> list[str]:
         return []
     ev = max(summary["policies"][summary["order"][0]]["events"], 1)
     out = [
-        f"order {g['order']}; {g['slices']:,} slices of {g['slice_s']:,.0f} s; requests "
+        f"order {g['order']}; {g['slices']:,} slices of "
+        + (f"{g['slice_s']:,.0f} s" if g["slice_s"] else "one request")
+        + "; requests "
         + ", ".join(f"{k} {v:,}" for k, v in g["requests"].items())
         + f"; cloud CPU {g['seconds']:.1f} s in all"
     ]

@@ -158,3 +158,11 @@ def test_no_event_at_or_after_t_influences_an_edit_served_before_t(world) -> Non
 def test_global_time_kinds_refuse_the_per_device_paths(world) -> None:
     with pytest.raises(ValidationError, match="global-time"):
         run_replay(world.ds, CFG, [LIVE], cache=world.cache, progress=False, via="grpc")
+
+
+def test_one_request_per_slice_serves_them_one_at_a_time(world) -> None:
+    cfg = dataclasses.replace(CFG, slice_s=0.0)
+    run = run_replay(world.ds, cfg, [LIVE], cache=world.cache, progress=False)
+    info = run.meta["global_time"]
+    assert info["slices"] == info["requests"]["system-live"] == run.costs[LIVE.label]["requests"]
+    assert info["prototypes"]["versions_written"] >= 1
