@@ -78,25 +78,34 @@ COSTS_NOTE = (
 )
 
 
-async def replay_user(
-    stub: Any, pb: Any, ev: UserEvents, ds: Dataset, cfg: ReplayConfig, spec: PolicySpec,
-    timeout_s: float,
-) -> tuple[EventRecords, CostAccumulator]:  # fmt: skip
-    """One device's events through the device server (see the module docstring): its E
-    evaluated events' records and its costs under ``spec``."""
-    uid = str(ds.user_ids[ev.user])
-    item_ids = ds.item_ids
-    idx = np.flatnonzero(ev.evaluated)
-    rank = np.zeros(len(idx), dtype=np.int64)  # [E]
-    pos = np.zeros(len(idx), dtype=np.float64)  # [E] target scores
-    neg = np.zeros((len(idx), ev.negatives.shape[1]), dtype=np.float64)  # [E, M]
-    requested = np.zeros(len(idx), dtype=bool)
-    acc = CostAccumulator(rpc=True)
-    nan = float("nan")
+class DeviceReplay:
+    """One device's events through a device server, one step at a time (see the module
+    docstring): :meth:`begin` (the first edit request, when the device already has
+    ``min_history`` events), :meth:`event` for each event in order, :meth:`result`.
+    :func:`replay_user` runs them in a row; the global-time driver
+    (:mod:`recsys.replay.grpc_global`) interleaves every device's steps in stream order."""
 
-    def note(reply: Any) -> None:
+    def __init__(
+        self, stub: Any, pb: Any, ev: UserEvents, ds: Dataset, cfg: ReplayConfig,
+        spec: PolicySpec, timeout_s: float,
+    ) -> None:  # fmt: skip
+        self.stub, self.pb, self.ev, self.cfg, self.spec = stub, pb, ev, cfg, spec
+        self.timeout_s = timeout_s
+        self.uid = str(ds.user_ids[ev.user])
+        self.item_ids = ds.item_ids
+        self.idx = np.flatnonzero(ev.evaluated)
+        e = len(self.idx)
+        self.rank = np.zeros(e, dtype=np.int64)  # [E]
+        self.pos = np.zeros(e, dtype=np.float64)  # [E] target scores
+        self.neg = np.zeros((e, ev.negatives.shape[1]), dtype=np.float64)  # [E, M]
+        self.requested = np.zeros(e, dtype=bool)
+        self.acc = CostAccumulator(rpc=True)
+        self.row = 0
+
+    def _note(self, reply: Any) -> None:
         """Count one edit request (its cost as measured by the device)."""
-        acc.failed_requests += int(reply.outcome == pb.EDIT_OUTCOME_FAILED)
+        acc, nan = self.acc, float("nan")
+        acc.failed_requests += int(reply.outcome == self.pb.EDIT_OUTCOME_FAILED)
         e = reply.cost
         acc.add(
             decode_us=e.device_decode_us + e.device_states_us, apply_us=e.device_apply_us,
@@ -108,50 +117,79 @@ async def replay_user(
             acc.prototype_downloads += 1
             acc.prototype_bytes += e.prototype_bytes
 
-    if spec.requests and len(ev.start) >= cfg.min_history:
-        reply = await stub.RequestEdit(
-            pb.RequestEditRequest(user_id=uid, wait_for_edit=True), timeout=timeout_s
-        )
-        note(reply)
-    row = 0
-    for n in range(len(ev.items)):
+    async def begin(self) -> None:
+        """The device's first edit request, before its first replay event (if it has
+        ``min_history`` events already and its policy requests)."""
+        if self.spec.requests and len(self.ev.start) >= self.cfg.min_history:
+            reply = await self.stub.RequestEdit(
+                self.pb.RequestEditRequest(user_id=self.uid, wait_for_edit=True),
+                timeout=self.timeout_s,
+            )
+            self._note(reply)
+
+    async def event(self, n: int) -> None:
+        """Event ``n``: ``Recommend`` (if evaluated), then ``RecordEvent`` (its trigger may
+        ask the cloud, synchronously)."""
+        ev, pb, stub, item_ids, acc = self.ev, self.pb, self.stub, self.item_ids, self.acc
         if ev.evaluated[n]:
             probes = [str(item_ids[ev.items[n]])] + [str(item_ids[j]) for j in ev.negatives[n]]
             t0 = time.perf_counter()
             rec = await stub.Recommend(
-                pb.RecommendRequest(user_id=uid, k=1, probe_item_ids=probes), timeout=timeout_s
+                pb.RecommendRequest(user_id=self.uid, k=1, probe_item_ids=probes),
+                timeout=self.timeout_s,
             )
             acc.recommend_ms.append((time.perf_counter() - t0) * 1e3)
             acc.fallback_answers += int(rec.fallback)
-            rank[row] = rec.probe_ranks[0]
-            pos[row] = rec.probe_scores[0]
-            neg[row] = rec.probe_scores[1:]
+            self.rank[self.row] = rec.probe_ranks[0]
+            self.pos[self.row] = rec.probe_scores[0]
+            self.neg[self.row] = rec.probe_scores[1:]
         t0 = time.perf_counter()
         reply = await stub.RecordEvent(
             pb.RecordEventRequest(
-                user_id=uid,
+                user_id=self.uid,
                 item_id=str(item_ids[ev.items[n]]),
                 timestamp=int(ev.timestamps[n]),
                 wait_for_edit=True,
             ),
-            timeout=timeout_s,
+            timeout=self.timeout_s,
         )
         acc.record_ms.append((time.perf_counter() - t0) * 1e3)
         if reply.edit_requested:
-            note(reply)
+            self._note(reply)
         if ev.evaluated[n]:
-            requested[row] = reply.edit_requested
-            row += 1
-    auc = sampled_auc(torch.from_numpy(pos), torch.from_numpy(neg)).numpy() if len(pos) else pos
-    records = EventRecords(
-        user=np.full(len(idx), ev.user, dtype=np.int64),
-        item=ev.items[idx],
-        timestamp=ev.timestamps[idx],
-        rank=rank,
-        auc=auc,
-        requested=requested,
-    )
-    return records, acc
+            self.requested[self.row] = reply.edit_requested
+            self.row += 1
+
+    def result(self) -> tuple[EventRecords, CostAccumulator]:
+        """The E evaluated events' records and the device's costs."""
+        ev, idx, pos = self.ev, self.idx, self.pos
+        auc = (
+            sampled_auc(torch.from_numpy(pos), torch.from_numpy(self.neg)).numpy()
+            if len(pos)
+            else pos
+        )
+        records = EventRecords(
+            user=np.full(len(idx), ev.user, dtype=np.int64),
+            item=ev.items[idx],
+            timestamp=ev.timestamps[idx],
+            rank=self.rank,
+            auc=auc,
+            requested=self.requested,
+        )
+        return records, self.acc
+
+
+async def replay_user(
+    stub: Any, pb: Any, ev: UserEvents, ds: Dataset, cfg: ReplayConfig, spec: PolicySpec,
+    timeout_s: float,
+) -> tuple[EventRecords, CostAccumulator]:  # fmt: skip
+    """One device's events through the device server (see the module docstring): its E
+    evaluated events' records and its costs under ``spec``."""
+    dev = DeviceReplay(stub, pb, ev, ds, cfg, spec, timeout_s)
+    await dev.begin()
+    for n in range(len(ev.items)):
+        await dev.event(n)
+    return dev.result()
 
 
 async def drive(
@@ -279,4 +317,4 @@ def replay_through_services(
     return results, extra
 
 
-__all__ = ["COSTS_NOTE", "drive", "replay_through_services", "replay_user"]
+__all__ = ["COSTS_NOTE", "DeviceReplay", "drive", "replay_through_services", "replay_user"]

@@ -112,6 +112,35 @@ def _store_copy(art: dict[str, Any], tmp: Path) -> list[str]:
     return ["--store-url", url] if url else []
 
 
+def live_artifact(art: dict[str, Any], dest: Path, *, store_url: str, name_prefix: str) -> Path:
+    """Write a copy of the adaptor artefact whose prototype bank REFINES online.
+
+    Unlike :func:`frozen_artifact`, ``refine_every`` and the spawn threshold stay the
+    artefact's; the copy names the store (``store_url``) and the prototypes
+    (``name_prefix``: the bank the global-time driver created there as version 1,
+    :func:`recsys.replay.grpc_global.fresh_bank`), so the cloud loads exactly that bank.
+    """
+    live = dict(art, store_url=store_url)
+    cfg = dict(art["config"])
+    cfg["prototypes"] = dict(cfg["prototypes"], name_prefix=name_prefix)
+    live["config"] = cfg
+    torch.save(live, dest)
+    return dest
+
+
+def _cloud_argv(adaptor: Path, art: dict[str, Any], cache: Path, dataset: str) -> list[str]:
+    from recsys.workflows.adaptor_config import config_from_dict
+
+    tcfg = config_from_dict(art["config"])
+    root = Path(cache) / "artifacts" / dataset
+    return [
+        "serve", "cloud", "--engine", "artifacts", "--adaptor", str(adaptor),
+        "--codebook-dir", str(root / "codebook"), "--lm-dir", str(root / "lm"),
+        "--lm-backend", tcfg.lm_backend,
+        "--batch-max", "1", "--batch-wait-ms", "0", "--torch-threads", "1",
+    ]  # fmt: skip
+
+
 def cloud_argv(
     art: dict[str, Any],
     art_path: Path,
@@ -122,17 +151,26 @@ def cloud_argv(
 ) -> list[str]:
     """``recsys serve cloud`` arguments for the replay (frozen bank, no micro-batching;
     ``refine``: edits of requests with states are refined so)."""
-    from recsys.workflows.adaptor_config import config_from_dict
-
-    tcfg = config_from_dict(art["config"])
-    root = Path(cache) / "artifacts" / dataset
     frozen = frozen_artifact(art, tmp / art_path.name, refine)
-    return [
-        "serve", "cloud", "--engine", "artifacts", "--adaptor", str(frozen),
-        "--codebook-dir", str(root / "codebook"), "--lm-dir", str(root / "lm"),
-        "--lm-backend", tcfg.lm_backend, *_store_copy(art, tmp),
-        "--batch-max", "1", "--batch-wait-ms", "0", "--torch-threads", "1",
-    ]  # fmt: skip
+    return [*_cloud_argv(frozen, art, cache, dataset), *_store_copy(art, tmp)]
+
+
+def live_cloud_argv(
+    art: dict[str, Any],
+    art_path: Path,
+    cache: Path,
+    dataset: str,
+    tmp: Path,
+    *,
+    store_url: str,
+    name_prefix: str,
+) -> list[str]:
+    """``recsys serve cloud`` arguments for the global-time replay of ``system-live``:
+    the bank ``name_prefix-*`` in ``store_url`` refined online (:func:`live_artifact`),
+    one request at a time (no micro-batching)."""
+    live = live_artifact(art, tmp / f"live-{art_path.name}", store_url=store_url,
+                         name_prefix=name_prefix)  # fmt: skip
+    return [*_cloud_argv(live, art, cache, dataset), "--store-url", store_url]
 
 
 def device_argv(
@@ -231,6 +269,8 @@ __all__ = [
     "device_argv",
     "display_argv",
     "frozen_artifact",
+    "live_artifact",
+    "live_cloud_argv",
     "server",
     "wait_ready",
 ]
