@@ -57,7 +57,8 @@ class ContinualConfig:
     buffer: int = Field(4096, ge=1)  # the most recent examples a refresh samples from
     min_examples: int = Field(64, ge=1)  # no refresh before this many examples arrived
     # this share of the devices is held out: a refresh trains on the others' examples
-    # and is kept only if it lowers the held-out devices' loss (else the adaptor and the
+    # and is kept only if it raises the held-out devices' NDCG@10 (measured: keeping it
+    # when their loss drops still lost 0.0017 NDCG@10 on ml-100k; else the adaptor and the
     # optimiser go back to where they were); by device, since one device's consecutive
     # examples are too alike to check each other
     holdout: float = Field(0.2, gt=0.0, lt=1.0)
@@ -78,8 +79,8 @@ class UplinkExample:
         summary: [S] its device summary.
         states: [W, D] user states before each later item (uplinked with the later
             request); targets: [W] the items (-1 padding).
-        seen: item ids the cloud knows the device had already seen (its uplinked
-            window), excluded from the softmax like training's ``mask_seen``.
+        seen: item ids the cloud knows the device had already seen (everything it
+            uplinked so far), excluded from the softmax like training's ``mask_seen``.
     """
 
     device: int
@@ -119,6 +120,11 @@ class ContinualLearner:
 
     def loss(self, batch: list[UplinkExample]) -> torch.Tensor:
         """Mean next-window cross-entropy of the adaptor's edits on ``batch``."""
+        return self._loss_and_ranks(batch)[0]
+
+    def _loss_and_ranks(self, batch: list[UplinkExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-window cross-entropy on ``batch`` and the targets' ranks [n]
+        (1-based, pessimistic ties, seen items excluded)."""
         codes = torch.from_numpy(np.stack([e.codes for e in batch]))  # [B, N, L+1]
         scores = None
         if batch[0].scores is not None:
@@ -131,11 +137,14 @@ class ContinualLearner:
         logits = self.head.logits(q)  # [B, W, I]
         logits = logits.masked_fill(_seen_mask(batch, logits.shape), float("-inf"))
         valid = targets >= 0
-        return F.cross_entropy(logits[valid], targets[valid])
+        lv, tv = logits[valid], targets[valid]  # [n, I], [n]
+        with torch.no_grad():
+            ranks = (lv >= lv.gather(1, tv[:, None])).sum(1)
+        return F.cross_entropy(lv, tv), ranks
 
     def refresh(self) -> dict[str, Any]:
         """``cfg.steps`` AdamW steps on batches drawn (seeded) from the buffer's examples
-        of the training devices, kept only if the held-out devices' loss went down; the
+        of the training devices, kept only if the held-out devices' NDCG@10 went up; the
         adaptor is in eval mode afterwards. Returns what it did."""
         cfg = self.cfg
         n = len(self.examples)
@@ -143,11 +152,11 @@ class ContinualLearner:
             return {"steps": 0, "examples": n, "accepted": False}
         t0 = time.perf_counter()
         pool = list(self.examples)
-        val = [e for e in pool if self.held_out(e.device)]
-        train = [e for e in pool if not self.held_out(e.device)]
+        val = [e for e in pool if self.is_held_out(e.device)]
+        train = [e for e in pool if not self.is_held_out(e.device)]
         if not val or not train:
             return {"steps": 0, "examples": n, "accepted": False}
-        before = self.held_out_loss(val)
+        before, ndcg_before = self.held_out(val)
         saved = copy.deepcopy(self.adaptor.state_dict()), copy.deepcopy(self.opt.state_dict())
         rng = np.random.default_rng([cfg.seed, self.refreshes])
         self.adaptor.train()
@@ -162,8 +171,8 @@ class ContinualLearner:
             self.opt.step()
             losses.append(float(loss.detach()))
         self.adaptor.eval()
-        after = self.held_out_loss(val)
-        accepted = after < before or not cfg.validate
+        after, ndcg_after = self.held_out(val)
+        accepted = ndcg_after > ndcg_before or not cfg.validate
         if not accepted:
             self.adaptor.load_state_dict(saved[0])
             self.opt.load_state_dict(saved[1])
@@ -176,25 +185,30 @@ class ContinualLearner:
             "train_loss_last": losses[-1],
             "held_out_before": before,
             "held_out_after": after,
+            "held_out_ndcg10_before": ndcg_before,
+            "held_out_ndcg10_after": ndcg_after,
             "accepted": accepted,
             "ms": (time.perf_counter() - t0) * 1e3,
         }
 
-    def held_out(self, device: int) -> bool:
+    def is_held_out(self, device: int) -> bool:
         """Whether ``device`` is one of the held-out devices (a fixed hash, seeded)."""
         h = (int(device) * 2654435761 + 97 * self.cfg.seed) % 2**32
         return h / 2**32 < self.cfg.holdout
 
-    def held_out_loss(self, examples: list[UplinkExample]) -> float:
-        """Mean loss of the adaptor (eval mode) on ``examples``, in batches."""
+    def held_out(self, examples: list[UplinkExample]) -> tuple[float, float]:
+        """Mean loss and NDCG@10 of the adaptor (eval mode) on ``examples``, in batches."""
         self.adaptor.eval()
         bs = self.cfg.batch_size
-        total = 0.0
+        total, gains, n = 0.0, 0.0, 0
         with torch.no_grad():
             for a in range(0, len(examples), bs):
                 part = examples[a : a + bs]
-                total += float(self.loss(part)) * len(part)
-        return total / max(len(examples), 1)
+                loss, ranks = self._loss_and_ranks(part)
+                total += float(loss) * len(ranks)
+                gains += float(torch.where(ranks <= 10, 1.0 / torch.log2(ranks + 1.0), 0.0).sum())
+                n += len(ranks)
+        return total / max(n, 1), gains / max(n, 1)
 
 
 def _seen_mask(batch: list[UplinkExample], shape: torch.Size) -> torch.Tensor:

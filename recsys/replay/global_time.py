@@ -102,6 +102,7 @@ class _Pending:
     codes: np.ndarray  # [N, L+1]
     scores: np.ndarray | None
     summary: torch.Tensor  # [S]
+    seen: np.ndarray  # every item the device uplinked up to this request
 
 
 class GlobalCloud:
@@ -239,7 +240,10 @@ class GlobalCloud:
 
     def _collect_examples(self, reqs, seqs, codes, scores, summary) -> None:
         """Complete each device's previous request with what this one uplinked: the items
-        after it and the states before them (the last ``refine.positions`` positions)."""
+        after it and the states before them (the last ``refine.positions`` positions).
+        The softmax excludes every item the device had uplinked by the earlier request
+        (as training excluded the history: excluding only the last window teaches the
+        adaptor to push down popular items users saw long ago, measured: -0.004 NDCG@10)."""
         ring = self.cfg.refine.positions
         done, prefixes = [], []
         for j, (r, seq) in enumerate(zip(reqs, seqs, strict=True)):
@@ -250,8 +254,10 @@ class GlobalCloud:
                 if hi > lo:
                     done.append((r.user, prev, seq, np.arange(lo, hi)))
                     prefixes += [seq[:p] for p in range(lo, hi)]
+            window = uplink_window(seq[: r.length], self.cfg.uplink_items)
+            seen = window if prev is None else np.union1d(prev.seen, window)
             self.pending[r.user] = _Pending(
-                r.length, codes[j], None if scores is None else scores[j], summary[j]
+                r.length, codes[j], None if scores is None else scores[j], summary[j], seen
             )
         if not done:
             return
@@ -263,9 +269,8 @@ class GlobalCloud:
             st = torch.zeros(self.window, states.shape[1])
             st[: len(pos)] = states[at : at + len(pos)]
             at += len(pos)
-            seen = uplink_window(seq[: prev.length], self.cfg.uplink_items)
             self.learner.add(
-                UplinkExample(user, prev.codes, prev.scores, prev.summary, st, tg, seen)
+                UplinkExample(user, prev.codes, prev.scores, prev.summary, st, tg, prev.seen)
             )
 
     def summary(self, requests: Sequence[CloudRequest], seconds: float) -> dict[str, Any]:

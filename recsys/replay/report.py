@@ -245,7 +245,7 @@ def global_time_lines(summary: Mapping[str, Any]) -> list[str]:
             f"continual adaptor: {c['examples']:,} uplinked examples, {c['refreshes']} "
             f"refreshes (every {g['refresh_interval_s']:,.0f} s) of "
             f"{c['refresh_ms_mean']:.0f} ms each on average, {c['accepted']} kept "
-            "(lower loss on the held-out devices' examples)"
+            "(higher NDCG@10 on the held-out devices' examples)"
         )
     return out
 
