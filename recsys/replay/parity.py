@@ -13,6 +13,13 @@ server uplinks fp32 user states and the cloud refines on them
 (:mod:`recsys.replay.services`); with fp16 states 3 of 1,040 ranks moved on ml-100k
 (20 users, gate 10 %), so the replay sends fp32.
 
+Global time (``system-live``): the in-process side runs with ``slice_s=0`` (one request
+per slice, the cloud answering one request at a time, as the cloud server does) and the
+gRPC side through :mod:`recsys.replay.grpc_global` (one cloud server refining a fresh
+bank in the store); besides the events, :func:`global_parity_rows` compares the
+prototype versions each bank wrote and the versions each store holds
+(:attr:`ParityResult.store_versions`: counted in the store, on any backend).
+
 Example::
 
     result = run_parity(ds, ReplayConfig(max_users=20), specs, cache=settings.cache_dir())
@@ -21,7 +28,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,11 +66,22 @@ COST_COLUMNS = (
 
 @dataclass
 class ParityResult:
-    """Both runs and their wall times (seconds)."""
+    """Both runs and their wall times (seconds); with a global-time policy, the
+    prototype versions each run left in its store (``{"inprocess": n, "grpc": m}``)."""
 
     local: ReplayRun
     remote: ReplayRun
     seconds: dict[str, float]
+    store_versions: dict[str, int | None] = dataclasses.field(default_factory=dict)
+
+
+def replay_versions(url: str) -> int:
+    """Versions of the replay banks (prototypes named ``replay-*``) in the store at ``url``."""
+    from codebook.store import PrototypeStore
+    from recsys.replay.grpc_global import store_summary
+
+    with PrototypeStore.open(url, upgrade=True) as store:
+        return int(store_summary(store, "replay")["versions"])
 
 
 def run_parity(
@@ -73,13 +93,34 @@ def run_parity(
     options: GrpcOptions | None = None,
     progress: bool = True,
 ) -> ParityResult:
-    """The same replay in process, then through the services."""
-    t0 = time.perf_counter()
-    local = run_replay(ds, cfg, policies, cache=cache, progress=progress)
-    t1 = time.perf_counter()
-    remote = run_replay(ds, cfg, policies, cache=cache, progress=progress, via="grpc", grpc=options)
-    t2 = time.perf_counter()
-    return ParityResult(local, remote, {"inprocess": t1 - t0, "grpc": t2 - t1})
+    """The same replay in process, then through the services. With a global-time policy
+    the in-process side serves one request per slice (``slice_s=0``), and each side's
+    store is counted (a temporary SQLite store when ``cfg.store_url`` is None)."""
+    shared = any(s.global_time for s in policies)
+    local_cfg = dataclasses.replace(cfg, slice_s=0.0) if shared else cfg
+    tmp = tempfile.TemporaryDirectory(prefix="recsys-parity-") if shared else None
+    try:
+        url = None
+        if shared:
+            url = cfg.store_url or f"sqlite:///{Path(tmp.name) / 'inprocess.sqlite'}"
+            local_cfg = dataclasses.replace(local_cfg, store_url=url)
+            before = replay_versions(url)
+        t0 = time.perf_counter()
+        local = run_replay(ds, local_cfg, policies, cache=cache, progress=progress)
+        t1 = time.perf_counter()
+        versions: dict[str, int | None] = {}
+        if shared:
+            versions["inprocess"] = replay_versions(url) - before
+        remote = run_replay(
+            ds, cfg, policies, cache=cache, progress=progress, via="grpc", grpc=options
+        )
+        t2 = time.perf_counter()
+        if shared:
+            versions["grpc"] = remote.meta.get("global_time", {}).get("store", {}).get("versions")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return ParityResult(local, remote, {"inprocess": t1 - t0, "grpc": t2 - t1}, versions)
 
 
 def parity_rows(local: ReplayRun, remote: ReplayRun) -> list[dict[str, Any]]:
@@ -125,6 +166,40 @@ def parity_cost_rows(local: ReplayRun, remote: ReplayRun) -> list[dict[str, Any]
     ]
 
 
+def global_parity_rows(result: ParityResult) -> list[dict[str, Any]]:
+    """The shared cloud of a global-time parity, one row: requests, prototype versions
+    written (refinements + spawns) and prototypes at the end per driver, the versions
+    each store holds, and whether they all agree ([] without a global-time policy)."""
+    a = result.local.meta.get("global_time")
+    b = result.remote.meta.get("global_time")
+    if not a or not b or "prototypes" not in a or "prototypes" not in b:
+        return []
+    pa, pb = a["prototypes"], b["prototypes"]
+    sv = result.store_versions
+    row = {
+        "bank": "system-live",
+        "requests inprocess": sum(a["requests"].values()),
+        "requests grpc": sum(b["requests"].values()),
+        "versions written inprocess": pa["versions_written"],
+        "versions written grpc": pb["versions_written"],
+        "refinements inprocess": pa["refinements"],
+        "refinements grpc": pb["refinements"],
+        "spawned inprocess": pa["spawned"],
+        "spawned grpc": pb["spawned"],
+        "prototypes inprocess": pa["prototypes"],
+        "prototypes grpc": pb["prototypes"],
+        "store versions inprocess": sv.get("inprocess"),
+        "store versions grpc": sv.get("grpc"),
+        "store backend": b.get("store_backend"),
+    }
+    row["matches"] = all(
+        row[f"{k} inprocess"] == row[f"{k} grpc"]
+        for k in ("requests", "versions written", "refinements", "spawned", "prototypes",
+                  "store versions")
+    )  # fmt: skip
+    return [row]
+
+
 __all__ = [
     "AUC_TOLERANCE",
     "DEFAULT_POLICIES",
@@ -132,7 +207,9 @@ __all__ = [
     "RANK_TOLERANCE",
     "REFINE_POLICIES",
     "ParityResult",
+    "global_parity_rows",
     "parity_cost_rows",
     "parity_rows",
+    "replay_versions",
     "run_parity",
 ]
