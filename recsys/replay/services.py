@@ -9,6 +9,10 @@ and starting / stopping them.
   ``system-refine`` policy is replayed the copy also carries the protocol's refinement
   settings (``cloud_refine``: ``ReplayConfig.refine``), so the cloud refines the edits
   of requests that carry the device's recent states and sends them whole;
+* **the live cloud** of the global-time replay (``system-live``,
+  :mod:`recsys.replay.grpc_global`): a copy of the artefact that keeps refining and
+  spawning (:func:`live_artifact`), loading the fresh bank the driver created in the
+  replay's store (:func:`live_cloud_argv`);
 * **device** (``recsys serve device``), one per policy: the time-split ranker with the
   artefact's edit bounds, every user seeded with its training-period history, the
   policy's trigger (``gate`` with the threshold calibrated once by
