@@ -286,7 +286,12 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
 
 def _parity(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
     """The parity mode: the same replay through both drivers, compared."""
-    from recsys.replay.parity import parity_cost_rows, parity_rows, run_parity
+    from recsys.replay.parity import (
+        global_parity_rows,
+        parity_cost_rows,
+        parity_rows,
+        run_parity,
+    )
 
     res = run_parity(
         ds, cfg, specs, cache=cache, options=_grpc_options(args), progress=not args.no_progress
@@ -306,6 +311,13 @@ def _parity(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
         title="Costs: in process (estimated uplink, payload bytes) vs gRPC (serialized "
         "messages, prototypes re-sent when the device reports another one)",
     )
+    bank_rows = global_parity_rows(res)
+    if bank_rows:
+        print_table(
+            bank_rows,
+            title="The shared cloud (global time): in process (one request per slice) vs one "
+            "cloud server refining into the store",
+        )
     write_json(
         args.json,
         {
@@ -318,6 +330,13 @@ def _parity(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
             "costs_inprocess": res.local.costs,
             "costs_grpc": res.remote.costs,
             "gate": res.remote.meta["gate"],
+            "global_time": {
+                "bank": bank_rows,
+                "inprocess": res.local.meta.get("global_time"),
+                "grpc": res.remote.meta.get("global_time"),
+            }
+            if bank_rows
+            else None,
             "servers": res.remote.meta["servers"],
             "seconds": sec,
         },

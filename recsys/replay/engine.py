@@ -209,12 +209,10 @@ def run_replay(
     if via == "grpc":
         from recsys.replay.services import check_grpc_policies
 
-        shared = [s.label for s in specs if s.global_time]
-        if shared:
-            raise ValidationError(
-                f"{shared} need the global-time replay, which runs in process only for now "
-                "(its gRPC twin is not built yet); replay them without --via grpc"
-            )
+        if any(s.global_time for s in specs):
+            from recsys.replay.grpc_global import check_global_policies
+
+            check_global_policies(specs)  # one system-live policy; no system-continual
         specs = check_grpc_policies(specs)
     prep = prepare_replay(ds, cfg, specs, cache=cache, users=users)
     t_prep = time.perf_counter() - t0
@@ -229,7 +227,12 @@ def run_replay(
         else:
             results = replay_devices(args, events, progress=progress)
     else:
-        from recsys.replay.grpc_driver import replay_through_services
+        if any(s.global_time for s in specs):
+            from recsys.replay.grpc_global import (
+                replay_global_through_services as replay_through_services,
+            )
+        else:
+            from recsys.replay.grpc_driver import replay_through_services
 
         results, extra = replay_through_services(
             ds, cfg, specs, prep, events, cache=Path(cache), options=grpc or GrpcOptions(),
@@ -293,7 +296,8 @@ def run_meta(
                 else ""
             )
             + (
-                "; the cloud runs a copy of the artefact that never refines"
+                "; the cloud runs a copy of the artefact that never refines (the system-live "
+                "cloud refines into the store)"
                 if via == "grpc"
                 else ""
             ),

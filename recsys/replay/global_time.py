@@ -16,18 +16,21 @@ system-refine). Two kinds of edit depend on *other* devices' earlier requests:
   completed by the items and states the device's next request uplinks).
 
 :func:`replay_global` runs the first group per device (``replay_devices``, any worker
-count), then this module's :class:`GlobalCloud` over the second: every device's requests
-of those kinds are merged in stream order, **sorted by (request time, user, history
-length, kind)**, where a request made after the device's event ``L - 1`` has that event's
-timestamp (a request before any replay event has the first replay event's), and cut
-into slices of ``cfg.slice_s`` stream seconds (default: the period's span / 200). A slice's requests are generated in one
-batch against the cloud as it was when the slice began; then the bank observes them in
-that order and their uplinked examples join the learner; the learner refreshes at the
-first slice at or after each ``continual.interval_s`` boundary (default: span / 10). So an edit depends only
-on requests of earlier slices (all strictly earlier in stream time) and on its own
-device's history: no event at or after time t influences an edit served before t
-(tested). Then each device's events are scored with those edits by the same
-:meth:`Replayer.replay_user` as every other policy. Deterministic for a seed.
+count), then this module's :class:`GlobalCloud` over the second. Each global-time
+policy has its own cloud state (:class:`PolicyCloud`: its own bank, or its own learner),
+fed only by its own requests, so a 10 % budget learns from 10 % of the requests. Every
+device's requests of those policies are merged in stream order, **sorted by (request
+time, user, history length, policy label)**, where a request made after the device's
+event ``L - 1`` has that event's timestamp (a request before any replay event has the
+first replay event's), and cut into slices of ``cfg.slice_s`` stream seconds (default:
+the period's span / 200; 0: one request per slice). A slice's requests are generated
+in one batch against the cloud as it was when the slice began; then the bank observes
+them in that order and their uplinked examples join the learner; learners refresh at
+the first slice at or after each ``continual.interval_s`` boundary (default: span / 10).
+So an edit depends only on requests of earlier slices (all strictly earlier in stream
+time) and on its own device's history: no event at or after time t influences an edit
+served before t (tested). Then each device's events are scored with those edits by the
+same :meth:`Replayer.replay_user` as every other policy. Deterministic for a seed.
 
 Example::
 
@@ -56,7 +59,7 @@ from codebook.prototypes import PrototypeBank
 from codebook.quantizer import nearest
 from codebook.store import PrototypeStore
 from recsys.adaptor_inputs import uplink_window
-from recsys.replay.config import CONTINUAL, GLOBAL_SLICES, LIVE, LIVE_KINDS
+from recsys.replay.config import GLOBAL_SLICES, LIVE
 from recsys.replay.edits import DeviceEdit
 from recsys.replay.records import UserResult
 from recsys.replay.replayer import Replayer, ReplayerArgs, replay_devices
@@ -67,12 +70,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, order=True)
 class CloudRequest:
-    """One request of a global-time kind; the field order is the serving order."""
+    """One request of a global-time policy; the field order is the serving order."""
 
     time: int  # stream time (the timestamp of the device's event L - 1)
     user: int
     length: int  # history length L the request is made from
-    kind: str
+    policy: str  # the policy's label
 
 
 def request_time(ev: UserEvents, length: int) -> int:
@@ -84,13 +87,14 @@ def request_time(ev: UserEvents, length: int) -> int:
 def collect_requests(
     rep: Replayer, events: Sequence[UserEvents]
 ) -> tuple[list[CloudRequest], dict[int, UserEvents]]:
-    """Every device's requests of the global-time kinds, in serving order."""
+    """Every device's requests of the global-time policies, in serving order."""
     out = []
     for ev in events:
         plan = rep.request_plan(ev)
-        for kind in LIVE_KINDS:
-            for length in sorted(plan.points[kind]):
-                out.append(CloudRequest(request_time(ev, length), ev.user, length, kind))
+        for s in rep.specs:
+            if s.global_time:
+                for length in plan.lengths[rep.keys[s.label]].tolist():
+                    out.append(CloudRequest(request_time(ev, length), ev.user, length, s.label))
     return sorted(out), {ev.user: ev for ev in events}
 
 
@@ -105,38 +109,52 @@ class _Pending:
     seen: np.ndarray  # every item the device uplinked up to this request
 
 
+@dataclass
+class PolicyCloud:
+    """What the cloud learns for one global-time policy: each policy has its own (a
+    policy at a 10 % budget learns only from its own 10 % of requests)."""
+
+    kind: str
+    bank: PrototypeBank | None = None
+    learner: ContinualLearner | None = None
+    pending: dict[int, _Pending] = dataclasses.field(default_factory=dict)
+    refreshes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    store_s: float = 0.0
+    cloud_s: float = 0.0
+
+
 class GlobalCloud:
     """The one cloud of a global-time replay (see the module docstring).
 
     Args:
         rep: the :class:`Replayer` of the global-time policies (its :class:`EditMaker`
             generates, encodes and delivers the edits).
-        store: an open prototype store (``system-live``).
+        store: an open prototype store (``system-live``); each live policy's bank is a
+            separate set of prototypes in it.
     """
 
     def __init__(self, rep: Replayer, store: PrototypeStore | None) -> None:
         self.rep, self.maker, self.cfg = rep, rep.edits, rep.cfg
-        kinds = {s.edit_kind for s in rep.specs}
-        self.bank: PrototypeBank | None = None
-        if LIVE in kinds:
-            if store is None:
-                raise ValueError("system-live needs a prototype store")
-            self.bank = self._fresh_bank(store)
-        self.learner: ContinualLearner | None = None
-        if CONTINUAL in kinds:
-            self.learner = ContinualLearner(self.maker.adaptor, self.maker.head, self.cfg.continual)
+        self.clouds: dict[str, PolicyCloud] = {}
+        for i, s in enumerate(x for x in rep.specs if x.global_time):
+            pc = PolicyCloud(s.edit_kind)
+            if s.edit_kind == LIVE:
+                if store is None:
+                    raise ValueError("system-live needs a prototype store")
+                pc.bank = self._fresh_bank(store, i)
+            else:
+                pc.learner = ContinualLearner(
+                    self.maker.adaptor, self.maker.head, self.cfg.continual
+                )
+            self.clouds[s.label] = pc
         self.window = self.maker.tcfg.windows.window
-        self.pending: dict[int, _Pending] = {}
-        self.refreshes: list[dict[str, Any]] = []
-        self.store_s = 0.0
-        self.cloud_s = {kind: 0.0 for kind in LIVE_KINDS}
 
-    def _fresh_bank(self, store: PrototypeStore) -> PrototypeBank:
+    def _fresh_bank(self, store: PrototypeStore, index: int) -> PrototypeBank:
         """The artefact's prototypes as version 1 of new prototypes named for this run."""
         m = self.maker
         art_protos = m.art_prototypes
-        # new names per run: a PostgreSQL store may already hold earlier runs' prototypes
-        pcfg = dataclasses.replace(m.pcfg, name_prefix=f"replay-{time.time_ns()}")
+        # new names per run and policy: a PostgreSQL store may hold earlier runs' prototypes
+        pcfg = dataclasses.replace(m.pcfg, name_prefix=f"replay-{time.time_ns()}-{index}")
         threshold = float(art_protos.get("spawn_threshold", math.inf))
         return PrototypeBank.create(
             store,
@@ -154,11 +172,10 @@ class GlobalCloud:
     def run(
         self, requests: Sequence[CloudRequest], events: Mapping[int, UserEvents]
     ) -> dict[int, dict[str, dict[int, DeviceEdit]]]:
-        """Serve ``requests`` (serving order) slice by slice; user -> kind -> length -> edit."""
-        edits: dict[int, dict[str, dict[int, DeviceEdit]]] = {u: {} for u in events}
-        for ev in events.values():
-            for kind in LIVE_KINDS:
-                edits[ev.user][kind] = {}
+        """Serve ``requests`` (serving order) slice by slice; user -> policy -> length ->
+        edit."""
+        edits = {u: {label: {} for label in self.clouds} for u in events}
+        self.slices = 0
         if not requests:
             return edits
         t0 = requests[0].time
@@ -172,14 +189,15 @@ class GlobalCloud:
             slice_of = [int((r.time - t0) // self.slice_s) for r in requests]
             starts = [t0 + k * self.slice_s for k in slice_of]
         next_refresh = t0 + self.interval_s
-        self.slices = 0
         a = 0
         while a < len(requests):
             b = a
             while b < len(requests) and slice_of[b] == slice_of[a]:
                 b += 1
-            while self.learner is not None and starts[a] >= next_refresh:
-                self.refreshes.append(self.learner.refresh() | {"at": next_refresh})
+            while starts[a] >= next_refresh:
+                for pc in self.clouds.values():
+                    if pc.learner is not None:
+                        pc.refreshes.append(pc.learner.refresh() | {"at": next_refresh})
                 next_refresh += self.interval_s
             self._serve_slice(requests[a:b], events, edits)
             self.slices += 1
@@ -192,8 +210,8 @@ class GlobalCloud:
         events: Mapping[int, UserEvents],
         edits: dict[int, dict[str, dict[int, DeviceEdit]]],
     ) -> None:
-        for kind in LIVE_KINDS:
-            mine = [r for r in reqs if r.kind == kind]
+        for label, pc in self.clouds.items():
+            mine = [r for r in reqs if r.policy == label]
             if not mine:
                 continue
             seqs = [events[r.user].sequence for r in mine]
@@ -202,25 +220,25 @@ class GlobalCloud:
             tc = time.perf_counter()
             summary = self.maker.summaries(hists, states).clone()  # [R, 2D]
             codes, scores = self.maker.adaptor_tokens(hists)
-            adaptor = self.learner.adaptor if kind == CONTINUAL else self.maker.adaptor
+            adaptor = pc.learner.adaptor if pc.learner is not None else self.maker.adaptor
             with torch.inference_mode():
                 sc = None if scores is None else torch.from_numpy(scores)
                 gen = adaptor(torch.from_numpy(codes), sc, summary)
             gen_ms = (time.perf_counter() - tc) * 1e3 / len(mine)
-            if kind == LIVE:
-                self._deliver_live(mine, gen, gen_ms, edits)
+            if pc.bank is not None:
+                self._deliver_live(pc, label, mine, gen, gen_ms, edits)
             else:
                 for j, r in enumerate(mine):
-                    edits[r.user][kind][r.length] = self.maker._deliver(
+                    edits[r.user][label][r.length] = self.maker._deliver(
                         unbatch(gen.tensors, j), r.length, gen_ms, None, states_uplinked=True
                     )
-                self._collect_examples(mine, seqs, codes, scores, summary)
-            self.cloud_s[kind] += time.perf_counter() - tc
+                self._collect_examples(pc, mine, seqs, codes, scores, summary)
+            pc.cloud_s += time.perf_counter() - tc
 
-    def _deliver_live(self, reqs, gen, gen_ms, edits) -> None:
+    def _deliver_live(self, pc: PolicyCloud, label, reqs, gen, gen_ms, edits) -> None:
         """Residuals against the bank as it was at the slice's start, then the bank
         observes the slice's codes in serving order (new versions go to the store)."""
-        bank = self.bank
+        bank = pc.bank
         ids, cents = bank.codes()
         code = gen.code.numpy()
         pids = [ids[k] for k in nearest(code, cents).tolist()]
@@ -231,14 +249,14 @@ class GlobalCloud:
         observed = []
         for j, r in enumerate(reqs):
             e = self.maker._deliver(unbatch(gen.tensors, j), r.length, gen_ms, protos[pids[j]])
-            edits[r.user][LIVE][r.length] = e
+            edits[r.user][label][r.length] = e
             observed.append((str(r.user), code[j], e.residual_norm, pids[j]))
         ts = time.perf_counter()
         for device, c, norm, pid in observed:
             bank.observe(device, c, norm, pid)
-        self.store_s += time.perf_counter() - ts
+        pc.store_s += time.perf_counter() - ts
 
-    def _collect_examples(self, reqs, seqs, codes, scores, summary) -> None:
+    def _collect_examples(self, pc: PolicyCloud, reqs, seqs, codes, scores, summary) -> None:
         """Complete each device's previous request with what this one uplinked: the items
         after it and the states before them (the last ``refine.positions`` positions).
         The softmax excludes every item the device had uplinked by the earlier request
@@ -247,7 +265,7 @@ class GlobalCloud:
         ring = self.cfg.refine.positions
         done, prefixes = [], []
         for j, (r, seq) in enumerate(zip(reqs, seqs, strict=True)):
-            prev = self.pending.get(r.user)
+            prev = pc.pending.get(r.user)
             if prev is not None:
                 lo = max(prev.length, r.length - ring)  # positions the uplink covers
                 hi = min(prev.length + self.window, r.length)
@@ -256,7 +274,7 @@ class GlobalCloud:
                     prefixes += [seq[:p] for p in range(lo, hi)]
             window = uplink_window(seq[: r.length], self.cfg.uplink_items)
             seen = window if prev is None else np.union1d(prev.seen, window)
-            self.pending[r.user] = _Pending(
+            pc.pending[r.user] = _Pending(
                 r.length, codes[j], None if scores is None else scores[j], summary[j], seen
             )
         if not done:
@@ -269,46 +287,58 @@ class GlobalCloud:
             st = torch.zeros(self.window, states.shape[1])
             st[: len(pos)] = states[at : at + len(pos)]
             at += len(pos)
-            self.learner.add(
+            pc.learner.add(
                 UplinkExample(user, prev.codes, prev.scores, prev.summary, st, tg, prev.seen)
             )
 
     def summary(self, requests: Sequence[CloudRequest], seconds: float) -> dict[str, Any]:
-        """What the cloud did: requests, slices, bank versions and store writes, refreshes."""
+        """What the cloud did, per policy and in all: requests, slices, bank versions and
+        store writes (live policies summed), learner refreshes."""
         out: dict[str, Any] = {
-            "order": "(request time, user, history length, kind)",
+            "order": "(request time, user, history length, policy)",
             "slice_s": getattr(self, "slice_s", None),
             "refresh_interval_s": getattr(self, "interval_s", None),
-            "requests": {k: sum(r.kind == k for r in requests) for k in LIVE_KINDS},
+            "requests": {k: sum(r.policy == k for r in requests) for k in self.clouds},
             "slices": getattr(self, "slices", 0),
-            "cloud_seconds": dict(self.cloud_s),
+            "cloud_seconds": {k: pc.cloud_s for k, pc in self.clouds.items()},
             "seconds": seconds,
+            "policies": {},
         }
-        if self.bank is not None:
-            s = self.bank.summary()
-            writes = s["refinements"] + s["spawned"] + len(self.bank._assigned)
-            out["prototypes"] = {
-                "mode": "refined online in global stream time (system-live)",
-                "prototypes": s["prototypes"],
-                "versions_written": s["refinements"] + s["spawned"],
-                "refinements": s["refinements"],
-                "spawned": s["spawned"],
-                "spawn_threshold": s["spawn_threshold"],
-            }
+        totals = {"versions_written": 0, "refinements": 0, "spawned": 0, "prototypes": 0}
+        writes, write_s = 0, 0.0
+        for label, pc in self.clouds.items():
+            if pc.bank is not None:
+                s = pc.bank.summary()
+                mine = {
+                    "prototypes": s["prototypes"],
+                    "versions_written": s["refinements"] + s["spawned"],
+                    "refinements": s["refinements"],
+                    "spawned": s["spawned"],
+                    "spawn_threshold": s["spawn_threshold"],
+                    "store_writes": s["refinements"] + s["spawned"] + len(pc.bank._assigned),
+                    "store_write_seconds": pc.store_s,
+                }
+                for k in totals:
+                    totals[k] += mine[k]
+                writes += mine["store_writes"]
+                write_s += pc.store_s
+            else:
+                done = [r for r in pc.refreshes if r.get("steps")]
+                mine = {
+                    "examples": pc.learner.seen_examples,
+                    "refreshes": len(done),
+                    "accepted": sum(r["accepted"] for r in done),
+                    "refresh_ms_mean": float(np.mean([r["ms"] for r in done] or [0.0])),
+                    "config": self.cfg.continual.to_dict(),
+                    "history": pc.refreshes,
+                }
+            out["policies"][label] = mine
+        if any(pc.bank is not None for pc in self.clouds.values()):
+            out["prototypes"] = {"mode": "refined online in global stream time"} | totals
             out["store"] = {
                 "writes": writes,
-                "write_seconds": self.store_s,
-                "writes_per_s": writes / self.store_s if self.store_s else None,
-            }
-        if self.learner is not None:
-            done = [r for r in self.refreshes if r.get("steps")]
-            out["continual"] = {
-                "examples": self.learner.seen_examples,
-                "refreshes": len(done),
-                "accepted": sum(r["accepted"] for r in done),
-                "refresh_ms_mean": float(np.mean([r["ms"] for r in done] or [0.0])),
-                "config": self.cfg.continual.to_dict(),
-                "history": self.refreshes,
+                "write_seconds": write_s,
+                "writes_per_s": writes / write_s if write_s else None,
             }
         return out
 

@@ -63,7 +63,7 @@ from codebook.prototypes import PrototypeBank
 from codebook.store import PrototypeStore
 from recsys.data import Dataset, write_dataset
 from recsys.errors import RecsysError, ValidationError
-from recsys.replay.config import CONTINUAL, LIVE, GrpcOptions, PolicySpec, ReplayConfig
+from recsys.replay.config import CONTINUAL, GrpcOptions, PolicySpec, ReplayConfig
 from recsys.replay.grpc_driver import COSTS_NOTE, DeviceReplay, replay_through_services
 from recsys.replay.records import UserResult
 from recsys.replay.services import (
@@ -95,9 +95,8 @@ def check_global_policies(specs: Sequence[PolicySpec]) -> PolicySpec:
     if len(shared) != 1:
         raise ValidationError(
             f"--via grpc replays one system-live policy per run, got {[s.label for s in shared]}: "
-            "in process, several live policies share one bank serving the union of their "
-            "request points, which one device server per policy cannot reproduce; run them "
-            "one at a time"
+            "each live policy learns from its own requests, which needs its own refining "
+            "cloud server (not built); run them one at a time"
         )
     return shared[0]
 
@@ -260,9 +259,9 @@ def _live_run(
         "via": "grpc",
         "slice_s": 0.0,  # one request at a time
         "refresh_interval_s": None,
-        "requests": {LIVE: requests, CONTINUAL: 0},
+        "requests": {spec.label: requests},
         "slices": requests,
-        "cloud_seconds": {LIVE: cloud_s, CONTINUAL: 0.0},
+        "cloud_seconds": {spec.label: cloud_s},
         "cloud_server_cpu_s": None
         if cloud_cpu0 is None or cloud_cpu1 is None
         else cloud_cpu1 - cloud_cpu0,
@@ -281,7 +280,7 @@ def _live_run(
         },
         "store": {
             "writes": writes,
-            "write_seconds": float("nan"),  # inside the cloud server, not observable here
+            "write_seconds": None,  # inside the cloud server, not observable here
             "writes_per_s": None,
             "versions": st["versions"],
             "device_assignments": st["device_assignments"],

@@ -152,8 +152,8 @@ class Replayer:
         injected: Mapping[str, Mapping[int, DeviceEdit]] | None = None,
     ) -> UserResult:
         """Every policy on one device's events (see the module docstring). ``injected``:
-        the edits of the global-time kinds (:mod:`recsys.replay.global_time`), made
-        outside the device (kind -> history length -> edit)."""
+        the edits of the global-time policies (:mod:`recsys.replay.global_time`), made
+        outside the device (policy label -> history length -> edit)."""
         seq = ev.sequence
         plan = self.request_plan(ev)
         lengths, points = plan.lengths, plan.points
@@ -175,14 +175,12 @@ class Replayer:
         edits["finetune"] = self.edits.finetune_edits(
             seq, np.array(sorted(points["finetune"]), dtype=np.int64)
         )
-        for kind in LIVE_KINDS:
-            if points[kind]:
-                if injected is None or kind not in injected:
-                    raise ValidationError(
-                        f"{kind} policies need the global-time replay (their edits depend on "
-                        "other devices' earlier requests); run them through run_replay"
-                    )
-                edits[kind] = injected[kind]
+        missing = [s.label for s in self.specs if s.global_time and s.label not in (injected or {})]
+        if missing:
+            raise ValidationError(
+                f"{missing} need the global-time replay (their edits depend on other devices' "
+                "earlier requests); run them through run_replay"
+            )
 
         result = UserResult(user=ev.user, records={})
         targets = torch.from_numpy(ev.items[idx])
@@ -192,7 +190,7 @@ class Replayer:
         for s in self.specs:
             key = self.keys[s.label]
             ls = lengths[key] if key else np.zeros(0, dtype=np.int64)
-            mine = edits.get(s.edit_kind or "", {})
+            mine = injected[s.label] if s.global_time else edits.get(s.edit_kind or "", {})
             served = serving_request(ls, pos)  # [E] index into ls, -1 = base
             weights = [
                 None if j < 0 else mine[int(ls[j])].prepared.weights for j in served.tolist()

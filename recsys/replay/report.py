@@ -222,31 +222,37 @@ def global_time_lines(summary: Mapping[str, Any]) -> list[str]:
         + ", ".join(f"{k} {v:,}" for k, v in g["requests"].items())
         + f"; cloud CPU {g['seconds']:.1f} s in all"
     ]
-    for kind, sec in g["cloud_seconds"].items():
-        n = g["requests"].get(kind, 0)
+    for label, sec in g["cloud_seconds"].items():
+        n = g["requests"].get(label, 0)
         if n:
             out.append(
-                f"{kind}: cloud {1e3 * sec / n:.2f} ms per edit, {1e3 * sec / ev:.2f} ms per "
-                "evaluated event (tokens, summary, generation, residual, encoding; the "
-                "store writes and learner refreshes below not included)"
+                f"{label}: cloud {1e3 * sec / n:.2f} ms per edit, {1e3 * sec / ev:.2f} ms per "
+                "evaluated event (tokens, summary, generation, residual, encoding; store "
+                "writes and learner refreshes not included)"
             )
-    if "prototypes" in g:
-        p, st = g["prototypes"], g["store"]
-        wps = "n/a" if st["writes_per_s"] is None else f"{st['writes_per_s']:,.0f}"
-        out.append(
-            f"prototype bank ({g.get('store_backend', '?')}): {p['versions_written']:,} versions "
-            f"written ({p['refinements']:,} refinements, {p['spawned']} spawned), "
-            f"{p['prototypes']} prototypes at the end; {st['writes']:,} store writes in "
-            f"{st['write_seconds']:.2f} s ({wps} writes/s)"
+        p = g.get("policies", {}).get(label, {})
+        if "versions_written" in p:
+            out.append(
+                f"  its prototype bank: {p['versions_written']:,} versions written "
+                f"({p['refinements']:,} refinements, {p['spawned']} spawned), "
+                f"{p['prototypes']} prototypes at the end"
+            )
+        if "refreshes" in p:
+            out.append(
+                f"  its adaptor: {p['examples']:,} uplinked examples, {p['refreshes']} "
+                f"refreshes (every {g['refresh_interval_s']:,.0f} s) of "
+                f"{p['refresh_ms_mean']:.0f} ms each on average, {p['accepted']} kept "
+                "(higher NDCG@10 on the held-out devices' examples)"
+            )
+    if "store" in g:
+        st = g["store"]
+        sec = st.get("write_seconds")
+        timing = (
+            f" in {sec:.2f} s ({st['writes_per_s']:,.0f} writes/s)"
+            if sec and st.get("writes_per_s") and sec == sec
+            else " (timed inside the cloud server)"
         )
-    if "continual" in g:
-        c = g["continual"]
-        out.append(
-            f"continual adaptor: {c['examples']:,} uplinked examples, {c['refreshes']} "
-            f"refreshes (every {g['refresh_interval_s']:,.0f} s) of "
-            f"{c['refresh_ms_mean']:.0f} ms each on average, {c['accepted']} kept "
-            "(higher NDCG@10 on the held-out devices' examples)"
-        )
+        out.append(f"store ({g.get('store_backend', '?')}): {st['writes']:,} writes{timing}")
     return out
 
 

@@ -66,10 +66,11 @@ def test_live_bank_writes_versions_and_replays_deterministically(world, tmp_path
     specs = [STATIC, FROZEN, LIVE, CONT]
     run = run_replay(world.ds, cfg, specs, cache=world.cache, progress=False)
     info = run.meta["global_time"]
-    assert info["requests"]["system-live"] == run.costs[LIVE.label]["requests"] > 0
+    assert info["requests"][LIVE.label] == run.costs[LIVE.label]["requests"] > 0
     assert info["prototypes"]["versions_written"] >= 1
     assert info["store"]["writes"] > 0 and info["slices"] > 1
-    assert info["continual"]["refreshes"] >= 1 and info["continual"]["examples"] > 0
+    learned = info["policies"][CONT.label]
+    assert learned["refreshes"] >= 1 and learned["examples"] > 0
     assert run.meta["config"]["store_url"] == "sqlite"  # no path or password in results
     with PrototypeStore.open(url) as store:  # every version is in the store
         protos = [p for p in store.list_prototypes() if p.name.startswith("replay-")]
@@ -101,7 +102,7 @@ def test_continual_learning_keeps_a_refresh_only_when_it_helps(world) -> None:
     assert np.array_equal(run.records[bare.label].rank, run.records[CONT.label].rank)
     # validated: a refresh is kept only when the held-out devices' NDCG@10 went up
     checked = run_replay(world.ds, CFG, [bare, CONT], cache=world.cache, progress=False)
-    info = checked.meta["global_time"]["continual"]
+    info = checked.meta["global_time"]["policies"][CONT.label]
     done = [h for h in info["history"] if h["steps"]]
     assert len(done) == info["refreshes"] >= 2
     for h in done:
@@ -113,7 +114,7 @@ def test_continual_learning_keeps_a_refresh_only_when_it_helps(world) -> None:
     # unvalidated: every refresh is kept and the edits change
     cfg = dataclasses.replace(CFG, continual=dataclasses.replace(CFG.continual, validate=False))
     kept = run_replay(world.ds, cfg, [bare, CONT], cache=world.cache, progress=False)
-    assert kept.meta["global_time"]["continual"]["accepted"] == info["refreshes"]
+    assert kept.meta["global_time"]["policies"][CONT.label]["accepted"] == info["refreshes"]
     k0, k1 = kept.records[bare.label], kept.records[CONT.label]
     assert not np.allclose(k0.auc, k1.auc)
 
@@ -136,7 +137,8 @@ def test_no_event_at_or_after_t_influences_an_edit_served_before_t(world) -> Non
     assert any(not np.array_equal(a.items, b.items) for a, b in zip(events, changed, strict=True))
     base, info = replay_global(args, events, progress=False)
     pert, _ = replay_global(args, changed, progress=False)
-    assert info["continual"]["refreshes"] >= 1 and info["prototypes"]["versions_written"] >= 1
+    assert info["policies"][CONT.label]["refreshes"] >= 1
+    assert info["prototypes"]["versions_written"] >= 1
     compared = 0
     for a, b in zip(base, pert, strict=True):
         for s in specs:
@@ -155,14 +157,21 @@ def test_no_event_at_or_after_t_influences_an_edit_served_before_t(world) -> Non
     assert late_diff
 
 
-def test_global_time_kinds_refuse_the_per_device_paths(world) -> None:
-    with pytest.raises(ValidationError, match="global-time"):
-        run_replay(world.ds, CFG, [LIVE], cache=world.cache, progress=False, via="grpc")
+def test_each_policy_learns_from_its_own_requests_only(world) -> None:
+    """Two live budgets: each has its own bank; the 20 % policy's edits are those of a
+    run without the 50 % one."""
+    low = PolicySpec.parse("system-live:timer:0.2")
+    both = run_replay(world.ds, CFG, [LIVE, low], cache=world.cache, progress=False)
+    alone = run_replay(world.ds, CFG, [low], cache=world.cache, progress=False)
+    assert np.array_equal(both.records[low.label].rank, alone.records[low.label].rank)
+    assert np.allclose(both.records[low.label].auc, alone.records[low.label].auc)
+    per = both.meta["global_time"]["policies"]
+    assert per[low.label]["versions_written"] < per[LIVE.label]["versions_written"]
 
 
-def test_one_request_per_slice_serves_them_one_at_a_time(world) -> None:
-    cfg = dataclasses.replace(CFG, slice_s=0.0)
-    run = run_replay(world.ds, cfg, [LIVE], cache=world.cache, progress=False)
-    info = run.meta["global_time"]
-    assert info["slices"] == info["requests"]["system-live"] == run.costs[LIVE.label]["requests"]
-    assert info["prototypes"]["versions_written"] >= 1
+def test_the_services_refuse_what_they_cannot_replay_in_global_time(world) -> None:
+    with pytest.raises(ValidationError, match="in-process global-time replay only"):
+        run_replay(world.ds, CFG, [CONT], cache=world.cache, progress=False, via="grpc")
+    two = [LIVE, PolicySpec.parse("system-live:timer:0.2")]
+    with pytest.raises(ValidationError, match="one system-live policy per run"):
+        run_replay(world.ds, CFG, two, cache=world.cache, progress=False, via="grpc")
