@@ -304,16 +304,9 @@ class CloudEdits:
             self.failures += 1
             logger.warning("user %r: %s", user_id, st.note)
             return FetchResult(
-                "failed",
-                up,
-                down,
-                payload_bytes,
-                proto_bytes,
-                cloud_ms,
-                decode_us,
-                apply_us,
+                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
                 states_us,
-            )
+            )  # fmt: skip
         finally:
             st.pending = None
         info = EditInfo(
@@ -336,16 +329,9 @@ class CloudEdits:
             response.batch_size,
         )
         return FetchResult(
-            "applied",
-            up,
-            down,
-            payload_bytes,
-            proto_bytes,
-            cloud_ms,
-            decode_us,
-            apply_us,
+            "applied", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
             states_us,
-        )
+        )  # fmt: skip
 
     async def _prototype(
         self, response: cpb.GenerateEditResponse, pid: int, pver: int
