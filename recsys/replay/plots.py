@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -32,21 +33,37 @@ def _time_labels(ts: list[int]) -> list[str]:
 
 
 def plot_over_time(summary: Mapping[str, Any], path: Path) -> Path:
+    """NDCG@10 per time bin (top) and its difference to static (bottom, when a static
+    policy was replayed); up to 20 distinct colours, timers dashed."""
     ot = summary["over_time"]
     x = list(range(len(ot["events"])))
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for label in summary["order"]:
+    static = next((lb for lb in summary["order"] if lb == "static"), None)
+    rows = 2 if static else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 4.5 * rows), sharex=True, squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for i, label in enumerate(summary["order"]):
         style = "--" if "timer" in label else "-"
-        ax.plot(x, ot["ndcg@10"][label], style, marker=".", label=label, linewidth=1.2)
+        kw = {"marker": ".", "label": label, "linewidth": 1.2, "color": colours[i % 20]}
+        y = np.asarray(ot["ndcg@10"][label])
+        axes[0, 0].plot(x, y, style, **kw)
+        if static:
+            axes[1, 0].plot(x, y - np.asarray(ot["ndcg@10"][static]), style, **kw)
     ticks = x[:: max(1, len(x) // 8)]
-    ax.set_xticks(ticks, [_time_labels(ot["t_start"])[i] for i in ticks], rotation=30, ha="right")
-    ax.set_xlabel(
+    bottom = axes[-1, 0]
+    bottom.set_xticks(
+        ticks, [_time_labels(ot["t_start"])[i] for i in ticks], rotation=30, ha="right"
+    )
+    bottom.set_xlabel(
         f"evaluated events in time order ({len(x)} bins of ~{ot['events'][0]} events; bin start)"
     )
-    ax.set_ylabel("NDCG@10")
-    ax.set_title(f"{summary['meta']['dataset']['name']}: NDCG@10 over the replay period")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    axes[0, 0].set_ylabel("NDCG@10")
+    axes[0, 0].set_title(f"{summary['meta']['dataset']['name']}: NDCG@10 over the replay period")
+    if static:
+        axes[1, 0].set_ylabel("NDCG@10 minus static")
+        axes[1, 0].axhline(0.0, color="black", linewidth=0.8)
+    for ax in axes[:, 0]:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -217,7 +217,7 @@ def global_time_lines(summary: Mapping[str, Any]) -> list[str]:
     ev = max(summary["policies"][summary["order"][0]]["events"], 1)
     out = [
         f"order {g['order']}; {g['slices']:,} slices of "
-        + (f"{g['slice_s']:,.0f} s" if g["slice_s"] else "one request")
+        + (f"{g['slice_s']:,.4g} s" if g["slice_s"] else "one request")
         + "; requests "
         + ", ".join(f"{k} {v:,}" for k, v in g["requests"].items())
         + f"; cloud CPU {g['seconds']:.1f} s in all"
@@ -240,7 +240,7 @@ def global_time_lines(summary: Mapping[str, Any]) -> list[str]:
         if "refreshes" in p:
             out.append(
                 f"  its adaptor: {p['examples']:,} uplinked examples, {p['refreshes']} "
-                f"refreshes (every {g['refresh_interval_s']:,.0f} s) of "
+                f"refreshes (every {g['refresh_interval_s']:,.4g} s) of "
                 f"{p['refresh_ms_mean']:.0f} ms each on average, {p['accepted']} kept "
                 "(higher NDCG@10 on the held-out devices' examples)"
             )
