@@ -24,7 +24,13 @@ CFG = ReplayConfig(
     gate_window=4,
     slice_s=200.0,
     continual=ContinualConfig(
-        interval_s=400.0, steps=10, lr=3e-3, min_examples=4, batch_size=16, holdout=0.5
+        interval_s=400.0,
+        steps=10,
+        lr=3e-3,
+        min_examples=4,
+        batch_size=16,
+        holdout=0.5,
+        min_held_out=2,
     ),
 )
 STATIC = PolicySpec("static")
@@ -175,3 +181,20 @@ def test_the_services_refuse_what_they_cannot_replay_in_global_time(world) -> No
     two = [LIVE, PolicySpec.parse("system-live:timer:0.2")]
     with pytest.raises(ValidationError, match="one system-live policy per run"):
         run_replay(world.ds, CFG, two, cache=world.cache, progress=False, via="grpc")
+
+
+def test_no_refresh_before_enough_held_out_examples(world) -> None:
+    learner = dataclasses.replace(CFG.continual, min_held_out=10**6)
+    strict = dataclasses.replace(CFG, continual=learner)
+    bare = PolicySpec.parse("system-noproto:timer:0.5")
+    run = run_replay(world.ds, strict, [bare, CONT], cache=world.cache, progress=False)
+    assert run.meta["global_time"]["policies"][CONT.label]["refreshes"] == 0
+    assert np.array_equal(run.records[bare.label].rank, run.records[CONT.label].rank)
+
+
+def test_one_request_per_slice_serves_them_one_at_a_time(world) -> None:
+    cfg = dataclasses.replace(CFG, slice_s=0.0)
+    run = run_replay(world.ds, cfg, [LIVE], cache=world.cache, progress=False)
+    info = run.meta["global_time"]
+    assert info["slices"] == info["requests"][LIVE.label] == run.costs[LIVE.label]["requests"]
+    assert info["prototypes"]["versions_written"] >= 1
