@@ -15,16 +15,23 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from codebook.adaptor import Adaptor, AdaptorConfig
+from codebook.adaptor import Adaptor, AdaptorConfig, head_spec
 from codebook.duet import DuetConfig, DuetGenerator
 from codebook.semantic_ids import SemanticIdMap
 from recsys.errors import NotFoundError, ValidationError
+
+if TYPE_CHECKING:
+    from codebook.prototypes import PrototypeBank
+    from codebook.prototypes.algebra import DecodeFn
+    from codebook.store import PrototypeStore
 
 ARTIFACT_FORMAT = "recsys.adaptor_artifact.v1"
 
@@ -60,6 +67,35 @@ def adaptor_from_artifact(art: Mapping[str, Any]) -> Adaptor:
     return adaptor.eval()
 
 
+def fresh_bank_from_artifact(
+    art: Mapping[str, Any], store: PrototypeStore, name_prefix: str, decode: DecodeFn | None = None
+) -> PrototypeBank:
+    """The artefact's prototypes as version 1 of new prototypes ``name_prefix-k`` in
+    ``store`` (its centroids, prototype config, device bounds, k-means member counts and
+    spawn threshold); ``decode``: the adaptor's decoder if the caller already holds it.
+    The global-time replay starts every live bank from this, in process and through the
+    services alike."""
+    from codebook.prototypes import PrototypeBank, PrototypeConfig
+
+    pcfg = PrototypeConfig(**{**art["config"]["prototypes"], "name_prefix": name_prefix})
+    protos = dict(art.get("prototypes", {}))
+    centroids = art["prototype_centroids"].numpy().astype(np.float32)  # [P, C]
+    bounds = art["bounds"]
+    if decode is None:
+        decode = adaptor_from_artifact(art).decode
+    return PrototypeBank.create(
+        store,
+        centroids,
+        decode,
+        head_spec(art["adaptor_config"]["head_spec"]),
+        pcfg,
+        bound=bounds["device_max_weight_norm"],
+        bias_bound=bounds["device_max_bias_abs"],
+        member_counts=np.asarray(protos.get("sizes", np.zeros(len(centroids)))),
+        spawn_threshold=float(protos.get("spawn_threshold", math.inf)),
+    )
+
+
 def generators_from_artifact(art: Mapping[str, Any]) -> tuple[Adaptor, DuetGenerator]:
     """The trained adaptor and DUET-style generator of ``art`` (eval mode)."""
     adaptor = adaptor_from_artifact(art)
@@ -72,6 +108,7 @@ __all__ = [
     "ARTIFACT_FORMAT",
     "adaptor_from_artifact",
     "artifact_dir",
+    "fresh_bank_from_artifact",
     "generators_from_artifact",
     "load_artifact",
     "load_semantic_ids",

@@ -138,7 +138,8 @@ class ContinualLearner:
         edit = self.adaptor(codes, scores, summary)
         q = lowrank_queries(self.head.layers, self.head.residual, states, edit.tensors)
         logits = self.head.logits(q)  # [B, W, I]
-        logits = logits.masked_fill(_seen_mask(batch, logits.shape), float("-inf"))
+        seen = next_window_mask([e.seen for e in batch], targets.numpy(), logits.shape[-1])
+        logits = logits.masked_fill(seen, float("-inf"))
         valid = targets >= 0
         lv, tv = logits[valid], targets[valid]  # [n, I], [n]
         with torch.no_grad():
@@ -214,16 +215,20 @@ class ContinualLearner:
         return total / max(n, 1), gains / max(n, 1)
 
 
-def _seen_mask(batch: list[UplinkExample], shape: torch.Size) -> torch.Tensor:
-    """[B, W, I] bool: the uplinked window and the window's earlier targets, never the
-    position's own target."""
-    b, w, items = shape
-    rows = np.concatenate([np.full(len(e.seen), j) for j, e in enumerate(batch)])
-    cols = np.concatenate([e.seen for e in batch]).astype(np.int64)
-    base = torch.zeros(b, items, dtype=torch.bool)
-    base[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+def next_window_mask(seen: list[np.ndarray], targets: np.ndarray, num_items: int) -> torch.Tensor:
+    """[B, W, I] bool, the items excluded from each window position's softmax: the row's
+    ``seen`` items and the window's earlier targets, never the position's own target.
+
+    Args:
+        seen: B arrays of item ids; targets: [B, W] int64 (-1 padding).
+    """
+    b, w = targets.shape
+    rows = np.concatenate([np.full(len(x), j) for j, x in enumerate(seen)] or [np.zeros(0)])
+    cols = np.concatenate([np.asarray(x) for x in seen] or [np.zeros(0)]).astype(np.int64)
+    base = torch.zeros(b, num_items, dtype=torch.bool)
+    base[torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols)] = True
     mask = base.unsqueeze(1).repeat(1, w, 1)
-    tg = torch.from_numpy(np.stack([e.targets for e in batch]))  # [B, W]
+    tg = torch.from_numpy(targets)
     for t in range(1, w):  # position t has also seen the targets before it
         prev = tg[:, t - 1]
         ok = torch.nonzero(prev >= 0).squeeze(1)

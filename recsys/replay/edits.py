@@ -117,6 +117,7 @@ class EditMaker:
         kinds: set[str],
     ) -> None:
         self.cfg = cfg
+        self.art = art
         self.tcfg = tcfg = config_from_dict(art["config"])
         self.rank = tcfg.rank
         self.ranker = ranker
@@ -158,7 +159,6 @@ class EditMaker:
         b = art["bounds"]
         self.bound, self.bias_bound = b["device_max_weight_norm"], b["device_max_bias_abs"]
         self.pcfg = self.tcfg.prototypes
-        self.art_prototypes = dict(art.get("prototypes", {}))  # sizes, spawn threshold
         self.centroids = art["prototype_centroids"].numpy().astype(np.float32)  # [P, C]
         self.hspec = head_spec(self.spec)
         flats = prototype_edits(

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from codebook.adaptor import unbatch
+from codebook.adaptor_artifact import fresh_bank_from_artifact
 from codebook.continual import ContinualLearner, UplinkExample
 from codebook.prototypes import PrototypeBank
 from codebook.quantizer import nearest
@@ -141,32 +141,17 @@ class GlobalCloud:
             if s.edit_kind == LIVE:
                 if store is None:
                     raise ValueError("system-live needs a prototype store")
-                pc.bank = self._fresh_bank(store, i)
+                # new names per run and policy: a store may hold earlier runs' prototypes
+                pc.bank = fresh_bank_from_artifact(
+                    self.maker.art, store, f"replay-{time.time_ns()}-{i}",
+                    decode=self.maker.adaptor.decode,
+                )  # fmt: skip
             else:
                 pc.learner = ContinualLearner(
                     self.maker.adaptor, self.maker.head, self.cfg.continual
                 )
             self.clouds[s.label] = pc
         self.window = self.maker.tcfg.windows.window
-
-    def _fresh_bank(self, store: PrototypeStore, index: int) -> PrototypeBank:
-        """The artefact's prototypes as version 1 of new prototypes named for this run."""
-        m = self.maker
-        art_protos = m.art_prototypes
-        # new names per run and policy: a PostgreSQL store may hold earlier runs' prototypes
-        pcfg = dataclasses.replace(m.pcfg, name_prefix=f"replay-{time.time_ns()}-{index}")
-        threshold = float(art_protos.get("spawn_threshold", math.inf))
-        return PrototypeBank.create(
-            store,
-            m.centroids,
-            m.adaptor.decode,
-            m.hspec,
-            pcfg,
-            bound=m.bound,
-            bias_bound=m.bias_bound,
-            member_counts=np.asarray(art_protos.get("sizes", np.zeros(len(m.centroids)))),
-            spawn_threshold=threshold,
-        )
 
     # ---- the stream ----------------------------------------------------------------------
     def run(

@@ -11,7 +11,7 @@ time (:func:`replay_global_through_services`):
   through :func:`recsys.replay.grpc_driver.replay_through_services` unchanged;
 * for the ``system-live`` policy, the driver creates a fresh bank in the store
   (``ReplayConfig.store_url``, else a temporary SQLite file; PostgreSQL when given)
-  exactly as the in-process ``GlobalCloud`` does (:func:`fresh_bank`: the artefact's
+  exactly as the in-process ``GlobalCloud`` does (:func:`codebook.adaptor_artifact.fresh_bank_from_artifact`: the artefact's
   centroids as version 1 of new prototypes ``replay-<ns>-k`` with the artefact's member
   counts and spawn threshold; ``refine_every`` from the artefact's config), then starts
   ONE cloud server on a copy of the artefact that names that bank and keeps refining it
@@ -46,20 +46,16 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from codebook.adaptor import head_spec
-from codebook.adaptor_artifact import adaptor_from_artifact
-from codebook.prototypes import PrototypeBank
+from codebook.adaptor_artifact import fresh_bank_from_artifact
 from codebook.store import PrototypeStore
 from recsys.data import Dataset, write_dataset
 from recsys.errors import RecsysError, ValidationError
@@ -74,7 +70,6 @@ from recsys.replay.services import (
     wait_ready,
 )
 from recsys.replay.stream import UserEvents
-from recsys.workflows.adaptor_config import config_from_dict
 
 if TYPE_CHECKING:
     from recsys.replay.engine import PreparedReplay
@@ -99,29 +94,6 @@ def check_global_policies(specs: Sequence[PolicySpec]) -> PolicySpec:
             "cloud server (not built); run them one at a time"
         )
     return shared[0]
-
-
-def fresh_bank(art: Mapping[str, Any], store: PrototypeStore, name_prefix: str) -> PrototypeBank:
-    """The artefact's prototypes as version 1 of new prototypes ``name_prefix-k`` in
-    ``store``: what ``GlobalCloud._fresh_bank`` creates (same centroids, decoder, head
-    spec, config, bounds, member counts and spawn threshold)."""
-    tcfg = config_from_dict(art["config"])
-    adaptor = adaptor_from_artifact(art)
-    pcfg = dataclasses.replace(tcfg.prototypes, name_prefix=name_prefix)
-    protos = dict(art.get("prototypes", {}))
-    centroids = art["prototype_centroids"].numpy().astype(np.float32)  # [P, C]
-    bounds = art["bounds"]
-    return PrototypeBank.create(
-        store,
-        centroids,
-        adaptor.decode,
-        head_spec(adaptor.cfg.head_spec),
-        pcfg,
-        bound=bounds["device_max_weight_norm"],
-        bias_bound=bounds["device_max_bias_abs"],
-        member_counts=np.asarray(protos.get("sizes", np.zeros(len(centroids)))),
-        spawn_threshold=float(protos.get("spawn_threshold", math.inf)),
-    )
 
 
 def store_summary(store: PrototypeStore, name_prefix: str) -> dict[str, Any]:
@@ -210,7 +182,7 @@ def _live_run(
     prefix = f"replay-{time.time_ns()}"
     ts = time.perf_counter()
     with PrototypeStore.open(url, upgrade=True) as store:
-        fresh_bank(prep.art, store, prefix)
+        fresh_bank_from_artifact(prep.art, store, prefix)
     init_s = time.perf_counter() - ts
     backend = url.split(":", 1)[0]
     servers: dict[str, dict[str, Any]] = {}
@@ -344,7 +316,6 @@ __all__ = [
     "ORDER",
     "check_global_policies",
     "drive_global",
-    "fresh_bank",
     "merged_steps",
     "replay_global_through_services",
     "store_summary",

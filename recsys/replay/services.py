@@ -122,7 +122,7 @@ def live_artifact(art: dict[str, Any], dest: Path, *, store_url: str, name_prefi
     Unlike :func:`frozen_artifact`, ``refine_every`` and the spawn threshold stay the
     artefact's; the copy names the store (``store_url``) and the prototypes
     (``name_prefix``: the bank the global-time driver created there as version 1,
-    :func:`recsys.replay.grpc_global.fresh_bank`), so the cloud loads exactly that bank.
+    :func:`codebook.adaptor_artifact.fresh_bank_from_artifact`), so the cloud loads exactly that bank.
     """
     live = dict(art, store_url=store_url)
     cfg = dict(art["config"])

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from codebook.adaptor import GeneratedEdit
+from codebook.continual import next_window_mask
 from codebook.refine import lowrank_queries
 from codebook.semantic_ids import SemanticIdMap
 from device_ranker.edits import EditBounds
@@ -359,27 +360,8 @@ def build_windows(
 
 def seen_masks(data: WindowData, idx: np.ndarray, num_items: int) -> torch.Tensor:
     """[B, W, I] bool: items in ``seq[:p]`` for each target position p (target excluded)."""
-    w = data.targets.shape[1]
-    base_r, base_c = [], []
-    for j, k in enumerate(idx):
-        hist = data.sequences[data.users[k]][: data.bounds[k]]
-        base_r.append(np.full(len(hist), j))
-        base_c.append(hist)
-    mask = torch.zeros(len(idx), num_items, dtype=torch.bool)
-    if base_r:
-        mask[torch.from_numpy(np.concatenate(base_r)), torch.from_numpy(np.concatenate(base_c))] = (
-            True
-        )
-    mask = mask.unsqueeze(1).repeat(1, w, 1)  # [B, W, I]
-    tg = torch.from_numpy(data.targets[idx])  # [B, W]
-    for t in range(1, w):  # position t has also seen the window's targets before it
-        prev = tg[:, t - 1]
-        ok = prev >= 0
-        rows = torch.nonzero(ok).squeeze(1)
-        mask[rows, t:, prev[ok]] = True
-    valid = tg >= 0
-    mask[(*valid.nonzero(as_tuple=True), tg[valid])] = False  # never mask the target
-    return mask
+    hists = [data.sequences[data.users[k]][: data.bounds[k]] for k in idx]
+    return next_window_mask(hists, data.targets[idx], num_items)
 
 
 def generator_inputs(
