@@ -199,12 +199,7 @@ def build_request(
         raise ValidationError(
             f"{len(timestamps)} timestamps for {len(item_ids)} items; send none or one per item"
         )
-    history = np.empty(len(item_ids), dtype=np.int64)
-    for n, item in enumerate(item_ids):
-        idx = item_index.get(item)
-        if idx is None:
-            raise NotFoundError(f"unknown item {item[:100]!r} in recent_item_ids (position {n})")
-        history[n] = idx
+    history = _item_indices(item_index, item_ids, "recent_item_ids")
     vec = None
     if summary:
         vec = np.asarray(summary, dtype=np.float32)
