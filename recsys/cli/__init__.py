@@ -31,6 +31,7 @@ GROUPS = {
     "serve": "run the gRPC services",
     "db": "prototype store database",
     "abtest": "A/B test harness",
+    "llm": "pretrained LLMs packaged in wheels: import, list",
 }
 COMMAND_MODULES = (
     "recsys.cli.data_cmd",
@@ -42,6 +43,7 @@ COMMAND_MODULES = (
     "recsys.cli.llm_cmd",
     "recsys.cli.llm_serve_cmd",
     "recsys.cli.llm_bench_cmd",
+    "recsys.cli.llm_import_cmd",
     "recsys.cli.db_cmd",
     "recsys.cli.payload_cmd",
     "recsys.cli.serve_cmd",

