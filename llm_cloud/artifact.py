@@ -9,7 +9,10 @@ Layout (everything vLLM needs is standard Hugging Face; the rest is ours)::
       codebook/semantic_ids.npy  codebook/semantic_ids.json       the item IDs it was trained on
       item_trie.json          every valid ID as a token-id list (read by the vLLM logits processor)
       recsys_lm.json          format version, codebook source path + fingerprint, dataset,
-                              split, training config and metrics, max_history
+                              split, training config and metrics, max_history, and for a
+                              model whose prompts carry item text the length policy
+                              ("prompt": text_items, text_tokens)
+      item_text_tokens.json   that model's per-item text token ids (see llm_cloud.prompts)
 
 A directory that is *not* ours (any HF causal LM whose tokenizer contains the codebook
 tokens, e.g. a fine-tuned pretrained LLM) has no ``recsys_lm.json`` / ``codebook/``:
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 META_FILE = "recsys_lm.json"
 TRIE_FILE = "item_trie.json"
+TEXT_FILE = "item_text_tokens.json"  # per item, its prompt text's token ids (text prompts only)
 CODEBOOK_SUBDIR = "codebook"
 FORMAT_VERSION = 1
 
@@ -139,7 +143,37 @@ def load_item_vocab(
     ids = load_semantic_ids(root, codebook_dir)
     tok = load_tokenizer(root)
     keep = max_history if max_history is not None else meta.get("max_history", DEFAULT_MAX_HISTORY)
-    return ItemVocab.from_tokenizer(tok, ids, max_history=int(keep)), meta
+    vocab = ItemVocab.from_tokenizer(tok, ids, max_history=int(keep))
+    policy = meta.get("prompt") or {}
+    if policy.get("text_items"):
+        vocab = _with_saved_text(vocab, root / TEXT_FILE, policy)
+    return vocab, meta
+
+
+def _with_saved_text(vocab: ItemVocab, path: Path, policy: dict[str, Any]) -> ItemVocab:
+    """``vocab`` with the item text token ids saved beside the model (validated)."""
+    from dataclasses import replace
+
+    if not path.is_file():
+        raise DataFormatError(path, None, "missing: the model's prompts need its item text")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
+    limit = int(policy["text_tokens"])
+    ok = isinstance(rows, list) and len(rows) == vocab.num_items
+    ok = ok and all(
+        isinstance(r, list)
+        and len(r) <= limit
+        and all(isinstance(t, int) and 0 <= t < vocab.vocab_size for t in r)
+        for r in rows
+    )
+    if not ok:
+        raise DataFormatError(
+            path, None, f"expected {vocab.num_items} lists of <= {limit} token ids below "
+            f"{vocab.vocab_size}; re-save the model"
+        )  # fmt: skip
+    return replace(vocab, item_text=rows, text_items=int(policy["text_items"]), text_tokens=limit)
 
 
 def write_trie_file(vocab: ItemVocab, path: str | Path) -> Path:
@@ -190,6 +224,14 @@ def save_lm(result: LMResult, out_dir: str | Path, info: dict[str, Any] | None =
     ids = result.vocab.ids
     ids.save(out / CODEBOOK_SUBDIR)
     write_trie_file(result.vocab, out / TRIE_FILE)
+    vocab = result.vocab
+    prompt = {}
+    if vocab.has_text:
+        from codebook.io import atomic_write
+
+        data = json.dumps(vocab.item_text, separators=(",", ":")).encode("utf-8")
+        atomic_write(out / TEXT_FILE, lambda fh: fh.write(data))
+        prompt = {"prompt": {"text_items": vocab.text_items, "text_tokens": vocab.text_tokens}}
     meta = {
         **(info or {}),
         "codebook": {
@@ -199,6 +241,7 @@ def save_lm(result: LMResult, out_dir: str | Path, info: dict[str, Any] | None =
             "vocab_sizes": ids.vocab_sizes,
         },
         "max_history": result.config.max_history,
+        **prompt,
         "config": result.config.to_dict(),
         "num_parameters": result.num_parameters,
         "num_windows": result.num_windows,

@@ -55,15 +55,17 @@ def encode_window(
 ) -> tuple[list[int], list[float]]:
     """Window [h_1..h_H, t] -> (token ids [T], loss weight of predicting each token [T]).
 
-    Weight 0 for tokens never predicted (<bos>, <user>, <sep>), ``history_weight`` for
-    history ID tokens, 1 for the answer's ID tokens and <eos>.
+    Weight 0 for tokens never predicted (<bos>, <user>, <sep>, item text of a vocabulary
+    with text), ``history_weight`` for history ID tokens, 1 for the answer's ID tokens
+    and <eos>. The history is laid out by :meth:`ItemVocab.history_tokens`, exactly as
+    a serving prompt.
     """
-    depth = vocab.depth
     head = vocab.prefix_ids()
-    body = vocab.item_tokens[list(items)].reshape(-1).tolist()  # [(H+1) * D]
-    hist, answer = body[:-depth], body[-depth:]
+    hist, is_id = vocab.history_tokens([int(i) for i in items[:-1]])
+    answer = vocab.item_tokens[int(items[-1])].tolist()
     ids = [*head, *hist, vocab.specials.sep, *answer, vocab.specials.eos]
-    weights = [0.0] * len(head) + [history_weight] * len(hist) + [0.0] + [1.0] * (depth + 1)
+    hist_w = [history_weight if flag else 0.0 for flag in is_id]
+    weights = [0.0] * len(head) + hist_w + [0.0] + [1.0] * (len(answer) + 1)
     return ids, weights
 
 
@@ -79,13 +81,13 @@ def build_windows(
     return out
 
 
-def collate(
-    vocab: ItemVocab, windows: Sequence[np.ndarray], history_weight: float
+def pad_batch(
+    encoded: Sequence[tuple[list[int], list[float]]], pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded batch: (input_ids [B, T], attention_mask [B, T], weights [B, T])."""
-    encoded = [encode_window(vocab, w, history_weight) for w in windows]
+    """(token ids, weights) sequences -> right-padded (input_ids [B, T],
+    attention_mask [B, T], weights [B, T])."""
     width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), vocab.specials.pad, dtype=torch.long)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     weights = torch.zeros((len(encoded), width))
     for row, (tokens, w) in enumerate(encoded):
@@ -93,6 +95,14 @@ def collate(
         mask[row, : len(tokens)] = 1
         weights[row, : len(tokens)] = torch.tensor(w)
     return ids, mask, weights
+
+
+def collate(
+    vocab: ItemVocab, windows: Sequence[np.ndarray], history_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded batch of windows: (input_ids [B, T], attention_mask [B, T], weights [B, T])."""
+    encoded = [encode_window(vocab, w, history_weight) for w in windows]
+    return pad_batch(encoded, vocab.specials.pad)
 
 
 def dataset_sequences(
@@ -140,5 +150,6 @@ __all__ = [
     "collate",
     "dataset_sequences",
     "encode_window",
+    "pad_batch",
     "window_ends",
 ]

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 GROUPS = {
     "data": "prepare, inspect and fetch datasets",
     "features": "compute item feature matrices",
-    "train": "train models (ranker, codebook, lm, adaptor)",
+    "train": "train models (ranker, codebook, lm, llm, adaptor)",
     "bench": "benchmarks that print tables and write --json",
     "eval": "offline evaluations",
     "serve": "run the gRPC services",
@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "recsys.cli.codebook_cmd",
     "recsys.cli.adaptor_cmd",
     "recsys.cli.llm_cmd",
+    "recsys.cli.align_cmd",
     "recsys.cli.llm_serve_cmd",
     "recsys.cli.llm_bench_cmd",
     "recsys.cli.llm_import_cmd",

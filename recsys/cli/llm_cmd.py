@@ -115,16 +115,11 @@ def lm_config(args: argparse.Namespace) -> Any:
     return LMConfig(**overrides)
 
 
-def train_and_save(
-    ds: Any, split: str, codebook: str | Path, out: Path, cfg: Any, progress: bool
-) -> tuple[Any, dict[str, Any]]:
-    """Train the LM on ``ds`` under ``split`` and save it to ``out``; (result, info)."""
+def check_codebook(ds: Any, cb_dir: Path) -> dict[str, Any]:
+    """The codebook's ``codebook.json``; ValidationError unless it was trained on ``ds``."""
     from codebook.io import read_json
     from codebook.semantic_ids import SemanticIdMap
-    from llm_cloud.lm_train import dataset_sequences, save_lm, train_lm
 
-    cb_dir = Path(codebook)
-    ids = SemanticIdMap.load(cb_dir)
     cb_meta = read_json(
         cb_dir / "codebook.json", "train a codebook first (`recsys train codebook`)"
     )
@@ -134,10 +129,24 @@ def train_and_save(
             f"the codebook at {cb_dir} was trained on another version of the data "
             f"({want} != {ds.fingerprint()}); retrain it with `recsys train codebook --dataset {ds.name}`"
         )
+    ids = SemanticIdMap.load(cb_dir)
     if ids.num_items != ds.num_items:
         raise ValidationError(
             f"the codebook has {ids.num_items} items, {ds.name} has {ds.num_items}"
         )
+    return cb_meta
+
+
+def train_and_save(
+    ds: Any, split: str, codebook: str | Path, out: Path, cfg: Any, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Train the LM on ``ds`` under ``split`` and save it to ``out``; (result, info)."""
+    from codebook.semantic_ids import SemanticIdMap
+    from llm_cloud.lm_train import dataset_sequences, save_lm, train_lm
+
+    cb_dir = Path(codebook)
+    cb_meta = check_codebook(ds, cb_dir)
+    ids = SemanticIdMap.load(cb_dir)
     seqs, pairs, split_info = dataset_sequences(ds, split)
     result = train_lm(seqs, pairs, ids, cfg, progress=progress)
     info = {
