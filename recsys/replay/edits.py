@@ -4,7 +4,8 @@
 history the request was made from (never from the target it will serve):
 
 * **system** (full system): the adaptor artefact's tokens (semantic IDs from the
-  uplink windows: the transformers LM backend in process, or the recent-items stand-in)
+  uplink windows: the artefact's LM, ``lm_dir``, through its backend in process, the
+  recent-items stand-in, or none at all for the summary-only ablation)
   + device summary -> adaptor forward -> nearest prototype (bank FROZEN at the
   artefact's version 1: no online refinement during replay, so a device's edits depend
   on its own events only) -> bounded residual -> RSE1 payload. On the device: decode,
@@ -58,7 +59,7 @@ from recsys.edit_payload import decode_payload, encode_payload
 from recsys.replay.config import CONTINUAL, LIVE_KINDS, NO_PROTOTYPES, REFINE, ReplayConfig
 from recsys.replay.costs import CostAccumulator, apply_flops, refine_uplink_bytes, uplink_bytes
 from recsys.workflows.adaptor_config import config_from_dict
-from recsys.workflows.adaptor_data import resolve_token_source
+from recsys.workflows.adaptor_data import artifact_lm_dir, resolve_token_source
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class EditMaker:
         self.summary_dim = summary_width(int(self.item_table.shape[1]))
         self.adaptor, self.duet = generators_from_artifact(art)
         self.tokens = None
+        # item ids an adaptor request uplinks: none when the adaptor reads no tokens
+        self.adaptor_uplink_items = 0 if art["token_source"] == "none" else cfg.uplink_items
         if kinds & {*ADAPTOR_KINDS, *LIVE_KINDS}:
             ids = load_semantic_ids(cache, dataset)
             self.codes = ids.codes  # [I, L+1]
@@ -133,7 +136,7 @@ class EditMaker:
                 art["token_source"],
                 ids,
                 tcfg.windows.input_items,
-                cache / "artifacts" / dataset / "lm",
+                artifact_lm_dir(art, cache, dataset),
                 tcfg.lm_backend,
             )
         self._protos: dict[tuple[int, int], ProtoEdit] = {}
@@ -248,11 +251,18 @@ class EditMaker:
                     proto = protos[int(pids[r])] if kind == "system" and pids is not None else None
                     if kind == REFINE:
                         out[kind][length] = self._deliver(
-                            refined[r], length, gen_ms + refine_ms, None, states_uplinked=True
+                            refined[r],
+                            length,
+                            gen_ms + refine_ms,
+                            None,
+                            states_uplinked=True,
+                            adaptor=True,
                         )
                     else:
                         flat = unbatch(gen.tensors, r)
-                        out[kind][length] = self._deliver(flat, length, gen_ms, proto)
+                        out[kind][length] = self._deliver(
+                            flat, length, gen_ms, proto, adaptor=generator == "adaptor"
+                        )
         return out
 
     def _refine(
@@ -295,10 +305,13 @@ class EditMaker:
         proto: ProtoEdit | None,
         *,
         states_uplinked: bool = False,
+        adaptor: bool = False,
     ) -> DeviceEdit:
         """One request's edit ``flat``: cloud residual against prototype ``proto`` (None:
         the whole edit) and encoding; device decode (+ compose), validate and materialise.
-        ``states_uplinked``: the request also carried the device's recent states (refine)."""
+        ``states_uplinked``: the request also carried the device's recent states (refine);
+        ``adaptor``: an adaptor request (it uplinks no items when the adaptor reads no
+        tokens)."""
         tc = time.perf_counter()  # cloud: residual against the prototype, encode
         norm = 0.0
         if proto is not None:
@@ -329,7 +342,10 @@ class EditMaker:
             device_flops=apply_flops(edit, self.spec),
             device_peak_bytes=_weights_bytes(prepared),
             uplink_bytes=uplink_bytes(
-                length, self.cfg.uplink_items, self.summary_dim, proto is not None
+                length,
+                self.adaptor_uplink_items if adaptor else self.cfg.uplink_items,
+                self.summary_dim,
+                proto is not None,
             )
             + (
                 refine_uplink_bytes(length, self.cfg, self.summary_dim // 2)

@@ -215,6 +215,11 @@ def run_replay(
             check_global_policies(specs)  # one system-live policy; no system-continual
         specs = check_grpc_policies(specs)
     prep = prepare_replay(ds, cfg, specs, cache=cache, users=users)
+    if via == "grpc" and prep.art["token_source"] == "none":
+        raise ValidationError(
+            f"{prep.art_path} reads no tokens (token source none, the summary-only ablation); "
+            "the cloud service has no such token source yet: replay it in process"
+        )
     t_prep = time.perf_counter() - t0
     events = prep.events()
     extra: dict[str, Any] = {}
@@ -282,6 +287,7 @@ def run_meta(
         "gate": gate,
         "artifact": display_path(art_path, cache),
         "token_source": art["token_source"],
+        "lm_dir": _lm_display(art, cache, ds.name),
         "adaptor": {
             "rank": tcfg.rank,
             "window": tcfg.windows.window,
@@ -313,6 +319,16 @@ def run_meta(
         },
         "versions": versions(),
     }
+
+
+def _lm_display(art: dict[str, Any], cache: Path, dataset: str) -> str | None:
+    """The LM the artefact's tokens come from, as :func:`display_path` shows it (None
+    when the adaptor reads no LM)."""
+    if art["token_source"] != "lm":
+        return None
+    from recsys.workflows.adaptor_data import artifact_lm_dir
+
+    return display_path(artifact_lm_dir(art, cache, dataset), cache)
 
 
 def display_path(path: Path, cache: Path) -> str:

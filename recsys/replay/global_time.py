@@ -233,7 +233,9 @@ class GlobalCloud:
             protos[pid] = self.maker.prototype((pid, version), flat)
         observed = []
         for j, r in enumerate(reqs):
-            e = self.maker._deliver(unbatch(gen.tensors, j), r.length, gen_ms, protos[pids[j]])
+            e = self.maker._deliver(
+                unbatch(gen.tensors, j), r.length, gen_ms, protos[pids[j]], adaptor=True
+            )
             edits[r.user][label][r.length] = e
             observed.append((str(r.user), code[j], e.residual_norm, pids[j]))
         ts = time.perf_counter()

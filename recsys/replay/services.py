@@ -134,12 +134,14 @@ def live_artifact(art: dict[str, Any], dest: Path, *, store_url: str, name_prefi
 
 def _cloud_argv(adaptor: Path, art: dict[str, Any], cache: Path, dataset: str) -> list[str]:
     from recsys.workflows.adaptor_config import config_from_dict
+    from recsys.workflows.adaptor_data import artifact_lm_dir
 
     tcfg = config_from_dict(art["config"])
     root = Path(cache) / "artifacts" / dataset
+    lm = artifact_lm_dir(art, cache, dataset)  # the LM the adaptor was trained with
     return [
         "serve", "cloud", "--engine", "artifacts", "--adaptor", str(adaptor),
-        "--codebook-dir", str(root / "codebook"), "--lm-dir", str(root / "lm"),
+        "--codebook-dir", str(root / "codebook"), "--lm-dir", str(lm),
         "--lm-backend", tcfg.lm_backend,
         "--batch-max", "1", "--batch-wait-ms", "0", "--torch-threads", "1",
     ]  # fmt: skip
