@@ -5,8 +5,12 @@ recsys replay --dataset ml-100k --out results/replay-ml-100k [--quick] [--json P
               [--policies static,finetune,system:gate:0.2,...] [--max-users N]
 recsys replay --dataset ml-100k --parity [--max-users 20] [--json PATH]
 recsys replay --dataset ml-100k --live-experiment FILE --event-log LOG [--max-users 20]
+recsys replay compare --run LABEL=OUT [--run LABEL=OUT ...] --policy "system gate 20%"
+                      [--reference LABEL | POLICY@LABEL ...] [--json PATH]
 
-Every mode calls the replay core (:func:`recsys.replay.engine.run_replay`).
+Every replay mode calls the replay core (:func:`recsys.replay.engine.run_replay`);
+``compare`` reads the ``per_user.json`` of earlier ``--out`` runs
+(:mod:`recsys.replay.compare`).
 """
 
 from __future__ import annotations
@@ -34,13 +38,19 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "calibrated on the training period for the budget, or a timer) may request an edit, "
         "which serves later events only. Writes OUT/results.json, OUT/results.md and PNG plots. "
         "--parity runs the same replay in process and through the services and compares them; "
-        "--live-experiment sends the users through one device server serving an experiment.",
+        "--live-experiment sends the users through one device server serving an experiment. "
+        "`recsys replay compare` pairs the runs of several artefacts user by user.",
     )
     p.add_argument(
         "--dataset", default="ml-100k", help="dataset name or canonical directory (default ml-100k)"
     )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--out", help="results directory (created): the report mode")
+    # one of the three is required unless `recsys replay compare` runs (checked in cmd_replay)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--out",
+        help="results directory (created): the report mode (results.json, results.md, "
+        "per_user.json with every policy's per-user NDCG@10, plots)",
+    )
     mode.add_argument(
         "--parity",
         action="store_true",
@@ -134,6 +144,84 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     add_location_options(p)
     add_json_option(p)
     p.set_defaults(handler=cmd_replay)
+    _register_compare(p)
+
+
+def _register_compare(parent: argparse.ArgumentParser) -> None:
+    """``recsys replay compare``: one policy across several replays, paired per user."""
+    sub = parent.add_subparsers(dest="replay_command", metavar="{compare}")
+    p = sub.add_parser(
+        "compare",
+        help="compare one policy across several `recsys replay --out` runs (e.g. adaptors "
+        "with different token sources) on the same users, with paired user-bootstrap CIs",
+        description="Load the per_user.json of several replay OUT directories, check that "
+        "they replayed the same dataset version, seed, stream, users and settings (only the "
+        "artefact may differ), and print per arm the event-averaged NDCG@10 and per "
+        "(arm, reference) the NDCG@10 difference with its paired user-bootstrap 95% CI "
+        "(the estimator of the replay report's own comparisons).",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=OUT",
+        help="a replay OUT directory and the arm label it gets (repeat: one per artefact)",
+    )
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="the policy label compared, present in every run (e.g. 'system gate 20%%')",
+    )
+    p.add_argument(
+        "--reference",
+        action="append",
+        metavar="LABEL|POLICY@LABEL",
+        help="what the arms are compared to (repeat): a run label (its --policy), or "
+        "POLICY@LABEL, another policy of that run, added as an arm (e.g. duet@scratch, "
+        "static@scratch; a kind picks the policy with --policy's trigger and budget); "
+        "default: the first run",
+    )
+    p.add_argument("--resamples", type=int, help="bootstrap resamples (default: the runs')")
+    p.add_argument(
+        "--allow-config-diff",
+        action="store_true",
+        help="compare runs replayed with different settings (listed in the output)",
+    )
+    add_json_option(p)
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from recsys.errors import ValidationError
+    from recsys.replay.compare import (
+        arm_rows,
+        compare_runs,
+        comparison_rows,
+        header_line,
+        load_run,
+        parse_run,
+    )
+
+    if args.resamples is not None and args.resamples < 1:
+        raise ValidationError(f"--resamples must be >= 1, got {args.resamples}")
+    runs = [load_run(*parse_run(text)) for text in args.run]
+    res = compare_runs(
+        runs,
+        args.policy,
+        args.reference or (),
+        resamples=args.resamples,
+        allow_config_diff=args.allow_config_diff,
+    )
+    print(header_line(res))
+    for label, diffs in res["config_differences"].items():
+        print(f"note: run {label!r} differs from {runs[0].label!r} in: {'; '.join(diffs)}")
+    print_table(arm_rows(res), title=f"Arms: {res['policy']} in each run, plus the references")
+    print_table(
+        comparison_rows(res),
+        title="Paired NDCG@10 differences (user-bootstrap 95% CIs over the same users)",
+    )
+    write_json(args.json, res)
+    return 0
 
 
 def build_config(args: argparse.Namespace):
@@ -211,6 +299,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from recsys.data.registry import load_dataset
     from recsys.errors import ValidationError
 
+    if not (args.out or args.parity or args.live_experiment):
+        raise ValidationError(
+            "recsys replay needs one of --out DIR, --parity or --live-experiment FILE "
+            "(or the subcommand: recsys replay compare ...)"
+        )
     if args.threads < 1:
         raise ValidationError(f"--threads must be >= 1, got {args.threads}")
     if args.event_log and not args.live_experiment:
@@ -243,6 +336,7 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
         global_time_lines,
         goal_lines,
         header_line,
+        per_user_figures,
         quality_rows,
         service_rows,
         summarise,
@@ -275,7 +369,7 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
     if not lines:
         print("- not applicable: the targets compare static, finetune and system gate 100%/10%")
     out = Path(args.out)
-    paths = write_report(summary, out)
+    paths = write_report(summary, out, per_user_figures(run))
     print(
         f"\nwrote {', '.join(p.name for p in paths.values())} to {out} "
         f"({run.meta['seconds']['total']:.0f} s)"

@@ -6,15 +6,21 @@ NDCG@10, MRR@10) and user-averaged for UAUC; the NDCG@10 difference to the stati
 model gets a 95 % percentile bootstrap CI over USERS (``scipy.stats.bootstrap``,
 paired per user, seeded), since one user's events are correlated.
 
+``per_user.json`` (:func:`per_user_figures`) holds, per policy, the replayed users'
+ids and their per-user mean NDCG@10 and event counts, with what identifies the stream,
+so runs of other artefacts can be paired user by user later
+(:mod:`recsys.replay.compare`).
+
 Example::
 
     summary = summarise(run)
-    write_report(summary, Path("results/replay-ml-100k"))   # results.json, results.md, PNGs
+    write_report(summary, Path("results/replay-ml-100k"), per_user_figures(run))
     print_report(summary)
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -29,6 +35,7 @@ from recsys.metrics import user_bootstrap_ci
 from recsys.replay.config import PolicySpec
 from recsys.replay.engine import ReplayRun
 from recsys.replay.records import EventRecords
+from recsys.reporting import strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -498,8 +505,59 @@ def _md_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_report(summary: Mapping[str, Any], out: Path) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and the PNG plots into ``out``."""
+PER_USER_FORMAT = "recsys.replay.per_user.v1"
+PER_USER_FILE = "per_user.json"
+
+
+def events_digest(rec: EventRecords) -> str:
+    """sha256 of a policy's evaluated events (user, item, timestamp in their sorted
+    order): two replays with equal digests scored the same events."""
+    h = hashlib.sha256()
+    for a in (rec.user, rec.item, rec.timestamp):
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def per_user_figures(run: ReplayRun, metric: str = "ndcg@10") -> dict[str, Any]:
+    """What ``per_user.json`` holds: per policy the evaluated users (dataset user
+    indices, ascending), their mean ``metric`` and event counts, and the events' digest;
+    with the dataset, seed, stream, replayed users, config and artefact of the run, so
+    replays of other artefacts can be paired user by user (:mod:`recsys.replay.compare`).
+    The event-weighted mean of the per-user means is the policy's ``results.json``
+    figure."""
+    m = run.meta
+    policies = {}
+    for label, rec in run.records.items():
+        users, means, counts = rec.per_user_mean(metric)
+        policies[label] = {
+            "users": users.tolist(),
+            metric: means.tolist(),
+            "events": counts.tolist(),
+            "events_sha256": events_digest(rec),
+        }
+    return {
+        "format": PER_USER_FORMAT,
+        "metric": metric,
+        "dataset": m["dataset"],
+        "seed": m["seed"],
+        "stream": m["stream"],
+        "replayed_users": m["replayed_users"],
+        "config": m["config"],
+        "artifact": m["artifact"],
+        "token_source": m["token_source"],
+        "lm_dir": m.get("lm_dir"),
+        "via": m.get("via"),
+        "order": [p["label"] for p in m["policies"]],
+        "specs": m["policies"],
+        "policies": policies,
+    }
+
+
+def write_report(
+    summary: Mapping[str, Any], out: Path, per_user: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and the PNG plots into ``out``, and
+    ``per_user.json`` when ``per_user`` (:func:`per_user_figures`) is given."""
     from recsys.replay.plots import write_plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +565,12 @@ def write_report(summary: Mapping[str, Any], out: Path) -> dict[str, Path]:
     payload = dict(summary) | {"plots": {k: p.name for k, p in plots.items()}}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     (out / "results.md").write_text(markdown(summary, {k: p.name for k, p in plots.items()}))
-    return {"json": out / "results.json", "md": out / "results.md", **plots}
+    paths = {"json": out / "results.json", "md": out / "results.md", **plots}
+    if per_user is not None:
+        dest = out / PER_USER_FILE
+        dest.write_text(json.dumps(strict_json(per_user), allow_nan=False) + "\n")
+        paths["per_user"] = dest
+    return paths
 
 
 def _json_default(v: Any) -> Any:
