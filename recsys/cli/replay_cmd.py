@@ -143,7 +143,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_location_options(p)
     add_json_option(p)
-    p.set_defaults(handler=cmd_replay)
+    p.set_defaults(handler=cmd_replay, _replay_parser=p)
     _register_compare(p)
 
 
@@ -299,9 +299,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from recsys.data.registry import load_dataset
     from recsys.errors import ValidationError
 
-    if not (args.out or args.parity or args.live_experiment):
-        raise ValidationError(
-            "recsys replay needs one of --out DIR, --parity or --live-experiment FILE "
+    if not (args.out or args.parity or args.live_experiment):  # usage error, exit code 2
+        args._replay_parser.error(
+            "one of the arguments --out --parity --live-experiment is required "
             "(or the subcommand: recsys replay compare ...)"
         )
     if args.threads < 1:
