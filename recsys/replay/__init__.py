@@ -12,7 +12,9 @@ the parity and live A/B modes, the A/B harness and the demo. Shared parts:
 * :mod:`recsys.replay.records` / :mod:`recsys.replay.costs`: per-event results, the
   per-device :class:`UserResult` both drivers return, costs.
 * :mod:`recsys.replay.report` / :mod:`recsys.replay.plots`: tables, ``results.json``,
-  ``results.md``, PNG plots.
+  ``results.md``, ``per_user.json``, PNG plots.
+* :mod:`recsys.replay.compare`: one policy across the runs of several artefacts (e.g.
+  the token-source ablation), paired user by user (``recsys replay compare``).
 
 Drivers:
 
