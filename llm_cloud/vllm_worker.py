@@ -13,8 +13,11 @@ trie logits processor, which the engine loads by name). The main environment's
 * Requests on stdin, one response line each:
 
   - ``{"op": "step", "prompts": [[token ids], ...], "logprobs": k}`` -> ``{"ok": true,
-    "top": [[[token, logprob], ...], ...]}``: one greedy token per prompt under the trie
-    constraint, the top-k *processed* log-probs (masked tokens left out).
+    "top": [[[token, logprob], ...], ...], "engine_s": ..., "prompt_tokens": ...,
+    "cached_tokens": ...}``: one greedy token per prompt under the trie constraint, the
+    top-k *processed* log-probs (masked tokens left out); plus the seconds spent inside
+    ``llm.generate`` and the prompt tokens of the call, of which ``cached_tokens`` were
+    prefix-cache hits (the rest were computed: the profile of ``recsys bench llm``).
   - ``{"op": "info"}`` -> engine settings.
   - ``{"op": "shutdown"}`` -> ``{"ok": true}``, then the engine is shut down and the
     process exits 0 (EOF on stdin does the same).
@@ -107,7 +110,9 @@ def serve(args: argparse.Namespace, requests: TextIO, out: TextIO) -> int:
                     max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, extra_args=extra
                 )
                 prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in req["prompts"]]
+                t0 = time.perf_counter()
                 outs = llm.generate(prompts, params, use_tqdm=False)
+                engine_s = time.perf_counter() - t0
                 top = [
                     [
                         [int(t), float(lp.logprob)]
@@ -116,7 +121,16 @@ def serve(args: argparse.Namespace, requests: TextIO, out: TextIO) -> int:
                     ]
                     for o in outs
                 ]
-                _send(out, {"ok": True, "top": top})
+                _send(
+                    out,
+                    {
+                        "ok": True,
+                        "top": top,
+                        "engine_s": engine_s,
+                        "prompt_tokens": sum(len(p) for p in req["prompts"]),
+                        "cached_tokens": sum(int(o.num_cached_tokens or 0) for o in outs),
+                    },
+                )
             else:
                 _send(out, {"ok": False, "error": f"unknown op {op!r}"})
         except Exception as exc:  # report any request failure to the client, keep serving

@@ -102,6 +102,9 @@ class VllmBackend(Backend):
         self._log: IO[bytes] | None = None
         self.startup_seconds: float | None = None
         self.engine_info: dict[str, Any] = {}
+        # one entry per engine call: prompts, seconds (round trip / inside llm.generate),
+        # prompt tokens and prefix-cache hits among them (see profile_steps)
+        self.step_stats: list[dict[str, float]] = []
         self._start(python, kv_cache_gib, startup_timeout, log_path)
 
     # ---- process -------------------------------------------------------------------------
@@ -187,7 +190,17 @@ class VllmBackend(Backend):
 
     # ---- search --------------------------------------------------------------------------
     def _step(self, prompts: list[list[int]], k: int) -> list[dict[int, float]]:
+        t0 = time.perf_counter()
         reply = self._call({"op": "step", "prompts": prompts, "logprobs": k})
+        self.step_stats.append(
+            {
+                "prompts": len(prompts),
+                "call_s": time.perf_counter() - t0,
+                "engine_s": float(reply.get("engine_s", float("nan"))),
+                "prompt_tokens": int(reply.get("prompt_tokens", 0)),
+                "cached_tokens": int(reply.get("cached_tokens", 0)),
+            }
+        )
         return [{int(t): float(lp) for t, lp in row} for row in reply["top"]]
 
     def _search(
