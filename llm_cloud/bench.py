@@ -2,7 +2,7 @@
 
 Shapes: U test users, N top-N, I items.
 
-**Quality** (:func:`quality_rows`): leave-one-out by time (each user's last event is
+**Quality** (:func:`quality_metrics`): leave-one-out by time (each user's last event is
 the test target; the history is everything before it, truncated to ``max_history``).
 The LM generates its top-N IDs per user by constrained beam search; Recall@K = 1 if the
 target is among the first K generated items, NDCG@K = 1/log2(rank+1) then (one
@@ -11,10 +11,15 @@ here (counts over every non-test event, ties pessimistic), each with and without
 user's already-seen items, and TIGER's published Amazon Beauty figures as an anchor
 (different dataset: read as scale, not as a head-to-head comparison).
 
-**Throughput** (:func:`throughput_rows`): the same model and the same histories through
-each backend: start-up time, then batches of ``batch_users`` users timed one call each
-(p50/p99 latency per call, users/s overall), plus how often each backend's top-1 agrees
-with the transformers backend's.
+Several models are compared on the same test users; :func:`sample_users` draws at most
+N of them by a seed (the draw depends only on the number of test users, N and the seed,
+so every model, and every run with the same arguments, gets the same users).
+
+**Throughput**: the same model and the same histories through each backend: start-up
+time, then batches of ``batch_users`` users timed one call each (p50/p99 latency per
+call, users/s overall), plus how often each backend's top-1 agrees with the transformers
+backend's; :func:`users_per_s_ratio` gives vLLM / transformers, :func:`profile_steps`
+splits a vLLM run into engine time, pipe time and prefix-cache hits.
 
 Example::
 
@@ -156,3 +161,80 @@ def top1_agreement(
     """Share of users whose first item is the same in both result lists."""
     same = [bool(x) and bool(y) and x[0][0] == y[0][0] for x, y in zip(a, b, strict=True)]
     return float(np.mean(same)) if same else math.nan
+
+
+def subset(evaluation: LooEvaluation, rows: Sequence[int]) -> LooEvaluation:
+    """The test users at positions ``rows`` of ``evaluation`` (same popularity basis)."""
+    keep = np.asarray(rows, dtype=np.int64)
+    return LooEvaluation(
+        users=evaluation.users[keep],
+        histories=[evaluation.histories[r] for r in keep.tolist()],
+        targets=evaluation.targets[keep],
+        train_rows=evaluation.train_rows,
+    )
+
+
+def sample_users(
+    evaluation: LooEvaluation, max_users: int | None, seed: int = 0
+) -> tuple[LooEvaluation, np.ndarray | None]:
+    """At most ``max_users`` test users drawn without replacement by ``seed`` (kept in
+    their original order), and their positions; (evaluation, None) when it has no more.
+
+    The draw depends only on (number of test users, ``max_users``, ``seed``), so every
+    model benchmarked in one run (or in two runs with the same arguments) gets the same
+    users."""
+    total = len(evaluation.users)
+    if max_users is None or max_users >= total:
+        return evaluation, None
+    if max_users < 1:
+        raise ValueError(f"max_users must be >= 1, got {max_users}")
+    rows = np.sort(np.random.default_rng(seed).choice(total, size=max_users, replace=False))
+    return subset(evaluation, rows), rows
+
+
+def users_per_s_ratio(
+    figures: dict[str, Any], over: str = "vllm", under: str = "transformers"
+) -> float:
+    """users/s of backend ``over`` divided by that of ``under`` (batched runs); NaN if
+    either is missing."""
+    try:
+        return figures[over]["batched"]["users_per_s"] / figures[under]["batched"]["users_per_s"]
+    except (KeyError, ZeroDivisionError, TypeError):
+        return math.nan
+
+
+def profile_steps(
+    stats: Sequence[dict[str, float]], total_s: float | None = None
+) -> dict[str, float]:
+    """Summary of a vLLM backend's engine calls (``VllmBackend.step_stats`` entries).
+
+    ``engine_s`` is the time inside ``llm.generate`` (scheduling, forward passes, the trie
+    logits processor, sampling and log-probs), ``call_s`` adds the JSON pipe and the
+    worker's request/answer conversion; ``total_s`` (the timed generate calls) adds the
+    beam search in this process. ``computed_tokens_per_prompt`` are the prompt tokens not
+    served by the prefix cache, i.e. recomputed for every (user, beam) request.
+    """
+    calls = len(stats)
+    prompts = sum(s["prompts"] for s in stats)
+    engine = sum(s["engine_s"] for s in stats)
+    call = sum(s["call_s"] for s in stats)
+    tokens = sum(s["prompt_tokens"] for s in stats)
+    cached = sum(s["cached_tokens"] for s in stats)
+    computed = tokens - cached
+    out = {
+        "engine_calls": calls,
+        "prompts_per_call": prompts / calls if calls else math.nan,
+        "engine_s": engine,
+        "pipe_and_worker_s": call - engine,
+        "prompt_tokens_per_prompt": tokens / prompts if prompts else math.nan,
+        "computed_tokens_per_prompt": computed / prompts if prompts else math.nan,
+        "prefix_cache_hit_share": cached / tokens if tokens else math.nan,
+        "engine_ms_per_call": 1e3 * engine / calls if calls else math.nan,
+        "engine_ms_per_prompt": 1e3 * engine / prompts if prompts else math.nan,
+        "engine_us_per_computed_token": 1e6 * engine / computed if computed else math.nan,
+    }
+    if total_s is not None:
+        out["total_s"] = total_s
+        out["search_in_client_s"] = total_s - call
+        out["engine_share"] = engine / total_s if total_s else math.nan
+    return out

