@@ -72,7 +72,12 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
     g.add_argument("--retrain-ranker", action="store_true", help="retrain ranker-time.pt")
-    g.add_argument("--db", help="prototype store URL (default: a SQLite file in the artefact dir)")
+    g.add_argument(
+        "--db",
+        help="prototype store URL (default: a SQLite file beside the artefact); with "
+        "--artifact STEM.pt not named adaptor.pt the prototypes are named STEM-proto-K, so "
+        "several artefacts can share one store",
+    )
     add_json_option(p)
     p.set_defaults(handler=cmd_train)
 
@@ -175,6 +180,9 @@ def _train_config(args: argparse.Namespace):
     protos = replace(cfg.prototypes, seed=args.seed)
     if args.prototypes:
         protos = replace(protos, num_prototypes=args.prototypes)
+    if args.db and args.artifact and Path(args.artifact).name != "adaptor.pt":
+        # a shared store: this artefact's bank must not collide with the default one's
+        protos = replace(protos, name_prefix=f"{Path(args.artifact).stem}-{protos.name_prefix}")
     return replace(cfg, loop=replace(cfg.loop, **loop), windows=windows, prototypes=protos, **top)
 
 

@@ -291,12 +291,16 @@ def train_adaptor(
     (default ``cache/artifacts/NAME/lm``). The prototype store defaults to a fresh SQLite
     file beside the artefact (:func:`default_store_path`: ``prototypes.sqlite`` for
     ``adaptor.pt``, ``STEM.prototypes.sqlite`` for any other name, so artefacts written
-    to one directory never overwrite each other's prototypes).
+    to one directory never overwrite each other's prototypes). A given ``store_url`` is
+    shared, never emptied: it must hold no prototypes named ``{name_prefix}-*`` yet
+    (checked before training).
     """
     from codebook.store import PrototypeStore
 
     t0 = time.perf_counter()
     path = artifact_path or artifact_dir(cache, ds.name) / "adaptor.pt"
+    if store_url is not None:  # a given store is shared: refuse a name clash before training
+        check_store_free(store_url, cfg.prototypes.name_prefix)
     out_dir = path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     ranker_path = ranker_path or cache / "artifacts" / ds.name / "ranker-time.pt"
@@ -338,9 +342,9 @@ def train_adaptor(
     train_idx, held_idx = split_users(data, cfg.loop.holdout_users, cfg.loop.seed)
     codes = window_codes(adaptor, "adaptor", data, np.arange(len(data)))
     centroids, kinfo = fit_prototypes(codes[train_idx], cfg.prototypes)
-    store_url = store_url or f"sqlite:///{default_store_path(path)}"
-    if store_url.startswith("sqlite:///"):
-        Path(store_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+    if store_url is None:  # the artefact's own store: made afresh
+        store_url = f"sqlite:///{default_store_path(path)}"
+        default_store_path(path).unlink(missing_ok=True)
     sample = np.random.default_rng(cfg.seed).choice(
         train_idx, size=min(2000, len(train_idx)), replace=False
     )
@@ -423,6 +427,22 @@ def train_adaptor(
         store_url=store_url,
         lm_dir=lm_record,
     )
+
+
+def check_store_free(store_url: str, name_prefix: str) -> None:
+    """ValidationError if the store at ``store_url`` already holds prototypes named
+    ``{name_prefix}-*`` (another artefact's bank, or this one trained before)."""
+    from codebook.store import PrototypeStore
+
+    with PrototypeStore.open(store_url, upgrade=True) as store:
+        taken = [p.name for p in store.list_prototypes() if p.name.startswith(f"{name_prefix}-")]
+    if taken:
+        raise ValidationError(
+            f"the prototype store already holds {len(taken)} prototypes named "
+            f"{name_prefix}-* (e.g. {taken[0]!r}); train with another artefact name / "
+            "prototype name prefix, another store, or without --db (a fresh store beside "
+            "the artefact)"
+        )
 
 
 def default_store_path(artifact_path: Path) -> Path:

@@ -192,3 +192,29 @@ def test_cli_train_adaptor_with_an_lm_dir(world, tmp_path: Path, fake_lm, capsys
     assert out["lm_dir"] == str(lm.resolve()) == load_artifact(path)["lm_dir"]
     assert fake_lm.made == [lm]
     assert (path.parent / "prototypes.sqlite").is_file()
+
+
+def test_cli_artefacts_share_one_store_by_name(world, tmp_path: Path, capsys) -> None:
+    from codebook.store import PrototypeStore
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    common = ["train", "adaptor", "--dataset", str(world.root), "--cache-dir", str(world.cache),
+              "--epochs", "1", "--window", "3", "--prototypes", "3", "--rank", "2",
+              "--db", url, "--no-progress"]  # fmt: skip
+    assert main([*common, "--artifact", str(tmp_path / "adaptor.pt"), "--tokens", "recent"]) == 0
+    assert main([*common, "--artifact", str(tmp_path / "adaptor-none.pt"), "--tokens", "none"]) == 0
+    art = load_artifact(tmp_path / "adaptor-none.pt")
+    assert art["config"]["prototypes"]["name_prefix"] == "adaptor-none-proto"
+    assert load_artifact(tmp_path / "adaptor.pt")["config"]["prototypes"]["name_prefix"] == "proto"
+    with PrototypeStore.open(url) as store:
+        names = sorted(p.name for p in store.list_prototypes())
+    assert names == [
+        *(f"adaptor-none-proto-{k}" for k in range(3)),
+        *(f"proto-{k}" for k in range(3)),
+    ]
+    # a shared store is never emptied: training the same bank into it again is refused early
+    rc = main([*common, "--artifact", str(tmp_path / "adaptor-none.pt"), "--tokens", "none"])
+    assert (
+        rc == 2
+        and "already holds 3 prototypes named adaptor-none-proto-*" in capsys.readouterr().err
+    )
