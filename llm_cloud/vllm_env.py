@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, ValidationError
 from recsys.settings import PROJECT_ROOT
 
 if TYPE_CHECKING:
@@ -124,8 +124,37 @@ def check_head_dim(model_dir: str | Path) -> int | None:
     return int(head_dim) if head_dim else None
 
 
-def context_length(vocab: ItemVocab) -> int:
+def context_length(vocab: ItemVocab, model_dir: str | Path | None = None) -> int:
     """The engine's ``--max-model-len`` for a model: its longest prompt plus one answer
-    (D tokens + ``<eos>``), rounded up to a multiple of 64, at least 128."""
+    (D tokens + ``<eos>``), rounded up to a multiple of 64, at least 128; never above the
+    model's ``max_position_embeddings`` (read from ``model_dir/config.json`` when given).
+
+    The longest prompt is :meth:`ItemVocab.max_prompt_len`: framing + ``max_history`` IDs,
+    plus, for a model whose prompts carry item text, ``text_items * text_tokens`` (e.g. the
+    aligned SmolLM2 on ml-100k: 3 + 20 * 4 + 3 * 16 = 131 tokens -> 192; the small codebook
+    LM: 83 -> 128).
+
+    Raises:
+        ValidationError: the longest prompt + answer does not fit the model's positions.
+    """
     need = vocab.max_prompt_len() + vocab.depth + 1
-    return max(128, -(-need // 64) * 64)
+    length = max(128, -(-need // 64) * 64)
+    positions = _max_positions(model_dir) if model_dir is not None else None
+    if positions is not None:
+        if need > positions:
+            raise ValidationError(
+                f"{model_dir}: prompts of up to {vocab.max_prompt_len()} tokens + a "
+                f"{vocab.depth + 1}-token answer exceed max_position_embeddings {positions}; "
+                "lower max_history (or the item-text policy)"
+            )
+        length = min(length, positions)
+    return length
+
+
+def _max_positions(model_dir: str | Path) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = cfg.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -95,7 +95,7 @@ class VllmBackend(Backend):
         self.max_logprobs = int(max_logprobs)
         self.request_timeout = request_timeout
         self.dtype = dtype
-        self.max_model_len = int(max_model_len or context_length(self.vocab))
+        self.max_model_len = int(max_model_len or context_length(self.vocab, self.model_dir))
         self.block_size = int(block_size)
         self.proc: subprocess.Popen | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()

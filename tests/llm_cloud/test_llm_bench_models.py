@@ -195,3 +195,15 @@ def test_profile_steps() -> None:
             "transformers": {"batched": {"users_per_s": 8.0}},
         }
     ) == pytest.approx(0.25)
+
+
+def test_context_length_respects_the_model_positions(tmp_path: Path) -> None:
+    ids = tiny_ids(num_items=12)  # IDs of 3 tokens
+    vocab = ItemVocab.from_tokenizer(build_tokenizer(ids), ids, max_history=41)
+    assert vocab.max_prompt_len() + vocab.depth + 1 == 130 and context_length(vocab) == 192
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 160}))
+    assert context_length(vocab, tmp_path) == 160
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 100}))
+    with pytest.raises(ValidationError, match="exceed max_position_embeddings 100"):
+        context_length(vocab, tmp_path)
+    assert context_length(vocab, tmp_path / "missing") == 192
