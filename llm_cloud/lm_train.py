@@ -26,9 +26,12 @@ search is measured (:func:`llm_cloud.backends.hf.levelwise_beam_search`).
 (safetensors), generation config and tokenizer, so ``vllm`` serves the directory
 unchanged, plus the semantic IDs and ``recsys_lm.json``.
 
-**GPU path: fine-tune a pretrained LLM instead (LC-Rec style).** Set ``base_model`` to a
-Hugging Face causal-LM directory (e.g. a downloaded Qwen2.5-0.5B or Llama-3.2-1B) and
-``device="cuda"``. :func:`prepare_base_model` then::
+**A pretrained LLM instead (LC-Rec style).** The full path, with item text in the
+prompts, text <-> ID alignment tasks, embeddings initialised from item text, a CPU
+budget and resumable checkpoints, is :mod:`llm_cloud.align` (``recsys train llm``). The
+plain variant here sets ``base_model`` to a Hugging Face causal-LM directory and trains
+on ID-only windows (e.g. a larger model with ``device="cuda"``); :func:`prepare_base_model`
+(shared with :mod:`llm_cloud.align`) then::
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.add_tokens(ids.vocabulary())                         # one new token per code

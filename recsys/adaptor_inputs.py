@@ -161,9 +161,28 @@ class LMTokens:
         self.backend.close()
 
 
+class NoTokens:
+    """No tokens (the summary-only ablation): every request's N input items are padding
+    (-1), so the adaptor's token path pools to exactly zero (``masked_pool`` of an
+    all-masked row) and no gradient reaches it; the edit code depends on the device
+    summary alone. The device needs to uplink no items for it."""
+
+    name = "none"
+
+    def __init__(self, n: int) -> None:
+        self.n = int(n)
+
+    def __call__(self, windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.full((len(windows), self.n), -1, dtype=np.int64), None
+
+    def close(self) -> None:
+        pass
+
+
 __all__ = [
     "SUMMARY_LAYOUT",
     "LMTokens",
+    "NoTokens",
     "RecentTokens",
     "TokenSource",
     "check_summary",

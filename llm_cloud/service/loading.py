@@ -8,7 +8,7 @@ never imports the device package).
 Example::
 
     engine = engine_from_artifacts(ArtifactEngineConfig("CACHE/artifacts/ml-100k/adaptor/adaptor.pt"))
-    engine.info()["tokens"]   # "lm" or "recent"
+    engine.info()["tokens"]   # "lm", "recent" or "none"
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from codebook.refine import HeadTensors, RefineConfig
 from llm_cloud.service.engine import ComposedEngine, EditRefiner
-from recsys.adaptor_inputs import LMTokens, RecentTokens, TokenSource
+from recsys.adaptor_inputs import LMTokens, NoTokens, RecentTokens, TokenSource
 from recsys.errors import ValidationError
 from recsys.validation import config_dataclass
 
@@ -36,7 +36,7 @@ class ArtifactEngineConfig:
     Attributes:
         adaptor_path: ``recsys train adaptor``'s artefact (``artifacts/NAME/adaptor/adaptor.pt``).
         codebook_dir: the semantic IDs (default ``artifacts/NAME/codebook`` beside it).
-        lm_dir: the codebook LM (default ``artifacts/NAME/lm``), used when the adaptor
+        lm_dir: the LM (default: the one the artefact names, else ``artifacts/NAME/lm``), used when the adaptor
             was trained on LM tokens.
         lm_backend: ``transformers``, ``vllm`` or ``openai`` (see ``llm_cloud.backends``).
         lm_options: backend keyword arguments (e.g. ``url`` for ``openai``).
@@ -108,6 +108,17 @@ def edit_refiner(art: Mapping[str, Any], cfg: RefineConfig) -> EditRefiner:
     )
 
 
+def artifact_lm_dir(art: Mapping[str, Any], root: Path) -> Path:
+    """The LM an adaptor artefact's tokens came from: its ``lm_dir`` (relative to the
+    cache dir, ``root/../..``, unless absolute), else ``root/lm`` (older artefacts);
+    ``root`` is ``CACHE/artifacts/NAME``."""
+    rec = art.get("lm_dir")
+    if not rec:
+        return root / "lm"
+    path = Path(str(rec))
+    return path if path.is_absolute() else root.parent.parent / path
+
+
 def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
     """Load the adaptor artefact, the semantic IDs, the LM (if its tokens were used), the
     prototype bank and the store into a :class:`ComposedEngine`."""
@@ -126,14 +137,17 @@ def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
         )
     adaptor = adaptor_from_artifact(art)
     n = int(adaptor.cfg.max_items)
-    if art.get("token_source") == "lm":
+    source = art.get("token_source")
+    if source == "lm":
         from llm_cloud.backends import BackendConfig, make_backend
 
-        lm_dir = Path(cfg.lm_dir) if cfg.lm_dir else root / "lm"
+        lm_dir = Path(cfg.lm_dir) if cfg.lm_dir else artifact_lm_dir(art, root)
         backend = make_backend(
             cfg.lm_backend, lm_dir, BackendConfig(exclude_history=True), **dict(cfg.lm_options)
         )
         tokens: TokenSource = LMTokens(backend, n)
+    elif source == "none":
+        tokens = NoTokens(n)
     else:
         tokens = RecentTokens(n)
     store = bank = None

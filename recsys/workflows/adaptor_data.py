@@ -47,6 +47,7 @@ from device_ranker.ranker import Ranker
 from device_ranker.train import TrainConfig, load_checkpoint, train
 from recsys.adaptor_inputs import (
     LMTokens,
+    NoTokens,
     RecentTokens,
     TokenSource,
     device_summary,
@@ -233,24 +234,6 @@ class CodedTokens:
 
     def close(self) -> None:
         self.source.close()
-
-
-class NoTokens:
-    """No tokens (the summary-only ablation): every request's N input items are padding
-    (-1), so the adaptor's token path pools to exactly zero (``masked_pool`` of an
-    all-masked row) and no gradient reaches it; the edit code depends on the device
-    summary alone. The device needs to uplink no items for it."""
-
-    name = "none"
-
-    def __init__(self, n: int) -> None:
-        self.n = int(n)
-
-    def __call__(self, windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        return np.full((len(windows), self.n), -1, dtype=np.int64), None
-
-    def close(self) -> None:
-        pass
 
 
 def resolve_token_source(

@@ -202,3 +202,26 @@ def test_saved_aligned_model_serves_valid_ids(
     (out / TEXT_FILE).write_text(json.dumps([[1, 2]]), encoding="utf-8")
     with pytest.raises(DataFormatError, match="lists of <= 5 token ids"):
         load_item_vocab(out)
+
+
+def test_train_layers_freezes_the_bottom_and_unties_the_head(
+    tiny_base: Path, ids: SemanticIdMap, tmp_path: Path
+) -> None:
+    frozen = _align(tiny_base, ids, tmp_path / "f", epochs=1, train_layers=1)
+    model = frozen.model
+    assert not model.config.tie_word_embeddings
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert inp.data_ptr() != out.data_ptr()
+    start, _ = prepare_base_model(str(tiny_base), ids)
+    torch.manual_seed(0)
+    init_codebook_embeddings(start, frozen.tokenizer, ids, item_texts_for(ids), 32)
+    before = start.state_dict()
+    after = model.state_dict()
+    assert torch.equal(
+        after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert not torch.equal(
+        after["model.layers.1.mlp.up_proj.weight"], before["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert torch.equal(inp, start.get_input_embeddings().weight)  # input rows stay
+    assert not torch.equal(out, start.get_input_embeddings().weight)  # output rows learn
