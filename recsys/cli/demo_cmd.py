@@ -112,6 +112,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     report["stages"]["total_s"] = round(time.perf_counter() - t0, 2)
     print(f"\ndemo finished in {report['stages']['total_s']:.1f} s")
+    print(
+        "the demo's cloud model is the small from-scratch codebook LM; the pretrained LLM "
+        f"(SmolLM2-135M reading item text): recsys train llm --dataset {args.dataset} "
+        "--max-minutes 30 (README: 'A real pretrained LLM')"
+    )
     write_json(args.json, report)
     return 0
 
