@@ -183,7 +183,7 @@ def cmd_train_llm(args: argparse.Namespace) -> int:
             }
             for h in result.history
         ],
-        title=f"{args.base} aligned: {result.num_parameters:,} parameters, {vm['steps']} steps, "
+        title=f"{args.base} aligned: {result.num_parameters:,} trained parameters, {vm['steps']} steps, "
         f"{vm['tokens']:,} tokens ({vm['tokens_per_second']:.0f}/s), stopped by {vm['stopped_by']}",
     )
     if "recall@10" in vm:
