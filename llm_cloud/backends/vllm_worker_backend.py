@@ -13,8 +13,18 @@ front-end of the same engine.
 The search is :func:`llm_cloud.beam.stepwise_beam_search`: D engine calls of
 ``max_tokens=1, temperature=0, logprobs=B`` over all (user, beam prefix) prompts, the
 trie enforced inside the engine by :mod:`llm_cloud.vllm_trie_lp`, processed log-probs.
-Prefix caching makes the repeated user prompt cheap, provided the KV-cache block is
-shorter than the prompt (``block_size=32``; vLLM-CPU's default 128 halves throughput here).
+Prefix caching makes the repeated user prompt cheap: every full KV-cache block of a
+request that an earlier request computed is served from the cache, and only the rest is
+computed, so a request of T prompt + l prefix tokens computes about
+``(T + l - 1) % block_size + 1`` tokens (the transformers backend's tree-attention search
+feeds 1 token per beam and level). ``block_size=32`` is the smallest the CPU attention
+kernel accepts (``CPUAttentionBackend.get_supported_kernel_block_sizes``: multiples of
+32); vLLM-CPU's default 128 is longer than the small LM's 83-token prompts, so nothing
+would be shared (half the throughput). The aligned SmolLM2's prompts carry the text of
+the 3 most recent items (112-131 tokens on ml-100k; ``max_model_len`` 192 from
+:func:`llm_cloud.vllm_env.context_length`, which counts the text): 32 still leaves 3-4
+full blocks cached and ~25 tokens computed per (user, beam) request (80 % prefix-cache
+hits, see ``step_stats`` and the profile line of ``recsys bench llm``).
 
 Measured on ml-100k (``recsys bench llm``, 2 shared cores, bf16, beam 20): start-up
 23-57 s, 17 users/s in calls of 64 users, 84 ms for one user; top-1 equal to the
@@ -62,8 +72,9 @@ class VllmBackend(Backend):
         max_logprobs: engine limit on ``logprobs`` (the beam width must not exceed it).
         max_model_len: engine context length (None: longest prompt + answer, rounded up).
         kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE``.
-        block_size: KV-cache block in tokens (32: prompts of ~80 tokens share their full
-            blocks across the beams through prefix caching; vLLM-CPU's default 128 never does).
+        block_size: KV-cache block in tokens (32, the CPU kernel's smallest: prompts of
+            80-130 tokens share their full blocks across the beams through prefix caching;
+            vLLM-CPU's default 128 shares none or one).
         startup_timeout: seconds to wait for the engine.
         request_timeout: seconds to wait for one engine call.
         log_path: the worker's stderr (None: a temporary file).

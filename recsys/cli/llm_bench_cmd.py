@@ -245,12 +245,43 @@ def _loo_model(args: argparse.Namespace, ds: Any, label: str, model: Path) -> di
             f"warning: --model {label}: {model} was not trained on the leave-one-out split; "
             "test targets may have been seen"
         )
-    return {"label": label, "dir": model, "meta": meta, "train_info": train_info}
+    return {
+        "label": label,
+        "dir": model,
+        "meta": meta,
+        "train_info": train_info,
+        "parameters": model_parameters(model),
+    }
 
 
-def describe(meta: dict[str, Any]) -> str:
-    """Short model description for the tables: kind and size, e.g. 'codebook LM 354k'."""
-    params = meta.get("num_parameters")
+def model_parameters(model_dir: str | Path) -> int | None:
+    """All weights of a model directory, counted from its safetensors headers (the
+    ``num_parameters`` of an aligned model's meta counts only the trained ones)."""
+    import json
+    import struct
+
+    total = 0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    try:
+        for path in files:
+            with path.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in entry["shape"]:
+                        count *= int(dim)
+                    total += count
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return total or None
+
+
+def describe(meta: dict[str, Any], parameters: int | None = None) -> str:
+    """Short model description for the tables: kind and size, e.g. 'codebook LM 354k'
+    (``parameters``: all weights; default the meta's ``num_parameters``)."""
+    params = parameters or meta.get("num_parameters")
     size = ""
     if isinstance(params, int | float) and params > 0:
         size = f" {params / 1e6:.0f}M" if params >= 1e6 else f" {params / 1e3:.0f}k"
@@ -266,10 +297,11 @@ def _model_record(m: dict[str, Any]) -> dict[str, Any]:
     split = meta.get("split")
     return {
         "dir": str(m["dir"]),
-        "description": describe(meta),
+        "description": describe(meta, m["parameters"]),
         "kind": meta.get("kind", "codebook-lm"),
         "split": split.get("split") if isinstance(split, dict) else split,
-        "num_parameters": meta.get("num_parameters"),
+        "parameters": m["parameters"],
+        "trained_parameters": meta.get("num_parameters"),
         "max_history": meta.get("max_history"),
         "prompt": meta.get("prompt"),
         "seed": meta.get("config", {}).get("seed"),
@@ -314,11 +346,11 @@ def _quality(
             "users_per_s": len(sample.users) / seconds if seconds > 0 else float("nan"),
             "max_history": histories[label],
             "item_text_in_prompts": text,
-            "description": describe(m["meta"]),
+            "description": describe(m["meta"], m["parameters"]),
         }
         table.append(
             {
-                "model": f"{label}: {describe(m['meta']).split(',')[0]}, beam {args.beam} (ours)",
+                "model": f"{label}: {describe(m['meta'], m['parameters']).split(',')[0]}, beam {args.beam} (ours)",
                 **_fmt(metrics),
                 "note": seen_note,
             }

@@ -16,7 +16,7 @@ from llm_cloud.prompts import ItemVocab
 from llm_cloud.tokenizer import build_tokenizer
 from llm_cloud.vllm_env import context_length
 from recsys.cli import main
-from recsys.cli.llm_bench_cmd import default_model_dir, describe, parse_models
+from recsys.cli.llm_bench_cmd import default_model_dir, describe, model_parameters, parse_models
 from recsys.data.canonical import Dataset, write_dataset
 from recsys.errors import ValidationError
 
@@ -152,8 +152,15 @@ def test_missing_or_unfinished_models_are_refused(
     assert "only a training checkpoint" in capsys.readouterr().err
 
 
-def test_describe() -> None:
+def test_describe(world: dict[str, Path]) -> None:
     assert describe({"num_parameters": 354048}) == "codebook LM 354k"
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(world["a"] / "model.safetensors"))
+    assert model_parameters(world["a"]) == sum(t.numel() for t in weights.values()) > 0
+    assert model_parameters(world["a"] / "missing") is None
+    assert isinstance(next(iter(weights.values())), torch.Tensor)
     meta = {"kind": "aligned-pretrained", "num_parameters": 134628480,
             "base_model": {"name": "smollm2"}, "prompt": {"text_items": 3, "text_tokens": 16}}  # fmt: skip
     assert describe(meta) == "smollm2 135M aligned, text of 3 items"
