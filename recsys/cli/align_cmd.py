@@ -24,7 +24,7 @@ from recsys.cli.common import (
     add_threads_option,
     given,
 )
-from recsys.reporting import print_table, write_json
+from recsys.reporting import print_table
 
 # option -> AlignConfig field
 ALIGN_OPTIONS = {
@@ -156,6 +156,7 @@ def cmd_train_llm(args: argparse.Namespace) -> int:
     from codebook.train import codebook_dir
     from llm_cloud.align import AlignConfig
     from llm_cloud.artifact import lm_dir
+    from recsys.cli.llm_cmd import report_trained
     from recsys.data.registry import load_dataset
 
     start = time.perf_counter()
@@ -186,23 +187,5 @@ def cmd_train_llm(args: argparse.Namespace) -> int:
         title=f"{args.base} aligned: {result.num_parameters:,} trained parameters, {vm['steps']} steps, "
         f"{vm['tokens']:,} tokens ({vm['tokens_per_second']:.0f}/s), stopped by {vm['stopped_by']}",
     )
-    if "recall@10" in vm:
-        print(
-            f"\nvalidation ({vm['users']} held-out next items, beam {cfg.eval_beams}): recall@10 "
-            f"{vm['recall@10']:.4f}, ndcg@10 {vm['ndcg@10']:.4f}, NLL {vm['nll']:.3f} nats/item"
-        )
-    print(f"saved to {out} in {time.perf_counter() - start:.0f} s")
-    write_json(
-        args.json,
-        {
-            **info,
-            "output": str(out),
-            "config": cfg.to_dict(),
-            "seed": cfg.seed,
-            "num_parameters": result.num_parameters,
-            "history": result.history,
-            "valid_metrics": vm,
-            "seconds": result.seconds,
-        },
-    )
+    report_trained(args, result, info, out, start)
     return 0

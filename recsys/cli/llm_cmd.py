@@ -184,11 +184,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         title=f"codebook LM: {result.num_parameters:,} parameters, {result.num_windows:,} windows/epoch, "
         f"best epoch {result.best_epoch}",
     )
-    vm = result.valid_metrics
-    if vm:
+    report_trained(args, result, info, out, start, num_windows=result.num_windows,
+                   best_epoch=result.best_epoch)  # fmt: skip
+    return 0
+
+
+def report_trained(
+    args: argparse.Namespace,
+    result: Any,
+    info: dict[str, Any],
+    out: Path,
+    start: float,
+    **extra: Any,
+) -> None:
+    """Print the validation line and where the model went; write ``--json``."""
+    vm, cfg = result.valid_metrics, result.config
+    if "recall@10" in vm:
         print(
-            f"\nvalidation ({vm.get('users')} users, beam {cfg.eval_beams}): recall@10 "
-            f"{vm['recall@10']:.4f}, ndcg@10 {vm['ndcg@10']:.4f}, NLL {vm['nll']:.3f} nats/item"
+            f"\nvalidation ({vm.get('users')} held-out next items, beam {cfg.eval_beams}): "
+            f"recall@10 {vm['recall@10']:.4f}, ndcg@10 {vm['ndcg@10']:.4f}, "
+            f"NLL {vm['nll']:.3f} nats/item"
         )
     print(f"saved to {out} in {time.perf_counter() - start:.0f} s")
     write_json(
@@ -199,11 +214,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "config": cfg.to_dict(),
             "seed": cfg.seed,
             "num_parameters": result.num_parameters,
-            "num_windows": result.num_windows,
-            "best_epoch": result.best_epoch,
+            **extra,
             "history": result.history,
             "valid_metrics": vm,
             "seconds": result.seconds,
         },
     )
-    return 0
