@@ -23,16 +23,24 @@ kernel accepts (``CPUAttentionBackend.get_supported_kernel_block_sizes``: multip
 would be shared (half the throughput). The aligned SmolLM2's prompts carry the text of
 the 3 most recent items (112-131 tokens on ml-100k; ``max_model_len`` 192 from
 :func:`llm_cloud.vllm_env.context_length`, which counts the text): 32 still leaves 3-4
-full blocks cached and ~25 tokens computed per (user, beam) request (80 % prefix-cache
+full blocks cached and ~23 tokens computed per (user, beam) request (82 % prefix-cache
 hits, see ``step_stats`` and the profile line of ``recsys bench llm``).
 
-Measured on ml-100k (``recsys bench llm``, 2 shared cores, bf16, beam 20): start-up
-23-57 s, 17 users/s in calls of 64 users, 84 ms for one user; top-1 equal to the
-float32 transformers backend for 96.5 % of users (100 % and scores within 1e-6 with
-``dtype="float32"``, see the vllm-marked tests). With a 354k-parameter model the
-per-request overhead of the engine (1,280 one-token requests per level for 64 users x
-20 beams) dominates, so the in-process ``transformers`` backend is faster on this CPU;
-vLLM pays off with real LLM sizes and GPUs, where the forward pass dominates.
+Measured on ml-100k (``recsys bench llm``, 2 shared cores, bf16, beam 20, calls of 64
+users; results/bench_llm_models_ml-100k.txt): start-up ~21 s; the 354k-parameter codebook
+LM 26 users/s (0.08x the float32 transformers backend's 315), 49 ms for one user; the
+aligned SmolLM2 (163M, item-text prompts) 1.2 users/s (0.81x transformers float32's 1.5,
+0.34x transformers bfloat16's 3.5), 1.2 s for one user. Top-1 equal to the float32
+transformers backend for 96.5 % / 88 % of users (bf16 rounding; 100 % and scores within
+1e-6 with ``dtype="float32"``, see the vllm-marked tests). Where the time goes
+(``step_stats``): 88-99 % inside ``llm.generate``, the pipe and the client's search ~1 s.
+For the small LM it is the per-request overhead (0.55 ms per one-token request, 976
+requests per call on average) that the in-process search does not pay. For SmolLM2 it is
+recomputation: each (user, beam) request computes ~23 prompt-tail tokens beyond the
+cached 32-token blocks, ~1,400 tokens per user over the 4 levels, against ~250 for the
+transformers tree-attention search (prompt once + K*l beam tokens per level); vLLM's
+bf16 kernels are cheaper per token (577 us) but not ~6x cheaper. vLLM pays off with
+block-aligned or GPU-scale workloads, where the per-token cost, not the count, dominates.
 
 Example::
 
