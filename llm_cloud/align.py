@@ -124,6 +124,13 @@ class AlignConfig:
         history_loss_weight: weight of the history-ID tokens (answer: 1).
         align_tasks: add the text -> ID and ID -> text tasks.
 
+    Attributes (codebook tokens):
+        code_noise: each codebook row also gets Gaussian noise of this many times the
+            per-element std of the pretrained embeddings, so every code is a distinct
+            token (0: text means only).
+        train_code_rows: the codebook (and ``<user>`` / ``<sep>``) input rows train, by a
+            backward pass through the frozen blocks (False: they stay at their start).
+
     Attributes (optimisation):
         train_layers: fine-tune only the top this many transformer blocks, the final
             norm and an untied output head (None: every weight, tied embeddings kept).
@@ -150,6 +157,8 @@ class AlignConfig:
     stride: int = Field(20, ge=1)
     history_loss_weight: float = Field(1.0, ge=0)
     align_tasks: bool = True
+    code_noise: float = Field(1.0, ge=0)
+    train_code_rows: bool = True
     train_layers: int | None = Field(4, ge=0)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -195,7 +204,13 @@ def catalogue_texts(items: Any) -> list[str]:
 
 @torch.no_grad()
 def init_codebook_embeddings(
-    model: Any, tok: Any, ids: SemanticIdMap, texts: Sequence[str], max_tokens: int = 32
+    model: Any,
+    tok: Any,
+    ids: SemanticIdMap,
+    texts: Sequence[str],
+    max_tokens: int = 32,
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> int:
     """Set the codebook tokens' input rows to the mean text embedding of their items.
 
@@ -203,38 +218,69 @@ def init_codebook_embeddings(
     input embedding of i's first ``max_tokens`` text tokens. Codes none of whose items
     has text keep their row. ``<user>`` / ``<sep>`` start at "user" / "next".
 
+    Text means alone make poor tokens below the first level: a residual level's code is
+    shared by items of unrelated text, so its mean is close to every other code's, and
+    a frozen model cannot tell them apart. ``noise`` > 0 adds to every codebook row
+    Gaussian noise of ``noise`` times the per-element std of the pretrained rows
+    (seeded), which makes each code a distinct token at a word's scale.
+
     Returns:
-        How many codebook rows were set.
+        How many codebook rows were set from text.
     """
     from llm_cloud.tokenizer import SEP, USER
 
     emb = model.get_input_embeddings().weight  # [V, E]
+    vocab = ids.vocabulary()
+    tid = torch.as_tensor(tok.convert_tokens_to_ids(vocab))  # [V_codebook]
+    sigma = float(emb[: int(tid.min())].float().std())  # the pretrained rows' scale
     token_ids = tokenize_texts(tok, texts, max_tokens)
     has_text = np.array([len(t) > 0 for t in token_ids])
     for token, word in ((USER, " user"), (SEP, " next")):
         word_ids = tok(word, add_special_tokens=False)["input_ids"]
         emb[tok.convert_tokens_to_ids(token)] = emb[word_ids].float().mean(0).to(emb.dtype)
-    if not has_text.any():
-        return 0
-    item_mean = torch.zeros((len(token_ids), emb.shape[1]))  # [I, E]
-    for i, t in enumerate(token_ids):
-        if t:
-            item_mean[i] = emb[t].float().mean(0)
-    vocab = ids.vocabulary()
-    tid = torch.as_tensor(tok.convert_tokens_to_ids(vocab))  # [V_codebook]
-    offsets = np.asarray(ids.level_offsets)
-    positions = ids.codes + offsets  # [I, L+1] vocabulary positions
     count = 0
-    for level in range(positions.shape[1]):
-        pos = positions[has_text, level]
-        sums = torch.zeros((len(vocab), emb.shape[1])).index_add_(
-            0, torch.as_tensor(pos), item_mean[torch.as_tensor(has_text)]
-        )
-        counts = np.bincount(pos, minlength=len(vocab))
-        used = np.flatnonzero(counts)
-        emb[tid[used]] = (sums[used] / torch.as_tensor(counts[used])[:, None]).to(emb.dtype)
-        count += len(used)
+    if has_text.any():
+        item_mean = torch.zeros((len(token_ids), emb.shape[1]))  # [I, E]
+        for i, t in enumerate(token_ids):
+            if t:
+                item_mean[i] = emb[t].float().mean(0)
+        positions = ids.codes + np.asarray(ids.level_offsets)  # [I, L+1] vocabulary positions
+        for level in range(positions.shape[1]):
+            pos = positions[has_text, level]
+            sums = torch.zeros((len(vocab), emb.shape[1])).index_add_(
+                0, torch.as_tensor(pos), item_mean[torch.as_tensor(has_text)]
+            )
+            counts = np.bincount(pos, minlength=len(vocab))
+            used = np.flatnonzero(counts)
+            emb[tid[used]] = (sums[used] / torch.as_tensor(counts[used])[:, None]).to(emb.dtype)
+            count += len(used)
+    if noise > 0:
+        gen = torch.Generator().manual_seed(seed)
+        jitter = torch.randn((len(tid), emb.shape[1]), generator=gen) * (noise * sigma)
+        emb[tid] = (emb[tid].float() + jitter).to(emb.dtype)
     return count
+
+
+def train_new_rows(model: Any, tok: Any, ids: SemanticIdMap) -> torch.Tensor:
+    """Let the input rows of the codebook tokens and ``<user>`` / ``<sep>`` train.
+
+    The embedding matrix gets ``requires_grad``; a gradient hook zeroes every other row,
+    so the pretrained vocabulary is untouched (AdamW moves a row only where its gradient
+    was ever non-zero, as long as the weight decay is 0, the default). With frozen blocks below
+    the trained ones, this costs a backward pass through them (input gradients only).
+
+    Returns:
+        The trained row indices (int64 [R]).
+    """
+    from llm_cloud.tokenizer import SEP, USER
+
+    weight = model.get_input_embeddings().weight  # [V, E]
+    rows = torch.as_tensor(tok.convert_tokens_to_ids([*ids.vocabulary(), USER, SEP]))
+    keep = torch.zeros((weight.shape[0], 1), dtype=weight.dtype)
+    keep[rows] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+    return rows
 
 
 def alignment_examples(
@@ -413,9 +459,13 @@ def align_lm(
     if not seqs:
         raise ValidationError("no user has two or more training events; nothing to learn from")
     model, tok = prepare_base_model(str(base_model), ids, "cpu")
-    rows = init_codebook_embeddings(model, tok, ids, texts, cfg.align_text_tokens)
+    rows = init_codebook_embeddings(
+        model, tok, ids, texts, cfg.align_text_tokens, cfg.code_noise, cfg.seed
+    )
     if cfg.train_layers is not None:
         freeze_below(model, cfg.train_layers)
+        if cfg.train_code_rows:
+            train_new_rows(model, tok, ids)
     model = model.to(cfg.device)
     vocab = ItemVocab.from_tokenizer(tok, ids, max_history=cfg.max_history)
     vocab = vocab.with_item_text(tok, texts, cfg.text_items, cfg.text_tokens)
@@ -529,4 +579,5 @@ __all__ = [
     "catalogue_texts",
     "epoch_batches",
     "init_codebook_embeddings",
+    "train_new_rows",
 ]

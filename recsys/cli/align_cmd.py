@@ -31,7 +31,8 @@ ALIGN_OPTIONS = {
     "max_history": "max_history", "text_items": "text_items", "text_tokens": "text_tokens",
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "max_minutes": "max_minutes",
     "checkpoint_minutes": "checkpoint_minutes", "eval_users": "eval_users", "seed": "seed",
-    "threads": "threads", "device": "device",
+    "threads": "threads", "device": "device", "code_noise": "code_noise",
+    "train_code_rows": "train_code_rows",
 }  # fmt: skip
 
 
@@ -43,7 +44,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         cmd_train_llm,
         help="align a pretrained LLM (SmolLM2-135M) with the codebook: item text + semantic IDs",
         description="Extend a pretrained LLM's tokenizer with the codebook tokens (their embeddings "
-        "start at the mean text embedding of their items), then fine-tune every weight on "
+        "start at the mean text embedding of their items, plus noise), then fine-tune the top "
+        "blocks, an untied output head and the codebook rows on "
         "next-item prediction from histories written as item text and semantic IDs, plus item "
         "text <-> ID alignment, under a wall-time budget with resumable checkpoints. Saves a "
         "Hugging Face directory that the transformers and vLLM backends serve (same trie "
@@ -85,7 +87,20 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     g.add_argument("--text-tokens", type=int, help="longest item text in tokens (default 16)")
     g.add_argument("--epochs", type=int, help="passes over the data (default 1)")
     g.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate after warm-up (default 2e-4)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate after warm-up (default 5e-4)")
+    g.add_argument(
+        "--code-noise",
+        type=float,
+        help="noise added to the codebook tokens' text-derived embeddings, in units of the "
+        "pretrained embeddings' std, so every code is a distinct token (default 1; 0 = off)",
+    )
+    g.add_argument(
+        "--train-code-rows",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the codebook tokens' input embeddings through the frozen blocks "
+        "(default on; --no-train-code-rows keeps them at their start, ~2x faster steps)",
+    )
     add_max_minutes_option(g, help="wall-time budget of this run, checked after every step")
     g.add_argument(
         "--checkpoint-minutes", type=float, help="minutes between checkpoints (default 5)"

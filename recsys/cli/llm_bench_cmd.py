@@ -333,7 +333,9 @@ def _quality(
     histories: dict[str, int] = {}
     for label, m in models.items():
         print(f"\n[quality: {label}] {len(sample.users)} users ...", flush=True)
-        with make_backend("transformers", m["dir"], quality_cfg, threads=args.threads) as backend:
+        with make_backend(
+            "transformers", m["dir"], quality_cfg, dtype="float32", threads=args.threads
+        ) as backend:
             t0 = time.perf_counter()
             ranked = backend.generate(sample.histories, args.top_n)
             seconds = time.perf_counter() - t0
@@ -538,7 +540,7 @@ def _make_bench_backend(
 
     cfg = BackendConfig(codebook_dir=args.codebook, beam_width=beam, batch_users=args.batch_users)
     if name == "transformers":
-        return make_backend("transformers", model, cfg, threads=args.threads), None
+        return make_backend("transformers", model, cfg, dtype="float32", threads=args.threads), None
     if name == "transformers-bf16":  # same search in bfloat16: the dtype vLLM runs in
         return make_backend(
             "transformers", model, cfg, dtype="bfloat16", threads=args.threads

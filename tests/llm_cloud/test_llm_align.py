@@ -207,7 +207,10 @@ def test_saved_aligned_model_serves_valid_ids(
 def test_train_layers_freezes_the_bottom_and_unties_the_head(
     tiny_base: Path, ids: SemanticIdMap, tmp_path: Path
 ) -> None:
-    frozen = _align(tiny_base, ids, tmp_path / "f", epochs=1, train_layers=1)
+    frozen = _align(
+        tiny_base, ids, tmp_path / "f", epochs=1, train_layers=1, train_code_rows=False,
+        code_noise=0.0,
+    )  # fmt: skip
     model = frozen.model
     assert not model.config.tie_word_embeddings
     inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -225,3 +228,37 @@ def test_train_layers_freezes_the_bottom_and_unties_the_head(
     )
     assert torch.equal(inp, start.get_input_embeddings().weight)  # input rows stay
     assert not torch.equal(out, start.get_input_embeddings().weight)  # output rows learn
+
+
+def test_code_noise_makes_every_code_a_distinct_token(tiny_base: Path, ids: SemanticIdMap) -> None:
+    plain, tok = prepare_base_model(str(tiny_base), ids)
+    noisy, _ = prepare_base_model(str(tiny_base), ids)
+    texts = item_texts_for(ids)
+    init_codebook_embeddings(plain, tok, ids, texts, 8)
+    init_codebook_embeddings(noisy, tok, ids, texts, 8, noise=1.0, seed=3)
+    rows = torch.as_tensor(tok.convert_tokens_to_ids(ids.vocabulary()))
+    plain_w = plain.get_input_embeddings().weight.detach()
+    noisy_w = noisy.get_input_embeddings().weight.detach()
+    a, b = plain_w[rows], noisy_w[rows]
+    sigma = float(plain_w[: int(rows.min())].std())
+    jitter = b - a
+    assert abs(float(jitter.std()) / sigma - 1.0) < 0.1  # noise at the pretrained rows' scale
+    distances = torch.cdist(b, b) + torch.eye(len(rows)) * 1e9
+    assert float(distances.min()) > sigma  # no two codes coincide
+    assert torch.equal(plain_w[: int(rows.min())], noisy_w[: int(rows.min())])
+
+
+def test_train_code_rows_moves_only_the_codebook_rows(
+    tiny_base: Path, ids: SemanticIdMap, tmp_path: Path
+) -> None:
+    result = _align(tiny_base, ids, tmp_path / "r", epochs=1, train_layers=1, code_noise=1.0)
+    start, tok = prepare_base_model(str(tiny_base), ids)
+    init_codebook_embeddings(start, tok, ids, item_texts_for(ids), 32, noise=1.0, seed=0)
+    before, after = start.get_input_embeddings().weight, result.model.get_input_embeddings().weight
+    rows = torch.as_tensor(tok.convert_tokens_to_ids(ids.vocabulary()))
+    old = int(rows.min())
+    assert torch.equal(after[:old], before[:old])  # the pretrained vocabulary is untouched
+    moved = (after[rows] - before[rows]).abs().amax(1) > 0
+    assert bool(moved.any())  # the codebook rows learn
+    layer0 = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(result.model.state_dict()[layer0], start.state_dict()[layer0])
