@@ -9,16 +9,28 @@ The forward pass takes the layer weights as an optional argument, so the same co
 scores with the base weights (the module's parameters) or with *effective* weights
 ``base + edit`` that live in separate tensors (:mod:`device_ranker.edits`); the base
 parameters are never overwritten.
+
+An edit's weights are normally kept **factored** (:class:`EditedLinear`, collected in
+:class:`EditedWeights`): a layer computes ``x W^T + b' + (x V) A^T`` with ``A = U diag(s)``
+[out, r] and ``V`` [in, r], i.e. ``2 r (in + out)`` extra FLOPs per row instead of the
+``2 r in out`` of materialising ``W + A V^T`` once. Which is cheaper depends on how many
+rows an edit scores (:meth:`EditedWeights.forward`): per-user batches
+(:func:`queries_per_user`, one row per edit) always stay factored; a single edit that
+has scored ``in out / (in + out)`` rows (~43 at D=64, H=128) in factored form is
+materialised once, since from then on the dense weights are cheaper.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from recsys.errors import ValidationError
 
@@ -28,17 +40,133 @@ logger = logging.getLogger(__name__)
 HeadWeights = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True, eq=False)
+class EditedLinear:
+    """One head layer with an edit, factored: ``y = x w^T + b + (x v) a^T``.
+
+    Attributes:
+        w: [out, in] base weight (or base + an edit's dense part).
+        b: [out] bias with the edit's bias delta added.
+        a: [out, r] ``U diag(s)`` of the low-rank part, or None (no low-rank part).
+        v: [in, r] ``V`` of the low-rank part, or None.
+
+    Example::
+
+        layer = EditedLinear(w, b, a=u * s, v=v)
+        layer(x)                     # [B, out] == F.linear(x, w + a @ v.T, b)
+    """
+
+    w: torch.Tensor
+    b: torch.Tensor
+    a: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """r of the low-rank part (0 without one)."""
+        return 0 if self.a is None else int(self.a.shape[1])
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W + A V^T [out, in], b [out]): one ``mm`` + add (``2 r out in`` FLOPs)."""
+        if self.a is None:
+            return self.w, self.b
+        return torch.addmm(self.w, self.a, self.v.t()), self.b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in] -> [..., out] without forming ``A V^T``: ``2 r (in + out)`` extra FLOPs
+        per row over the plain layer."""
+        y = F.linear(x, self.w, self.b)  # [..., out]
+        if self.a is None:
+            return y
+        return y + F.linear(F.linear(x, self.v.t()), self.a)  # (x V) A^T
+
+
+class EditedWeights(Sequence):
+    """The head weights of an edit, factored per layer, dense on demand.
+
+    As a sequence it is the plain ``HeadWeights`` (``(W + A V^T, b')`` per layer,
+    materialised on first access and kept), so code that wants dense weights (the
+    exported program, tests) reads it like any weight list. :func:`head_forward` and
+    :func:`queries_per_user` instead call :meth:`forward` / read :attr:`layers` and
+    keep it factored while that is cheaper.
+
+    Args:
+        layers: one :class:`EditedLinear` per head layer, in forward order.
+    """
+
+    def __init__(self, layers: Sequence[EditedLinear]) -> None:
+        self.layers = tuple(layers)
+        self._dense: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+        self._rows = 0  # rows scored in factored form so far
+        self._lock = threading.Lock()
+
+    def flops(self) -> tuple[int, int]:
+        """(FLOPs of materialising every low-rank layer, ``sum 2 r out in``; extra FLOPs
+        of one row in factored form, ``sum 2 r (out + in)``)."""
+        dims = [(lay.rank, *lay.w.shape) for lay in self.layers if lay.a is not None]
+        return sum(2 * r * o * i for r, o, i in dims), sum(2 * r * (o + i) for r, o, i in dims)
+
+    @property
+    def materialised(self) -> bool:
+        """True once the dense weights exist (then every forward uses them)."""
+        return self._dense is not None or all(lay.a is None for lay in self.layers)
+
+    def dense(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """(W + A V^T, b') per layer, computed once."""
+        if self._dense is None:
+            with self._lock, torch.no_grad():
+                if self._dense is None:
+                    self._dense = tuple(lay.dense() for lay in self.layers)
+        return self._dense
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.dense()[i]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.dense())
+
+    def forward(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
+        """[..., D] -> [..., D] queries, factored or dense, whichever is cheaper.
+
+        Ski rental on FLOPs: rows run factored (``row_flops`` each) until the rows scored
+        so far would have paid for materialising (``materialise_flops``, ~43 rows at
+        D=64, H=128, any rank); then the dense weights are built once and used from then
+        on (a batch that alone reaches the break-even materialises at once). Measured on
+        the 2-core machine (``python -m device_ranker.edit_bench``): a factored rank-16
+        forward adds ~5 us per layer at B=1, materialising costs ~10 us per layer once.
+        """
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not self.materialised:
+            self._rows += rows
+            dense_flops, row_flops = self.flops()
+            if self._rows * row_flops < dense_flops:
+                h = x
+                last = len(self.layers) - 1
+                for i, lay in enumerate(self.layers):
+                    h = lay(h)  # [..., out_i]
+                    if i < last:
+                        h = F.gelu(h)
+                return x + h if residual else h
+        return head_forward(x, self.dense(), residual)
+
+
 def head_forward(x: torch.Tensor, weights: HeadWeights, residual: bool) -> torch.Tensor:
     """Functional head: GELU between layers, optional residual ``x + mlp(x)``.
 
     Args:
         x: [..., D] user states.
-        weights: per layer (W [out, in], b [out]); first in = last out = D.
+        weights: per layer (W [out, in], b [out]); first in = last out = D; or an
+            :class:`EditedWeights` (factored or dense, see :meth:`EditedWeights.forward`).
         residual: add the input to the output.
 
     Returns:
         [..., D] query vectors.
     """
+    if isinstance(weights, EditedWeights):
+        return weights.forward(x, residual)
     h = x
     last = len(weights) - 1
     for i, (w, b) in enumerate(weights):
@@ -105,7 +233,7 @@ class EditableHead(nn.Module):
 def head_forward_per_user(
     x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor]], residual: bool
 ) -> torch.Tensor:
-    """Head with a different weight set per user (e.g. one edit per device in a replay).
+    """Head with a different dense weight set per user.
 
     Args:
         x: [B, D] user states.
@@ -124,21 +252,50 @@ def head_forward_per_user(
     return x + h if residual else h
 
 
+def _per_row_layer(h: torch.Tensor, rows: Sequence[EditedLinear], base_w: torch.Tensor):
+    """One layer with its own :class:`EditedLinear` per row: h [B, in] -> [B, out].
+
+    The dense part is one shared ``addmm`` when every row keeps the base W (cloud edits),
+    else a ``bmm`` over the stacked per-row W [B, out, in] (e.g. fine-tuned heads); the
+    low-rank parts are zero-padded to the largest rank R and applied as
+    ``(h V_b) A_b^T`` with two ``bmm`` ([B, R, in], [B, R, out]): ``2 R (in + out)``
+    FLOPs per row, never the [B, out, in] stack of materialised weights.
+    """
+    bias = torch.stack([r.b for r in rows])  # [B, out]
+    if all(r.w is base_w for r in rows):
+        y = torch.addmm(bias, h, base_w.t())  # [B, out]
+    else:
+        w = torch.stack([r.w for r in rows])  # [B, out, in]
+        y = torch.baddbmm(bias.unsqueeze(-1), w, h.unsqueeze(-1)).squeeze(-1)
+    if any(r.a is not None for r in rows):
+        out_f, in_f = base_w.shape
+        none_a, none_v = h.new_zeros(0, out_f), h.new_zeros(0, in_f)
+        at = pad_sequence([none_a if r.a is None else r.a.t() for r in rows], batch_first=True)
+        vt = pad_sequence([none_v if r.v is None else r.v.t() for r in rows], batch_first=True)
+        t = torch.bmm(vt, h.unsqueeze(-1))  # [B, R, 1] = (h V)^T
+        y = torch.baddbmm(y.unsqueeze(-1), at.transpose(1, 2), t).squeeze(-1)  # [B, out]
+    return y
+
+
 def queries_per_user(
-    head: EditableHead, x: torch.Tensor, weights: Sequence[HeadWeights | None]
+    head: EditableHead,
+    x: torch.Tensor,
+    weights: Sequence[EditedWeights | HeadWeights | None],
 ) -> torch.Tensor:
     """The one batched head pass with a weight set per row (the device service's
     micro-batches, the replay's events): row b uses ``weights[b]`` (None = the base head).
 
-    Rows without an edit in a batch that has none run the plain head; otherwise every
-    row's (W, b) is stacked per layer ([B, out, in], [B, out]) and
-    :func:`head_forward_per_user` runs once.
+    Rows without an edit in a batch that has none run the plain head. Otherwise the
+    edits stay factored (:func:`_per_row_layer`): each row is scored once per call, so
+    ``2 r (in + out)`` FLOPs per row always beat materialising ``2 r in out``.
+    :class:`EditedWeights` rows use their factors even if already materialised; plain
+    (W, b) lists are dense rows.
 
     Args:
         head: the ranker's :class:`EditableHead` (base weights, residual flag).
         x: [B, D] user states.
-        weights: B entries, each None or per layer (W [out, in], b [out]) (e.g.
-            ``PreparedEdit.weights``).
+        weights: B entries, each None, an :class:`EditedWeights` (e.g.
+            ``PreparedEdit.weights``) or per layer (W [out, in], b [out]).
 
     Returns:
         [B, D] queries.
@@ -152,9 +309,19 @@ def queries_per_user(
     if all(w is None for w in weights):
         return head(x)
     base = head.base_weights()
-    full = [base if w is None else w for w in weights]
-    stacked = [
-        (torch.stack([w[i][0] for w in full]), torch.stack([w[i][1] for w in full]))
-        for i in range(len(base))
-    ]  # per layer: W [B, out, in], b [B, out]
-    return head_forward_per_user(x, stacked, head.residual)
+    plain = tuple(EditedLinear(w, b) for w, b in base)
+    rows = [
+        plain
+        if w is None
+        else w.layers
+        if isinstance(w, EditedWeights)
+        else tuple(EditedLinear(wi, bi) for wi, bi in w)
+        for w in weights
+    ]
+    h = x
+    last = len(base) - 1
+    for i, (w0, _) in enumerate(base):
+        h = _per_row_layer(h, [r[i] for r in rows], w0)  # [B, out_i]
+        if i < last:
+            h = F.gelu(h)
+    return x + h if head.residual else h

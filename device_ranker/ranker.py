@@ -9,7 +9,7 @@ Example::
 
     ranker = Ranker.from_checkpoint(cache_dir() / "artifacts/ml-100k/ranker.pt")
     rec = ranker.recommend([12, 7, 301], k=10)        # Recommendation(items [10], scores [10])
-    ranker.apply_edit(edit)                           # validated, ~40 us, base untouched
+    ranker.apply_edit(edit)                           # validated, kept factored, base untouched
     items, scores = ranker.recommend_batch(histories, k=10)   # [B, 10], [B, 10]
     ranker.revert_edit()                              # bit-identical to before
 """
@@ -25,10 +25,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from device_ranker.edits import EditBounds, HeadEdit, PreparedEdit, prepare_edit
+from device_ranker.edits import (
+    EditBounds,
+    HeadEdit,
+    PreparedEdit,
+    prepare_decoded,
+    prepare_edit,
+)
 from device_ranker.features import History, _as_int64, check_item_range, history_kjt, seen_mask
 from device_ranker.head import queries_per_user
 from device_ranker.model import SeqRanker
+from recsys.edit_payload import DecodedPayload
 from recsys.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -90,8 +97,16 @@ class Ranker:
 
     # ---- edits ----------------------------------------------------------------------
     def prepare(self, edit: HeadEdit) -> PreparedEdit:
-        """Validate ``edit`` and materialise its effective head weights (no autograd)."""
+        """Validate ``edit`` and build its (factored) effective head weights (no autograd)."""
         return prepare_edit(self.model.head, edit, self.bounds)
+
+    def prepare_decoded(
+        self, decoded: DecodedPayload, prototype: HeadEdit | None = None
+    ) -> PreparedEdit:
+        """Validate a payload decoded with ``decode_values(data, spec=self.edit_spec(),
+        max_rank=self.bounds.max_rank)`` (+ the prototype it is a residual of) and build
+        its factored head weights: the device's fast path (:func:`prepare_decoded`)."""
+        return prepare_decoded(self.model.head, decoded, self.bounds, prototype)
 
     def apply_edit(self, edit: HeadEdit | PreparedEdit) -> PreparedEdit:
         """Make ``edit`` the active edit (validated; base weights never overwritten)."""

@@ -53,7 +53,7 @@ from device_ranker.service.config import CloudLinkConfig
 from device_ranker.service.policy import TimerGate
 from device_ranker.service.users import MAX_ID_LEN, EditInfo, UserState
 from recsys import adaptor_inputs
-from recsys.edit_payload import decode_payload
+from recsys.edit_payload import decode_payload, decode_values
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 
@@ -379,13 +379,17 @@ class CloudEdits:
     def _build_edit_timed(
         self, payload: bytes, prototype: HeadEdit | None
     ) -> tuple[PreparedEdit, float, float]:
-        """:meth:`_build_edit` and its device compute: (edit, decode us, apply us)."""
+        """:meth:`_build_edit` and its device compute: (edit, decode us, apply us).
+
+        The fast path: one vectorised decode into a float32 array
+        (:func:`decode_values`), then validation and the factored head weights straight
+        from it (``Ranker.prepare_decoded``; the prototype's factors are concatenated)."""
         t0 = time.perf_counter()
-        edit = self._decode_edit(payload, allow_prototype=True)
+        decoded = decode_values(
+            payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
+        )
         t1 = time.perf_counter()
-        if prototype is not None:
-            edit = HeadEdit.compose(prototype, edit)
-        prepared = self.ranker.prepare(edit)
+        prepared = self.ranker.prepare_decoded(decoded, prototype)
         t2 = time.perf_counter()
         return prepared, (t1 - t0) * 1e6, (t2 - t1) * 1e6
 
@@ -428,7 +432,7 @@ class CloudEdits:
         st.install_edit(prepared, info)
 
     def _peek_prototype(self, payload: bytes) -> tuple[int | None, int | None]:
-        decoded = decode_payload(
+        decoded = decode_values(
             payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
         )
         return decoded.prototype_id, decoded.prototype_version

@@ -79,18 +79,22 @@ def test_applying_does_no_autograd_and_leaves_parameters(
         for t in le.parts().values():
             t.requires_grad_(True)
     grad_seen: list[bool] = []
-    real_mm = torch.mm
+    real_addmm = torch.addmm
 
-    def spy_mm(*args, **kwargs):
+    def spy_addmm(*args, **kwargs):
         grad_seen.append(torch.is_grad_enabled())
-        return real_mm(*args, **kwargs)
+        return real_addmm(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "mm", spy_mm)
+    monkeypatch.setattr(torch, "addmm", spy_addmm)
     prepared = prepare_edit(tiny_model.head, edit)
+    dense = list(prepared.weights)  # materialising W + A V^T (torch.addmm) is graph-free too
     monkeypatch.undo()
     assert grad_seen and not any(grad_seen)
-    for w, b in prepared.weights:
+    for w, b in dense:
         assert w.grad_fn is None and b.grad_fn is None
+    for layer in prepared.weights.layers:  # the factors kept for the forward
+        for t in (layer.w, layer.b, layer.a, layer.v):
+            assert t is None or t.grad_fn is None
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
