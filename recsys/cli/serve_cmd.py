@@ -277,6 +277,17 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     )
     _opt(p, "--edit-duration", 8.0, "measured seconds per GenerateEdit phase")
     p.add_argument("--skip-edits", action="store_true", help="skip the GenerateEdit phases")
+    p.add_argument(
+        "--adaptor",
+        help="adaptor artefact the cloud serves (default CACHE_DIR/artifacts/NAME/adaptor/"
+        "adaptor.pt; e.g. one trained on a pretrained LLM's tokens)",
+    )
+    p.add_argument(
+        "--edit-concurrency",
+        type=int,
+        help="GenerateEdit calls in flight (default: --concurrency)",
+    )
+    p.add_argument("--skip-recommend", action="store_true", help="skip the Recommend phases")
     _opt(p, "--torch-threads", 1, "torch threads in the servers")
     add_location_options(p)
     add_json_option(p)
@@ -481,7 +492,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         ServeBenchConfig,
         args,
         checkpoint=str(default_checkpoint(args)),
-        adaptor=str(_artifacts(args) / "adaptor" / "adaptor.pt"),
+        adaptor=args.adaptor or str(_artifacts(args) / "adaptor" / "adaptor.pt"),
         with_edits=not args.no_edits,
     )
     write_json(args.json, run_serve_bench(cfg))

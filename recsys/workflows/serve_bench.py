@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,10 @@ class ServeBenchConfig:
         users: benchmark users the requests cycle over (at most).
         with_edits: every user has an edit (False: the base model ranks).
         edit_engine / edit_duration / skip_edits: the GenerateEdit phases.
+        edit_concurrency: GenerateEdit calls in flight (None: ``concurrency``); a cloud
+            with a 135M LLM answers in about a second, so fewer in flight keep the
+            latency inside the client's deadline.
+        skip_recommend: skip the Recommend phases (GenerateEdit only).
         torch_threads: torch intra-op threads in the servers.
     """
 
@@ -81,6 +86,8 @@ class ServeBenchConfig:
     edit_engine: Literal["auto", "artifacts", "tiny"] = "auto"
     edit_duration: float = Field(8.0, gt=0)
     skip_edits: bool = False
+    edit_concurrency: int | None = Field(None, ge=1)
+    skip_recommend: bool = False
     torch_threads: int = Field(1, ge=1)
 
     def location_args(self) -> list[str]:
@@ -154,6 +161,31 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
+    if not cfg.skip_recommend:
+        bench_recommend_phases(cfg, work, report)
+    if not cfg.skip_edits:
+        report["generate_edit"] = bench_edits(cfg, work)
+        engine = report["generate_edit"][0]["engine"] if report["generate_edit"] else "?"
+        print_table(
+            edit_rows(report["generate_edit"]),
+            title=f"GenerateEdit over loopback: engine {engine} ({cfg.adaptor}), closed loop "
+            f"at {cfg.edit_concurrency or cfg.concurrency} in flight, "
+            f"{cfg.edit_duration:.0f} s per phase, cloud server {cfg.torch_threads} torch "
+            "thread(s); cloud_cpu_ms = the cloud process's CPU time per answered call",
+        )
+        on, off = report["generate_edit"]
+        if off["throughput_rps"]:
+            report["batching_speedup"] = on["throughput_rps"] / off["throughput_rps"]
+            print(f"micro-batching speed-up: x{report['batching_speedup']:.2f} throughput")
+    report["seconds"] = time.perf_counter() - t0
+    print(f"(bench {report['seconds']:.0f} s; load average before: "
+          f"{', '.join(f'{x:.1f}' for x in report['load_average'])} on {os.cpu_count()} cores)")  # fmt: skip
+    return report
+
+
+def bench_recommend_phases(cfg: ServeBenchConfig, work: BenchData, report: dict[str, Any]) -> None:
+    """The Recommend phases against a device server child process, their table and the
+    serving goal (into ``report``)."""
     device = ServerProcess(
         ["serve", "device", "--checkpoint", str(cfg.checkpoint), "--dataset", cfg.dataset,
          "--torch-threads", str(cfg.torch_threads), *cfg.location_args()],
@@ -184,22 +216,6 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         f"{'met' if met else 'NOT met'} ({open_loop['throughput_rps']:,.0f} req/s, "
         f"p99 {open_loop['p99_ms']:.2f} ms at {cfg.concurrency} in flight)"
     )
-    if not cfg.skip_edits:
-        report["generate_edit"] = bench_edits(cfg, work)
-        engine = report["generate_edit"][0]["engine"] if report["generate_edit"] else "?"
-        print_table(
-            edit_rows(report["generate_edit"]),
-            title=f"GenerateEdit over loopback: engine {engine}, closed loop at "
-            f"{cfg.concurrency} in flight, {cfg.edit_duration:.0f} s per phase",
-        )
-        on, off = report["generate_edit"]
-        if off["throughput_rps"]:
-            report["batching_speedup"] = on["throughput_rps"] / off["throughput_rps"]
-            print(f"micro-batching speed-up: x{report['batching_speedup']:.2f} throughput")
-    report["seconds"] = time.perf_counter() - t0
-    print(f"(bench {report['seconds']:.0f} s; load average before: "
-          f"{', '.join(f'{x:.1f}' for x in report['load_average'])} on {os.cpu_count()} cores)")  # fmt: skip
-    return report
 
 
 def recommend_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,8 +241,8 @@ def recommend_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def edit_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The printed columns of the GenerateEdit phases."""
     keys = ("batching", "max_batch", "wait_ms", "requests", "errors", "throughput_rps",
-            "p50_ms", "p95_ms", "p99_ms", "mean_batch")  # fmt: skip
-    return [{k: r[k] for k in keys} for r in results]
+            "p50_ms", "p95_ms", "p99_ms", "mean_batch", "cloud_cpu_ms")  # fmt: skip
+    return [{k: r.get(k, float("nan")) for k in keys} for r in results]
 
 
 async def bench_recommend(
@@ -278,6 +294,8 @@ async def bench_recommend(
 
 def bench_edits(cfg: ServeBenchConfig, work: BenchData) -> list[dict[str, Any]]:
     """GenerateEdit with micro-batching on, then off (a fresh cloud process each)."""
+    from recsys.workflows.adaptor_training import default_store_path
+
     adaptor = Path(cfg.adaptor)
     engine = cfg.edit_engine
     if engine == "auto":
@@ -293,22 +311,30 @@ def bench_edits(cfg: ServeBenchConfig, work: BenchData) -> list[dict[str, Any]]:
                 spec = ",".join(f"{n}={o}x{i}" for n, (o, i) in work.spec.items())
                 argv += ["--head-spec", spec, "--store-url", f"sqlite:///{store}"]
             else:  # a copy of the trained store: the benchmark must not write into it
-                src = adaptor.parent / "prototypes.sqlite"
+                argv += ["--adaptor", str(adaptor)]
+                src = default_store_path(adaptor)
                 if src.is_file():
                     shutil.copy(src, store)
                     argv += ["--store-url", f"sqlite:///{store}"]
             with ServerProcess(argv, name=f"cloud-{label}") as cloud:
                 cloud.wait_ready(timeout=600)
-                summary = asyncio.run(drive_edits(cfg, work, cloud.target))
+                summary = asyncio.run(drive_edits(cfg, work, cloud.target, cloud.cpu_seconds))
             summary.update(batching=label, max_batch=max_batch, wait_ms=wait_ms, engine=engine)
             logger.info("generate_edit %s: %s", label, summary)
             results.append(summary)
     return results
 
 
-async def drive_edits(cfg: ServeBenchConfig, work: BenchData, target: str) -> dict[str, Any]:
+async def drive_edits(
+    cfg: ServeBenchConfig,
+    work: BenchData,
+    target: str,
+    cloud_cpu: Callable[[], float | None] = lambda: None,
+) -> dict[str, Any]:
     """One closed-loop GenerateEdit phase against ``target``: the load summary plus the
-    mean cloud batch and the mean request / response bytes."""
+    mean cloud batch, the mean request / response bytes and, when ``cloud_cpu`` reads
+    the server's CPU seconds, its CPU milliseconds per answered call (every call after
+    the warm-up call, the load generator's uncounted warm-up seconds included)."""
     from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
     from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
     from recsys.serving.loadgen import run_load
@@ -324,6 +350,7 @@ async def drive_edits(cfg: ServeBenchConfig, work: BenchData, target: str) -> di
         for u, items, summary in zip(work.users, work.recent, work.summaries, strict=True)
     ]
     sizes: list[int] = []
+    answered = [0]
     up: list[int] = []
     down: list[int] = []
     async with client_channel(target) as channel:
@@ -332,6 +359,7 @@ async def drive_edits(cfg: ServeBenchConfig, work: BenchData, target: str) -> di
         async def call(n: int) -> Any:
             req = requests[n % len(requests)]
             reply = await stub.GenerateEdit(req, timeout=30.0)
+            answered[0] += 1
             up.append(req.ByteSize())
             return reply
 
@@ -340,14 +368,18 @@ async def drive_edits(cfg: ServeBenchConfig, work: BenchData, target: str) -> di
             down.append(reply.ByteSize())
 
         await stub.GenerateEdit(requests[0], timeout=60.0)  # warm the engine
+        cpu0 = cloud_cpu()
         res = await run_load(
             call,
-            concurrency=cfg.concurrency,
+            concurrency=cfg.edit_concurrency or cfg.concurrency,
             duration_s=cfg.edit_duration,
             warmup_s=cfg.warmup,
             on_result=seen,
         )
+    cpu1 = cloud_cpu()
     summary = res.summary()
+    if cpu0 is not None and cpu1 is not None and answered[0]:
+        summary["cloud_cpu_ms"] = (cpu1 - cpu0) * 1000 / answered[0]
     summary["mean_batch"] = sum(sizes) / len(sizes) if sizes else 0.0
     summary["mean_bytes_up"] = sum(up) / len(up) if up else 0.0
     summary["mean_bytes_down"] = sum(down) / len(down) if down else 0.0

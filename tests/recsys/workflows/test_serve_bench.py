@@ -40,8 +40,9 @@ def test_rows_keep_the_printed_columns() -> None:
     edit = {**closed, "batching": "on", "max_batch": 32, "wait_ms": 5.0, "mean_batch": 3.5}
     assert list(edit_rows([edit])[0]) == [
         "batching", "max_batch", "wait_ms", "requests", "errors", "throughput_rps",
-        "p50_ms", "p95_ms", "p99_ms", "mean_batch",
+        "p50_ms", "p95_ms", "p99_ms", "mean_batch", "cloud_cpu_ms",
     ]  # fmt: skip
+    assert math.isnan(edit_rows([edit])[0]["cloud_cpu_ms"])  # no /proc figure for the cloud
 
 
 @pytest.fixture(scope="module")
@@ -89,5 +90,21 @@ def test_a_short_run_measures_both_services(world, tmp_path: Path, capsys) -> No
     on, off = report["generate_edit"]
     assert (on["batching"], off["batching"]) == ("on", "off")
     assert on["engine"] == "tiny" and on["requests"] > 0 and off["mean_batch"] == 1.0
+    assert on["cloud_cpu_ms"] > 0 and off["cloud_cpu_ms"] > 0  # read from /proc
     out = capsys.readouterr().out
     assert "Recommend over loopback" in out and "GenerateEdit over loopback" in out
+
+
+@pytest.mark.slow
+def test_edits_only_with_a_named_adaptor_and_fewer_in_flight(world, tmp_path: Path) -> None:
+    ds_dir, ckpt = world
+    cfg = ServeBenchConfig(
+        checkpoint=str(ckpt), adaptor=str(tmp_path / "other.pt"), dataset=str(ds_dir),
+        concurrency=8, edit_concurrency=1, skip_recommend=True, warmup=0.0, users=3,
+        edit_duration=0.5,
+    )  # fmt: skip
+    report = run_serve_bench(cfg)
+    assert "recommend" not in report
+    on, off = report["generate_edit"]
+    assert on["concurrency"] == off["concurrency"] == 1
+    assert on["mean_batch"] == 1.0  # one call in flight: every batch holds one request
