@@ -5,13 +5,15 @@ Per request (or fine-tuning update) a policy records:
 * ``decode_us`` + ``apply_us``: measured device time of the update. For a cloud edit,
   decoding the payload (and any prototype download) and composing it with the
   prototype edit, then validating and materialising the head weights
-  (``Ranker.prepare``); for fine-tuning, 0 + the wall time of
+  (``Ranker.prepare_decoded``); for fine-tuning, 0 + the wall time of
   :func:`device_ranker.finetune.finetune_head` (encoder pass + Adam steps) and making
   its weights;
-* ``device_flops``: for a cloud edit, :func:`apply_flops` of the edit it applied; for
-  fine-tuning, ``FlopCounterMode``'s count (forward + backward);
-* ``device_peak_bytes``: for a cloud edit, the materialised head weights it builds; for
-  fine-tuning, the profiler's peak of live bytes;
+* ``device_flops``: for a cloud edit, :func:`apply_flops` of the edit it applied (its
+  validation and, for large ranks or dense parts only, materialisation) plus
+  :func:`event_flops` for every event the edit then scores (the factored head's extra
+  ``(x V) A^T``); for fine-tuning, ``FlopCounterMode``'s count (forward + backward);
+* ``device_peak_bytes``: for a cloud edit, the head weights it builds (factors, biases,
+  materialised layers); for fine-tuning, the profiler's peak of live bytes;
 * ``uplink_bytes``: what the device sends (:func:`uplink_bytes`); 0 for fine-tuning;
 * ``downlink_bytes``: the RSE1 payload (:mod:`recsys.edit_payload`) + prototype
   downloads; 0 for fine-tuning;
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from device_ranker.edits import HeadEdit
+from device_ranker.edits import EditBounds, HeadEdit, keeps_factored
 
 if TYPE_CHECKING:
     from recsys.replay.config import ReplayConfig
@@ -68,22 +70,58 @@ def refine_uplink_bytes(history_len: int, cfg: ReplayConfig, dim: int) -> int:
     return 2 * dim * p + ID_BYTES * extra_ids
 
 
-def apply_flops(edit: HeadEdit, spec: Mapping[str, tuple[int, int]]) -> int:
-    """FLOPs of ``Ranker.prepare`` for ``edit`` per layer [out, in] with rank r:
-    ``U * s`` (out r) + ``(U s) V^T`` (2 out in r) + dense part (out in) + ``W + dW``
-    (out in) + ``||dW||_F`` (2 out in) + bias add and max (2 out)."""
+def apply_flops(
+    edit: HeadEdit, spec: Mapping[str, tuple[int, int]], bounds: EditBounds | None = None
+) -> int:
+    """FLOPs of preparing ``edit`` on the device (``prepare_edit`` / ``prepare_decoded``),
+    per layer [out, in] with rank r:
+
+    * low-rank part: ``U * s`` (out r); kept factored
+      (:func:`~device_ranker.edits.keeps_factored`): the Gram norm ``A^T A`` (2 out r^2)
+      + ``V^T V`` (2 in r^2) + their inner product (2 r^2); else materialised:
+      ``A V^T`` (2 out in r);
+    * a materialised dW: + dense part (out in, when both), ``||dW||_F`` (2 out in),
+      ``W + dW`` (out in); ``max_weight_abs`` (out in) when bounded;
+    * bias: ``max |db|`` (2 out) + ``b + db`` (out).
+
+    Composing with a prototype concatenates factors (no FLOPs).
+    """
+    bounds = bounds or EditBounds()
     total = 0
     for name, le in edit.layers.items():
         out, inp = spec[name]
         r = le.rank
+        dense = False
         if r:
-            total += out * r + 2 * out * inp * r
+            total += out * r
+            if keeps_factored(out, inp, r, le.dense is not None, bounds):
+                total += 2 * r * r * (out + inp + 1)
+            else:
+                total += 2 * out * inp * r
+                dense = True
         if le.dense is not None:
-            total += out * inp
-        if le.u is not None or le.dense is not None:
-            total += 3 * out * inp
+            total += out * inp if dense else 0
+            dense = True
+        if dense:
+            total += 3 * out * inp + (out * inp if bounds.max_weight_abs is not None else 0)
         if le.bias is not None:
-            total += 2 * out
+            total += 3 * out
+    return total
+
+
+def event_flops(
+    edit: HeadEdit, spec: Mapping[str, tuple[int, int]], bounds: EditBounds | None = None
+) -> int:
+    """Extra FLOPs of scoring one event with ``edit`` kept factored: per factored layer
+    ``x V`` (2 in r) and ``+ (x V) A^T`` (2 r out + out). Materialised layers cost what
+    the base head does (counted once for every policy, :func:`scoring_flops`)."""
+    bounds = bounds or EditBounds()
+    total = 0
+    for name, le in edit.layers.items():
+        out, inp = spec[name]
+        r = le.rank
+        if r and keeps_factored(out, inp, r, le.dense is not None, bounds):
+            total += 2 * r * (inp + out) + out
     return total
 
 

@@ -8,9 +8,10 @@ history the request was made from (never from the target it will serve):
   recent-items stand-in, or none at all for the summary-only ablation)
   + device summary -> adaptor forward -> nearest prototype (bank FROZEN at the
   artefact's version 1: no online refinement during replay, so a device's edits depend
-  on its own events only) -> bounded residual -> RSE1 payload. On the device: decode,
-  compose with the prototype edit (downloaded once per prototype), validate and
-  materialise (``Ranker.prepare``);
+  on its own events only) -> bounded residual -> RSE1 payload. On the device, as the
+  device service does it: decode (``decode_values``), compose with the prototype edit
+  (downloaded once per prototype), validate and build the factored head weights
+  (``Ranker.prepare_decoded``);
 * **system-noproto**: the same adaptor edit, sent whole (no prototype);
 * **duet**: the DUET-style generator from the raw recent item ids -> payload -> device;
 * **finetune**: :func:`device_ranker.finetune.finetune_head` on the device's history.
@@ -55,9 +56,15 @@ from recsys.adaptor_inputs import (
     summary_width,
     uplink_window,
 )
-from recsys.edit_payload import decode_payload, encode_payload
+from recsys.edit_payload import decode_payload, decode_values, encode_payload
 from recsys.replay.config import CONTINUAL, LIVE_KINDS, NO_PROTOTYPES, REFINE, ReplayConfig
-from recsys.replay.costs import CostAccumulator, apply_flops, refine_uplink_bytes, uplink_bytes
+from recsys.replay.costs import (
+    CostAccumulator,
+    apply_flops,
+    event_flops,
+    refine_uplink_bytes,
+    uplink_bytes,
+)
 from recsys.workflows.adaptor_config import config_from_dict
 from recsys.workflows.adaptor_data import artifact_lm_dir, resolve_token_source
 
@@ -70,14 +77,19 @@ ADAPTOR_KINDS = ("system", NO_PROTOTYPES, REFINE)  # edit kinds made by the adap
 class DeviceEdit:
     """One request's result on the device (shared by the policies requesting there).
 
-    ``device_us`` = ``decode_us`` (payload decode + compose) + ``apply_us`` (validate +
-    materialise; for fine-tuning: the whole update).
+    ``device_us`` = ``decode_us`` (payload decode) + ``apply_us`` (compose, validate,
+    factored head weights; for fine-tuning: the whole update). ``device_flops`` counts
+    the update; ``event_flops`` the extra FLOPs of each event the edit then scores
+    (factored layers), up to ``stream_len``, the device's history length at its last
+    event (None when unknown: then the device's last request counts one event).
     """
 
     prepared: PreparedEdit
     decode_us: float
     apply_us: float
     device_flops: float
+    event_flops: float = 0.0
+    stream_len: int | None = None
     device_peak_bytes: float = 0.0
     uplink_bytes: float = 0.0
     payload_bytes: float = 0.0
@@ -263,6 +275,7 @@ class EditMaker:
                         out[kind][length] = self._deliver(
                             flat, length, gen_ms, proto, adaptor=generator == "adaptor"
                         )
+                    out[kind][length].stream_len = len(seq)
         return out
 
     def _refine(
@@ -327,20 +340,19 @@ class EditMaker:
         ref = None if proto is None else proto.key
         data = encode_payload(flat, dtype=self.cfg.payload_dtype, prototype=ref)
         cloud_ms = gen_ms + (time.perf_counter() - tc) * 1e3
-        t0 = time.perf_counter()  # device: decode (+ compose), then validate + materialise
-        payload = decode_payload(data, spec=self.spec, max_rank=2 * self.rank)
-        edit = HeadEdit.from_flat(payload.tensors)
-        if proto is not None:
-            edit = HeadEdit.compose(proto.edit, edit)
+        t0 = time.perf_counter()  # device: decode, then compose + validate + factored weights
+        decoded = decode_values(data, spec=self.spec, max_rank=2 * self.rank)
         t1 = time.perf_counter()
-        prepared = self.ranker.prepare(edit)
+        prepared = self.ranker.prepare_decoded(decoded, None if proto is None else proto.edit)
         t2 = time.perf_counter()
+        edit, bounds = prepared.edit, self.ranker.bounds  # the composed edit, for the counts
         return DeviceEdit(
             prepared=prepared,
             decode_us=(t1 - t0) * 1e6,
             apply_us=(t2 - t1) * 1e6,
-            device_flops=apply_flops(edit, self.spec),
-            device_peak_bytes=_weights_bytes(prepared),
+            device_flops=apply_flops(edit, self.spec, bounds),
+            event_flops=event_flops(edit, self.spec, bounds),
+            device_peak_bytes=_weights_bytes(prepared, self.ranker.model.head),
             uplink_bytes=uplink_bytes(
                 length,
                 self.adaptor_uplink_items if adaptor else self.cfg.uplink_items,
@@ -380,19 +392,29 @@ class EditMaker:
                 prepared=prepared,
                 decode_us=0.0,
                 apply_us=apply_us,
-                device_flops=flops + apply_flops(res.edit, self.spec),
+                device_flops=flops + apply_flops(res.edit, self.spec, UNBOUNDED),
+                event_flops=event_flops(res.edit, self.spec, UNBOUNDED),
                 device_peak_bytes=peak,
+                stream_len=len(seq),
             )
         return out
 
     # ---- costs --------------------------------------------------------------------------------
     def costs(self, lengths: np.ndarray, edits: Mapping[int, DeviceEdit]) -> CostAccumulator:
         """One policy's costs on one device (its request lengths [R] and their edits); a
-        prototype is downloaded on its first use."""
+        prototype is downloaded on its first use. Each request's FLOPs include its edit's
+        ``event_flops`` for every event it serves: the events at positions from its
+        length up to the next request's (or the device's last event; every event from
+        the first request on is evaluated, as both start at ``min_history``)."""
         acc = CostAccumulator()
         held: set[tuple[int, int]] = set()
-        for n, length in enumerate(lengths.tolist()):
+        ls = lengths.tolist()
+        for n, length in enumerate(ls):
             e = edits[length]
+            if n + 1 < len(ls):
+                served = ls[n + 1] - length
+            else:
+                served = 1 if e.stream_len is None else max(e.stream_len - length, 0)
             extra_us, extra_bytes = 0.0, 0
             if e.prototype is not None and e.prototype not in held:
                 held.add(e.prototype)
@@ -403,7 +425,7 @@ class EditMaker:
             acc.add(
                 decode_us=e.decode_us + extra_us,
                 apply_us=e.apply_us,
-                device_flops=e.device_flops,
+                device_flops=e.device_flops + e.event_flops * served,
                 device_peak_bytes=e.device_peak_bytes,
                 uplink_bytes=e.uplink_bytes,
                 downlink_bytes=e.payload_bytes + extra_bytes,
@@ -429,7 +451,13 @@ def quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _weights_bytes(prepared: PreparedEdit) -> int:
-    return sum(
-        w.numel() * w.element_size() + b.numel() * b.element_size() for w, b in prepared.weights
-    )
+def _weights_bytes(prepared: PreparedEdit, head: torch.nn.Module) -> int:
+    """Bytes of the tensors an edit adds on the device: per layer the new bias, the
+    factors it keeps, and a materialised weight (one that is not the base W)."""
+    base = {id(p) for p in head.parameters()}
+    total = 0
+    for layer in prepared.weights.layers:
+        for t in (layer.w, layer.b, layer.a, layer.v):
+            if t is not None and id(t) not in base:
+                total += t.numel() * t.element_size()
+    return total
