@@ -371,7 +371,7 @@ def _diagnose(
     )
 
 
-def _factored(out_f: int, in_f: int, rank: int, has_dense: bool, bounds: EditBounds) -> bool:
+def keeps_factored(out_f: int, in_f: int, rank: int, has_dense: bool, bounds: EditBounds) -> bool:
     """Keep a layer's low-rank part factored (else materialise dW = A V^T)?
 
     Factored when its checks and forward are cheaper than the dense ones: the Gram norm
@@ -407,7 +407,7 @@ def _prepare_layer(
     u, dense = parts.get("u"), parts.get("dense")
     if u is not None:
         a, v = u * parts["s"], parts["v"]  # A = U diag(s) [out, r], V [in, r]
-        if _factored(w.shape[0], w.shape[1], a.shape[1], dense is not None, bounds):
+        if keeps_factored(w.shape[0], w.shape[1], a.shape[1], dense is not None, bounds):
             sq = float(np.vdot(a.T @ a, v.T @ v))  # ||A V^T||_F^2 from two [r, r] Grams
             if not sq <= norm_limit * norm_limit:  # `not x <= limit` is also True for NaN
                 with np.errstate(all="ignore"):
@@ -450,7 +450,7 @@ def prepare_edit(
 ) -> PreparedEdit:
     """Validate ``edit`` and build its (factored) effective head weights, no autograd.
 
-    Per edited layer with a low-rank part (r small, see :func:`_factored`): ``A = U * s``
+    Per edited layer with a low-rank part (r small, see :func:`keeps_factored`): ``A = U * s``
     [out, r] and the exact Frobenius norm of dW from the factors,
     ``||A V^T||_F^2 = sum((A^T A) * (V^T V))`` (two [r, r] Gram products:
     ``2 r^2 (out + in)`` FLOPs instead of ``2 r out in`` for materialising); the

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +129,11 @@ class EditedWeights(Sequence):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.dense())
 
-    def forward(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
-        """[..., D] -> [..., D] queries, factored or dense, whichever is cheaper.
+    def forward(
+        self, x: torch.Tensor, residual: bool, mode: Literal["auto", "factored", "dense"] = "auto"
+    ) -> torch.Tensor:
+        """[..., D] -> [..., D] queries, factored or dense, whichever is cheaper
+        (``mode="auto"``; "factored" / "dense" force one, e.g. to measure both).
 
         Ski rental on FLOPs: rows run factored (``row_flops`` each) until the rows scored
         so far would have paid for materialising (``materialise_flops``, ~43 rows at
@@ -139,10 +143,11 @@ class EditedWeights(Sequence):
         forward adds ~5 us per layer at B=1, materialising costs ~10 us per layer once.
         """
         rows = x.numel() // max(x.shape[-1], 1)
-        if not self.materialised:
-            self._rows += rows
-            dense_flops, row_flops = self.flops()
-            if self._rows * row_flops < dense_flops:
+        if mode == "factored" or (mode == "auto" and not self.materialised):
+            if mode == "auto":
+                self._rows += rows
+                dense_flops, row_flops = self.flops()
+            if mode == "factored" or self._rows * row_flops < dense_flops:
                 h = x
                 last = len(self.layers) - 1
                 for i, lay in enumerate(self.layers):

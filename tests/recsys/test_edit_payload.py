@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from recsys.edit_payload import (
     decode_payload,
+    decode_values,
     dense_head_bytes,
     encode_payload,
     quantisation_error_bound,
@@ -169,3 +170,44 @@ def test_bad_names_and_types() -> None:
         encode_payload({"fc0.s": torch.tensor([1e6])}, dtype="fp16")
     with pytest.raises(ValidationError, match="bytes"):
         decode_payload("not bytes")  # type: ignore[arg-type]
+
+
+def test_decode_values_is_one_float32_array_viewed_by_the_tensors() -> None:
+    edit = make_edit(rank=4)
+    data = encode_payload(edit, dtype="fp16", prototype=(2, 5))
+    d = decode_values(data, spec=SPEC, max_rank=8)
+    assert d.values.dtype == np.float32 and d.values.ndim == 1
+    assert d.values.size == sum(t.numel() for t in edit.values())
+    assert (d.prototype_id, d.prototype_version, d.dtype, d.nbytes) == (2, 5, "fp16", len(data))
+    p = decode_payload(data, spec=SPEC, max_rank=8)
+    for name, arr in d.arrays().items():
+        np.testing.assert_array_equal(arr, p.tensors[name].numpy())
+    assert set(d.layers()) == {"fc0", "fc1"} and d.layers()["fc1"]["u"].shape == (64, 4)
+
+
+def test_a_cached_layout_never_stands_in_for_another_payload() -> None:
+    """Layouts are cached by (length, dtype, count) and recognised by their descriptor
+    bytes: a payload of the same length with other names or shapes is parsed afresh."""
+    a = encode_payload({"fc0.bias": torch.ones(128)}, dtype="fp32")
+    b = encode_payload({"fc9.bias": torch.ones(128)}, dtype="fp32")  # same length
+    c = encode_payload({"f.bias": torch.ones(2, 64)}, dtype="fp32")  # same length too
+    assert len(a) == len(b) == len(c)
+    assert decode_payload(a, spec=SPEC).tensors["fc0.bias"].shape == (128,)
+    with pytest.raises(ValidationError, match="unknown head layer"):
+        decode_payload(b, spec=SPEC)
+    assert set(decode_payload(b).tensors) == {"fc9.bias"}
+    assert decode_payload(c).tensors["f.bias"].shape == (2, 64)
+    body = bytearray(a[:-4])  # a's layout is cached; now corrupt its name, valid checksum
+    body[body.index(b"fc0.bias") + 3] = ord("!")
+    with pytest.raises(ValidationError, match="bad edit tensor name"):
+        decode_payload(recrc(bytes(body)))
+    body = bytearray(a[:-4])
+    body[-4:] = np.array([np.inf], dtype="<f4").tobytes()
+    with pytest.raises(ValidationError, match=r"'fc0\.bias' contains NaN or Inf"):
+        decode_payload(recrc(bytes(body)), spec=SPEC)
+
+
+def test_huge_finite_fp32_values_are_not_mistaken_for_inf() -> None:
+    big = {"fc0.s": torch.tensor([3e38, -3e38])}  # the payload-wide sum of squares overflows
+    back = decode_payload(encode_payload(big, dtype="fp32")).tensors["fc0.s"]
+    assert torch.equal(back, big["fc0.s"])
