@@ -6,9 +6,10 @@ HR/NDCG/MRR@10 and HR/NDCG@20 of our ranker and of our popularity baseline, next
 RecBole 1.2.1 figures quoted for the same protocol.
 
 Cost: single-user full-catalogue ``Ranker.recommend`` latency p50/p99 (in process,
-eager TorchRec path and exported program), batched throughput (users/s), edit
-application time (validate + materialise, p50), revert time, and head fine-tuning
-cost per user (wall ms, FLOPs, peak bytes).
+eager TorchRec path and exported program), batched throughput (users/s), the device's
+edit path (decode + validate + apply of an fp16 payload, p50/p99; :func:`edit_figures`),
+revert time, the head with an edit factored vs dense, and head fine-tuning cost per
+user (wall ms, FLOPs, peak bytes).
 
 Example::
 
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from device_ranker.edits import random_edit
+from device_ranker.edit_bench import edit_figures
 from device_ranker.evaluate import evaluate, evaluate_popularity, loo_eval_set
 from device_ranker.export import ExportedRanker
 from device_ranker.finetune import finetune_head
@@ -157,31 +158,7 @@ def run_bench(cfg: BenchConfig, ds: Dataset, ranker: Ranker) -> dict[str, Any]:
     out["batch_latency_p50_ms"], out["batch_latency_p99_ms"] = _percentiles_ms(times)
 
     # ---- edit application -----------------------------------------------------------
-    gen = torch.Generator().manual_seed(cfg.seed)
-    edit = random_edit(ranker.model.head, rank=cfg.edit_rank, scale=0.002, generator=gen)
-    before = ranker.scores(hists[:8])
-    for _ in range(100):
-        ranker.apply_edit(edit)
-    times = []
-    for _ in range(cfg.edit_repeats):
-        t0 = time.perf_counter_ns()
-        ranker.apply_edit(edit)
-        times.append(time.perf_counter_ns() - t0)
-    edited = ranker.scores(hists[:8])
-    t_rev = []
-    for _ in range(cfg.edit_repeats):
-        ranker.apply_edit(edit)
-        t0 = time.perf_counter_ns()
-        ranker.revert_edit()
-        t_rev.append(time.perf_counter_ns() - t0)
-    out["edit_apply_us"] = float(np.percentile(times, 50) / 1e3)
-    out["edit_apply_p99_us"] = float(np.percentile(times, 99) / 1e3)
-    out["edit_revert_us"] = float(np.percentile(t_rev, 50) / 1e3)
-    out["edit_rank"] = cfg.edit_rank
-    out["edit_bytes_fp32"] = edit.nbytes()
-    out["edit_bytes_fp16"] = edit.to(torch.float16).nbytes()
-    out["edit_score_change"] = float((edited - before).abs().max())
-    out["edit_revert_exact"] = bool(torch.equal(ranker.scores(hists[:8]), before))
+    out.update(edit_figures(ranker, hists, cfg))
 
     # ---- on-device fine-tuning baseline ---------------------------------------------
     ft_users = [h for h in hists if len(h) >= 2][: cfg.finetune_users]
@@ -228,12 +205,45 @@ def cost_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             "p99": f["batch_latency_p99_ms"],
         },
         {"figure": "batched throughput (users/s)", "p50": f["users_per_s"], "p99": ""},
+        *(
+            {
+                "figure": f"edit decode + validate + apply, fp16 payload, rank {r} (us)",
+                "p50": f[f"edit_apply_r{r}_us"],
+                "p99": f[f"edit_apply_r{r}_p99_us"],
+            }
+            for r in f["edit_apply_ranks"]
+        ),
         {
-            "figure": f"edit apply: validate + materialise, rank {f['edit_rank']} (us)",
-            "p50": f["edit_apply_us"],
-            "p99": f["edit_apply_p99_us"],
+            "figure": f"  of which decode / validate + apply, rank {f['edit_rank']} (us)",
+            "p50": f"{f['edit_decode_us']:.1f} / {f['edit_prepare_us']:.1f}",
+            "p99": "",
+        },
+        {
+            "figure": "edit, rank-{1} residual of a held rank-{0} prototype: decode + compose + "
+            "validate + apply (us)".format(*f["edit_proto_ranks"]),
+            "p50": f["edit_apply_proto_us"],
+            "p99": f["edit_apply_proto_p99_us"],
         },
         {"figure": "edit revert (us)", "p50": f["edit_revert_us"], "p99": ""},
+        *(
+            {
+                "figure": f"head, rank-{f['head_edit_rank']} edit, {b} row(s): factored / dense (us)",
+                "p50": f"{f[f'head_factored_b{b}_us']:.1f} / {f[f'head_dense_b{b}_us']:.1f}",
+                "p99": "",
+            }
+            for b in (1, f["head_batch_rows"])
+        ),
+        {
+            "figure": f"materialise W + A V^T, rank {f['head_edit_rank']}, every layer (us)",
+            "p50": f["head_materialise_us"],
+            "p99": "",
+        },
+        {
+            "figure": f"per-user head, {f['head_batch_rows']} rows, own rank-{f['head_edit_rank']} "
+            "edit each: factored / dense (ms)",
+            "p50": f"{f['per_user_factored_ms']:.2f} / {f['per_user_dense_ms']:.2f}",
+            "p99": "",
+        },
         {
             "figure": f"head fine-tuning, {f['finetune_steps']} steps (ms/user)",
             "p50": f["finetune_ms_per_user"],
