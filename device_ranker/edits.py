@@ -424,12 +424,12 @@ def _prepare_layer(
             float(np.abs(dw).max()) <= bounds.max_weight_abs
         ):
             _diagnose(name, _layer_edit(parts), torch.from_numpy(dw), None, bounds)
-        w = w + _tensor(dw, w.dtype)
+        w = torch.add(w.detach(), _tensor(dw, w.dtype))
     db = parts.get("bias")
     if db is not None:
         if not float(np.abs(db).max()) <= bounds.max_bias_abs:
             _diagnose(name, _layer_edit(parts), None, torch.from_numpy(db), bounds)
-        b = b + _tensor(db, b.dtype)
+        b = torch.add(b.detach(), _tensor(db, b.dtype))
     if a is None:
         return EditedLinear(w, b)
     return EditedLinear(w, b, _tensor(a, w.dtype), _tensor(v, w.dtype))
@@ -476,7 +476,6 @@ def prepare_edit(
     return PreparedEdit(EditedWeights(layers), edit)
 
 
-@torch.no_grad()
 def prepare_decoded(
     head: EditableHead,
     decoded: DecodedPayload,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 HeadWeights = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(frozen=True, eq=False)
 class EditedLinear:
     """One head layer with an edit, factored: ``y = x w^T + b + (x v) a^T``.
 
@@ -57,10 +55,16 @@ class EditedLinear:
         layer(x)                     # [B, out] == F.linear(x, w + a @ v.T, b)
     """
 
-    w: torch.Tensor
-    b: torch.Tensor
-    a: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    __slots__ = ("a", "b", "v", "w")
+
+    def __init__(
+        self,
+        w: torch.Tensor,
+        b: torch.Tensor,
+        a: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ) -> None:
+        self.w, self.b, self.a, self.v = w, b, a, v
 
     @property
     def rank(self) -> int:
@@ -272,14 +276,19 @@ def _per_row_layer(h: torch.Tensor, rows: Sequence[EditedLinear], base_w: torch.
     else:
         w = torch.stack([r.w for r in rows])  # [B, out, in]
         y = torch.baddbmm(bias.unsqueeze(-1), w, h.unsqueeze(-1)).squeeze(-1)
-    if any(r.a is not None for r in rows):
+    ranks = {r.rank for r in rows}
+    if ranks == {0}:
+        return y
+    if len(ranks) == 1:  # one rank, every row edited: a plain stack
+        at = torch.stack([r.a.t() for r in rows])  # [B, R, out]
+        vt = torch.stack([r.v.t() for r in rows])  # [B, R, in]
+    else:
         out_f, in_f = base_w.shape
         none_a, none_v = h.new_zeros(0, out_f), h.new_zeros(0, in_f)
         at = pad_sequence([none_a if r.a is None else r.a.t() for r in rows], batch_first=True)
         vt = pad_sequence([none_v if r.v is None else r.v.t() for r in rows], batch_first=True)
-        t = torch.bmm(vt, h.unsqueeze(-1))  # [B, R, 1] = (h V)^T
-        y = torch.baddbmm(y.unsqueeze(-1), at.transpose(1, 2), t).squeeze(-1)  # [B, out]
-    return y
+    t = torch.bmm(vt, h.unsqueeze(-1))  # [B, R, 1] = (h V)^T
+    return torch.baddbmm(y.unsqueeze(-1), at.transpose(1, 2), t).squeeze(-1)  # [B, out]
 
 
 def queries_per_user(
@@ -290,9 +299,11 @@ def queries_per_user(
     """The one batched head pass with a weight set per row (the device service's
     micro-batches, the replay's events): row b uses ``weights[b]`` (None = the base head).
 
-    Rows without an edit in a batch that has none run the plain head. Otherwise the
-    edits stay factored (:func:`_per_row_layer`): each row is scored once per call, so
-    ``2 r (in + out)`` FLOPs per row always beat materialising ``2 r in out``.
+    A batch whose rows all share one weight set (B=1, or no edits) runs the plain head
+    (factored for an :class:`EditedWeights`). Otherwise the edits stay factored
+    (:func:`_per_row_layer`): each row is scored once per call, so ``2 r (in + out)``
+    FLOPs per row always beat materialising ``2 r in out`` (the replay counts exactly
+    this, ``recsys.replay.costs.event_flops``).
     :class:`EditedWeights` rows use their factors even if already materialised; plain
     (W, b) lists are dense rows.
 
@@ -311,8 +322,13 @@ def queries_per_user(
     """
     if len(weights) != x.shape[0]:
         raise ValidationError(f"{len(weights)} weight sets for {x.shape[0]} rows")
-    if all(w is None for w in weights):
-        return head(x)
+    first = weights[0] if weights else None
+    if all(w is first for w in weights):  # one weight set (e.g. B=1): the plain head
+        if first is None:
+            return head(x)
+        if isinstance(first, EditedWeights):
+            return first.forward(x, head.residual, mode="factored")
+        return head_forward(x, first, head.residual)
     base = head.base_weights()
     plain = tuple(EditedLinear(w, b) for w, b in base)
     rows = [

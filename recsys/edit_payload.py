@@ -292,6 +292,24 @@ class _Layout:
     checked: set = field(default_factory=set)
 
     @property
+    def checks(self) -> tuple[tuple[int, int, bytes], ...]:
+        """(start, stop, bytes) of each descriptor, for the byte comparison."""
+        checks = self.__dict__.get("_checks")
+        if checks is None:
+            checks = tuple((o, o + len(d), d) for o, d in self.descriptors)
+            self.__dict__["_checks"] = checks
+        return checks
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """The data byte ranges as slices."""
+        slices = self.__dict__.get("_slices")
+        if slices is None:
+            slices = tuple(slice(a, b) for a, b in self.data)
+            self.__dict__["_slices"] = slices
+        return slices
+
+    @property
     def slots(self) -> tuple[tuple[str, int, int, tuple[int, ...]], ...]:
         slots = self.__dict__.get("_slots")
         if slots is None:
@@ -360,8 +378,12 @@ def _layout(body: memoryview, dtype_code: int, count: int) -> _Layout:
     freshly parsed (and cached) one."""
     key = (len(body), dtype_code, count)
     cached = _LAYOUTS.get(key)
-    if cached is not None and all(body[o : o + len(d)] == d for o, d in cached.descriptors):
-        return cached
+    if cached is not None:
+        for o, e, d in cached.checks:
+            if body[o:e] != d:
+                break
+        else:
+            return cached
     layout = _parse_layout(body, _DTYPE_NAMES[dtype_code], count)
     if len(_LAYOUTS) >= _MAX_LAYOUTS:
         _LAYOUTS.clear()
@@ -373,7 +395,7 @@ def _values(body: memoryview, layout: _Layout, dtype: str) -> np.ndarray:
     """Every tensor's values, concatenated in payload order, as one float32 array [N]
     (one conversion for the whole payload; fp16 is widened by torch, ~5x faster than
     numpy's fp16 cast)."""
-    raw = bytearray().join(body[a:b] for a, b in layout.data)
+    raw = bytearray().join([body[sl] for sl in layout.slices])
     if not raw:
         return np.zeros(0, dtype=np.float32)
     if dtype == "fp16":
@@ -390,9 +412,10 @@ def _values(body: memoryview, layout: _Layout, dtype: str) -> np.ndarray:
     return dequantise(np.frombuffer(raw, dtype=np.int8), "int8") * np.repeat(scales, sizes)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class DecodedPayload:
-    """A validated payload as one float32 array (what the device's fast path reads).
+    """A validated payload as one float32 array (what the device's fast path reads; treat
+    it as read-only: not frozen only because a frozen dataclass is slower to build).
 
     Attributes:
         values: [N] float32, every tensor's values in payload order.
@@ -491,8 +514,13 @@ def decode_values(
         nbytes=n,
     )
     if spec is not None:
-        key = (tuple((k, tuple(v)) for k, v in spec.items()), max_rank)
-        if key not in layout.checked:  # the result depends on names, shapes, spec, rank only
+        key = (tuple(spec.items()), max_rank)
+        try:
+            done = key in layout.checked  # the result depends on names, shapes, spec, rank
+        except TypeError:  # unhashable (e.g. list) shapes in the spec
+            key = (tuple((k, tuple(v)) for k, v in spec.items()), max_rank)
+            done = key in layout.checked
+        if not done:
             check_shapes(decoded.arrays(), spec, max_rank)
             layout.checked.add(key)
     return decoded
