@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -508,8 +509,7 @@ def prepare_decoded(
                 f"edit names unknown head layer {name!r}; the head has {list(head._spec)}"
             )
     if prototype is not None:
-        _check_structure(head, prototype, bounds)
-        own = _compose_arrays(head, prototype, own, bounds)
+        own = _compose_arrays(head, _prototype_parts(head, prototype, bounds), own, bounds)
     layers = []
     for name, w, b in head._named_params:
         parts = own.get(name)
@@ -524,20 +524,37 @@ def prepare_decoded(
     return PreparedEdit(EditedWeights(layers), make_edit=make_edit)
 
 
+# id(prototype) -> (weak reference to it, (id(head), bounds), its numpy parts)
+_PROTOTYPES: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+
+
+def _prototype_parts(
+    head: EditableHead, prototype: HeadEdit, bounds: EditBounds
+) -> dict[str, dict[str, np.ndarray]]:
+    """A held prototype's structure check and float32 numpy parts, done once per
+    prototype object (the device keeps it across the many residuals sent against it)."""
+    key = (id(head), bounds)
+    cached = _PROTOTYPES.get(id(prototype))
+    if cached is not None and cached[0]() is prototype and cached[1] == key:
+        return cached[2]
+    _check_structure(head, prototype, bounds)
+    parts = {n: {k: _np(t) for k, t in le.parts().items()} for n, le in prototype.layers.items()}
+    pid = id(prototype)
+    ref = weakref.ref(prototype, lambda _ref: _PROTOTYPES.pop(pid, None))
+    _PROTOTYPES[pid] = (ref, key, parts)
+    return parts
+
+
 def _compose_arrays(
     head: EditableHead,
-    prototype: HeadEdit,
+    prototype: Mapping[str, Mapping[str, np.ndarray]],
     own: dict[str, dict[str, np.ndarray]],
     bounds: EditBounds,
 ) -> dict[str, dict[str, np.ndarray]]:
     """:meth:`HeadEdit.compose` (prototype, own) on numpy parts, with the rank bound."""
     out = {}
-    for name in dict.fromkeys([*prototype.layers, *own]):
-        p = (
-            {k: _np(t) for k, t in prototype.layers[name].parts().items()}
-            if (name in prototype.layers)
-            else {}
-        )
+    for name in dict.fromkeys([*prototype, *own]):
+        p = prototype.get(name, {})
         q = own.get(name, {})
         parts = {}
         for k in ("dense", "bias"):

@@ -14,10 +14,23 @@ An edit's weights are normally kept **factored** (:class:`EditedLinear`, collect
 :class:`EditedWeights`): a layer computes ``x W^T + b' + (x V) A^T`` with ``A = U diag(s)``
 [out, r] and ``V`` [in, r], i.e. ``2 r (in + out)`` extra FLOPs per row instead of the
 ``2 r in out`` of materialising ``W + A V^T`` once. Which is cheaper depends on how many
-rows an edit scores (:meth:`EditedWeights.forward`): per-user batches
-(:func:`queries_per_user`, one row per edit) always stay factored; a single edit that
-has scored ``in out / (in + out)`` rows (~43 at D=64, H=128) in factored form is
-materialised once, since from then on the dense weights are cheaper.
+rows an edit scores, so the choice is made per case:
+
+* per-user batches (:func:`queries_per_user`: the device service's ``rank_batch``,
+  the replay, ``Ranker.scores_per_user_edits``) always stay factored: each edit scores
+  one row per call (FLOPs: ``2 r (in + out)`` < ``2 r in out`` for every r below
+  ``in out / (in + out)``, and the wall time is no worse either: 256 rows with their
+  own rank-16 edits 5.9 ms factored vs 6.9 ms with stacked dense weights, 8 rows
+  0.23 vs 0.25 ms);
+* one edit over many rows (``Ranker.scores``, :meth:`EditedWeights.forward`) runs
+  factored until the rows it scored would have paid for materialising (ski rental on
+  FLOPs: ``in out / (in + out)`` rows, ~43 at D=64, H=128, any rank), then once
+  materialised; a batch that big materialises at once (256 rows: 0.24 ms factored vs
+  0.16 ms dense, + 22 us to materialise rank 16).
+
+Figures: ``recsys bench ranker`` (:mod:`device_ranker.edit_bench`) on the shared 2-core
+machine under load; at B=1 the factored head costs ~48 us vs ~28 us dense (dispatch
+overhead, not FLOPs, at these sizes).
 """
 
 from __future__ import annotations
@@ -139,12 +152,15 @@ class EditedWeights(Sequence):
         """[..., D] -> [..., D] queries, factored or dense, whichever is cheaper
         (``mode="auto"``; "factored" / "dense" force one, e.g. to measure both).
 
-        Ski rental on FLOPs: rows run factored (``row_flops`` each) until the rows scored
-        so far would have paid for materialising (``materialise_flops``, ~43 rows at
-        D=64, H=128, any rank); then the dense weights are built once and used from then
-        on (a batch that alone reaches the break-even materialises at once). Measured on
-        the 2-core machine (``python -m device_ranker.edit_bench``): a factored rank-16
-        forward adds ~5 us per layer at B=1, materialising costs ~10 us per layer once.
+        Ski rental on FLOPs (:meth:`flops`): rows run factored until the rows scored so
+        far would have paid for materialising (~43 rows at D=64, H=128, any rank); then
+        the dense weights are built once and used from then on (a batch that alone
+        reaches the break-even materialises at once). Never worse than twice the cheaper
+        of the two in hindsight.
+
+        Example::
+
+            q = prepared.weights.forward(states, head.residual)   # [B, D]
         """
         rows = x.numel() // max(x.shape[-1], 1)
         if mode == "factored" or (mode == "auto" and not self.materialised):

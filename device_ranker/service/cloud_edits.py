@@ -136,8 +136,9 @@ class FetchResult:
             received for it (0 when the device held it).
         cloud_ms: the cloud engine's time.
         states_us: device compute for the uplinked recent states (0 without).
-        decode_us / apply_us: device compute on the ranking thread: RSE1 -> tensors, then
-            compose + validate + materialise the head weights.
+        decode_us / apply_us: device compute on the ranking thread: RSE1 -> one float32
+            array (``decode_values``), then compose + validate + the factored head weights
+            (``Ranker.prepare_decoded``).
     """
 
     outcome: str

@@ -3,8 +3,8 @@
 Per request (or fine-tuning update) a policy records:
 
 * ``decode_us`` + ``apply_us``: measured device time of the update. For a cloud edit,
-  decoding the payload (and any prototype download) and composing it with the
-  prototype edit, then validating and materialising the head weights
+  decoding the payload (and any prototype download), then composing it with the
+  prototype edit, validating and building the (factored) head weights
   (``Ranker.prepare_decoded``); for fine-tuning, 0 + the wall time of
   :func:`device_ranker.finetune.finetune_head` (encoder pass + Adam steps) and making
   its weights;

@@ -321,7 +321,8 @@ class EditMaker:
         adaptor: bool = False,
     ) -> DeviceEdit:
         """One request's edit ``flat``: cloud residual against prototype ``proto`` (None:
-        the whole edit) and encoding; device decode (+ compose), validate and materialise.
+        the whole edit) and encoding; device decode, then compose, validate and build the
+        factored head weights.
         ``states_uplinked``: the request also carried the device's recent states (refine);
         ``adaptor``: an adaptor request (it uplinks no items when the adaptor reads no
         tokens)."""

@@ -172,3 +172,12 @@ def test_prepare_decoded_needs_the_heads_layers(tiny_model: SeqRanker) -> None:
     decoded = decode_values(_payload(edit))  # no spec: decoding alone cannot know
     with pytest.raises(ValidationError, match="unknown head layer 'fc7'"):
         prepare_decoded(tiny_model.head, decoded)
+
+
+def test_a_held_prototype_is_checked_again_under_other_bounds(tiny_model: SeqRanker) -> None:
+    head = tiny_model.head
+    proto, residual = _edit(head, rank=3, seed=1), _edit(head, rank=1, seed=2)
+    decoded = decode_values(_payload(residual), spec=head.edit_spec(), max_rank=8)
+    prepare_decoded(head, decoded, EditBounds(), proto)  # checked and cached
+    with pytest.raises(ValidationError, match="length r in 1..2"):  # the prototype alone
+        prepare_decoded(head, decoded, EditBounds(max_rank=2), proto)
