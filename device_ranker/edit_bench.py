@@ -29,14 +29,27 @@ if TYPE_CHECKING:
 
 def _time_us(fn, repeats: int, warmup: int = 100) -> tuple[float, float]:
     """p50 and p99 of ``fn()`` in microseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - t0)
-    return float(np.percentile(times, 50) / 1e3), float(np.percentile(times, 99) / 1e3)
+    return _time_many({"": fn}, repeats, warmup)[""]
+
+
+def _time_many(fns: dict[str, Any], repeats: int, warmup: int = 100, chunk: int = 50):
+    """label -> (p50, p99) in microseconds of ``repeats`` calls of each function, taken
+    in interleaved chunks of ``chunk`` calls so that every label sees the same machine
+    load (a shared machine's load moves within seconds)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[int]] = {k: [] for k in fns}
+    for _ in range(max(repeats // chunk, 1)):
+        for k, fn in fns.items():
+            for _ in range(chunk):
+                t0 = time.perf_counter_ns()
+                fn()
+                times[k].append(time.perf_counter_ns() - t0)
+    return {
+        k: (float(np.percentile(t, 50) / 1e3), float(np.percentile(t, 99) / 1e3))
+        for k, t in times.items()
+    }
 
 
 def edit_figures(ranker: Ranker, hists: list, cfg: BenchConfig) -> dict[str, Any]:
@@ -46,7 +59,7 @@ def edit_figures(ranker: Ranker, hists: list, cfg: BenchConfig) -> dict[str, Any
       bias deltas, rank 8 and 16, capped by a tiny head): ``ranker.apply_edit(
       ranker.prepare_decoded(decode_values(data, spec, max_rank)))``, the device
       service's path; and the same for a rank-4 residual of a held rank-8 prototype,
-      composed on the device;
+      composed on the device (interleaved, :func:`_time_many`);
     * revert;
     * the head with the largest-rank edit, factored (``x W^T + (x V) A^T``) vs dense
       (materialised ``W + A V^T``) at B=1 and B=``batch_size`` rows of one edit, the
@@ -64,31 +77,33 @@ def edit_figures(ranker: Ranker, hists: list, cfg: BenchConfig) -> dict[str, Any
     edits = {
         r: random_edit(head, rank=r, scale=0.002, generator=gen) for r in {*ranks, small, proto}
     }
-    for r in ranks:
-        data = encode_payload(edits[r].to_flat(), dtype="fp16")
 
-        def apply(data: bytes = data) -> None:
+    def apply_fn(data: bytes, prototype=None):
+        def apply() -> None:
             decoded = decode_values(data, spec=spec, max_rank=max_rank)
-            ranker.apply_edit(ranker.prepare_decoded(decoded))
+            ranker.apply_edit(ranker.prepare_decoded(decoded, prototype))
 
-        out[f"edit_apply_r{r}_us"], out[f"edit_apply_r{r}_p99_us"] = _time_us(apply, reps)
+        return apply
+
+    payloads = {r: encode_payload(edits[r].to_flat(), dtype="fp16") for r in ranks}
     r0 = ranks[0]
-    out["edit_apply_ranks"], out["edit_proto_ranks"], out["edit_rank"] = ranks, [proto, small], r0
-    out["edit_apply_us"] = out[f"edit_apply_r{r0}_us"]
-    out["edit_apply_p99_us"] = out[f"edit_apply_r{r0}_p99_us"]
-    data = encode_payload(edits[r0].to_flat(), dtype="fp16")
-    decoded = decode_values(data, spec=spec, max_rank=max_rank)
-    out["edit_decode_us"] = _time_us(
-        lambda: decode_values(data, spec=spec, max_rank=max_rank), reps
-    )[0]
-    out["edit_prepare_us"] = _time_us(lambda: ranker.prepare_decoded(decoded), reps)[0]
+    decoded = decode_values(payloads[r0], spec=spec, max_rank=max_rank)
     residual = encode_payload(edits[small].to_flat(), dtype="fp16", prototype=(1, 1))
-
-    def apply_residual() -> None:
-        d = decode_values(residual, spec=spec, max_rank=max_rank)
-        ranker.apply_edit(ranker.prepare_decoded(d, edits[proto]))
-
-    out["edit_apply_proto_us"], out["edit_apply_proto_p99_us"] = _time_us(apply_residual, reps)
+    timed = _time_many(
+        {
+            **{f"r{r}": apply_fn(payloads[r]) for r in ranks},
+            "decode": lambda: decode_values(payloads[r0], spec=spec, max_rank=max_rank),
+            "prepare": lambda: ranker.apply_edit(ranker.prepare_decoded(decoded)),
+            "proto": apply_fn(residual, edits[proto]),
+        },
+        reps,
+    )
+    for r in ranks:
+        out[f"edit_apply_r{r}_us"], out[f"edit_apply_r{r}_p99_us"] = timed[f"r{r}"]
+    out["edit_apply_ranks"], out["edit_proto_ranks"], out["edit_rank"] = ranks, [proto, small], r0
+    out["edit_apply_us"], out["edit_apply_p99_us"] = timed[f"r{r0}"]
+    out["edit_decode_us"], out["edit_prepare_us"] = timed["decode"][0], timed["prepare"][0]
+    out["edit_apply_proto_us"], out["edit_apply_proto_p99_us"] = timed["proto"]
     edit = edits[r0]
     before = ranker.scores(hists[:8], edit="base")
     prepared = ranker.apply_edit(edit)
@@ -125,17 +140,31 @@ def _forward_figures(ranker: Ranker, edit, cfg: BenchConfig) -> dict[str, Any]:
     with torch.inference_mode():
         for rows in (1, big):
             x = torch.randn(rows, dim, generator=gen)
-            f = _time_us(lambda x=x: weights.forward(x, head.residual, mode="factored"), reps)
-            d = _time_us(lambda x=x: head_forward(x, dense, head.residual), reps)
-            out[f"head_factored_b{rows}_us"], out[f"head_dense_b{rows}_us"] = f[0], d[0]
+            t = _time_many(
+                {
+                    "factored": lambda x=x: weights.forward(x, head.residual, mode="factored"),
+                    "dense": lambda x=x: head_forward(x, dense, head.residual),
+                },
+                reps,
+            )
+            out[f"head_factored_b{rows}_us"] = t["factored"][0]
+            out[f"head_dense_b{rows}_us"] = t["dense"][0]
         out["head_materialise_us"] = _time_us(lambda: EditedWeights(weights.layers).dense(), reps)[
             0
         ]
         x = torch.randn(big, dim, generator=gen)
         per_user = [ranker.prepare(edit).weights for _ in range(big)]
         per_user_dense = [w.dense() for w in per_user]
-        for label, sets in (("factored", per_user), ("dense", per_user_dense)):
-            t = _time_us(lambda sets=sets: queries_per_user(head, x, sets), 20, 3)[0]
-            out[f"per_user_{label}_ms"] = t / 1e3
+        t = _time_many(
+            {
+                "factored": lambda: queries_per_user(head, x, per_user),
+                "dense": lambda: queries_per_user(head, x, per_user_dense),
+            },
+            20,
+            3,
+            chunk=5,
+        )
+        for label in ("factored", "dense"):
+            out[f"per_user_{label}_ms"] = t[label][0] / 1e3
     out["head_batch_rows"] = big
     return out
