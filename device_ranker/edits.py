@@ -409,7 +409,7 @@ def _prepare_layer(
     if u is not None:
         a, v = u * parts["s"], parts["v"]  # A = U diag(s) [out, r], V [in, r]
         if keeps_factored(w.shape[0], w.shape[1], a.shape[1], dense is not None, bounds):
-            sq = float(np.vdot(a.T @ a, v.T @ v))  # ||A V^T||_F^2 from two [r, r] Grams
+            sq = float(np.vdot(np.dot(a.T, a), np.dot(v.T, v)))  # ||A V^T||_F^2, [r, r] Grams
             if not sq <= norm_limit * norm_limit:  # `not x <= limit` is also True for NaN
                 with np.errstate(all="ignore"):
                     dw_full = a @ v.T
