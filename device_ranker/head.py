@@ -163,19 +163,24 @@ class EditedWeights(Sequence):
             q = prepared.weights.forward(states, head.residual)   # [B, D]
         """
         rows = x.numel() // max(x.shape[-1], 1)
-        if mode == "factored" or (mode == "auto" and not self.materialised):
-            if mode == "auto":
-                self._rows += rows
-                dense_flops, row_flops = self.flops()
-            if mode == "factored" or self._rows * row_flops < dense_flops:
-                h = x
-                last = len(self.layers) - 1
-                for i, lay in enumerate(self.layers):
-                    h = lay(h)  # [..., out_i]
-                    if i < last:
-                        h = F.gelu(h)
-                return x + h if residual else h
-        return head_forward(x, self.dense(), residual)
+        if mode == "dense" or (mode == "auto" and self.charge(rows)):
+            return head_forward(x, self.dense(), residual)
+        h = x
+        last = len(self.layers) - 1
+        for i, lay in enumerate(self.layers):
+            h = lay(h)  # [..., out_i]
+            if i < last:
+                h = F.gelu(h)
+        return x + h if residual else h
+
+    def charge(self, rows: int) -> bool:
+        """Count ``rows`` more rows scored with this edit; True when they should use the
+        dense weights (materialised already, or the rows so far have paid for it)."""
+        if self.materialised:
+            return True
+        self._rows += rows
+        dense_flops, row_flops = self.flops()
+        return self._rows * row_flops >= dense_flops
 
 
 def head_forward(x: torch.Tensor, weights: HeadWeights, residual: bool) -> torch.Tensor:
@@ -311,6 +316,7 @@ def queries_per_user(
     head: EditableHead,
     x: torch.Tensor,
     weights: Sequence[EditedWeights | HeadWeights | None],
+    mode: Literal["factored", "auto"] = "factored",
 ) -> torch.Tensor:
     """The one batched head pass with a weight set per row (the device service's
     micro-batches, the replay's events): row b uses ``weights[b]`` (None = the base head).
@@ -319,7 +325,11 @@ def queries_per_user(
     (factored for an :class:`EditedWeights`). Otherwise the edits stay factored
     (:func:`_per_row_layer`): each row is scored once per call, so ``2 r (in + out)``
     FLOPs per row always beat materialising ``2 r in out`` (the replay counts exactly
-    this, ``recsys.replay.costs.event_flops``).
+    this, ``recsys.replay.costs.event_flops``). ``mode="auto"`` (the device service,
+    where a user's edit serves all their requests until the next one) charges each row to
+    its edit's ski rental (:meth:`EditedWeights.charge`) and scores an edit that has paid
+    for materialising with its dense weights; stateful, so the replay, whose policies
+    share edit objects, keeps the default.
     :class:`EditedWeights` rows use their factors even if already materialised; plain
     (W, b) lists are dense rows.
 
@@ -343,18 +353,21 @@ def queries_per_user(
         if first is None:
             return head(x)
         if isinstance(first, EditedWeights):
-            return first.forward(x, head.residual, mode="factored")
+            return first.forward(x, head.residual, mode=mode)
         return head_forward(x, first, head.residual)
     base = head.base_weights()
     plain = tuple(EditedLinear(w, b) for w, b in base)
-    rows = [
-        plain
-        if w is None
-        else w.layers
-        if isinstance(w, EditedWeights)
-        else tuple(EditedLinear(wi, bi) for wi, bi in w)
-        for w in weights
-    ]
+
+    def row(w) -> tuple[EditedLinear, ...]:
+        if w is None:
+            return plain
+        if isinstance(w, EditedWeights):
+            if mode == "auto" and w.charge(1):
+                return tuple(EditedLinear(wi, bi) for wi, bi in w.dense())
+            return w.layers
+        return tuple(EditedLinear(wi, bi) for wi, bi in w)
+
+    rows = [row(w) for w in weights]
     h = x
     last = len(base) - 1
     for i, (w0, _) in enumerate(base):

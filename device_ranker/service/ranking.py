@@ -88,8 +88,8 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
                 states[b] = fresh[row]
         x = torch.stack(states)  # [B, D]
         q = queries_per_user(
-            model.head, x, [None if j.edit is None else j.edit.weights for j in jobs]
-        )
+            model.head, x, [None if j.edit is None else j.edit.weights for j in jobs], "auto"
+        )  # a user's edit stays factored until its rows have paid for materialising it
         raw = model.item_scores(q)  # [B, I]
         mask = unrankable_mask(jobs, num_items)  # [B, I]
         scores = raw.masked_fill(mask, float("-inf"))

@@ -179,5 +179,22 @@ def test_a_held_prototype_is_checked_again_under_other_bounds(tiny_model: SeqRan
     proto, residual = _edit(head, rank=3, seed=1), _edit(head, rank=1, seed=2)
     decoded = decode_values(_payload(residual), spec=head.edit_spec(), max_rank=8)
     prepare_decoded(head, decoded, EditBounds(), proto)  # checked and cached
-    with pytest.raises(ValidationError, match="length r in 1..2"):  # the prototype alone
+    with pytest.raises(ValidationError, match=r"length r in 1\.\.2"):  # the prototype alone
         prepare_decoded(head, decoded, EditBounds(max_rank=2), proto)
+
+
+def test_service_mode_materialises_a_users_edit_once_it_has_paid(tiny_model: SeqRanker) -> None:
+    head = tiny_model.head
+    mine, other = (prepare_edit(head, _edit(head, rank=2, seed=s)).weights for s in (1, 2))
+    x = torch.randn(2, head.dims[0])
+    with torch.inference_mode():
+        first = queries_per_user(head, x, [mine, other], "auto")
+        dense_flops, row_flops = mine.flops()
+        for _ in range(-(-dense_flops // row_flops)):
+            queries_per_user(head, x[:1], [mine], "auto")  # B=1 requests of one user
+        assert mine.materialised and not other.materialised
+        again = queries_per_user(head, x, [mine, other], "auto")  # one dense row, one factored
+        torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-6)
+        fresh = prepare_edit(head, _edit(head, rank=2, seed=3)).weights
+        queries_per_user(head, x, [fresh, other])  # the default (the replay's) never charges
+        assert fresh._rows == 0
