@@ -16,20 +16,20 @@ An edit's weights are normally kept **factored** (:class:`EditedLinear`, collect
 ``2 r in out`` of materialising ``W + A V^T`` once. Which is cheaper depends on how many
 rows an edit scores, so the choice is made per case:
 
-* per-user batches (:func:`queries_per_user`: the device service's ``rank_batch``,
-  the replay, ``Ranker.scores_per_user_edits``) always stay factored: each edit scores
-  one row per call (FLOPs: ``2 r (in + out)`` < ``2 r in out`` for every r below
-  ``in out / (in + out)``, and the wall time is no worse either: 256 rows with their
-  own rank-16 edits 5.9 ms factored vs 6.9 ms with stacked dense weights, 8 rows
-  0.23 vs 0.25 ms);
-* one edit over many rows (``Ranker.scores``, :meth:`EditedWeights.forward`) runs
-  factored until the rows it scored would have paid for materialising (ski rental on
-  FLOPs: ``in out / (in + out)`` rows, ~43 at D=64, H=128, any rank), then once
-  materialised; a batch that big materialises at once (256 rows: 0.24 ms factored vs
-  0.16 ms dense, + 22 us to materialise rank 16).
+* per-user batches (:func:`queries_per_user`: the replay, ``Ranker.scores_per_user_edits``)
+  stay factored: each edit scores one row per call (FLOPs: ``2 r (in + out)`` <
+  ``2 r in out`` for every r below ``in out / (in + out)``), and the wall time is no
+  worse either: 256 rows with their own rank-16 edits 5.6 ms factored vs 8.1 ms with
+  stacked dense weights;
+* one edit over many rows (``Ranker.scores``, :meth:`EditedWeights.forward`), and a
+  user's edit across that user's requests in the device service (``rank_batch``,
+  ``mode="auto"``), runs factored until the rows it scored would have paid for
+  materialising (ski rental on FLOPs: ``in out / (in + out)`` rows, ~43 at D=64,
+  H=128, any rank), then once materialised; a batch that big materialises at once
+  (256 rows: 0.25 ms factored vs 0.16 ms dense, + 23 us to materialise rank 16).
 
 Figures: ``recsys bench ranker`` (:mod:`device_ranker.edit_bench`) on the shared 2-core
-machine under load; at B=1 the factored head costs ~48 us vs ~28 us dense (dispatch
+machine under load; at B=1 the factored head costs ~48 us vs ~29 us dense (dispatch
 overhead, not FLOPs, at these sizes).
 """
 
