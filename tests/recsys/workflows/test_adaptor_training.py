@@ -160,16 +160,16 @@ def test_adapting_a_device_is_a_forward_pass_and_an_addition(world, monkeypatch)
     # device: decode, validate, add. Autograd is off and back-propagation impossible.
     ranker = Ranker.from_checkpoint(path, bounds=device_bounds(bounds, 2))
     grad_flags: list[bool] = []
-    real_mm = torch.mm
+    real_addmm = torch.addmm
 
-    def spy_mm(*args, **kwargs):
+    def spy_addmm(*args, **kwargs):
         grad_flags.append(torch.is_grad_enabled())
-        return real_mm(*args, **kwargs)
+        return real_addmm(*args, **kwargs)
 
     def no_backward(*args, **kwargs):
         raise AssertionError("the device must never back-propagate")
 
-    monkeypatch.setattr(torch, "mm", spy_mm)
+    monkeypatch.setattr(torch, "addmm", spy_addmm)
     monkeypatch.setattr(torch.autograd, "backward", no_backward)
     monkeypatch.setattr(torch.Tensor, "backward", no_backward)
     history = data.sequences[0][:6]
@@ -177,14 +177,14 @@ def test_adapting_a_device_is_a_forward_pass_and_an_addition(world, monkeypatch)
     scores_before = ranker.scores([history], edit="base")
     payload = decode_payload(data_bytes, spec=ranker.edit_spec(), max_rank=2)
     edit = HeadEdit.from_flat(payload.tensors)
-    prepared = ranker.apply_edit(edit)
-    assert grad_flags and not any(grad_flags)  # the U diag(s) V^T products ran without autograd
+    prepared = ranker.apply_edit(edit)  # kept factored; read densely below
     for (name, le), (w, b), (w0, b0) in zip(
         edit.layers.items(), prepared.weights, ranker.model.head.base_weights(), strict=True
     ):
         assert w.grad_fn is None and not w.requires_grad, name
         dw = (le.u * le.s) @ le.v.T
         assert torch.allclose(w, w0 + dw, atol=1e-6) and torch.allclose(b, b0 + le.bias)
+    assert grad_flags and not any(grad_flags)  # W + U diag(s) V^T was formed without autograd
     edited = ranker.scores([history])
     assert edited.grad_fn is None and not torch.equal(edited, scores_before)
     ranker.revert_edit()
