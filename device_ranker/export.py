@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from device_ranker.edits import EditBounds, HeadEdit, PreparedEdit, prepare_edit
+from device_ranker.edit_apply import PreparedEdit, prepare_edit
+from device_ranker.edits import EditBounds, HeadEdit
 from device_ranker.features import History, _as_int64, check_item_range, pad_histories, seen_mask
 from device_ranker.head import EditableHead, head_forward
 from device_ranker.model import SeqRanker, encode_positions

@@ -25,13 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from device_ranker.edits import (
-    EditBounds,
-    HeadEdit,
-    PreparedEdit,
-    prepare_decoded,
-    prepare_edit,
-)
+from device_ranker.edit_apply import PreparedEdit, prepare_decoded, prepare_edit
+from device_ranker.edits import EditBounds, HeadEdit
 from device_ranker.features import History, _as_int64, check_item_range, history_kjt, seen_mask
 from device_ranker.head import queries_per_user
 from device_ranker.model import SeqRanker
@@ -105,7 +100,8 @@ class Ranker:
     ) -> PreparedEdit:
         """Validate a payload decoded with ``decode_values(data, spec=self.edit_spec(),
         max_rank=self.bounds.max_rank)`` (+ the prototype it is a residual of) and build
-        its factored head weights: the device's fast path (:func:`prepare_decoded`)."""
+        its factored head weights: the device's fast path
+        (:func:`~device_ranker.edit_apply.prepare_decoded`)."""
         return prepare_decoded(self.model.head, decoded, self.bounds, prototype)
 
     def apply_edit(self, edit: HeadEdit | PreparedEdit) -> PreparedEdit:

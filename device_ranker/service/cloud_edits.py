@@ -44,7 +44,8 @@ import grpc.aio
 import numpy as np
 import torch
 
-from device_ranker.edits import HeadEdit, PreparedEdit
+from device_ranker.edit_apply import PreparedEdit
+from device_ranker.edits import HeadEdit
 from device_ranker.features import history_kjt
 from device_ranker.gate import ShiftGate
 from device_ranker.ranker import Ranker

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from device_ranker.edits import PreparedEdit
+from device_ranker.edit_apply import PreparedEdit
 from device_ranker.features import history_kjt
 from device_ranker.head import queries_per_user
 from device_ranker.ranker import Ranker

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from device_ranker.edits import PreparedEdit
+from device_ranker.edit_apply import PreparedEdit
 from device_ranker.gate import GateState, ShiftGate
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.policy import ArmPolicy, ArmResolver, Staleness, TimerGate

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from device_ranker.edits import EditBounds, HeadEdit, keeps_factored
+from device_ranker.edit_apply import keeps_factored
+from device_ranker.edits import EditBounds, HeadEdit
 
 if TYPE_CHECKING:
     from recsys.replay.config import ReplayConfig
@@ -77,7 +78,7 @@ def apply_flops(
     per layer [out, in] with rank r:
 
     * low-rank part: ``U * s`` (out r); kept factored
-      (:func:`~device_ranker.edits.keeps_factored`): the Gram norm ``A^T A`` (2 out r^2)
+      (:func:`~device_ranker.edit_apply.keeps_factored`): the Gram norm ``A^T A`` (2 out r^2)
       + ``V^T V`` (2 in r^2) + their inner product (2 r^2); else materialised:
       ``A V^T`` (2 out in r);
     * a materialised dW: + dense part (out in, when both), ``||dW||_F`` (2 out in),

@@ -47,7 +47,8 @@ from codebook.adaptor import GeneratedEdit, head_spec, unbatch
 from codebook.adaptor_artifact import generators_from_artifact, load_semantic_ids
 from codebook.prototypes import nearest_prototype, prototype_edits, residual_edit
 from codebook.refine import HeadTensors, refine_edits
-from device_ranker.edits import HeadEdit, PreparedEdit, prepare_edit
+from device_ranker.edit_apply import PreparedEdit, prepare_edit
+from device_ranker.edits import HeadEdit
 from device_ranker.finetune import UNBOUNDED, finetune_head
 from device_ranker.ranker import Ranker
 from recsys.adaptor_inputs import (

@@ -7,15 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_ranker.edits import (
-    EditBounds,
-    HeadEdit,
-    LayerEdit,
-    keeps_factored,
-    prepare_decoded,
-    prepare_edit,
-    random_edit,
-)
+from device_ranker.edit_apply import keeps_factored, prepare_decoded, prepare_edit
+from device_ranker.edits import EditBounds, HeadEdit, LayerEdit, random_edit
 from device_ranker.head import EditableHead, EditedWeights, head_forward, queries_per_user
 from device_ranker.model import SeqRanker
 from device_ranker.ranker import Ranker

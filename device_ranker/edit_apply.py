@@ -1,0 +1,378 @@
+"""Validating a head edit and building its effective head weights, kept factored.
+
+The device's half of :mod:`device_ranker.edits` (the plain-data edit format): an edit
+is checked against the head and its :class:`EditBounds`, then turned into the weights
+the head's forward uses (:class:`~device_ranker.head.EditedWeights`), never touching the
+base parameters.
+
+* :func:`prepare_edit` takes a :class:`HeadEdit` (any source: the cloud's, a composed
+  one, a fine-tuned dense one);
+* :func:`prepare_decoded` takes a payload decoded by
+  :func:`recsys.edit_payload.decode_values` (the device service's and the replay's fast
+  path: no per-part tensors, the :class:`HeadEdit` is built only if read), optionally
+  composed with a held prototype edit.
+
+Both validate each layer in :func:`_prepare_layer`: low-rank parts stay factored
+(``A = U diag(s)`` [out, r], ``V`` [in, r]) when that is cheaper
+(:func:`keeps_factored`), with the exact Frobenius norm of dW from two [r, r] Gram
+matrices; dense parts and large ranks are added to W. NaN/Inf propagate into the norms;
+a failed check names the layer, the part and the value (:func:`_diagnose`).
+
+Example::
+
+    prepared = prepare_edit(head, edit, EditBounds())
+    q = head(x, prepared.weights)                       # [B, D], factored
+    decoded = decode_values(payload, spec=head.edit_spec(), max_rank=64)
+    prepared = prepare_decoded(head, decoded, EditBounds(), prototype=None)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from device_ranker.edits import _DEFAULT_BOUNDS, ALLOWED_DTYPES, EditBounds, HeadEdit, LayerEdit
+from device_ranker.head import EditableHead, EditedLinear, EditedWeights
+from recsys.edit_payload import DecodedPayload
+from recsys.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class PreparedEdit:
+    """A validated edit with its effective head weights (new tensors; base untouched).
+
+    Attributes:
+        weights: :class:`~device_ranker.head.EditedWeights`: per layer the base W (or
+            W + the dense part), b + db, and the low-rank factors ``A = U diag(s)``
+            [out, r], ``V`` [in, r] kept factored; read as a sequence it is the dense
+            (W + dW [out, in], b + db [out]) per layer, float32, no autograd history.
+        edit: the plain :class:`HeadEdit` it came from (built on first access when the
+            edit was prepared straight from a payload, :func:`prepare_decoded`).
+    """
+
+    __slots__ = ("_edit", "_make_edit", "weights")
+
+    def __init__(
+        self,
+        weights: EditedWeights,
+        edit: HeadEdit | None = None,
+        *,
+        make_edit: Callable[[], HeadEdit] | None = None,
+    ) -> None:
+        if (edit is None) == (make_edit is None):
+            raise ValueError("PreparedEdit needs exactly one of edit and make_edit")
+        self.weights = weights
+        self._edit = edit
+        self._make_edit = make_edit
+
+    @property
+    def edit(self) -> HeadEdit:
+        if self._edit is None:
+            self._edit = self._make_edit()
+        return self._edit
+
+
+def _check_structure(head: EditableHead, edit: HeadEdit, bounds: EditBounds) -> None:
+    """Layer names, part types, dtypes, rank and shapes of ``edit`` against ``head``."""
+    if not isinstance(edit, HeadEdit):
+        raise ValidationError(f"expected a HeadEdit, got {type(edit).__name__}")
+    spec = head._spec  # cached {name: (out, in)}
+    for name, le in edit.layers.items():
+        if name not in spec:
+            raise ValidationError(
+                f"edit names unknown head layer {name!r}; the head has {list(spec)}"
+            )
+        if not isinstance(le, LayerEdit):
+            raise ValidationError(f"layer {name!r}: expected a LayerEdit, got {type(le).__name__}")
+        out_f, in_f = spec[name]
+        u, s, v = le.u, le.s, le.v
+        lowrank = (u is not None) + (s is not None) + (v is not None)
+        if lowrank not in (0, 3):
+            raise ValidationError(
+                f"layer {name!r}: a low-rank edit needs u, s and v together, got only "
+                f"{[p for p in ('u', 's', 'v') if getattr(le, p) is not None]}"
+            )
+        present = [
+            (p, t)
+            for p, t in (("u", u), ("s", s), ("v", v), ("dense", le.dense), ("bias", le.bias))
+            if t is not None
+        ]
+        for part, t in present:
+            if not isinstance(t, torch.Tensor):
+                raise ValidationError(
+                    f"layer {name!r}, part {part!r}: expected a tensor, got {type(t).__name__}"
+                )
+            if t.dtype not in ALLOWED_DTYPES:
+                raise ValidationError(
+                    f"layer {name!r}, part {part!r}: dtype {t.dtype} not allowed; use one of "
+                    f"{[str(d) for d in ALLOWED_DTYPES]}"
+                )
+        r = 0
+        if lowrank:
+            r = s.shape[0] if s.dim() == 1 else -1
+            if not 1 <= r <= min(bounds.max_rank, out_f, in_f):
+                raise ValidationError(
+                    f"layer {name!r}: s must be 1-D of length r in 1..{min(bounds.max_rank, out_f, in_f)}, "
+                    f"got shape {tuple(s.shape)}"
+                )
+        expected = {"u": (out_f, r), "s": (r,), "v": (in_f, r), "dense": (out_f, in_f)}
+        for part, t in present:
+            want = expected.get(part, (out_f,))
+            if t.shape != want:
+                raise ValidationError(
+                    f"layer {name!r}, part {part!r}: shape {tuple(t.shape)}, expected {want} "
+                    f"(layer weight is [out={out_f}, in={in_f}])"
+                )
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view of ``t`` (a copy only for other dtypes): the small reductions
+    of validation cost ~2x less per call in numpy than in torch."""
+    if t.dtype is torch.float32 and not t.requires_grad:
+        return t.numpy()
+    return t.detach().float().numpy()
+
+
+def _diagnose(
+    name: str, le: LayerEdit, dw: torch.Tensor | None, db: torch.Tensor | None, bounds: EditBounds
+) -> None:
+    """Slow path after a failed check: raise naming the layer, the part and the value
+    (returns only when ``dw`` is in fact within the bounds)."""
+    for part, t in le.parts().items():
+        if not torch.isfinite(t).all():
+            raise ValidationError(f"layer {name!r}, part {part!r}: contains NaN or Inf")
+    if dw is not None:
+        if not torch.isfinite(dw).all():
+            raise ValidationError(f"layer {name!r}: weight delta dW overflows to NaN/Inf")
+        nrm = float(torch.linalg.vector_norm(dw))
+        if bounds.max_weight_norm is not None and nrm > bounds.max_weight_norm:
+            raise ValidationError(
+                f"layer {name!r}: ||dW||_F = {nrm:.4g} > bound {bounds.max_weight_norm}; clip the "
+                "edit or raise EditBounds.max_weight_norm"
+            )
+        m = float(dw.abs().max())
+        if bounds.max_weight_abs is not None and not m <= bounds.max_weight_abs:
+            raise ValidationError(
+                f"layer {name!r}: weight delta dW has max |element| {m:.4g} > bound "
+                f"{bounds.max_weight_abs}; clip the edit or raise EditBounds.max_weight_abs"
+            )
+        return  # a factored check's false alarm (e.g. its Gram product overflowed)
+    m = float(db.abs().max()) if db is not None else float("nan")
+    raise ValidationError(
+        f"layer {name!r}: bias delta has max |element| {m:.4g} > bound {bounds.max_bias_abs}; "
+        "clip the edit or raise EditBounds.max_bias_abs"
+    )
+
+
+def keeps_factored(out_f: int, in_f: int, rank: int, has_dense: bool, bounds: EditBounds) -> bool:
+    """Keep a layer's low-rank part factored (else materialise dW = A V^T)?
+
+    Factored when its checks and forward are cheaper than the dense ones: the Gram norm
+    costs ``2 r^2 (out + in)`` FLOPs against ``2 r out in`` for forming dW, i.e. when
+    ``r (out + in) < out in`` (r < 43 at D=64, H=128). A layer that also carries a dense
+    part, or bounds with ``max_weight_abs`` (an element-wise bound needs dW itself), is
+    materialised.
+    """
+    return not has_dense and bounds.max_weight_abs is None and rank * (out_f + in_f) < out_f * in_f
+
+
+def _prepare_layer(
+    name: str,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    parts: Mapping[str, np.ndarray],
+    bounds: EditBounds,
+) -> EditedLinear:
+    """Validate one layer's edit and build its :class:`EditedLinear` (the one place both
+    :func:`prepare_edit` and :func:`prepare_decoded` check the bounds).
+
+    Args:
+        name: the layer (for errors); w [out, in], b [out]: its base weights.
+        parts: float32 numpy arrays, structure already checked: ``u`` [out, r], ``s``
+            [r], ``v`` [in, r], ``dense`` [out, in], ``bias`` [out], any present.
+
+    Small reductions run in numpy (a call costs about half of torch's at these sizes).
+    NaN/Inf anywhere, also in a factor, propagates into a norm and fails its comparison;
+    the slow path (:func:`_diagnose`) then names the layer, the part and the value.
+    """
+    norm_limit = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
+    a = v = dw = None
+    u, dense = parts.get("u"), parts.get("dense")
+    if u is not None:
+        a, v = u * parts["s"], parts["v"]  # A = U diag(s) [out, r], V [in, r]
+        if keeps_factored(w.shape[0], w.shape[1], a.shape[1], dense is not None, bounds):
+            sq = float(np.vdot(np.dot(a.T, a), np.dot(v.T, v)))  # ||A V^T||_F^2, [r, r] Grams
+            if not sq <= norm_limit * norm_limit:  # `not x <= limit` is also True for NaN
+                with np.errstate(all="ignore"):
+                    dw_full = a @ v.T
+                _diagnose(name, _layer_edit(parts), torch.from_numpy(dw_full), None, bounds)
+        else:
+            dw, a, v = a @ v.T, None, None  # [out, in]
+    if dense is not None:
+        dw = dense if dw is None else dw + dense
+    if dw is not None:
+        if not float(np.sqrt(np.vdot(dw, dw))) <= norm_limit:
+            _diagnose(name, _layer_edit(parts), torch.from_numpy(dw), None, bounds)
+        if bounds.max_weight_abs is not None and not (
+            float(np.abs(dw).max()) <= bounds.max_weight_abs
+        ):
+            _diagnose(name, _layer_edit(parts), torch.from_numpy(dw), None, bounds)
+        w = torch.add(w.detach(), _tensor(dw, w.dtype))
+    db = parts.get("bias")
+    if db is not None:
+        if not float(np.abs(db).max()) <= bounds.max_bias_abs:
+            _diagnose(name, _layer_edit(parts), None, torch.from_numpy(db), bounds)
+        b = torch.add(b.detach(), _tensor(db, b.dtype))
+    if a is None:
+        return EditedLinear(w, b)
+    return EditedLinear(w, b, _tensor(a, w.dtype), _tensor(v, w.dtype))
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t if t.dtype is dtype else t.to(dtype)
+
+
+def _layer_edit(parts: Mapping[str, np.ndarray]) -> LayerEdit:
+    return LayerEdit(**{k: torch.from_numpy(np.asarray(p)) for k, p in parts.items()})
+
+
+@torch.no_grad()
+def prepare_edit(
+    head: EditableHead, edit: HeadEdit, bounds: EditBounds | None = None
+) -> PreparedEdit:
+    """Validate ``edit`` and build its (factored) effective head weights, no autograd.
+
+    Per edited layer with a low-rank part (r small, see :func:`keeps_factored`): ``A = U * s``
+    [out, r] and the exact Frobenius norm of dW from the factors,
+    ``||A V^T||_F^2 = sum((A^T A) * (V^T V))`` (two [r, r] Gram products:
+    ``2 r^2 (out + in)`` FLOPs instead of ``2 r out in`` for materialising); the
+    factors are kept and applied in the head's forward
+    (:class:`~device_ranker.head.EditedLinear`). Dense parts (and large ranks) are
+    added to W, with ``||dW||_F`` of the dense delta. Bias: one max-|.| of db and one
+    add. No Python loop over elements. Raises :class:`ValidationError` (shape, dtype,
+    NaN/Inf, bound) naming the layer and part.
+
+    Returns:
+        :class:`PreparedEdit` whose ``weights`` feed ``head(x, weights)``.
+    """
+    bounds = bounds or _DEFAULT_BOUNDS
+    _check_structure(head, edit, bounds)
+    layers = []
+    for name, w, b in head._named_params:
+        le = edit.layers.get(name)
+        if le is None:
+            layers.append(EditedLinear(w, b))
+        else:
+            parts = {k: _np(t) for k, t in le.parts().items()}
+            layers.append(_prepare_layer(name, w, b, parts, bounds))
+    return PreparedEdit(EditedWeights(layers), edit)
+
+
+def prepare_decoded(
+    head: EditableHead,
+    decoded: DecodedPayload,
+    bounds: EditBounds | None = None,
+    prototype: HeadEdit | None = None,
+) -> PreparedEdit:
+    """:func:`prepare_edit` straight from a decoded payload (the device's edit path).
+
+    ``decoded`` must come from :func:`recsys.edit_payload.decode_values` with this
+    head's spec (names, shapes and ranks are then checked, once per payload layout, and
+    the values are finite). The layers are validated from numpy views of its one value
+    array, without building per-part tensors; the :class:`HeadEdit` (``prepared.edit``)
+    is made only if someone reads it. With ``prototype`` the edit is
+    ``HeadEdit.compose(prototype, edit)`` (factors concatenated along r, bias deltas
+    summed), checked as a whole.
+
+    Args:
+        head: the ranker's head; decoded: the residual or absolute edit.
+        bounds: the device's :class:`EditBounds` (its ``max_rank`` bounds the composed r).
+        prototype: the prototype edit the payload is a residual of, or None.
+
+    Returns:
+        :class:`PreparedEdit`.
+    """
+    bounds = bounds or _DEFAULT_BOUNDS
+    own = decoded.layers()  # {layer: {part: numpy view}}
+    for name in own:
+        if name not in head._spec:
+            raise ValidationError(
+                f"edit names unknown head layer {name!r}; the head has {list(head._spec)}"
+            )
+    if prototype is not None:
+        own = _compose_arrays(head, _prototype_parts(head, prototype, bounds), own, bounds)
+    layers = []
+    for name, w, b in head._named_params:
+        parts = own.get(name)
+        layers.append(
+            EditedLinear(w, b) if parts is None else _prepare_layer(name, w, b, parts, bounds)
+        )
+
+    def make_edit() -> HeadEdit:
+        edit = HeadEdit.from_flat(decoded.tensors())
+        return edit if prototype is None else HeadEdit.compose(prototype, edit)
+
+    return PreparedEdit(EditedWeights(layers), make_edit=make_edit)
+
+
+# id(prototype) -> (weak reference to it, (id(head), bounds), its numpy parts)
+_PROTOTYPES: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+
+
+def _prototype_parts(
+    head: EditableHead, prototype: HeadEdit, bounds: EditBounds
+) -> dict[str, dict[str, np.ndarray]]:
+    """A held prototype's structure check and float32 numpy parts, done once per
+    prototype object (the device keeps it across the many residuals sent against it)."""
+    key = (id(head), bounds)
+    cached = _PROTOTYPES.get(id(prototype))
+    if cached is not None and cached[0]() is prototype and cached[1] == key:
+        return cached[2]
+    _check_structure(head, prototype, bounds)
+    parts = {n: {k: _np(t) for k, t in le.parts().items()} for n, le in prototype.layers.items()}
+    pid = id(prototype)
+    ref = weakref.ref(prototype, lambda _ref: _PROTOTYPES.pop(pid, None))
+    _PROTOTYPES[pid] = (ref, key, parts)
+    return parts
+
+
+def _compose_arrays(
+    head: EditableHead,
+    prototype: Mapping[str, Mapping[str, np.ndarray]],
+    own: dict[str, dict[str, np.ndarray]],
+    bounds: EditBounds,
+) -> dict[str, dict[str, np.ndarray]]:
+    """:meth:`HeadEdit.compose` (prototype, own) on numpy parts, with the rank bound."""
+    out = {}
+    for name in dict.fromkeys([*prototype, *own]):
+        p = prototype.get(name, {})
+        q = own.get(name, {})
+        parts = {}
+        for k in ("dense", "bias"):
+            if k in p or k in q:
+                parts[k] = p[k] + q[k] if k in p and k in q else p.get(k, q.get(k))
+        lr = [x for x in (p, q) if "u" in x]
+        if lr:
+            parts["u"] = np.concatenate([x["u"] for x in lr], axis=1)
+            parts["s"] = np.concatenate([x["s"] for x in lr])
+            parts["v"] = np.concatenate([x["v"] for x in lr], axis=1)
+            limit = min(bounds.max_rank, *head._spec[name])
+            if parts["s"].shape[0] > limit:
+                raise ValidationError(
+                    f"layer {name!r}: s must be 1-D of length r in 1..{limit}, "
+                    f"got shape {tuple(parts['s'].shape)}"
+                )
+        out[name] = parts
+    return out
+
+
+def validate_edit(head: EditableHead, edit: HeadEdit, bounds: EditBounds | None = None) -> None:
+    """Raise :class:`ValidationError` if ``edit`` cannot be applied to ``head``."""
+    prepare_edit(head, edit, bounds)
