@@ -11,6 +11,15 @@ the mean input embedding of the item's text tokens (:func:`init_codebook_embeddi
 so before any step an item's ID already sits near its words; ``<user>`` / ``<sep>`` start
 at the embeddings of "user" / "next". Items without text (TikTok) leave the mean rows.
 
+Text means alone are not usable tokens, though: below the first level a residual code is
+shared by items of unrelated text, so on ml-100k the codebook rows had a mean pairwise
+cosine of 0.97 (level a) to 0.997 (the disambiguation level), against 0.43 between
+random words, at a third of a word's norm. A model reading them frozen cannot tell one
+code from another, in the history or in its own half-decoded ID. So every codebook row
+also gets seeded Gaussian noise at the scale of a pretrained row (``code_noise``, in
+units of the per-element std) and, by default, the codebook rows train
+(``train_code_rows``, :func:`train_new_rows`).
+
 **Tasks**, mixed in one epoch (each a causal LM loss on the weighted tokens only):
 
 1. next item from the history written as item text **and** semantic IDs: the serving
@@ -39,8 +48,10 @@ held-out training users (2 threads, bf16 autocast, batch 8, ~140-token windows):
   lr 5e-4 and restricted softmax reached 0.010 in 20 minutes on a busier machine, 218
   steps). The choice rests on speed; all three recalls are far below the small LM's.
 
-The input rows of the codebook tokens then stay at their text-derived initialisation
-(the model reads an item's ID near its words) and their output rows learn.
+Those three runs had the near-identical text-mean codebook rows above, frozen. The
+codebook input rows now train too (``train_code_rows``: the gradient reaches them through
+the frozen blocks, input gradients only, so steps cost more); whether that pays for its
+slower steps was measured on the same held-out users (README, "Alignment").
 
 **Budget and resumption.** ``max_minutes`` is checked after every step (a sub-epoch run
 is the normal case on a CPU: ml-100k's ~4,300 windows of ~140 tokens are ~40 min per
@@ -59,6 +70,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shutil
@@ -73,13 +85,12 @@ import torch
 from pydantic import Field
 
 from llm_cloud.lm_config import LMResult
-from llm_cloud.lm_data import build_windows, encode_window, pad_batch
+from llm_cloud.lm_data import build_windows, collate, encode_window, pad_batch
 from llm_cloud.lm_train import (
     _autocast,
     _optimizer,
     count_parameters,
     prepare_base_model,
-    validation_nll,
     validation_recall,
     weighted_lm_loss,
 )
@@ -382,6 +393,31 @@ def batch_loss(
     return weighted_lm_loss(logits, targets.clamp(min=0), weights)[0]
 
 
+@torch.inference_mode()
+def answer_nll(
+    model: Any,
+    vocab: ItemVocab,
+    pairs: Sequence[tuple[np.ndarray, int]],
+    answers: tuple[torch.Tensor, torch.Tensor],
+    cfg: AlignConfig,
+) -> float:
+    """Mean NLL (nats) of each held-out item's ID tokens given its history, under the
+    answer softmax the search ranks with (:func:`batch_loss`); the output head runs on
+    the answer tokens only, so this costs one forward pass of the validation prompts."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), cfg.batch_size * 2):
+        chunk = pairs[start : start + cfg.batch_size * 2]
+        windows = [np.append(h[-cfg.max_history :], t) for h, t in chunk]
+        ids, mask, weights = collate(vocab, windows, history_weight=0.0)  # [B, T] each
+        weights[torch.arange(len(chunk)), mask.sum(dim=1) - 1] = 0.0  # not the <eos>
+        with _autocast(cfg):
+            loss = batch_loss(model, ids, mask, weights, answers, cfg)
+        total += float(loss) * float(weights.sum())
+        count += len(chunk)
+    return total / max(1, count)
+
+
 def _save_checkpoint(
     path: Path, model: Any, optimizer: Any, state: dict[str, Any], cfg: AlignConfig
 ) -> None:
@@ -550,13 +586,13 @@ def align_lm(
     result.best_epoch = int(state["epoch"])
     chosen = list(valid_pairs)[: cfg.eval_users]
     if chosen:
-        nll = validation_nll(model, vocab, chosen, cfg)
-        result.valid_metrics = {"nll": nll}
-        if cfg.eval_beams:
-            model.cpu()
+        result.valid_metrics = {"nll": answer_nll(model, vocab, chosen, answers, cfg)}
+        if cfg.eval_beams:  # a bfloat16 copy, as the model is saved and served
+            served = copy.deepcopy(model).cpu().to(torch.bfloat16)
             result.valid_metrics |= validation_recall(
-                model, vocab, chosen, cfg.eval_beams, cfg.eval_users
+                served, vocab, chosen, cfg.eval_beams, cfg.eval_users
             )
+            del served
     model.cpu()
     result.seconds = time.perf_counter() - start
     result.valid_metrics |= {
@@ -576,6 +612,7 @@ __all__ = [
     "AlignConfig",
     "align_lm",
     "alignment_examples",
+    "answer_nll",
     "catalogue_texts",
     "epoch_batches",
     "init_codebook_embeddings",
