@@ -84,6 +84,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from llm_cloud.hardware import fast_bf16
 from llm_cloud.lm_config import LMResult
 from llm_cloud.lm_data import build_windows, collate, encode_window, pad_batch
 from llm_cloud.lm_train import (
@@ -155,7 +156,8 @@ class AlignConfig:
         checkpoint_minutes: minutes between checkpoints.
         eval_users: validation users in the final NLL and beam-search Recall@10.
         eval_beams: beam width of that Recall@10 (0: skip it).
-        bf16: bfloat16 autocast (fp32 master weights).
+        bf16: bfloat16 autocast (fp32 master weights); None: where bfloat16 is fast
+            (:func:`llm_cloud.hardware.fast_bf16`: GPUs, CPUs with AMX/AVX512-BF16).
         seed: data order and embedding noise.
         threads: torch intra-op threads (None: leave the process setting).
         device: "cpu" or "cuda" (``--device cuda`` on a GPU machine).
@@ -181,7 +183,7 @@ class AlignConfig:
     checkpoint_minutes: float = Field(5.0, gt=0)
     eval_users: int = Field(300, ge=1)
     eval_beams: int = Field(20, ge=0)
-    bf16: bool = True
+    bf16: bool | None = None
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: str = Field("cpu", min_length=1)
@@ -587,8 +589,10 @@ def align_lm(
     chosen = list(valid_pairs)[: cfg.eval_users]
     if chosen:
         result.valid_metrics = {"nll": answer_nll(model, vocab, chosen, answers, cfg)}
-        if cfg.eval_beams:  # a bfloat16 copy, as the model is saved and served
-            served = copy.deepcopy(model).cpu().to(torch.bfloat16)
+        if cfg.eval_beams:  # in the dtype the transformers backend will serve it in
+            served = model.cpu()
+            if fast_bf16("cpu"):
+                served = copy.deepcopy(served).to(torch.bfloat16)
             result.valid_metrics |= validation_recall(
                 served, vocab, chosen, cfg.eval_beams, cfg.eval_users
             )

@@ -56,7 +56,8 @@ class LMConfig:
         eval_beams: beam width of the final validation Recall@10 (0: skip it).
         eval_users: at most this many validation users in that evaluation.
         bf16: bfloat16 autocast for forward/backward (fp32 master weights; ~2x faster
-            on CPUs with AMX/AVX-512-BF16, and on GPUs).
+            on CPUs with AMX/AVX-512-BF16, and on GPUs, ~10x slower on other CPUs);
+            None (default): where it is fast (:func:`llm_cloud.hardware.fast_bf16`).
         seed: seeds initialisation, data order and window shifts.
         threads: torch intra-op threads (None: leave the process setting).
         device: "cpu" (here) or "cuda".
@@ -86,7 +87,7 @@ class LMConfig:
     max_minutes: float | None = Field(None, gt=0)
     eval_beams: int = Field(20, ge=0)
     eval_users: int = Field(2000, ge=1)
-    bf16: bool = True
+    bf16: bool | None = None
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: str = Field("cpu", min_length=1)

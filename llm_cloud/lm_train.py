@@ -168,8 +168,13 @@ def weighted_lm_loss(
 
 
 def _autocast(config: LMConfig) -> Any:
+    """bfloat16 autocast when ``config.bf16`` says so (None: where it is fast,
+    :func:`llm_cloud.hardware.fast_bf16`)."""
+    from llm_cloud.hardware import resolve_bf16
+
+    enabled = resolve_bf16(config.bf16, config.device)
     return torch.autocast(
-        device_type=config.device.split(":")[0], dtype=torch.bfloat16, enabled=config.bf16
+        device_type=config.device.split(":")[0], dtype=torch.bfloat16, enabled=enabled
     )
 
 

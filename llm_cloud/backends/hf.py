@@ -306,16 +306,32 @@ def hf_generate_search(
     return out
 
 
+def _saved_dtype(model_dir: str | Path) -> str | None:
+    """The dtype a Hugging Face directory's ``config.json`` names, if any."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
 def load_causal_lm(model_dir: str | Path, dtype: str = "auto") -> Any:
     """``AutoModelForCausalLM.from_pretrained`` (local files only), eval mode.
 
-    ``dtype`` "auto" keeps the dtype the weights were saved in: float32 for the
-    from-scratch codebook LM (exact), bfloat16 for an aligned pretrained LLM (what vLLM
-    runs it in too; ~2.3x the float32 speed on a CPU with AMX/AVX-512 bf16)."""
+    ``dtype`` "auto": bfloat16 where it is fast (:func:`llm_cloud.hardware.fast_bf16`:
+    a CPU with AMX/AVX512-BF16, ~2.3x the float32 speed for SmolLM2) and the weights
+    were saved in it (an aligned pretrained LLM), else float32 (exact; ~10x faster than
+    emulated bfloat16 on an AVX2 CPU)."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype, None)
-    if torch_dtype != "auto" and not isinstance(torch_dtype, torch.dtype):
+    from llm_cloud.hardware import fast_bf16
+
+    if dtype == "auto":
+        dtype = "bfloat16" if _saved_dtype(model_dir) == "bfloat16" and fast_bf16() else "float32"
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
         raise ValidationError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch_dtype, local_files_only=True
@@ -330,7 +346,8 @@ class TransformersBackend(Backend):
         model_dir: model directory (see :mod:`llm_cloud.artifact`).
         config: shared backend settings.
         search: "levelwise" (default) or "hf".
-        dtype: "auto" (default: the saved weights' dtype), "float32" or "bfloat16".
+        dtype: "auto" (default: bfloat16 for weights saved in it where bfloat16 is
+            fast, else float32), "float32" or "bfloat16".
         threads: torch intra-op threads to set (None: leave the process setting).
         model: an already loaded model to use instead of loading ``model_dir``'s weights.
     """

@@ -81,7 +81,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     add_max_minutes_option(g)
     g.add_argument(
-        "--no-bf16", action="store_true", help="train in float32 (default: bfloat16 autocast)"
+        "--no-bf16",
+        action="store_true",
+        help="train in float32 (default: bfloat16 autocast where it is fast: GPUs, CPUs with "
+        "AMX/AVX512-BF16; float32 elsewhere)",
     )
     add_seed_option(g, default=None, help="seed of initialisation and data order (default 0)")
     add_threads_option(g)
