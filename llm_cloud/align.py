@@ -500,10 +500,13 @@ def align_lm(
     rows = init_codebook_embeddings(
         model, tok, ids, texts, cfg.align_text_tokens, cfg.code_noise, cfg.seed
     )
+    frozen_rows = 0  # embedding rows that have requires_grad but never move
     if cfg.train_layers is not None:
         freeze_below(model, cfg.train_layers)
         if cfg.train_code_rows:
-            train_new_rows(model, tok, ids)
+            weight = model.get_input_embeddings().weight
+            frozen_rows = weight.shape[0] - len(train_new_rows(model, tok, ids))
+            frozen_rows *= weight.shape[1]
     model = model.to(cfg.device)
     vocab = ItemVocab.from_tokenizer(tok, ids, max_history=cfg.max_history)
     vocab = vocab.with_item_text(tok, texts, cfg.text_items, cfg.text_tokens)
@@ -512,7 +515,11 @@ def align_lm(
     optimizer = _optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = LMResult(
-        model=model, tokenizer=tok, vocab=vocab, config=cfg, num_parameters=count_parameters(model)
+        model=model,
+        tokenizer=tok,
+        vocab=vocab,
+        config=cfg,
+        num_parameters=count_parameters(model) - frozen_rows,  # trained values only
     )
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
     state = {"epoch": 1, "batch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "history": []}
