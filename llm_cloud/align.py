@@ -50,8 +50,9 @@ held-out training users (2 threads, bf16 autocast, batch 8, ~140-token windows):
 
 Those three runs had the near-identical text-mean codebook rows above, frozen. The
 codebook input rows now train too (``train_code_rows``: the gradient reaches them through
-the frozen blocks, input gradients only, so steps cost more); whether that pays for its
-slower steps was measured on the same held-out users (README, "Alignment").
+the frozen blocks, input gradients only, so steps cost more). Whether that pays for its
+slower steps is not settled: the two runs made to decide it were too starved of CPU to
+train at all (README, "Alignment"); the default rests on the cosine measurement above.
 
 **Budget and resumption.** ``max_minutes`` is checked after every step (a sub-epoch run
 is the normal case on a CPU: ml-100k's ~4,300 windows of ~140 tokens are ~40 min per
@@ -500,13 +501,13 @@ def align_lm(
     rows = init_codebook_embeddings(
         model, tok, ids, texts, cfg.align_text_tokens, cfg.code_noise, cfg.seed
     )
-    frozen_rows = 0  # embedding rows that have requires_grad but never move
+    untrained_values = 0  # embedding values that carry requires_grad but never move
     if cfg.train_layers is not None:
         freeze_below(model, cfg.train_layers)
         if cfg.train_code_rows:
-            weight = model.get_input_embeddings().weight
-            frozen_rows = weight.shape[0] - len(train_new_rows(model, tok, ids))
-            frozen_rows *= weight.shape[1]
+            weight = model.get_input_embeddings().weight  # [V, E]
+            trained = len(train_new_rows(model, tok, ids))
+            untrained_values = (weight.shape[0] - trained) * weight.shape[1]
     model = model.to(cfg.device)
     vocab = ItemVocab.from_tokenizer(tok, ids, max_history=cfg.max_history)
     vocab = vocab.with_item_text(tok, texts, cfg.text_items, cfg.text_tokens)
@@ -519,7 +520,7 @@ def align_lm(
         tokenizer=tok,
         vocab=vocab,
         config=cfg,
-        num_parameters=count_parameters(model) - frozen_rows,  # trained values only
+        num_parameters=count_parameters(model) - untrained_values,  # trained values only
     )
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
     state = {"epoch": 1, "batch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "history": []}
@@ -603,7 +604,6 @@ def align_lm(
             result.valid_metrics |= validation_recall(
                 served, vocab, chosen, cfg.eval_beams, cfg.eval_users
             )
-            del served
     model.cpu()
     result.seconds = time.perf_counter() - start
     result.valid_metrics |= {
