@@ -46,6 +46,13 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     g.add_argument("--window", type=int, help="events per window / request period W (5)")
     g.add_argument("--prototypes", type=int, help="number of prototypes P (16)")
     g.add_argument(
+        "--max-windows",
+        type=int,
+        help="train on a seeded sample of this many request windows (default all; --seed "
+        "picks it): makes a pretrained LLM's tokens affordable, and arms trained with the "
+        "same value and seed see the same windows",
+    )
+    g.add_argument(
         "--bound-fraction",
         type=float,
         help="device ||dW||_F bound as a share of the smallest head layer's ||W||_F (0.5)",
@@ -177,6 +184,8 @@ def _train_config(args: argparse.Namespace):
     windows = cfg.windows
     if args.window:
         windows = replace(windows, window=args.window, stride=args.window)
+    if args.max_windows:
+        windows = replace(windows, max_windows=args.max_windows, sample_seed=args.seed)
     protos = replace(cfg.prototypes, seed=args.seed)
     if args.prototypes:
         protos = replace(protos, num_prototypes=args.prototypes)

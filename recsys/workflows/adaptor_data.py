@@ -58,6 +58,7 @@ from recsys.adaptor_inputs import (
 from recsys.data import Dataset, time_split
 from recsys.errors import NotFoundError, ValidationError
 from recsys.validation import Field, config_dataclass
+from recsys.workflows.token_cache import CACHE_FOLDER, CachedTokens, lm_identity
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class WindowConfig:
     input_items: int = Field(20, ge=1)  # N: items per request (recent items or LM top-N)
     summary_items: int = Field(10, ge=1)  # items pooled into the device summary
     uplink_items: int = Field(20, ge=1)  # items of the history a request carries (cloud reads)
+    # train on a seeded uniform sample of this many request windows (None = all): makes an
+    # expensive token source (a pretrained LLM) affordable; arms trained with the same value
+    # and seed see the same windows
+    max_windows: int | None = Field(None, ge=1)
+    sample_seed: int = 0
 
 
 # ---- the frozen ranker as plain tensors ---------------------------------------------------
@@ -237,11 +243,19 @@ class CodedTokens:
 
 
 def resolve_token_source(
-    source: str, ids: SemanticIdMap, n: int, lm_dir: Path | None, backend: str = "transformers"
+    source: str,
+    ids: SemanticIdMap,
+    n: int,
+    lm_dir: Path | None,
+    backend: str = "transformers",
+    *,
+    cache_tokens: bool = True,
 ) -> CodedTokens:
     """``source`` "lm", "recent", "none" or "auto": the LM when ``lm_dir`` holds a trained
     model (``recsys_lm.json``), else the recent-items stand-in; "none": no tokens
-    (:class:`NoTokens`); as semantic IDs of ``ids``."""
+    (:class:`NoTokens`); as semantic IDs of ``ids``. The LM's answers are cached in
+    ``lm_dir/token-cache`` (:mod:`recsys.workflows.token_cache`) unless ``cache_tokens``
+    is false."""
     if source not in TOKEN_SOURCES:
         raise ValidationError(f"token source must be one of {TOKEN_SOURCES}, got {source!r}")
     if source == "none":
@@ -255,8 +269,13 @@ def resolve_token_source(
             )
         from llm_cloud.backends import BackendConfig, make_backend
 
-        lm = make_backend(backend, lm_dir, BackendConfig(exclude_history=True))
-        return CodedTokens(LMTokens(lm, n), ids.codes)
+        settings = BackendConfig(exclude_history=True)
+        lm = make_backend(backend, lm_dir, settings)
+        source: TokenSource = LMTokens(lm, n)
+        if cache_tokens:
+            identity = lm_identity(lm_dir, backend, settings)
+            source = CachedTokens(source, lm_dir / CACHE_FOLDER, identity)
+        return CodedTokens(source, ids.codes)
     return CodedTokens(RecentTokens(n), ids.codes)
 
 
@@ -318,6 +337,15 @@ class WindowData:
         return len(self.users)
 
 
+def sample_windows(count: int, max_windows: int | None, seed: int) -> np.ndarray:
+    """Indices of the windows kept: all ``count`` of them, or a seeded uniform sample of
+    ``max_windows`` in their original order (int64 [B])."""
+    if max_windows is None or max_windows >= count:
+        return np.arange(count, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(count, size=max_windows, replace=False)).astype(np.int64)
+
+
 def build_windows(
     frozen: FrozenRanker,
     sequences: Sequence[np.ndarray],
@@ -327,7 +355,8 @@ def build_windows(
     batch_size: int = 1024,
     progress: bool = True,
 ) -> WindowData:
-    """Ranker states for every target position, then the request windows."""
+    """Ranker states for every target position, then the request windows (all of them, or
+    ``wcfg.max_windows`` of them sampled with ``wcfg.sample_seed``) and their tokens."""
     t = frozen.ranker.model.cfg.max_len
     pos_user, pos_p, hists = [], [], []
     row_of: dict[tuple[int, int], int] = {}
@@ -360,8 +389,10 @@ def build_windows(
             bounds.append(b)
             targets.append(tg)
             rows.append(rw)
-    users_a, bounds_a = np.asarray(users), np.asarray(bounds)
-    rows_a = np.stack(rows)
+    keep = sample_windows(len(users), wcfg.max_windows, wcfg.sample_seed)  # [B] sorted
+    users_a, bounds_a = np.asarray(users)[keep], np.asarray(bounds)[keep]
+    rows_a = np.stack(rows)[keep]
+    targets_a = np.stack(targets)[keep]
     win_hists = [sequences[u][:b] for u, b in zip(users_a, bounds_a, strict=True)]
     summary = device_summary(
         frozen.item_table, win_hists, states[torch.from_numpy(rows_a[:, 0])], wcfg.summary_items
@@ -382,7 +413,7 @@ def build_windows(
         sequences=list(sequences),
         users=users_a,
         bounds=bounds_a,
-        targets=np.stack(targets),
+        targets=targets_a,
         state_rows=rows_a,
         states=states,
         summary=summary,

@@ -28,6 +28,7 @@ from recsys.workflows.adaptor_data import (
     generator_inputs,
     head_bounds,
     resolve_token_source,
+    sample_windows,
     window_loss,
 )
 from recsys.workflows.adaptor_training import (
@@ -96,6 +97,32 @@ def test_windows_hold_next_window_targets_and_states(world) -> None:
     assert np.array_equal(data.recent[k, :3], seq[:b][::-1][:3])  # most recent first
     state = frozen.ranker.user_states([seq[:b]])  # the state before the first target
     assert torch.allclose(data.states[data.state_rows[k, 0]], state[0], atol=1e-5)
+
+
+def test_window_sample_is_seeded_sorted_and_a_subset_of_the_full_build(world) -> None:
+    ds, frozen, _, ids, data, _ = world
+    keep = sample_windows(100, 10, seed=3)
+    assert len(keep) == 10 and np.all(np.diff(keep) > 0)
+    assert np.array_equal(keep, sample_windows(100, 10, seed=3))
+    assert not np.array_equal(keep, sample_windows(100, 10, seed=4))
+    assert np.array_equal(sample_windows(5, None, 0), np.arange(5))
+    assert np.array_equal(sample_windows(5, 9, 0), np.arange(5))
+
+    wcfg = WindowConfig(
+        window=3, stride=2, min_history=3, input_items=5, summary_items=4, max_windows=12
+    )
+    seqs = user_sequences(ds, time_split(ds, quantile=0.8).train)
+    sub = build_windows(frozen, seqs, wcfg, resolve_token_source("recent", ids, 5, None),
+                        progress=False)  # fmt: skip
+    keep = sample_windows(len(data), 12, 0)
+    assert len(sub) == 12
+    assert np.array_equal(sub.users, data.users[keep]) and np.array_equal(
+        sub.bounds, data.bounds[keep]
+    )
+    assert np.array_equal(sub.targets, data.targets[keep])
+    assert np.array_equal(sub.codes, data.codes[keep]) and np.allclose(
+        sub.summary, data.summary[keep]
+    )
 
 
 def test_lowrank_training_head_equals_the_device_head(world) -> None:
@@ -261,7 +288,7 @@ def test_token_sources(tmp_path: Path, monkeypatch) -> None:
     lm_dir.mkdir()
     (lm_dir / "recsys_lm.json").write_text("{}")
     lm = resolve_token_source("auto", ids, 3, lm_dir)
-    assert isinstance(lm.source, LMTokens)
+    assert isinstance(lm.source.source, LMTokens)  # behind the token cache
     codes, scores = lm([np.array([1, 2]), np.array([5])])
     assert np.array_equal(codes[:, 0], ids.codes[[7, 7]]) and (codes[:, 2] == -1).all()
     assert np.allclose(scores[0, :2], [-0.5, -1.5])
