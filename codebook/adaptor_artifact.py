@@ -40,6 +40,32 @@ def artifact_dir(cache: Path, dataset: str) -> Path:
     return cache / "artifacts" / dataset / "adaptor"
 
 
+def default_lm_dir(cache: Path, dataset: str) -> Path:
+    """Where ``recsys train lm`` writes the codebook LM: ``cache/artifacts/NAME/lm``."""
+    return Path(cache) / "artifacts" / dataset / "lm"
+
+
+def lm_dir_record(lm_dir: Path, cache: Path) -> str:
+    """How an artefact names the LM directory it was trained with: relative to the cache
+    dir when inside it (artefacts move with the cache), else absolute."""
+    path = Path(lm_dir).expanduser().resolve()
+    try:
+        return path.relative_to(Path(cache).expanduser().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def artifact_lm_dir(art: Mapping[str, Any], cache: Path, dataset: str) -> Path:
+    """The LM directory an adaptor artefact's tokens come from: its ``lm_dir`` (relative
+    to ``cache`` unless absolute), else (artefacts saved before it was recorded)
+    ``cache/artifacts/NAME/lm``."""
+    rec = art.get("lm_dir")
+    if not rec:
+        return default_lm_dir(cache, dataset)
+    path = Path(str(rec))
+    return path if path.is_absolute() else Path(cache) / path
+
+
 def load_semantic_ids(cache: Path, dataset: str, codebook_dir: str | Path | None = None):
     """The dataset's semantic IDs (``artifacts/NAME/codebook``)."""
     path = Path(codebook_dir) if codebook_dir else cache / "artifacts" / dataset / "codebook"

@@ -108,21 +108,10 @@ def edit_refiner(art: Mapping[str, Any], cfg: RefineConfig) -> EditRefiner:
     )
 
 
-def artifact_lm_dir(art: Mapping[str, Any], root: Path) -> Path:
-    """The LM an adaptor artefact's tokens came from: its ``lm_dir`` (relative to the
-    cache dir, ``root/../..``, unless absolute), else ``root/lm`` (older artefacts);
-    ``root`` is ``CACHE/artifacts/NAME``."""
-    rec = art.get("lm_dir")
-    if not rec:
-        return root / "lm"
-    path = Path(str(rec))
-    return path if path.is_absolute() else root.parent.parent / path
-
-
 def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
     """Load the adaptor artefact, the semantic IDs, the LM (if its tokens were used), the
     prototype bank and the store into a :class:`ComposedEngine`."""
-    from codebook.adaptor_artifact import adaptor_from_artifact, load_artifact
+    from codebook.adaptor_artifact import adaptor_from_artifact, artifact_lm_dir, load_artifact
     from codebook.semantic_ids import SemanticIdMap
     from codebook.store import PrototypeStore
     from recsys.serving.fingerprint import file_fingerprint
@@ -141,7 +130,9 @@ def engine_from_artifacts(cfg: ArtifactEngineConfig) -> ComposedEngine:
     if source == "lm":
         from llm_cloud.backends import BackendConfig, make_backend
 
-        lm_dir = Path(cfg.lm_dir) if cfg.lm_dir else artifact_lm_dir(art, root)
+        lm_dir = (
+            Path(cfg.lm_dir) if cfg.lm_dir else artifact_lm_dir(art, root.parent.parent, root.name)
+        )
         backend = make_backend(
             cfg.lm_backend, lm_dir, BackendConfig(exclude_history=True), **dict(cfg.lm_options)
         )

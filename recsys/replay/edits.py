@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from codebook.adaptor import GeneratedEdit, head_spec, unbatch
-from codebook.adaptor_artifact import generators_from_artifact, load_semantic_ids
+from codebook.adaptor_artifact import artifact_lm_dir, generators_from_artifact, load_semantic_ids
 from codebook.prototypes import nearest_prototype, prototype_edits, residual_edit
 from codebook.refine import HeadTensors, refine_edits
 from device_ranker.edit_apply import PreparedEdit, prepare_edit
@@ -67,7 +67,7 @@ from recsys.replay.costs import (
     uplink_bytes,
 )
 from recsys.workflows.adaptor_config import config_from_dict
-from recsys.workflows.adaptor_data import artifact_lm_dir, resolve_token_source
+from recsys.workflows.adaptor_data import resolve_token_source
 
 logger = logging.getLogger(__name__)
 

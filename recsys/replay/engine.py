@@ -326,7 +326,7 @@ def _lm_display(art: dict[str, Any], cache: Path, dataset: str) -> str | None:
     when the adaptor reads no LM)."""
     if art["token_source"] != "lm":
         return None
-    from recsys.workflows.adaptor_data import artifact_lm_dir
+    from codebook.adaptor_artifact import artifact_lm_dir
 
     return display_path(artifact_lm_dir(art, cache, dataset), cache)
 

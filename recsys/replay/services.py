@@ -133,8 +133,8 @@ def live_artifact(art: dict[str, Any], dest: Path, *, store_url: str, name_prefi
 
 
 def _cloud_argv(adaptor: Path, art: dict[str, Any], cache: Path, dataset: str) -> list[str]:
+    from codebook.adaptor_artifact import artifact_lm_dir
     from recsys.workflows.adaptor_config import config_from_dict
-    from recsys.workflows.adaptor_data import artifact_lm_dir
 
     tcfg = config_from_dict(art["config"])
     root = Path(cache) / "artifacts" / dataset

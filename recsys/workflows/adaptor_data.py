@@ -9,8 +9,8 @@ What the training loop (:mod:`recsys.workflows.adaptor_training`) and the replay
 * Inputs: the adaptor-input contract of :mod:`recsys.adaptor_inputs` (uplink window,
   device summary, token sources), the same functions the cloud and device services
   call; :func:`resolve_token_source` picks the LM, the recent-items stand-in or no
-  tokens at all (:class:`NoTokens`, the summary-only ablation);
-  :func:`artifact_lm_dir` / :func:`lm_dir_record`: the LM directory an artefact names.
+  tokens at all (:class:`NoTokens`, the summary-only ablation); the LM directory an
+  artefact names is :func:`codebook.adaptor_artifact.artifact_lm_dir`;
 * :func:`build_windows`: request windows of the training users with the ranker states of
   their next-window targets; :func:`window_loss`: next-window full-softmax CE.
 
@@ -277,32 +277,6 @@ def resolve_token_source(
             source = CachedTokens(source, lm_dir / CACHE_FOLDER, identity)
         return CodedTokens(source, ids.codes)
     return CodedTokens(RecentTokens(n), ids.codes)
-
-
-def default_lm_dir(cache: Path, dataset: str) -> Path:
-    """Where ``recsys train lm`` writes the codebook LM: ``cache/artifacts/NAME/lm``."""
-    return Path(cache) / "artifacts" / dataset / "lm"
-
-
-def lm_dir_record(lm_dir: Path, cache: Path) -> str:
-    """How an artefact names the LM directory it was trained with: relative to the cache
-    dir when inside it (artefacts move with the cache), else absolute."""
-    path = Path(lm_dir).expanduser().resolve()
-    try:
-        return path.relative_to(Path(cache).expanduser().resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def artifact_lm_dir(art: Mapping[str, object], cache: Path, dataset: str) -> Path:
-    """The LM directory an adaptor artefact's tokens come from: its ``lm_dir`` (relative
-    to ``cache`` unless absolute), else (artefacts saved before it was recorded)
-    ``cache/artifacts/NAME/lm``."""
-    rec = art.get("lm_dir")
-    if not rec:
-        return default_lm_dir(cache, dataset)
-    path = Path(str(rec))
-    return path if path.is_absolute() else Path(cache) / path
 
 
 # ---- windows --------------------------------------------------------------------------------

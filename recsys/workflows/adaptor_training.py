@@ -95,7 +95,9 @@ from codebook.adaptor import Adaptor, AdaptorConfig, GeneratedEdit, edit_norms, 
 from codebook.adaptor_artifact import (
     ARTIFACT_FORMAT,
     artifact_dir,
+    default_lm_dir,
     generators_from_artifact,
+    lm_dir_record,
     load_artifact,
     load_semantic_ids,
 )
@@ -111,11 +113,9 @@ from recsys.workflows.adaptor_data import (
     FrozenRanker,
     WindowData,
     build_windows,
-    default_lm_dir,
     ensure_time_ranker,
     generator_inputs,
     head_bounds,
-    lm_dir_record,
     resolve_token_source,
     window_loss,
 )

@@ -18,7 +18,7 @@ from tiny_world import tiny_adaptor_config
 
 import llm_cloud.backends as backends
 from codebook.adaptor import Adaptor, AdaptorConfig
-from codebook.adaptor_artifact import load_artifact
+from codebook.adaptor_artifact import artifact_lm_dir, lm_dir_record, load_artifact
 from codebook.prototypes import PrototypeConfig
 from codebook.semantic_ids import SemanticIdMap
 from recsys.cli import main
@@ -28,7 +28,7 @@ from recsys.replay.costs import FLOAT_BYTES, ID_BYTES, PROTOTYPE_REF_BYTES
 from recsys.replay.engine import run_replay
 from recsys.replay.services import _cloud_argv
 from recsys.workflows.adaptor_config import AdaptorTrainConfig
-from recsys.workflows.adaptor_data import artifact_lm_dir, lm_dir_record, resolve_token_source
+from recsys.workflows.adaptor_data import resolve_token_source
 from recsys.workflows.adaptor_training import default_store_path, train_adaptor
 
 POLICIES = [
