@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -64,19 +65,24 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+@functools.cache
+def _forward_params(model_class: type) -> frozenset[str]:
+    """Argument names of a model class's ``forward`` (inspected once per class, not on
+    every search step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def _cache_keyword(model: Any) -> str:
     """The KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x, whose
     old name ``past_key_values`` warns and goes in 5.40) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
 
 
 def _keep_logits(model: Any, keep: int | torch.Tensor) -> dict[str, Any]:
     """``logits_to_keep=keep`` when ``model.forward`` takes it (transformers' causal LMs):
     the output head then runs on the kept positions only, not on every prompt or beam
     token (with a 49k-token vocabulary the head is ~20 % of a 135M model's work)."""
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": keep} if "logits_to_keep" in params else {}
+    return {"logits_to_keep": keep} if "logits_to_keep" in _forward_params(type(model)) else {}
 
 
 def _cache_of(output: Any) -> Any:
