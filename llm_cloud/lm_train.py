@@ -134,7 +134,13 @@ def prepare_base_model(base_model: str, ids: SemanticIdMap, device: str = "cpu")
         raise ValidationError(f"{base_model}: the tokenizer has no EOS token")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True)
+    # float32 master weights: transformers 5 loads a checkpoint in its saved dtype by default
+    # (bf16 for the imported SmolLM2), which would train every weight and optimiser state in
+    # bf16 (and, on CPUs without AMX / AVX512-BF16, ~10x slower); autocast adds bf16 compute
+    # only where it is fast (llm_cloud.hardware)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, local_files_only=True, dtype=torch.float32
+    )
     model.resize_token_embeddings(len(tok), mean_resizing=True)
     logger.info("extended %s with %d tokens -> vocabulary %d", base_model, added, len(tok))
     return model.to(device), tok

@@ -44,7 +44,8 @@ def item_texts_for(ids: SemanticIdMap) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_base(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's real tokenizer, saved."""
+    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's real tokenizer, saved in
+    bfloat16 like the imported SmolLM2."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir), local_files_only=True)
@@ -56,7 +57,7 @@ def tiny_base(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     out = tmp_path_factory.mktemp("tiny-base")
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -123,6 +124,13 @@ def test_alignment_examples_both_directions(text_vocab, ids: SemanticIdMap) -> N
     sid = vocab.item_tokens[0].tolist()
     assert to_id[0][-len(sid) - 1 : -1] == sid and sum(to_id[1]) == len(sid) + 1
     assert to_text[0][1 : 1 + len(sid)] == sid and to_text[1][1 + len(sid)] == 1.0
+
+
+def test_a_bf16_checkpoint_trains_with_float32_weights(tiny_base: Path, ids: SemanticIdMap) -> None:
+    """transformers 5 loads the saved dtype by default; training in it would keep every
+    weight and AdamW state in bf16 (and run emulated bf16 on AVX2 CPUs)."""
+    model, _ = prepare_base_model(str(tiny_base), ids)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_codebook_rows_start_at_their_items_text(tiny_base: Path, ids: SemanticIdMap) -> None:
