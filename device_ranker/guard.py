@@ -1,0 +1,118 @@
+"""The harm guard: a new edit replaces the current head only if this user's edits help.
+
+Before a new edit is applied, the device checks its evidence that edits help THIS user
+and otherwise serves the base head (the edit is kept as the candidate, not applied).
+The evidence is the user's last ``window`` clicks, each scored by the base head and by
+the **candidate edit the device held when the click happened** (the served edit, or the
+rejected one scored in shadow): an edit is only ever judged on clicks that came AFTER
+it was made, which it cannot have read. The new edit itself cannot be judged without
+bias: every click the device has seen was in its input window (the uplink), so checking
+it on them measures how well it echoes its input, not how well it predicts. The guard
+therefore judges the user's previous edits (same generator, same user, a few events
+older) as the proxy for the new one.
+
+    gain(rank)  = 1 / log2(1 + rank)                  (DCG of one click, no cut-off)
+    evidence    = mean over the last m clicks of gain(rank_edit) - gain(rank_base)
+    accept      = evidence >= -margin   or   fewer than min_evidence clicks
+
+The full-catalogue DCG is top-heavy like NDCG@10 but smoother (a click at rank 11
+still counts), so ten clicks say more. Cost on the device: per click one base-head pass
+and catalogue product beside the served one (the learned gate's base ranks share it)
+and, while an edit is rejected, one more for the candidate; per edit a mean over at
+most m floats (measured by the replay, ``guard_us``).
+
+Shapes: m evidence clicks, R requests, E events.
+
+Example::
+
+    guard = HarmGuard(GuardConfig(window=20, margin=0.0))
+    state = GuardState.empty(guard.config.window)
+    state.record(base_rank=12, edit_rank=3)           # after each click with a candidate
+    guard.accept(state)                               # True: apply the new edit
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import Field
+
+from recsys.validation import config_dataclass
+
+
+@config_dataclass
+class GuardConfig:
+    """Harm-guard settings (fixed a priori, not tuned on any replay).
+
+    Attributes:
+        window: m, the user's most recent clicks the evidence averages.
+        margin: how much worse than the base head (mean DCG per click) the user's edits
+            may be and still be applied.
+        min_evidence: with fewer scored clicks, accept (no evidence yet: the edit's
+            training says edits help on average).
+    """
+
+    window: int = Field(20, ge=1)
+    margin: float = Field(0.0, ge=0.0)
+    min_evidence: int = Field(3, ge=0)
+
+
+def click_gain(ranks: np.ndarray) -> np.ndarray:
+    """``1 / log2(1 + rank)`` of 1-based ranks (any shape)."""
+    return 1.0 / np.log2(1.0 + np.asarray(ranks, dtype=np.float64))
+
+
+@dataclass
+class GuardState:
+    """One device's evidence: gain(edit) - gain(base) of its last ``window`` clicks."""
+
+    diffs: deque[float]
+
+    @classmethod
+    def empty(cls, window: int) -> GuardState:
+        return cls(deque(maxlen=window))
+
+    def record(self, base_rank: int, edit_rank: int) -> None:
+        """A click, with its rank under the base head and under the candidate edit."""
+        self.diffs.append(float(click_gain(edit_rank) - click_gain(base_rank)))
+
+
+class HarmGuard:
+    """Accepts or rejects new edits (see the module docstring)."""
+
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config or GuardConfig()
+
+    def accept(self, state: GuardState) -> bool:
+        """The device's check when an edit arrives."""
+        n = len(state.diffs)
+        if n < self.config.min_evidence or n == 0:
+            return True
+        return sum(state.diffs) / n >= -self.config.margin
+
+    def accept_many(self, diffs: np.ndarray, scored: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The same decisions for R edits of one device at once (the replay).
+
+        Args:
+            diffs: [E] gain(edit) - gain(base) of the device's clicks in time order.
+            scored: [E] bool, the click had a candidate edit (made before it).
+            ends: [R] for each new edit, how many of the E clicks came before it.
+
+        Returns:
+            [R] bool, True = apply.
+        """
+        cfg = self.config
+        d = np.where(scored, diffs, 0.0)
+        cs = np.concatenate([[0.0], np.cumsum(d)])  # [E + 1]
+        cn = np.concatenate([[0], np.cumsum(scored)])  # [E + 1]
+        ends = np.asarray(ends, dtype=np.int64)
+        # the last `window` SCORED clicks before each edit: walk back from `ends` until
+        # `window` scored clicks are in (scored clicks are a suffix-closed run here, but
+        # the search does not assume it)
+        want = np.maximum(cn[ends] - cfg.window, 0)  # scored clicks to skip
+        starts = np.searchsorted(cn, want, side="left")  # first index with cn == want
+        n = cn[ends] - cn[starts]
+        mean = np.divide(cs[ends] - cs[starts], np.maximum(n, 1))
+        return (n < max(cfg.min_evidence, 1)) | (mean >= -cfg.margin)
