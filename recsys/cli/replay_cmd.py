@@ -7,10 +7,13 @@ recsys replay --dataset ml-100k --parity [--max-users 20] [--json PATH]
 recsys replay --dataset ml-100k --live-experiment FILE --event-log LOG [--max-users 20]
 recsys replay compare --run LABEL=OUT [--run LABEL=OUT ...] --policy "system gate 20%"
                       [--reference LABEL | POLICY@LABEL ...] [--json PATH]
+recsys replay train-gate --dataset ml-100k [--artifact PATH] [--out PATH] [--horizon 10]
+                         [--budgets 50,20,10,5] [--json PATH]
 
 Every replay mode calls the replay core (:func:`recsys.replay.engine.run_replay`);
 ``compare`` reads the ``per_user.json`` of earlier ``--out`` runs
-(:mod:`recsys.replay.compare`).
+(:mod:`recsys.replay.compare`); ``train-gate`` trains the learned request gate on the
+training period (:mod:`recsys.replay.gate_training`).
 """
 
 from __future__ import annotations
@@ -103,7 +106,26 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "adaptor's own edit, no prototypes), system-refine[...] (that edit refined in the "
         "cloud; in process only), system-live[...] (prototypes refined online) and "
         "system-continual[...] (an adaptor that keeps learning from the uplinks): these "
-        "two run in global stream time, in process only",
+        "two run in global stream time, in process only. Triggers: gate (shift score), "
+        "learned (the learned gate of `recsys replay train-gate`), timer; a last :guard puts "
+        "the harm guard in front (e.g. system:learned:0.1, system:timer:1.0:guard)",
+    )
+    p.add_argument(
+        "--learned-gate",
+        metavar="PATH",
+        help="the learned gate's weights for learned policies (default: STEM.learned_gate.npz "
+        "beside the adaptor artefact, where `recsys replay train-gate` writes it)",
+    )
+    p.add_argument(
+        "--guard-window",
+        type=int,
+        help="harm guard: the user's last clicks its evidence averages (20)",
+    )
+    p.add_argument(
+        "--guard-margin",
+        type=float,
+        help="harm guard: how much worse than the base head (mean DCG per click) the user's "
+        "earlier edits may be and the new one still applied (0)",
     )
     p.add_argument(
         "--store-url",
@@ -149,7 +171,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
 def _register_compare(parent: argparse.ArgumentParser) -> None:
     """``recsys replay compare``: one policy across several replays, paired per user."""
-    sub = parent.add_subparsers(dest="replay_command", metavar="{compare}")
+    sub = parent.add_subparsers(dest="replay_command", metavar="{compare,train-gate}")
+    _register_train_gate(sub)
     p = sub.add_parser(
         "compare",
         help="compare one policy across several `recsys replay --out` runs (e.g. adaptors "
@@ -189,6 +212,93 @@ def _register_compare(parent: argparse.ArgumentParser) -> None:
     )
     add_json_option(p)
     p.set_defaults(handler=cmd_compare)
+
+
+def _register_train_gate(sub: argparse._SubParsersAction) -> None:
+    """``recsys replay train-gate``: the learned request gate, on the training period."""
+    p = sub.add_parser(
+        "train-gate",
+        help="train the learned request gate (predicted gain of a fresh edit) on the "
+        "training period and calibrate its threshold per budget",
+        description="Sample (user, history length, age of the held edit) on the time split's "
+        "training period, label each with the next-window NDCG@10 (or DCG) gain of a fresh "
+        "full-system edit over the held one, choose the model (linear or one hidden layer, "
+        "label, weight decay) on held-out TRAINING users, refit, calibrate the threshold of "
+        "each budget by simulating the gate over the training period, and write plain numpy "
+        "weights (.npz) that the device loads without cloud packages.",
+    )
+    p.add_argument("--dataset", default="ml-100k", help="dataset name or directory (ml-100k)")
+    p.add_argument("--artifact", help="adaptor artefact (default CACHE_DIR/.../adaptor.pt)")
+    p.add_argument(
+        "--out", help="weights file (default: STEM.learned_gate.npz beside the artefact)"
+    )
+    p.add_argument("--horizon", type=int, default=10, help="events the label averages (10)")
+    p.add_argument("--samples-per-user", type=int, default=8, help="samples per user (8)")
+    p.add_argument("--max-age", type=int, default=40, help="largest age of the held edit (40)")
+    p.add_argument("--max-users", type=int, help="a seeded sample of training users (all)")
+    p.add_argument("--budgets", default="50,20,10,5", help="budgets to calibrate (50,20,10,5)")
+    p.add_argument("--seed", type=int, default=0, help="sampling / split / init seed (0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    add_location_options(p)
+    add_json_option(p)
+    p.set_defaults(handler=cmd_train_gate)
+
+
+def cmd_train_gate(args: argparse.Namespace) -> int:
+    import torch
+
+    from recsys import settings
+    from recsys.data.registry import load_dataset
+    from recsys.replay.config import ReplayConfig, parse_budget
+    from recsys.replay.engine import learned_gate_path, resolve_artifact
+    from recsys.replay.gate_data import GateDataConfig
+    from recsys.replay.gate_training import GateTrainConfig, train_gate
+
+    torch.set_num_threads(max(1, args.threads))
+    cache = settings.cache_dir(args.cache_dir)
+    ds = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    rcfg = ReplayConfig(artifact=args.artifact)
+    art_path = resolve_artifact(ds, rcfg, cache)
+    out = Path(args.out) if args.out else learned_gate_path(ds, rcfg, art_path)
+    cfg = GateTrainConfig(
+        data=GateDataConfig(
+            horizon=args.horizon,
+            samples_per_user=args.samples_per_user,
+            max_age=args.max_age,
+            max_users=args.max_users,
+            seed=args.seed,
+        ),
+        budgets=tuple(parse_budget(b) for b in args.budgets.split(",") if b.strip()),
+        seed=args.seed,
+    )
+    res = train_gate(art_path, cache, ds, cfg, out)
+    print(
+        f"{ds.name}: {res['samples']:,} samples of {res['users']:,} training users, mean "
+        f"gain NDCG@10 {res['label_mean']['ndcg']:+.5f}, DCG {res['label_mean']['dcg']:+.5f} "
+        f"({res['seconds']['total']:.0f} s)"
+    )
+    print_table(
+        [
+            {
+                k: (f"{v:+.5f}" if isinstance(v, float) and k.startswith("heldout") else v)
+                for k, v in row.items()
+            }
+            for row in res["candidates"]
+        ],
+        title="Candidates on held-out training users (mean NDCG@10 gain of the top 5/10/20/50 %)",
+    )
+    print(f"selected: {res['selected']}")
+    print_table(
+        [
+            {"budget": b, "threshold": f"{t:.6f}", "training rate": f"{res['train_rates'][b]:.4f}"}
+            for b, t in res["thresholds"].items()
+        ],
+        title="Thresholds calibrated on the training period",
+    )
+    print(f"wrote {out.name}")
+    res["config"] = res["config"].__dict__ | {"data": cfg.data.__dict__}
+    write_json(args.json, res)
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -250,11 +360,22 @@ def build_config(args: argparse.Namespace):
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr,
         "artifact": args.artifact,
+        "learned_gate": args.learned_gate,
         "store_url": args.store_url,
         "slice_s": args.slice_seconds,
     }
     if args.workers is not None and args.workers < 1:
         raise ValidationError(f"--workers must be >= 1, got {args.workers}")
+    if args.guard_window is not None or args.guard_margin is not None:
+        from device_ranker.guard import GuardConfig
+
+        over["guard"] = GuardConfig(
+            **{
+                k: v
+                for k, v in (("window", args.guard_window), ("margin", args.guard_margin))
+                if v is not None
+            }
+        )
     if args.continual_every is not None:
         from codebook.continual import ContinualConfig
 
@@ -335,7 +456,9 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
         gate_rows,
         global_time_lines,
         goal_lines,
+        guard_rows,
         header_line,
+        learned_rows,
         per_user_figures,
         quality_rows,
         service_rows,
@@ -362,6 +485,12 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
     rows = gate_rows(summary)
     if rows:
         print_table(rows, title="Request gate: threshold calibrated once on the training period")
+    rows = learned_rows(summary)
+    if rows:
+        print_table(rows, title="Share of the 100% budget's NDCG@10 gain over static kept")
+    rows = guard_rows(summary)
+    if rows:
+        print_table(rows, title="Harm guard: edits applied or kept out (device check time)")
     print("\nTargets (as measured):")
     lines = bullets(goal_lines(summary))
     for line in lines:

@@ -21,9 +21,16 @@ negatives (:mod:`recsys.replay.stream`).
 
 Triggers: ``"gate"`` is the shift-score request gate (:mod:`device_ranker.gate`) with a
 threshold calibrated ONCE on the training period so that the requested fraction of
-events is ``budget`` (:mod:`recsys.replay.gate_calibration`); ``"timer"`` asks every
-``round(1 / budget)`` events. Both make a device's first request as soon as it has
+events is ``budget`` (:mod:`recsys.replay.gate_calibration`); ``"learned"`` is the learned
+gate (:mod:`device_ranker.learned_gate`, trained and calibrated on the training period by
+``recsys replay train-gate``; ``ReplayConfig.learned_gate``); ``"timer"`` asks every
+``round(1 / budget)`` events. All make a device's first request as soon as it has
 ``min_history`` events.
+
+``guard=True`` (CLI suffix ``:guard``, label suffix `` guard``; duet and system kinds)
+puts the harm guard (:mod:`device_ranker.guard`, ``ReplayConfig.guard``) in front of the
+policy's edits: a new edit is applied only if this user's earlier edits did not rank
+their later clicks worse than the base head; otherwise the device serves the base head.
 
 Configs are validated at construction (:func:`recsys.validation.config_dataclass`):
 a bad value raises :class:`recsys.errors.ValidationError` naming the field and range.
@@ -34,6 +41,7 @@ Example::
     [s.label for s in specs]                  # ['static', 'system gate 10%']
     PolicySpec.from_dict({"kind": "system", "trigger": "timer", "budget": 0.2}).label
     PolicySpec.parse("system-noproto:timer:0.2").label   # 'system-noproto timer 20%'
+    PolicySpec.parse("system:learned:0.1:guard").label   # 'system learned 10% guard'
     cfg = ReplayConfig(seed=1, workers=2)
 """
 
@@ -47,11 +55,13 @@ from pydantic import Field
 
 from codebook.continual import ContinualConfig
 from codebook.refine import RefineConfig
+from device_ranker.guard import GuardConfig
 from recsys.errors import ValidationError
 from recsys.validation import config_dataclass
 
 KINDS = ("static", "finetune", "duet", "system")
-TRIGGERS = ("gate", "timer")
+TRIGGERS = ("gate", "timer", "learned")
+GUARD = "guard"  # the CLI suffix (system:timer:0.1:guard) and label suffix of guarded policies
 NO_PROTOTYPES = "system-noproto"  # the CLI / label name of the system without prototypes
 REFINE = "system-refine"  # ... of the system whose cloud refines the adaptor's edit
 LIVE = "system-live"  # ... of the system whose prototypes are refined online (global time)
@@ -73,8 +83,8 @@ class PolicySpec:
 
     Attributes:
         kind: "static" | "finetune" | "duet" | "system".
-        trigger: "gate" (shift-score gate) | "timer" (every round(1/budget) events);
-            ignored by static and finetune.
+        trigger: "gate" (shift-score gate) | "learned" (learned gate) | "timer" (every
+            round(1/budget) events); ignored by static and finetune.
         budget: fraction of evaluated events that may trigger a request, in (0, 1].
         finetune_every: events between two fine-tuning updates (finetune only).
         name: display name; default derived from the fields (:attr:`label`).
@@ -86,10 +96,12 @@ class PolicySpec:
             every device's requests in stream order (global-time replay only).
         continual: system without prototypes only: the cloud's adaptor keeps training
             on what devices uplinked so far (:mod:`codebook.continual`; global time only).
+        guard: duet / system only: the harm guard decides whether each new edit is
+            applied (:mod:`device_ranker.guard`); in process only.
     """
 
     kind: Literal["static", "finetune", "duet", "system"]
-    trigger: Literal["gate", "timer"] = "gate"
+    trigger: Literal["gate", "timer", "learned"] = "gate"
     budget: float = Field(1.0, gt=0.0, le=1.0)  # a fraction of events
     finetune_every: int = Field(5, ge=1)
     name: str | None = None
@@ -97,6 +109,7 @@ class PolicySpec:
     refine: bool = False
     live: bool = False
     continual: bool = False
+    guard: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
@@ -111,6 +124,8 @@ class PolicySpec:
             raise ValueError(
                 "continual=True applies to system policies with prototypes=False, refine=False"
             )
+        if self.guard and (self.kind not in ("system", "duet") or self.global_time):
+            raise ValueError("guard=True applies to duet and system policies (not global time)")
 
     @property
     def period(self) -> int:
@@ -128,7 +143,8 @@ class PolicySpec:
             return "static"
         if self.kind == "finetune":
             return f"finetune every {self.finetune_every}"
-        return f"{self.edit_kind} {self.trigger} {_pct(self.budget)}"
+        guard = f" {GUARD}" if self.guard else ""
+        return f"{self.edit_kind} {self.trigger} {_pct(self.budget)}{guard}"
 
     @property
     def requests(self) -> bool:
@@ -170,12 +186,18 @@ class PolicySpec:
     def parse(cls, text: str) -> PolicySpec:
         """Parse the CLI form: ``static``, ``finetune``, ``finetune:10`` (every 10 events),
         ``system:gate:0.2``, ``duet:timer:0.1``, ``system-noproto:timer:0.2``,
-        ``system-refine:gate:1.0``, ``system-live:gate:0.1``, ``system-continual``
-        (budget as a fraction or ``20%``)."""
+        ``system-refine:gate:1.0``, ``system-live:gate:0.1``, ``system-continual``,
+        ``system:learned:0.1`` (budget as a fraction or ``20%``); a last ``:guard`` puts
+        the harm guard in front (``system:timer:0.1:guard``)."""
         parts = [p.strip() for p in text.split(":")]
+        guard = len(parts) > 1 and parts[-1] == GUARD
+        if guard:
+            parts = parts[:-1]
         kind = parts[0]
         if kind not in (*KINDS, *SYSTEM_KINDS):
             raise ValidationError(f"policy {text!r}: kind must be one of {(*KINDS, *SYSTEM_KINDS)}")
+        if guard and kind in ("static", "finetune"):
+            raise ValidationError(f"policy {text!r}: the guard applies to duet and system kinds")
         if kind == "static":
             if len(parts) > 1:
                 raise ValidationError(f"policy {text!r}: static takes no options")
@@ -190,7 +212,7 @@ class PolicySpec:
         trigger = parts[1] if len(parts) > 1 else "gate"
         budget = parse_budget(parts[2]) if len(parts) > 2 else 1.0
         if kind == LIVE:
-            return cls(kind="system", trigger=trigger, budget=budget, live=True)
+            return cls(kind="system", trigger=trigger, budget=budget, live=True, guard=guard)
         if kind in (NO_PROTOTYPES, REFINE, CONTINUAL):
             return cls(
                 kind="system",
@@ -199,8 +221,9 @@ class PolicySpec:
                 prototypes=False,
                 refine=kind == REFINE,
                 continual=kind == CONTINUAL,
+                guard=guard,
             )
-        return cls(kind=kind, trigger=trigger, budget=budget)
+        return cls(kind=kind, trigger=trigger, budget=budget, guard=guard)
 
 
 def _int(text: str, where: str) -> int:
@@ -278,6 +301,10 @@ class ReplayConfig:
         continual: how ``system-continual`` policies' adaptor keeps learning.
         bootstrap: user-bootstrap resamples of the NDCG@10 difference CIs.
         artifact: adaptor artefact path (None: CACHE/artifacts/NAME/adaptor/adaptor.pt).
+        learned_gate: the learned gate's weights for "learned" policies (None:
+            ``learned_gate.npz`` beside the adaptor artefact, as ``recsys replay
+            train-gate`` writes it).
+        guard: the harm guard of guarded policies.
     """
 
     quantile: float = Field(0.8, gt=0.0, lt=1.0)
@@ -305,6 +332,8 @@ class ReplayConfig:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     bootstrap: int = Field(2000, ge=1)
     artifact: str | None = None
+    learned_gate: str | None = None
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     @property
     def user_limit(self) -> int | None:

@@ -154,6 +154,10 @@ class CostAccumulator:
     record_ms: list[float] = field(default_factory=list)
     failed_requests: int = 0
     fallback_answers: int = 0
+    # guarded policies only (recsys.replay.guard): edits applied / kept out, check time
+    guard_accepted: int = 0
+    guard_rejected: int = 0
+    guard_us: list[float] = field(default_factory=list)
 
     def add(
         self,
@@ -193,6 +197,7 @@ class CostAccumulator:
             "cloud_ms",
             "recommend_ms",
             "record_ms",
+            "guard_us",
         ):
             getattr(self, name).extend(getattr(other, name))
         self.prototype_downloads += other.prototype_downloads
@@ -200,6 +205,8 @@ class CostAccumulator:
         self.rpc = self.rpc or other.rpc
         self.failed_requests += other.failed_requests
         self.fallback_answers += other.fallback_answers
+        self.guard_accepted += other.guard_accepted
+        self.guard_rejected += other.guard_rejected
 
     def summary(self, evaluated_events: int) -> dict[str, float]:
         """Totals, per-request means / p50 and per-event device figures (+ with ``rpc``:
@@ -237,6 +244,13 @@ class CostAccumulator:
             "cloud_ms_per_request_p50": p50(self.cloud_ms),
             "cloud_ms_total": total(self.cloud_ms),
         }
+        if self.guard_us:
+            out.update(
+                guard_accepted=self.guard_accepted,
+                guard_rejected=self.guard_rejected,
+                guard_us_per_edit_p50=p50(self.guard_us),
+                guard_us_per_edit_mean=total(self.guard_us) / len(self.guard_us),
+            )
         if self.rpc:
 
             def pct(xs: list[float], q: float) -> float:

@@ -3,8 +3,9 @@ in process or through the real gRPC services.
 
 :func:`run_replay` checks the artefacts and the policies, builds the stream
 (:func:`recsys.replay.stream.build_stream`), calibrates the gate threshold of every
-budget ONCE on the training period (:mod:`recsys.replay.gate_calibration`)
-(:func:`prepare_replay`), then hands the devices to a driver:
+budget ONCE on the training period (:mod:`recsys.replay.gate_calibration`), checks that
+the learned gate of "learned" policies was trained on this dataset and ranker with a
+threshold for each budget (:func:`prepare_replay`), then hands the devices to a driver:
 
 * ``via="inprocess"``: :func:`recsys.replay.replayer.replay_devices` (request points,
   edits, batched scoring in this process or ``workers`` spawned ones);
@@ -28,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from codebook.adaptor_artifact import artifact_dir, load_artifact
+from device_ranker.learned_gate import load_gate_model
 from device_ranker.ranker import Ranker
 from recsys.data import Dataset, time_split, user_sequences
 from recsys.errors import NotFoundError, ValidationError
@@ -127,6 +130,36 @@ def gate_budgets(specs: Sequence[PolicySpec]) -> list[float]:
     return sorted({s.budget for s in specs if s.kind in ("system", "duet") and s.trigger == "gate"})
 
 
+def learned_gate_path(ds: Dataset, cfg: ReplayConfig, art_path: Path) -> Path:
+    """Where the learned gate's weights are: ``cfg.learned_gate`` or, by default,
+    ``learned_gate.npz`` beside the adaptor artefact (``recsys replay train-gate``)."""
+    if cfg.learned_gate:
+        return Path(cfg.learned_gate)
+    return art_path.with_name(f"{art_path.stem}.learned_gate.npz")
+
+
+def check_learned_gate(
+    ds: Dataset, path: Path, ranker_path: str, budgets: Sequence[float]
+) -> dict[float, dict[str, float]]:
+    """The learned gate at ``path`` was trained on ``ds`` with this ranker and has a
+    threshold per budget: budget -> {threshold, train_rate}; else a clear error."""
+    model = load_gate_model(path)
+    if model.meta.get("dataset_fingerprint") != ds.fingerprint():
+        raise ValidationError(
+            f"the learned gate {path} was trained on another dataset (version); retrain it "
+            f"with `recsys replay train-gate --dataset {ds.name}`"
+        )
+    if model.meta.get("ranker") != Path(ranker_path).name:
+        raise ValidationError(
+            f"the learned gate {path} was trained with the ranker {model.meta.get('ranker')}, "
+            f"the artefact uses {Path(ranker_path).name}; retrain it"
+        )
+    return {
+        b: {"threshold": model.threshold(b), "train_rate": model.train_rates.get(b, float("nan"))}
+        for b in budgets
+    }
+
+
 def prepare_replay(
     ds: Dataset,
     cfg: ReplayConfig,
@@ -176,6 +209,19 @@ def prepare_replay(
     return PreparedReplay(art_path, art, stream, calibrations)
 
 
+def prepare_learned_gate(
+    ds: Dataset, cfg: ReplayConfig, specs: Sequence[PolicySpec], prep: PreparedReplay
+) -> tuple[ReplayConfig, dict[float, dict[str, float]]]:
+    """The config with the learned gate's path resolved, and budget -> its threshold and
+    training rate ({} when no policy uses the learned gate)."""
+    if not any(s.requests and s.trigger == "learned" for s in specs):
+        return cfg, {}
+    budgets = sorted({s.budget for s in specs if s.trigger == "learned" and s.budget < 1.0})
+    path = learned_gate_path(ds, cfg, prep.art_path)
+    learned = check_learned_gate(ds, path, prep.art["ranker_path"], budgets)
+    return dataclasses.replace(cfg, learned_gate=str(path)), learned
+
+
 def run_replay(
     ds: Dataset,
     cfg: ReplayConfig,
@@ -206,6 +252,12 @@ def run_replay(
         raise ValidationError(f"via must be one of {VIAS}, got {via!r}")
     t0 = time.perf_counter()
     specs = check_policies(policies)
+    unsupported = [s.label for s in specs if s.guard or (s.requests and s.trigger == "learned")]
+    if unsupported and (via == "grpc" or any(s.global_time for s in specs)):
+        raise ValidationError(
+            f"{unsupported}: the learned gate and the harm guard run in the in-process, "
+            "per-device replay only (not through the services, not in global time)"
+        )
     if via == "grpc":
         from recsys.replay.services import check_grpc_policies
 
@@ -215,6 +267,7 @@ def run_replay(
             check_global_policies(specs)  # one system-live policy; no system-continual
         specs = check_grpc_policies(specs)
     prep = prepare_replay(ds, cfg, specs, cache=cache, users=users)
+    cfg, learned = prepare_learned_gate(ds, cfg, specs, prep)
     if via == "grpc" and prep.art["token_source"] == "none":
         raise ValidationError(
             f"{prep.art_path} reads no tokens (token source none, the summary-only ablation); "
@@ -246,7 +299,7 @@ def run_replay(
     records, costs = merge_results(results, [s.label for s in specs])
     for label, more in extra.pop("costs", {}).items():  # per-server measurements
         costs[label].update(more)
-    meta = run_meta(ds, cfg, specs, prep, Path(cache), via)
+    meta = run_meta(ds, cfg, specs, prep, Path(cache), via, learned)
     meta.update(extra, via=via)
     meta["seconds"] = {"prepare": t_prep, "total": time.perf_counter() - t0}
     return ReplayRun(records=records, costs=costs, meta=meta)
@@ -259,8 +312,10 @@ def run_meta(
     prep: PreparedReplay,
     cache: Path,
     via: str = "inprocess",
+    learned: dict[float, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Everything a result needs besides the figures (config, data, versions, gate)."""
+    """Everything a result needs besides the figures (config, data, versions, gate;
+    ``learned``: budget -> the learned gate's threshold and training rate)."""
     art, art_path, stream, calibrations = prep.art, prep.art_path, prep.stream, prep.calibrations
     tcfg = config_from_dict(art["config"])
     head = [(int(o), int(i)) for _, o, i in art["adaptor_config"]["head_spec"]]
@@ -270,12 +325,20 @@ def run_meta(
         for s in specs
         if s.kind in ("system", "duet") and s.trigger == "gate"
     }
+    gate |= {
+        s.label: learned[s.budget] | {"learned": True}
+        for s in specs
+        if s.requests and s.trigger == "learned" and learned and s.budget in learned
+    }
     return {
         "dataset": dataset_record(ds, sizes=True),
         # results carry no machine-specific paths
         "config": cfg.to_dict()
         | {
             "artifact": display_path(Path(cfg.artifact), cache) if cfg.artifact else None,
+            "learned_gate": display_path(Path(cfg.learned_gate), cache)
+            if cfg.learned_gate
+            else None,
             # a store URL may carry a password: the backend only
             "store_url": cfg.store_url.split(":", 1)[0] if cfg.store_url else None,
         },

@@ -12,6 +12,10 @@ for a new one):
 * gate: :class:`device_ranker.gate.ShiftGate` with a fixed, calibrated threshold, run
   exactly as on the device: ``decide`` on the history after each event, ``on_request``
   when it asks;
+* learned: :class:`device_ranker.learned_gate.LearnedGate` with the threshold calibrated
+  for its budget on the training period, run as on the device; besides the history it
+  reads the base model's rank of each click (computed from histories too, never from an
+  edit);
 * timer with period k: again once ``k`` events have been recorded since the last request.
 
 Triggers see only the histories, never an edit, so every request point of every policy
@@ -21,6 +25,7 @@ Example::
 
     lengths = gate_requests(gate, seq, start_len=12)          # int64 [R] request lengths
     lengths = timer_requests(seq_len=40, start_len=0, period=5, min_history=5)
+    lengths = learned_requests(learned, seq, start_len=12, base_ranks=ranks)  # ranks [len(seq)]
     served = serving_request(lengths, positions)              # [E] index into lengths or -1
 """
 
@@ -29,9 +34,10 @@ from __future__ import annotations
 import numpy as np
 
 from device_ranker.gate import GateState, ShiftGate
+from device_ranker.learned_gate import LearnedGate
 from recsys.replay.config import PolicySpec
 
-TriggerKey = tuple[str, float]  # ("gate", budget) or ("timer", period)
+TriggerKey = tuple[str, float]  # ("gate" | "learned", budget) or ("timer", period)
 
 
 def trigger_key(spec: PolicySpec) -> TriggerKey | None:
@@ -46,7 +52,7 @@ def trigger_key(spec: PolicySpec) -> TriggerKey | None:
         return ("timer", float(spec.period))
     if spec.budget >= 1.0:
         return ("timer", 1.0)
-    return ("gate", float(spec.budget))
+    return (spec.trigger, float(spec.budget))
 
 
 def timer_requests(seq_len: int, start_len: int, period: int, min_history: int) -> np.ndarray:
@@ -78,6 +84,25 @@ def gate_requests(gate: ShiftGate, seq: np.ndarray, start_len: int) -> np.ndarra
     for length in range(start_len, len(seq) + 1):
         history = seq[:length]
         if gate.decide(history, state).request:
+            gate.on_request(history, state)
+            out.append(length)
+    return np.asarray(out, dtype=np.int64)
+
+
+def learned_requests(
+    gate: LearnedGate, seq: np.ndarray, start_len: int, base_ranks: np.ndarray
+) -> np.ndarray:
+    """History lengths of the learned gate's requests over a device's replay: int64 [R].
+
+    As :func:`gate_requests`; ``base_ranks`` [len(seq)] float: the base model's rank of
+    ``seq[p]`` given ``seq[:p]`` (NaN where not computed), of which a decision on
+    ``seq[:L]`` reads positions < L only.
+    """
+    state = GateState()
+    out = []
+    for length in range(start_len, len(seq) + 1):
+        history = seq[:length]
+        if gate.decide(history, state, base_ranks[:length]).request:
             gate.on_request(history, state)
             out.append(length)
     return np.asarray(out, dtype=np.int64)

@@ -7,13 +7,16 @@ generators, token source and prototype bank) and replays one device at a time
 
 1. **Request points.** Each policy's trigger (:mod:`recsys.replay.policies`) runs over
    the device's histories; triggers see histories only, never edits, so every request
-   point is known first. Policies with the same trigger share them.
+   point is known first. Policies with the same trigger share them. The learned gate
+   also reads the base model's rank of each click (:meth:`Replayer.base_click_ranks`,
+   from histories only).
 2. **Edits** (:mod:`recsys.replay.edits`), batched over the device's request points, once
    per request point and edit kind, shared by the policies that request there.
 3. **Scoring**, batched: user states of every evaluated event's history (once), then per
    policy the head with per-event weights (:func:`device_ranker.head.queries_per_user`),
    full-catalogue scores, the target's rank with the history excluded (pessimistic
-   ties) and its AUC against the event's sampled negatives.
+   ties) and its AUC against the event's sampled negatives. A guarded policy
+   (:mod:`recsys.replay.guard`) then serves, per request, its edit or the base head.
 
 All batches are per device, so a device's results do not depend on the other devices;
 :func:`replay_devices` splits the devices across ``workers`` spawned processes.
@@ -41,17 +44,21 @@ from tqdm.auto import tqdm
 
 from codebook.adaptor_artifact import load_artifact
 from device_ranker.features import seen_mask
-from device_ranker.gate import ShiftGate
+from device_ranker.gate import GateConfig, ShiftGate
+from device_ranker.guard import HarmGuard
 from device_ranker.head import queries_per_user
+from device_ranker.learned_gate import SINCE_CLICKS, LearnedGate, load_gate_model
 from device_ranker.ranker import Ranker
 from recsys.errors import ValidationError
 from recsys.metrics import sampled_auc, target_ranks
 from recsys.replay.config import LIVE_KINDS, NO_PROTOTYPES, REFINE, PolicySpec, ReplayConfig
 from recsys.replay.edits import ADAPTOR_KINDS, DeviceEdit, EditMaker
 from recsys.replay.gate_calibration import GateCalibration
+from recsys.replay.guard import guard_policy
 from recsys.replay.policies import (
     TriggerKey,
     gate_requests,
+    learned_requests,
     serving_request,
     timer_requests,
     trigger_key,
@@ -106,21 +113,70 @@ class Replayer:
         self.keys = {s.label: trigger_key(s) for s in self.specs}
         kinds = {s.edit_kind for s in self.specs if s.edit_kind}
         self.edits = EditMaker(art, Path(cache), dataset, cfg, self.ranker, kinds)
+        self.guard = HarmGuard(cfg.guard)
         vectors = self.ranker.model.item_table.detach().numpy()
         self.gates = {
             b: ShiftGate(c.gate_config(), item_vectors=vectors) for b, c in calibrations.items()
         }
+        self.learned: dict[float, LearnedGate] = {}
+        learned = sorted({key[1] for key in self.keys.values() if key and key[0] == "learned"})
+        if learned:
+            if not cfg.learned_gate:
+                raise ValidationError("learned policies need ReplayConfig.learned_gate")
+            model = load_gate_model(cfg.learned_gate)
+            for b in learned:
+                gcfg = GateConfig(
+                    budget=b,
+                    window=cfg.gate_window,
+                    min_history=cfg.min_history,
+                    min_gap=cfg.gate_min_gap,
+                )
+                self.learned[b] = LearnedGate(model, gcfg, vectors)
 
     def close(self) -> None:
         self.edits.close()
 
     # ---- request points ------------------------------------------------------------------
-    def request_lengths(self, key: TriggerKey, seq: np.ndarray, start_len: int) -> np.ndarray:
-        """History lengths [R] of the requests of trigger ``key`` over one device."""
+    def request_lengths(
+        self,
+        key: TriggerKey,
+        seq: np.ndarray,
+        start_len: int,
+        base_ranks: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """History lengths [R] of the requests of trigger ``key`` over one device
+        (``base_ranks`` [len(seq)]: :meth:`base_click_ranks`, for the learned gate)."""
         kind, value = key
         if kind == "timer":
             return timer_requests(len(seq), start_len, int(value), self.cfg.min_history)
+        if kind == "learned":
+            if base_ranks is None:
+                raise ValidationError("the learned gate needs the base ranks of the clicks")
+            return learned_requests(self.learned[value], seq, start_len, base_ranks)
         return gate_requests(self.gates[value], seq, start_len)
+
+    def base_click_ranks(self, seq: np.ndarray, start_len: int) -> np.ndarray:
+        """[len(seq)] float: the base model's rank of ``seq[p]`` given ``seq[:p]`` (seen
+        items excluded, pessimistic ties) for every position the learned gate reads
+        (from ``SINCE_CLICKS`` before the replay on); NaN elsewhere."""
+        out = np.full(len(seq), np.nan)
+        pos = np.arange(max(1, start_len - SINCE_CLICKS), len(seq), dtype=np.int64)
+        if len(pos) == 0:
+            return out
+        hists = [seq[:p] for p in pos]
+        states = self.history_states(hists)
+        targets = torch.from_numpy(seq[pos])
+        ranks = []
+        bs = self.cfg.batch_size
+        model = self.ranker.model
+        with torch.inference_mode():
+            for a in range(0, len(pos), bs):
+                q = queries_per_user(model.head, states[a : a + bs], [None] * len(pos[a : a + bs]))
+                scores = model.item_scores(q)  # [B, I]
+                mask = seen_mask(hists[a : a + bs], self.num_items)
+                ranks.append(target_ranks(scores, targets[a : a + bs], mask))
+        out[pos] = torch.cat(ranks).numpy()
+        return out
 
     # ---- device states -------------------------------------------------------------------
     def states(self, seq: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
@@ -139,7 +195,9 @@ class Replayer:
         """Step 1 for one device: every trigger's request lengths and, per edit kind, the
         lengths some policy of that kind requests at."""
         seq, start = ev.sequence, len(ev.start)
-        lengths = {k: self.request_lengths(k, seq, start) for k in set(self.keys.values()) if k}
+        keys = {k for k in self.keys.values() if k}
+        ranks = self.base_click_ranks(seq, start) if any(k[0] == "learned" for k in keys) else None
+        lengths = {k: self.request_lengths(k, seq, start, ranks) for k in keys}
         points: dict[str, set[int]] = {kind: set() for kind in (*EDIT_KINDS, *LIVE_KINDS)}
         for s in self.specs:
             if self.keys[s.label] is not None:
@@ -187,15 +245,25 @@ class Replayer:
         negs = torch.from_numpy(ev.negatives[idx])
         hists = [seq[:p] for p in pos]
         ev_states = states_of(pos.tolist())  # [E, D]
+        scored: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # shared by guarded twins
+        base = None
+        if any(s.guard for s in self.specs):
+            base = self.score(ev_states, hists, targets, negs, [None] * len(pos))
         for s in self.specs:
             key = self.keys[s.label]
             ls = lengths[key] if key else np.zeros(0, dtype=np.int64)
             mine = injected[s.label] if s.global_time else edits.get(s.edit_kind or "", {})
             served = serving_request(ls, pos)  # [E] index into ls, -1 = base
-            weights = [
-                None if j < 0 else mine[int(ls[j])].prepared.weights for j in served.tolist()
-            ]
-            rank, auc = self.score(ev_states, hists, targets, negs, weights)
+            twin = (key, s.edit_kind, s.label if s.global_time else None)
+            if twin not in scored:
+                weights = [
+                    None if j < 0 else mine[int(ls[j])].prepared.weights for j in served.tolist()
+                ]
+                scored[twin] = self.score(ev_states, hists, targets, negs, weights)
+            rank, auc = scored[twin]
+            costs = self.edits.costs(ls, mine)
+            if s.guard and base is not None:
+                rank, auc = guard_policy(self.guard, ls, pos, served, (rank, auc), base, costs)
             result.records[s.label] = EventRecords(
                 user=np.full(len(idx), ev.user, dtype=np.int64),
                 item=ev.items[idx],
@@ -204,7 +272,7 @@ class Replayer:
                 auc=auc,
                 requested=triggered_by(ls, pos),
             )
-            result.costs[s.label] = self.edits.costs(ls, mine)
+            result.costs[s.label] = costs
         return result
 
     def score(

@@ -157,7 +157,11 @@ def comparison_pairs(specs: list[PolicySpec]) -> list[tuple[str, str]]:
     duets = [s for s in specs if s.kind == "duet"]
     pairs = []
     for s in specs:
-        if s.kind != "system":
+        if s.kind not in ("system", "duet"):
+            continue
+        extra = trigger_pairs(s, specs)
+        pairs += extra
+        if s.kind != "system" or extra:  # learned / guarded: their own references only
             continue
         if ft:
             pairs.append((s.label, ft))
@@ -174,6 +178,81 @@ def comparison_pairs(specs: list[PolicySpec]) -> list[tuple[str, str]]:
                 ):
                     pairs.append((s.label, o.label))
     return pairs
+
+
+def _same(a: PolicySpec, b: PolicySpec, **fields: Any) -> bool:
+    """Same edit kind and budget, and ``fields`` equal in ``b``."""
+    return (
+        a.edit_kind == b.edit_kind
+        and abs(a.budget - b.budget) < 1e-9
+        and all(getattr(b, k) == v for k, v in fields.items())
+    )
+
+
+def trigger_pairs(s: PolicySpec, specs: list[PolicySpec]) -> list[tuple[str, str]]:
+    """The learned gate against the timer and the shift gate at the same budget; a
+    guarded policy against its unguarded twin and against static."""
+    out = []
+    if s.guard:
+        out += [(s.label, o.label) for o in specs if _same(s, o, trigger=s.trigger, guard=False)]
+        static = _find(specs, "static")
+        if static:
+            out.append((s.label, static))
+    elif s.trigger == "learned" and s.budget < 1.0:
+        for trig in ("timer", "gate"):
+            out += [(s.label, o.label) for o in specs if _same(s, o, trigger=trig, guard=False)]
+    return out
+
+
+def learned_goals(policies: Mapping[str, dict], specs: list[PolicySpec]) -> dict[str, Any]:
+    """Issue 15's learned-gate figures: per trigger and budget, the share of the 100 %
+    budget's NDCG@10 gain over static that it keeps (target >= 98 % at 10 %)."""
+    static = _find(specs, "static")
+    full = next(
+        (s.label for s in specs if s.kind == "system" and s.budget >= 1.0 and not s.guard), None
+    )
+    if not static or not full:
+        return {}
+    g_full = policies[full]["ndcg@10"] - policies[static]["ndcg@10"]
+    out = {"reference": full, "gain_100": g_full, "kept": {}}
+    for s in specs:
+        if s.kind == "system" and s.budget < 1.0 and not s.guard and s.edit_kind == "system":
+            gain = policies[s.label]["ndcg@10"] - policies[static]["ndcg@10"]
+            out["kept"][s.label] = gain / g_full if g_full > 0 else None
+    return out
+
+
+def guard_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per guarded policy: edits applied and kept out, and the check's device time."""
+
+    def row(label: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        n = p["guard_accepted"] + p["guard_rejected"]
+        return {
+            "policy": label,
+            "edits": n,
+            "applied": p["guard_accepted"],
+            "kept out": p["guard_rejected"],
+            "kept out %": f"{100 * p['guard_rejected'] / max(n, 1):.1f}%",
+            "check us/edit p50": f"{p['guard_us_per_edit_p50']:.2f}",
+            "check us/edit mean": f"{p['guard_us_per_edit_mean']:.2f}",
+        }
+
+    return _rows_with(summary, "guard_accepted", row)
+
+
+def learned_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per system policy below a 100 % budget: the share of the 100 % gain it keeps."""
+    g = summary.get("learned", {})
+    return [
+        {
+            "policy": label,
+            "request rate": f"{100 * summary['policies'][label]['request_rate']:.1f}%",
+            f"gain kept (of {g['reference']}, +{g['gain_100']:.4f})": "-"
+            if kept is None
+            else f"{100 * kept:.1f}%",
+        }
+        for label, kept in g.get("kept", {}).items()
+    ]
 
 
 def comparisons(
@@ -308,6 +387,7 @@ def summarise(run: ReplayRun, bins: int = 20) -> dict[str, Any]:
         "order": labels,
         "comparisons": comparisons(run.records, comparison_pairs(specs), seed, resamples),
         "goals": goal_checks(policies, specs),
+        "learned": learned_goals(policies, specs),
         "over_time": over_time({k: run.records[k] for k in labels}, bins),
     }
 
@@ -478,6 +558,8 @@ def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         ("Cost per policy", cost_rows(summary)),
         ("Through the services", service_rows(summary)),
         ("Request gate: threshold calibrated on the training period", gate_rows(summary)),
+        ("Share of the 100 % budget's gain kept", learned_rows(summary)),
+        ("Harm guard: edits applied or kept out", guard_rows(summary)),
     ):
         if not rows:
             continue

@@ -1,0 +1,148 @@
+"""The learned gate and the harm guard in the replay, on the tiny world: the gate trained
+and calibrated on the training period only, its request points equal the device's own
+decisions, its base ranks are the static policy's; a guarded policy serves, event by
+event, either its unguarded twin's edit or the base head, and counts its decisions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from device_ranker.gate import GateConfig, GateState
+from device_ranker.guard import GuardConfig
+from device_ranker.learned_gate import LearnedGate, load_gate_model
+from recsys.errors import ValidationError
+from recsys.replay.config import PolicySpec, ReplayConfig
+from recsys.replay.engine import run_replay
+from recsys.replay.gate_data import GateDataConfig
+from recsys.replay.gate_training import GateTrainConfig, train_gate
+from recsys.replay.replayer import Replayer
+from recsys.replay.stream import build_stream
+
+CFG = ReplayConfig(min_history=3, negatives=10, gate_window=4)
+POLICIES = [
+    PolicySpec("static"),
+    PolicySpec("system", "timer", 1.0),
+    PolicySpec("system", "timer", 1.0, guard=True),
+    PolicySpec("system", "timer", 0.5),
+    PolicySpec("system", "gate", 0.5),
+    PolicySpec("system", "learned", 0.5),
+    PolicySpec("system", "learned", 0.5, guard=True),
+]
+
+
+@pytest.fixture(scope="module")
+def gate(world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gate") / "gate.npz"
+    cfg = GateTrainConfig(
+        data=GateDataConfig(horizon=2, samples_per_user=3, min_history=3, window=4, max_age=4),
+        budgets=(0.5,),
+        hidden=(0, 4),
+        decays=(1e-2,),
+        epochs=30,
+    )
+    art = world.cache / "artifacts" / "drift" / "adaptor" / "adaptor.pt"
+    res = train_gate(art, world.cache, world.ds, cfg, path)
+    return path, res
+
+
+@pytest.fixture(scope="module")
+def run(world, gate):
+    cfg = dataclasses.replace(CFG, learned_gate=str(gate[0]))
+    return run_replay(world.ds, cfg, POLICIES, cache=world.cache, progress=False)
+
+
+def test_training_chooses_on_training_users_and_calibrates(gate) -> None:
+    path, res = gate
+    model = load_gate_model(path)
+    assert res["selected"]["label"] in ("ndcg", "dcg") and res["samples"] > 0
+    assert 0.5 in model.thresholds and 0.0 < model.train_rates[0.5] <= 0.5 + 1e-9
+    assert model.meta["dataset_fingerprint"] and model.meta["ranker"] == "ranker-time.pt"
+
+
+def test_learned_requests_are_the_devices_own_decisions(world, gate, run) -> None:
+    stream = build_stream(world.ds, CFG)
+    cfg = dataclasses.replace(CFG, learned_gate=str(gate[0]))
+    rep = Replayer(
+        world.cache / "artifacts" / "drift" / "adaptor" / "adaptor.pt",
+        world.cache, "drift", cfg, [s for s in POLICIES if s.trigger != "gate"], {},
+    )  # fmt: skip
+    model = load_gate_model(gate[0])
+    vectors = rep.ranker.model.item_table.detach().numpy()
+    static = run.records["static"]
+    try:
+        for u in stream.users[:8].tolist():
+            ev = stream.user_events(int(u))
+            seq, start = ev.sequence, len(ev.start)
+            ranks = rep.base_click_ranks(seq, start)
+            # the gate's base ranks are exactly the ranks the static policy is scored by
+            mine = static.user == u
+            pos = ev.positions[ev.evaluated]
+            assert np.array_equal(ranks[pos], static.rank[mine])
+            device = LearnedGate(
+                model, GateConfig(budget=0.5, window=4, min_history=3, min_gap=1), vectors
+            )
+            state, asked = GateState(), []
+            for length in range(start, len(seq) + 1):
+                if device.decide(seq[:length], state, ranks[:length]).request:
+                    device.on_request(seq[:length], state)
+                    asked.append(length)
+            plan = rep.request_plan(ev)
+            assert plan.lengths[("learned", 0.5)].tolist() == asked
+    finally:
+        rep.close()
+
+
+def test_guarded_events_serve_the_twin_or_the_base(run) -> None:
+    static = run.records["static"]
+    for guarded, twin in (
+        ("system timer 100% guard", "system timer 100%"),
+        ("system learned 50% guard", "system learned 50%"),
+    ):
+        g, t = run.records[guarded], run.records[twin]
+        assert ((g.rank == t.rank) | (g.rank == static.rank)).all()
+        assert np.array_equal(g.requested, t.requested)  # the same requests
+        c = run.costs[guarded]
+        assert c["guard_accepted"] + c["guard_rejected"] == c["requests"]
+        assert c["guard_us_per_edit_p50"] >= 0.0
+    assert "guard_accepted" not in run.costs["system timer 100%"]
+
+
+def test_a_guard_that_never_rejects_is_the_twin(world, gate) -> None:
+    cfg = dataclasses.replace(
+        CFG, learned_gate=str(gate[0]), guard=GuardConfig(margin=10.0), max_users=10
+    )
+    specs = POLICIES[:3]
+    res = run_replay(world.ds, cfg, specs, cache=world.cache, progress=False)
+    g, t = res.records["system timer 100% guard"], res.records["system timer 100%"]
+    assert np.array_equal(g.rank, t.rank) and res.costs[g_label(specs)]["guard_rejected"] == 0
+
+
+def g_label(specs) -> str:
+    return next(s.label for s in specs if s.guard)
+
+
+def test_learned_gate_must_match_the_dataset_and_runs_in_process_only(
+    world, gate, tmp_path
+) -> None:
+    with pytest.raises(ValidationError, match="in-process"):
+        run_replay(world.ds, CFG, POLICIES[:3], cache=world.cache, progress=False, via="grpc")
+    model = load_gate_model(gate[0])
+    model.meta["dataset_fingerprint"] = "other"
+    from device_ranker.learned_gate import save_gate_model
+
+    bad = save_gate_model(model, tmp_path / "bad.npz")
+    cfg = dataclasses.replace(CFG, learned_gate=str(bad))
+    with pytest.raises(ValidationError, match="another dataset"):
+        run_replay(world.ds, cfg, POLICIES[:6], cache=world.cache, progress=False)
+
+
+def test_policy_names() -> None:
+    assert PolicySpec.parse("system:learned:0.1:guard").label == "system learned 10% guard"
+    assert PolicySpec.parse("duet:timer:20%:guard").guard
+    with pytest.raises(ValidationError):
+        PolicySpec.parse("static:guard")
+    with pytest.raises(ValidationError):
+        PolicySpec("finetune", guard=True)
