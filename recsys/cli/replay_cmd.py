@@ -236,9 +236,17 @@ def _register_train_gate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-user", type=int, default=8, help="samples per user (8)")
     p.add_argument("--max-age", type=int, default=40, help="largest age of the held edit (40)")
     p.add_argument("--max-users", type=int, help="a seeded sample of training users (all)")
+    p.add_argument(
+        "--min-history",
+        type=int,
+        default=5,
+        help="first request / shortest sampled history (5, the replay's; lower it only for "
+        "datasets whose training period is too short to sample H events after it)",
+    )
     p.add_argument("--budgets", default="50,20,10,5", help="budgets to calibrate (50,20,10,5)")
     p.add_argument("--seed", type=int, default=0, help="sampling / split / init seed (0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_location_options(p)
     add_json_option(p)
     p.set_defaults(handler=cmd_train_gate)
@@ -266,12 +274,13 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
             samples_per_user=args.samples_per_user,
             max_age=args.max_age,
             max_users=args.max_users,
+            min_history=args.min_history,
             seed=args.seed,
         ),
         budgets=tuple(parse_budget(b) for b in args.budgets.split(",") if b.strip()),
         seed=args.seed,
     )
-    res = train_gate(art_path, cache, ds, cfg, out)
+    res = train_gate(art_path, cache, ds, cfg, out, progress=not args.no_progress)
     print(
         f"{ds.name}: {res['samples']:,} samples of {res['users']:,} training users, mean "
         f"gain NDCG@10 {res['label_mean']['ndcg']:+.5f}, DCG {res['label_mean']['dcg']:+.5f} "

@@ -205,7 +205,7 @@ def _dcg(ranks: np.ndarray) -> np.ndarray:
 
 
 def build_gate_data(
-    art_path: Path, cache: Path, ds: Dataset, cfg: GateDataConfig
+    art_path: Path, cache: Path, ds: Dataset, cfg: GateDataConfig, *, progress: bool = True
 ) -> tuple[Tracks, GateSamples, list[np.ndarray], np.ndarray]:
     """Tracks of every training user, the labelled samples, the users' sequences and the
     item popularity [I] (see the module docstring)."""
@@ -227,7 +227,7 @@ def build_gate_data(
     ranks_all, rows = [], []
     x_parts: list[tuple[int, np.ndarray, np.ndarray]] = []
     try:
-        for k, seq in enumerate(tqdm(seqs, desc="gate data", unit="user")):
+        for k, seq in enumerate(tqdm(seqs, desc="gate data", unit="user", disable=not progress)):
             n = len(seq)
             hists = [seq[:p] for p in range(1, n + 1)]  # lengths 1..n
             states = scorer.states(hists)  # [n, D]; row L - 1 = history length L

@@ -245,11 +245,19 @@ def calibrate(
 
 
 def train_gate(
-    art_path: Path, cache: Path, ds: Dataset, cfg: GateTrainConfig, out: Path
+    art_path: Path,
+    cache: Path,
+    ds: Dataset,
+    cfg: GateTrainConfig,
+    out: Path,
+    *,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Data, selection on held-out training users, refit, calibration, save (module docstring)."""
     t0 = time.perf_counter()
-    tracks, samples, _, popularity = build_gate_data(art_path, cache, ds, cfg.data)
+    tracks, samples, _, popularity = build_gate_data(
+        art_path, cache, ds, cfg.data, progress=progress
+    )
     t_data = time.perf_counter() - t0
     best, table = select_model(samples, cfg)
     model = fit_model(
