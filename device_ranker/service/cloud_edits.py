@@ -57,6 +57,7 @@ from recsys import adaptor_inputs
 from recsys.edit_payload import decode_payload, decode_values
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
+from recsys.serving.redact import id_ref
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class CloudEdits:
             )
             st.gate.anchor = previous_anchor  # measure the next shift from the last good edit
             self.failures += 1
-            logger.warning("user %r: %s", user_id, st.note)
+            logger.warning("user %s: %s", id_ref(user_id), st.note)
             return FetchResult(
                 "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
                 states_us,
@@ -321,8 +322,8 @@ class CloudEdits:
         )
         st.install_edit(prepared, info)
         logger.debug(
-            "user %r: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
-            user_id,
+            "user %s: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
+            id_ref(user_id),
             response.edit_id,
             pid,
             pver,

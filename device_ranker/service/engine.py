@@ -73,6 +73,7 @@ from device_ranker.service.users import (
 from recsys.errors import ValidationError
 from recsys.serving.errors import NotReadyError
 from recsys.serving.fingerprint import file_fingerprint
+from recsys.serving.redact import id_ref
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class DeviceEngine:
         new_user = st is None
         if st is None:
             st = self.store.new_user(user_id)
-            logger.info("new user %r", user_id)
+            logger.info("new user %s", id_ref(user_id))
         async with st.lock:
             await self.store.ensure_arm(st, user_id)
             served = await self._served_rank(st, item) if self.event_log is not None else None

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from recsys.errors import ValidationError
+from recsys.serving.redact import id_ref
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class EventLog:
                 }
             )
         except (OSError, ValueError):  # say so loudly
-            logger.exception("could not write the event log line for user %r", line["user_id"])
+            logger.exception(
+                "could not write the event log line for user %s", id_ref(line["user_id"])
+            )
 
     def close(self) -> None:
         with self._lock:

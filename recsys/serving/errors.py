@@ -15,11 +15,17 @@ other ``RecsysError``           ``FAILED_PRECONDITION`` the error's message
 ``asyncio.TimeoutError``        ``DEADLINE_EXCEEDED``   "deadline exceeded"
 anything else                   ``INTERNAL``            generic text + an error id; the
                                                         traceback is logged with that id
+request bytes that do not       ``INVALID_ARGUMENT``    "malformed request: ..."
+decode as the method's message
 ==============================  ======================  =================================
+
+UNAUTHENTICATED and PERMISSION_DENIED are answered before the handler runs, by the
+authentication interceptor (:mod:`recsys.serving.auth`), which runs first.
 
 Aborts raised by ``context.abort`` and cancellations pass through untouched. Only unary
 -> unary methods are wrapped (every project RPC is one); streaming handlers such as the
-health service's ``Watch`` are passed on unchanged.
+health service's ``Watch`` are passed on unchanged. A mapped error is logged at INFO with
+its code only (its details can name users or items) and at DEBUG with the details.
 
 Example::
 
@@ -50,6 +56,31 @@ class NotReadyError(RecsysError):
 
 class OverloadedError(RecsysError):
     """Too many requests are queued; back off and retry."""
+
+
+class Undecodable:
+    """What a request deserialiser returns for bytes that do not parse (instead of
+    raising, which gRPC would answer with UNKNOWN); the wrapped handler answers it with
+    INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize`` returning :class:`Undecodable` instead of raising."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or anything a parser raises on junk
+            return Undecodable(f"{type(exc).__name__}: {exc}"[:200])
+
+    return parse
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -109,6 +140,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if isinstance(request, Undecodable):
+                    raise ValidationError(
+                        f"malformed request: the bytes are not a {method} request "
+                        f"({request.reason})"
+                    )
                 return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
@@ -124,11 +160,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 else:
                     if len(details) > MAX_DETAILS:
                         details = details[: MAX_DETAILS - 3] + "..."
-                    logger.info("%s %s -> %s: %s", self.service_label, method, code.name, details)
+                    logger.info("%s %s -> %s", self.service_label, method, code.name)
+                    logger.debug("%s %s -> %s: %s", self.service_label, method, code.name, details)
                 await context.abort(code, details)
 
         return grpc.unary_unary_rpc_method_handler(
             mapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
