@@ -1,5 +1,9 @@
 """The device's client of the cloud AdaptationService: deadlines, token, TLS, probing.
 
+The token (``token_file``: this device's signed token from ``recsys auth issue``) is sent
+with every call and re-read when the file changes (checked with each health probe), so a
+reissued token (a key rotation, an expiry) needs no restart.
+
 The device never blocks on the cloud: every call carries a deadline
 (:attr:`CloudLinkConfig.deadline_s`), and a background task checks the cloud's standard
 health service every ``probe_interval_s`` seconds, so :attr:`CloudLink.reachable` says
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 
 import grpc
@@ -27,6 +32,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from device_ranker.service.config import CloudLinkConfig
+from recsys.errors import ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.auth import read_token, token_metadata
@@ -50,6 +56,7 @@ class CloudLink:
         self.config = config
         self.token = read_token(config.token_file)
         self._metadata = token_metadata(self.token)
+        self._token_stat = self._stat_token()
         self.channel: grpc.aio.Channel | None = None
         self.stub: cpb_grpc.AdaptationServiceStub | None = None
         self.health: health_pb2_grpc.HealthStub | None = None
@@ -86,9 +93,38 @@ class CloudLink:
             self.reachable = False
             self.last_error = error
 
+    def _stat_token(self) -> tuple[int, int] | None:
+        if not self.config.token_file:
+            return None
+        try:
+            st = os.stat(self.config.token_file)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def refresh_token(self) -> bool:
+        """Re-read the token file if it changed; True when a new token was loaded (a file
+        that cannot be read keeps the current token, logged)."""
+        stat = self._stat_token()
+        if stat is None or stat == self._token_stat:
+            return False
+        self._token_stat = stat
+        try:
+            token = read_token(self.config.token_file)
+        except ValidationError as exc:
+            logger.error("keeping the current cloud token: %s", exc)
+            return False
+        if token == self.token:
+            return False
+        self.token, self._metadata = token, token_metadata(token)
+        logger.info("cloud token reloaded from %s", self.config.token_file)
+        return True
+
     async def probe(self) -> bool:
-        """One health check (deadline = the call deadline); updates :attr:`reachable`."""
+        """One health check (deadline = the call deadline); updates :attr:`reachable`.
+        Also picks up a changed token file."""
         assert self.health is not None
+        self.refresh_token()
         try:
             reply = await self.health.Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME),

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from device_ranker.gate import GateConfig
 from device_ranker.service.policy import StalenessConfig
+from recsys.serving.auth import AuthConfig
 from recsys.serving.batching import BatchConfig
 from recsys.serving.server import ServerOptions
 from recsys.validation import config_dataclass
@@ -26,7 +27,10 @@ class CloudLinkConfig:
         target: ``host:port`` of the cloud (None = no cloud: base model only).
         deadline_s: deadline of one GenerateEdit call; past it the device falls back.
         probe_interval_s: how often the health of the cloud is checked (reachability).
-        token_file: file holding the shared token sent as ``authorization: Bearer``.
+        token_file: file holding this device's signed token (``recsys auth issue``), sent
+            as ``authorization: Bearer``; re-read when the file changes, so a reissued
+            token needs no restart. The cloud answers only for the token's device id, so
+            a device hosting many users (an edge node, a replay) needs an operator token.
         tls_ca: PEM certificate to trust (TLS on); None = plaintext.
         tls_server_name: name to check in the server certificate (default: from target).
         payload_dtype: downlink precision asked for ("fp16", "int8", "fp32").
@@ -84,6 +88,9 @@ class DeviceConfig:
         staleness: what the device tracks about each user's current edit (age, fit) and
             the optional staleness request rule (off by default):
             :class:`~device_ranker.service.policy.StalenessConfig`.
+        auth: the keys whose signed tokens this server's callers must present (none = no
+            check): a device token acts for the user whose id is its subject, an operator
+            token for any user (see :mod:`device_ranker.service.server`).
         gate / cloud / server: see :class:`GateConfig`, :class:`CloudLinkConfig`,
             :class:`recsys.serving.server.ServerOptions`.
     """
@@ -111,4 +118,5 @@ class DeviceConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     cloud: CloudLinkConfig = field(default_factory=CloudLinkConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     server: ServerOptions = field(default_factory=ServerOptions)

@@ -5,6 +5,14 @@ UNAVAILABLE), the ranker and the users' histories load in a worker thread, the c
 link starts probing, then health flips to SERVING. SIGTERM/SIGINT: health NOT_SERVING,
 no new calls, in-flight calls get ``grace_s`` to finish, then the engine closes.
 
+Authentication (with ``config.auth`` keys): every RecommendationService call needs a
+signed token (:mod:`recsys.serving.auth`; health and reflection stay open). Each user of
+this server is one device: the user id is the device id the cloud sees (GenerateEdit's
+``device_id``). So a ``device`` token acts for the user whose id is its subject, and only
+for it (RecordEvent, ApplyEdit, RequestEdit, Recommend, GetStatus of that user;
+PERMISSION_DENIED for another user, before anything changes); an ``operator`` token acts
+for every user. A GetStatus without a user id needs any valid token.
+
 Example::
 
     handle = await start_device(DeviceConfig(checkpoint="ranker.pt", dataset="ml-100k"))
@@ -23,10 +31,19 @@ from device_ranker.service.engine import DeviceEngine
 from device_ranker.service.policy import ArmResolver
 from device_ranker.service.servicer import SERVICE_NAME, RecommendationServicer
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+from recsys.serving.auth import AuthPolicy, auth_interceptors
 from recsys.serving.errors import ErrorMappingInterceptor
 from recsys.serving.service_host import ServiceHandle, start_service
 
 logger = logging.getLogger(__name__)
+
+# every method acts for request.user_id (a user = a device)
+AUTH_POLICY = AuthPolicy(
+    {
+        f"/{SERVICE_NAME}/{name}": "user_id"
+        for name in ("Recommend", "RecordEvent", "GetStatus", "ApplyEdit", "RequestEdit")
+    }
+)
 
 
 @dataclass
@@ -58,7 +75,7 @@ async def start_device(config: DeviceConfig, arm_for: ArmResolver | None = None)
 
     server, engine = await start_service(
         config.server,
-        [ErrorMappingInterceptor("device")],
+        [*auth_interceptors(config.auth, AUTH_POLICY), ErrorMappingInterceptor("device")],
         lambda s: pb_grpc.add_RecommendationServiceServicer_to_server(servicer, s),
         SERVICE_NAME,
         load=load,

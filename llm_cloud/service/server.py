@@ -2,8 +2,10 @@
 
 Start-up order: the gRPC server binds first with health NOT_SERVING (calls answer
 UNAVAILABLE), the engine loads in a worker thread (adaptor, semantic IDs, LM backend,
-prototype bank, store), then health flips to SERVING. The shared-token interceptor (when
-a token is configured) runs before the error-mapping interceptor. SIGTERM/SIGINT:
+prototype bank, store), then health flips to SERVING. With auth keys, the
+authentication interceptor (:mod:`recsys.serving.auth`: a signed device token, whose
+subject must be the GenerateEdit request's ``device_id`` unless it is an operator's) runs
+before the error-mapping interceptor. SIGTERM/SIGINT:
 health NOT_SERVING, no new calls, in-flight calls get ``grace_s`` to finish (the
 micro-batcher finishes its queue), then the engine closes.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +31,7 @@ from llm_cloud.service.engine import AdaptationEngine
 from llm_cloud.service.loading import ArtifactEngineConfig, engine_from_artifacts
 from llm_cloud.service.servicer import SERVICE_NAME, AdaptationServicer
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
-from recsys.serving.auth import TokenAuthInterceptor, read_token
+from recsys.serving.auth import AuthConfig, AuthPolicy, auth_interceptors
 from recsys.serving.batching import BatchConfig
 from recsys.serving.errors import ErrorMappingInterceptor
 from recsys.serving.server import ServerOptions
@@ -36,6 +39,11 @@ from recsys.serving.service_host import ServiceHandle, start_service
 from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
+
+# GenerateEdit acts for request.device_id: it writes that device's prototype assignment,
+# feeds the refinement of its prototype and its edit-log rows. The prototype reads need a
+# valid token of any device.
+AUTH_POLICY = AuthPolicy({f"/{SERVICE_NAME}/GenerateEdit": "device_id"})
 
 
 @config_dataclass
@@ -51,7 +59,8 @@ class CloudConfig:
         store_url: the tiny engine's prototype store (None = no prototypes, no log).
         batch: micro-batching of GenerateEdit (max_batch 1 = off).
         default_dtype: payload precision for requests that leave it unspecified.
-        token_file: require this shared token from callers (None = no check).
+        auth: the keys whose signed tokens callers must present (none = no check); a
+            device token may ask edits for its own device id only (:data:`AUTH_POLICY`).
         torch_threads: intra-op threads of torch in the server.
         server: :class:`ServerOptions`.
     """
@@ -66,7 +75,7 @@ class CloudConfig:
     seed: int = 0
     batch: BatchConfig = field(default_factory=BatchConfig)
     default_dtype: Literal["fp16", "int8"] = "fp16"
-    token_file: str | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
     torch_threads: int = Field(1, ge=1)
     server: ServerOptions = field(default_factory=ServerOptions)
 
@@ -95,6 +104,19 @@ def load_engine(config: CloudConfig) -> AdaptationEngine:
     return engine_from_artifacts(config.artifacts)
 
 
+def seed_edit_ids(engine: AdaptationEngine) -> None:
+    """Make edit ids keep increasing across restarts.
+
+    With a store, edit ids are the edit log's row ids (the store's sequence: they continue
+    from its largest id after a restart; rows are never deleted). Without one, the engine
+    counts in memory: its counter starts at the current time in microseconds, so a
+    restarted cloud hands out larger ids than before (as long as it served fewer than
+    10^6 edits per second of uptime and the clock did not step back).
+    """
+    if getattr(engine, "store", None) is None and hasattr(engine, "_edit_counter"):
+        engine._edit_counter = max(engine._edit_counter, time.time_ns() // 1000)
+
+
 @dataclass
 class CloudHandle(ServiceHandle):
     """A running cloud server (in this process)."""
@@ -113,15 +135,14 @@ async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = Non
 
     ``engine``: an already built engine (tests); default: :func:`load_engine`.
     """
-    interceptors = []
-    token = read_token(config.token_file)
-    if token:
-        interceptors.append(TokenAuthInterceptor(token))
+    interceptors = auth_interceptors(config.auth, AUTH_POLICY)
     interceptors.append(ErrorMappingInterceptor("cloud"))
     servicer = AdaptationServicer(config.batch, config.default_dtype)
 
     async def load() -> AdaptationEngine:
-        return engine if engine is not None else await asyncio.to_thread(load_engine, config)
+        loaded = engine if engine is not None else await asyncio.to_thread(load_engine, config)
+        seed_edit_ids(loaded)
+        return loaded
 
     server, loaded = await start_service(
         config.server,

@@ -32,6 +32,7 @@ GROUPS = {
     "db": "prototype store database",
     "abtest": "A/B test harness",
     "llm": "pretrained LLMs packaged in wheels: import, list",
+    "auth": "keys and signed device tokens of the gRPC services",
 }
 COMMAND_MODULES = (
     "recsys.cli.data_cmd",
@@ -48,6 +49,7 @@ COMMAND_MODULES = (
     "recsys.cli.db_cmd",
     "recsys.cli.payload_cmd",
     "recsys.cli.serve_cmd",
+    "recsys.cli.auth_cmd",
     "recsys.cli.replay_cmd",
     "recsys.cli.abtest_cmd",
 )

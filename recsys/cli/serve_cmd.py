@@ -1,7 +1,9 @@
 """``recsys serve cloud``, ``recsys serve device`` and ``recsys bench serve``: the gRPC services.
 
-recsys serve cloud  [--engine artifacts|tiny] [--dataset ml-100k] [--adaptor PATH] [--port N] ...
+recsys serve cloud  [--engine artifacts|tiny] [--dataset ml-100k] [--adaptor PATH] [--port N]
+                    [--auth-key FILE ...] ...
 recsys serve device [--checkpoint PATH] [--dataset ml-100k] [--cloud HOST:PORT] [--port N]
+                    [--cloud-token-file FILE] [--auth-key FILE ...]
                     [--experiment FILE --event-log PATH] ...
 recsys bench serve  [--dataset ml-100k] [--concurrency 32] [--duration 10] [--rate 1000] [--json PATH]
 
@@ -120,10 +122,7 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
     _opt(p, "--seed", 0, "tiny engine seed")
     _add_batching(p, ("--batch-max", "--batch-wait-ms"), (32, 5.0), "GenerateEdit calls")
     _add_dtype(p, "edit precision when a request does not choose")
-    p.add_argument(
-        "--token-file",
-        help="require the shared token in this file from callers (authorization: Bearer)",
-    )
+    _add_auth_options(p, "a device token may ask edits for its own device id only")
     _add_server_options(p, default_port=50051)
     add_location_options(p)
     p.set_defaults(handler=cmd_serve_cloud)
@@ -200,7 +199,12 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cloud", help="cloud host:port (default: none, base model only)")
     _opt(g, "--cloud-deadline", 1.0, "GenerateEdit deadline, s")
     _opt(g, "--probe-interval", 1.0, "cloud health probe period, s")
-    g.add_argument("--cloud-token-file", help="shared token sent to the cloud")
+    g.add_argument(
+        "--cloud-token-file",
+        help="this device's signed token (`recsys auth issue`) sent to the cloud; re-read "
+        "when the file changes. The cloud answers only for the token's device id: a server "
+        "hosting many users needs an operator token",
+    )
     g.add_argument("--cloud-tls-ca", help="trust this PEM for the cloud's TLS certificate (TLS on)")
     g.add_argument("--cloud-tls-name", help="name expected in the cloud's certificate")
     _add_dtype(g, "downlink precision")
@@ -241,6 +245,9 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         "served model, request, bytes) for `recsys abtest analyze`",
     )
     _opt(g, "--max-probes", 1000, "largest probe list of a Recommend (evaluation scores and ranks)")
+    _add_auth_options(
+        p, "a device token acts for the user whose id is its subject (a user is a device)"
+    )
     _add_server_options(p, default_port=50052)
     add_location_options(p)
     p.set_defaults(handler=cmd_serve_device)
@@ -289,9 +296,37 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--skip-recommend", action="store_true", help="skip the Recommend phases")
     _opt(p, "--torch-threads", 1, "torch threads in the servers")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="servers check a signed operator token on every call (a key made for the "
+        "run), to measure what authentication costs",
+    )
     add_location_options(p)
     add_json_option(p)
     p.set_defaults(handler=cmd_bench_serve)
+
+
+def _add_auth_options(p: argparse.ArgumentParser, rule: str) -> None:
+    g = p.add_argument_group("authentication (recsys.serving.auth)")
+    g.add_argument(
+        "--auth-key",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="require callers' signed tokens (`recsys auth issue`) made with this key file "
+        "(`recsys auth keygen`), or with a key in this directory of *.key files; repeat for "
+        f"the old and the new key of a rotation (at most 2 keys). {rule}; an operator token "
+        "acts for any. Key files are re-read when they change. Default: no authentication "
+        "(loopback only)",
+    )
+    _opt(g, "--auth-leeway", 30.0, "clock skew tolerated on token expiry, s")
+
+
+def _auth(args: argparse.Namespace) -> Any:
+    from recsys.serving.auth import AuthConfig
+
+    return AuthConfig(keys=tuple(args.auth_key), leeway_s=args.auth_leeway)
 
 
 def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -387,7 +422,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=_batch(args.batch_max, args.batch_wait_ms),
         default_dtype=args.payload_dtype,
-        token_file=args.token_file,
+        auth=_auth(args),
         torch_threads=args.torch_threads,
         server=_server_options(args),
     )
@@ -441,6 +476,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
             uplink_states=args.uplink_states,
             state_dtype=args.state_dtype,
         ),
+        auth=_auth(args),
         server=_server_options(args),
     )
     asyncio.run(serve_device(config, arm_for=arm_for))

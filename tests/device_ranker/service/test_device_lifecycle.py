@@ -1,4 +1,4 @@
-"""Health, reflection, graceful shutdown, deadlines, cloud outages, token and TLS."""
+"""Health, reflection, graceful shutdown, deadlines, cloud outages, signed token and TLS."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+from recsys.serving.auth import AuthConfig, generate_key, issue_token, token_metadata, write_key
 from recsys.serving.errors import ErrorMappingInterceptor
 from recsys.serving.server import GrpcServer, ServerOptions
 
@@ -153,13 +154,15 @@ def test_unreachable_cloud_serves_base_and_says_so(bg, artifacts, caplog) -> Non
 
 
 def test_token_and_tls_on_the_cloud_link(bg, artifacts, tmp_path: Path) -> None:
-    cert, key = self_signed_cert(tmp_path)
+    cert, key_pem = self_signed_cert(tmp_path)
+    key = generate_key("k1")
+    write_key(key, tmp_path / "k1.key")
     token = tmp_path / "token"
-    token.write_text("s3cret-token\n")
+    token.write_text(issue_token(key, "edge", role="operator") + "\n")
     wrong = tmp_path / "wrong"
-    wrong.write_text("not-it\n")
-    cfg = cloud_config(artifacts, token_file=str(token),
-                       server=ServerOptions(tls_cert=str(cert), tls_key=str(key)))  # fmt: skip
+    wrong.write_text(issue_token(generate_key("k1"), "edge", role="operator") + "\n")
+    cfg = cloud_config(artifacts, auth=AuthConfig(keys=(str(tmp_path / "k1.key"),)),
+                       server=ServerOptions(tls_cert=str(cert), tls_key=str(key_pem)))  # fmt: skip
     cloud = bg.run(start_cloud(cfg))
     target = f"127.0.0.1:{cloud.port}"
     try:
@@ -169,14 +172,15 @@ def test_token_and_tls_on_the_cloud_link(bg, artifacts, tmp_path: Path) -> None:
             request = cpb.GenerateEditRequest(device_id="d", recent_item_ids=["i1", "i2"])
             for metadata, words in (
                 ((), "missing"),
-                ((("authorization", "Bearer not-it"),), "wrong"),
+                ((("authorization", "Bearer not-it"),), "malformed"),
+                (token_metadata(wrong.read_text().strip()), "signature"),
             ):
                 with pytest.raises(grpc.RpcError) as err:
                     stub.ListPrototypes(cpb.ListPrototypesRequest(), timeout=5, metadata=metadata)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert words in err.value.details()
             reply = stub.GenerateEdit(
-                request, timeout=10, metadata=(("authorization", "Bearer s3cret-token"),)
+                request, timeout=10, metadata=token_metadata(token.read_text().strip())
             )
             assert reply.edit_payload
             health = health_pb2_grpc.HealthStub(channel).Check(  # open without a token
