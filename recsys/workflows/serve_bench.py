@@ -69,6 +69,8 @@ class ServeBenchConfig:
             latency inside the client's deadline.
         skip_recommend: skip the Recommend phases (GenerateEdit only).
         torch_threads: torch intra-op threads in the servers.
+        auth: run the servers with authentication (a key made for the run, in a temporary
+            directory) and send an operator token with every call, to measure its cost.
     """
 
     checkpoint: str
@@ -89,6 +91,7 @@ class ServeBenchConfig:
     edit_concurrency: int | None = Field(None, ge=1)
     skip_recommend: bool = False
     torch_threads: int = Field(1, ge=1)
+    auth: bool = False
 
     def location_args(self) -> list[str]:
         """``--data-dir`` / ``--cache-dir`` for the child servers."""
@@ -102,7 +105,8 @@ class ServeBenchConfig:
 
 @dataclass
 class BenchData:
-    """Users, their uplink windows, summaries [2D] and edit payloads for the requests."""
+    """Users, their uplink windows, summaries [2D] and edit payloads for the requests;
+    with ``auth``, the servers' key directory and the clients' call metadata."""
 
     users: list[str] = field(default_factory=list)
     recent: list[list[str]] = field(default_factory=list)
@@ -110,6 +114,17 @@ class BenchData:
     edits: list[bytes] = field(default_factory=list)
     num_items: int = 0
     spec: dict[str, tuple[int, int]] = field(default_factory=dict)
+    auth_args: list[str] = field(default_factory=list)
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def use_auth(self, directory: Path) -> None:
+        """A key in ``directory`` for the servers, an operator token for the clients."""
+        from recsys.serving.auth import generate_key, issue_token, token_metadata, write_key
+
+        key = generate_key("bench")
+        write_key(key, directory / "bench.key")
+        self.auth_args = ["--auth-key", str(directory)]
+        self.metadata = token_metadata(issue_token(key, "bench", role="operator", ttl_s=86400))
 
     @classmethod
     def load(cls, cfg: ServeBenchConfig) -> BenchData:
@@ -149,6 +164,17 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     """Run the benchmark (see the module docstring), print its tables; the report."""
     t0 = time.perf_counter()
     work = BenchData.load(cfg)
+    with tempfile.TemporaryDirectory(prefix="bench-auth-") as keys:
+        if cfg.auth:
+            work.use_auth(Path(keys))
+        report = _run(cfg, work)
+    report["seconds"] = time.perf_counter() - t0
+    print(f"(bench {report['seconds']:.0f} s; load average before: "
+          f"{', '.join(f'{x:.1f}' for x in report['load_average'])} on {os.cpu_count()} cores)")  # fmt: skip
+    return report
+
+
+def _run(cfg: ServeBenchConfig, work: BenchData) -> dict[str, Any]:
     report: dict[str, Any] = {
         "dataset": cfg.dataset,
         "checkpoint": str(cfg.checkpoint),
@@ -158,6 +184,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         "k": cfg.k,
         "users": len(work.users),
         "with_edits": cfg.with_edits,
+        "auth": cfg.auth,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
@@ -177,9 +204,6 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         if off["throughput_rps"]:
             report["batching_speedup"] = on["throughput_rps"] / off["throughput_rps"]
             print(f"micro-batching speed-up: x{report['batching_speedup']:.2f} throughput")
-    report["seconds"] = time.perf_counter() - t0
-    print(f"(bench {report['seconds']:.0f} s; load average before: "
-          f"{', '.join(f'{x:.1f}' for x in report['load_average'])} on {os.cpu_count()} cores)")  # fmt: skip
     return report
 
 
@@ -188,7 +212,7 @@ def bench_recommend_phases(cfg: ServeBenchConfig, work: BenchData, report: dict[
     serving goal (into ``report``)."""
     device = ServerProcess(
         ["serve", "device", "--checkpoint", str(cfg.checkpoint), "--dataset", cfg.dataset,
-         "--torch-threads", str(cfg.torch_threads), *cfg.location_args()],
+         "--torch-threads", str(cfg.torch_threads), *cfg.location_args(), *work.auth_args],
         name="device",
     )  # fmt: skip
     gc.collect()
@@ -200,6 +224,7 @@ def bench_recommend_phases(cfg: ServeBenchConfig, work: BenchData, report: dict[
         recommend_rows(report["recommend"]),
         title=f"Recommend over loopback: {work.num_items} items (full catalogue), k={cfg.k}, "
         f"{len(work.users)} users, {'per-user edits' if cfg.with_edits else 'base model'}, "
+        f"{'operator token checked on every call, ' if cfg.auth else ''}"
         f"device server in a child process ({cfg.torch_threads} torch thread), "
         f"client: grpc.aio in this process, {cfg.duration:.0f} s per phase",
     )
@@ -262,14 +287,17 @@ async def bench_recommend(
                 await stub.ApplyEdit(
                     pb.ApplyEditRequest(user_id=user, edit_payload=payload, source="bench"),
                     timeout=5,
+                    metadata=work.metadata,
                 )
         requests = [pb.RecommendRequest(user_id=u, k=cfg.k) for u in work.users]
 
         async def call(n: int) -> Any:
-            return await stub.Recommend(requests[n % len(requests)], timeout=5.0)
+            return await stub.Recommend(
+                requests[n % len(requests)], timeout=5.0, metadata=work.metadata
+            )
 
         for r in requests[:50]:  # warm the user-state cache path and the channel
-            await stub.Recommend(r, timeout=10.0)
+            await stub.Recommend(r, timeout=10.0, metadata=work.metadata)
         results = []
         for rate in (None, cfg.rate):
             server0, client0 = device.cpu_seconds(), time.process_time()
@@ -305,7 +333,8 @@ def bench_edits(cfg: ServeBenchConfig, work: BenchData) -> list[dict[str, Any]]:
         for label, max_batch, wait_ms in (("on", 32, 5.0), ("off", 1, 0.0)):
             argv = ["serve", "cloud", "--engine", engine, "--dataset", cfg.dataset,
                     "--batch-max", str(max_batch), "--batch-wait-ms", str(wait_ms),
-                    "--torch-threads", str(cfg.torch_threads), *cfg.location_args()]  # fmt: skip
+                    "--torch-threads", str(cfg.torch_threads), *cfg.location_args(),
+                    *work.auth_args]  # fmt: skip
             store = Path(tmp) / f"store-{label}.sqlite"
             if engine == "tiny":
                 spec = ",".join(f"{n}={o}x{i}" for n, (o, i) in work.spec.items())
@@ -358,7 +387,7 @@ async def drive_edits(
 
         async def call(n: int) -> Any:
             req = requests[n % len(requests)]
-            reply = await stub.GenerateEdit(req, timeout=30.0)
+            reply = await stub.GenerateEdit(req, timeout=30.0, metadata=work.metadata)
             answered[0] += 1
             up.append(req.ByteSize())
             return reply
@@ -367,7 +396,7 @@ async def drive_edits(
             sizes.append(reply.batch_size)
             down.append(reply.ByteSize())
 
-        await stub.GenerateEdit(requests[0], timeout=60.0)  # warm the engine
+        await stub.GenerateEdit(requests[0], timeout=60.0, metadata=work.metadata)  # warm
         cpu0 = cloud_cpu()
         res = await run_load(
             call,

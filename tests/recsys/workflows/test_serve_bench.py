@@ -69,7 +69,9 @@ def test_bench_data_follows_the_uplink_contract(world) -> None:
 
 
 @pytest.mark.slow
-def test_a_short_run_measures_both_services(world, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("auth", [False, True])
+def test_a_short_run_measures_both_services(world, tmp_path: Path, capsys, auth) -> None:
+    """With ``auth`` the servers check an operator token on every call: no call fails."""
     ds_dir, ckpt = world
     cfg = ServeBenchConfig(
         checkpoint=str(ckpt),
@@ -81,8 +83,10 @@ def test_a_short_run_measures_both_services(world, tmp_path: Path, capsys) -> No
         rate=50.0,
         users=5,
         edit_duration=0.5,
+        auth=auth,
     )
     report = run_serve_bench(cfg)
+    assert report["auth"] is auth
     closed, open_loop = report["recommend"]
     assert closed["requests"] > 0 and closed["errors"] == 0
     assert open_loop["offered_rps"] == 50.0 and open_loop["errors"] == 0
@@ -90,6 +94,7 @@ def test_a_short_run_measures_both_services(world, tmp_path: Path, capsys) -> No
     on, off = report["generate_edit"]
     assert (on["batching"], off["batching"]) == ("on", "off")
     assert on["engine"] == "tiny" and on["requests"] > 0 and off["mean_batch"] == 1.0
+    assert on["errors"] == off["errors"] == 0
     assert on["cloud_cpu_ms"] > 0 and off["cloud_cpu_ms"] > 0  # read from /proc
     out = capsys.readouterr().out
     assert "Recommend over loopback" in out and "GenerateEdit over loopback" in out
