@@ -9,7 +9,9 @@ Modules (one concern each):
 * :mod:`recsys.serving.errors`: THE place that maps domain errors to status codes: the
   server interceptor (ValidationError -> INVALID_ARGUMENT, NotFoundError -> NOT_FOUND,
   not ready -> UNAVAILABLE, anything else -> INTERNAL with a generic message, logged).
-* :mod:`recsys.serving.auth`: the shared-token check on the device-to-cloud link.
+* :mod:`recsys.serving.auth`: signed per-device tokens (JWT, HS256) and the interceptor
+  that checks them (UNAUTHENTICATED / PERMISSION_DENIED before any handler runs).
+* :mod:`recsys.serving.redact`: user and device ids as a short hash in logs.
 * :mod:`recsys.serving.batching`: an asyncio micro-batcher (concurrent calls -> one
   engine call, with a small wait budget).
 * :mod:`recsys.serving.server`: server options (message sizes, TLS, grace), health and
