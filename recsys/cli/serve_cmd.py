@@ -122,7 +122,7 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
     _opt(p, "--seed", 0, "tiny engine seed")
     _add_batching(p, ("--batch-max", "--batch-wait-ms"), (32, 5.0), "GenerateEdit calls")
     _add_dtype(p, "edit precision when a request does not choose")
-    _add_auth_options(p, "a device token may ask edits for its own device id only")
+    _add_auth_options(p, "A device token may ask edits for its own device id only")
     _add_server_options(p, default_port=50051)
     add_location_options(p)
     p.set_defaults(handler=cmd_serve_cloud)
@@ -246,7 +246,7 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
     )
     _opt(g, "--max-probes", 1000, "largest probe list of a Recommend (evaluation scores and ranks)")
     _add_auth_options(
-        p, "a device token acts for the user whose id is its subject (a user is a device)"
+        p, "A device token acts for the user whose id is its subject (a user is a device)"
     )
     _add_server_options(p, default_port=50052)
     add_location_options(p)
@@ -317,8 +317,8 @@ def _add_auth_options(p: argparse.ArgumentParser, rule: str) -> None:
         help="require callers' signed tokens (`recsys auth issue`) made with this key file "
         "(`recsys auth keygen`), or with a key in this directory of *.key files; repeat for "
         f"the old and the new key of a rotation (at most 2 keys). {rule}; an operator token "
-        "acts for any. Key files are re-read when they change. Default: no authentication "
-        "(loopback only)",
+        "acts for any. Key files are re-read when they change. Default: no authentication, "
+        "every caller is trusted (for loopback only)",
     )
     _opt(g, "--auth-leeway", 30.0, "clock skew tolerated on token expiry, s")
 
