@@ -35,12 +35,25 @@ from device_ranker.service.config import CloudLinkConfig
 from recsys.errors import ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
-from recsys.serving.auth import read_token, token_metadata
+from recsys.serving.auth import read_token, token_expiry, token_metadata
 from recsys.serving.server import client_channel
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = cpb.DESCRIPTOR.services_by_name["AdaptationService"].full_name
+
+
+def warn_if_expiring(token: str | None, path: str | None, within_s: float = 86400.0) -> None:
+    """Log when the link's token has expired or expires within ``within_s`` (its claims
+    read without verifying: only the cloud holds the key)."""
+    expires = token_expiry(token) if token else None
+    if expires is None:
+        return
+    left = expires - time.time()
+    if left <= 0:
+        logger.error("the cloud token in %s expired %.0f s ago; reissue it", path, -left)
+    elif left < within_s:
+        logger.warning("the cloud token in %s expires in %.1f h; reissue it", path, left / 3600)
 
 
 class CloudLink:
@@ -56,6 +69,7 @@ class CloudLink:
         self.config = config
         self.token = read_token(config.token_file)
         self._metadata = token_metadata(self.token)
+        warn_if_expiring(self.token, config.token_file)
         self._token_stat = self._stat_token()
         self.channel: grpc.aio.Channel | None = None
         self.stub: cpb_grpc.AdaptationServiceStub | None = None
@@ -118,6 +132,7 @@ class CloudLink:
             return False
         self.token, self._metadata = token, token_metadata(token)
         logger.info("cloud token reloaded from %s", self.config.token_file)
+        warn_if_expiring(token, self.config.token_file)
         return True
 
     async def probe(self) -> bool:

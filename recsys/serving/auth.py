@@ -350,6 +350,16 @@ def read_token(path: str | Path | None) -> str | None:
     return token
 
 
+def token_expiry(token: str) -> int | None:
+    """The ``exp`` claim of ``token`` read WITHOUT verifying it (for a client's reminder to
+    renew; never for a decision), or None when it has none or does not parse."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        return None
+    return int(exp) if isinstance(exp, (int, float)) else None
+
+
 def _presented(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     for key, value in metadata or ():
         if key == METADATA_KEY:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import cloud_config, device_config
 
 from device_ranker.edits import random_edit
+from device_ranker.service.cloud_link import warn_if_expiring
 from device_ranker.service.config import CloudLinkConfig
 from device_ranker.service.server import DeviceHandle, start_device
 from llm_cloud.service.server import CloudHandle, start_cloud
@@ -30,6 +31,7 @@ from recsys.serving.auth import (
     SigningKey,
     generate_key,
     issue_token,
+    token_expiry,
     token_metadata,
     write_key,
 )
@@ -271,3 +273,20 @@ def test_a_device_token_on_the_link_gets_its_own_edits_only(
             assert event("u8", 10**9 + 1).outcome == pb.EDIT_OUTCOME_APPLIED
     finally:
         bg.run(device.stop(0))
+
+
+def test_the_link_warns_before_its_token_expires(caplog) -> None:
+    key = generate_key("k1")
+    soon = issue_token(key, "d", ttl_s=600)
+    assert abs(token_expiry(soon) - (time.time() + 600)) < 5
+    assert token_expiry("junk") is None
+
+    def reminders() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "cloud token in" in r.getMessage()]
+
+    warn_if_expiring(issue_token(key, "d", ttl_s=7 * 86400), "far.token")
+    assert not reminders()
+    warn_if_expiring(soon, "soon.token")
+    warn_if_expiring(issue_token(key, "d", ttl_s=10, now=time.time() - 100), "old.token")
+    assert [r.levelname for r in reminders()] == ["WARNING", "ERROR"]
+    assert "soon.token" in reminders()[0].getMessage()
