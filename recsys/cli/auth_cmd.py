@@ -75,7 +75,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from recsys.serving.auth import generate_key, write_key
+    from recsys.serving.keys import generate_key, write_key
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_issue(args: argparse.Namespace) -> int:
     from recsys.errors import ValidationError
-    from recsys.serving.auth import issue_token, read_key
+    from recsys.serving.auth import issue_token
+    from recsys.serving.keys import read_key
 
     if args.ttl_hours <= 0:
         raise ValidationError(f"--ttl-hours must be > 0, got {args.ttl_hours}")
@@ -108,7 +109,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from recsys.errors import ValidationError
-    from recsys.serving.auth import AuthError, KeyRing, TokenVerifier, read_token
+    from recsys.serving.auth import AuthError, TokenVerifier, read_token
+    from recsys.serving.keys import KeyRing
 
     token = args.token or read_token(args.token_file)
     try:

@@ -11,6 +11,7 @@ Modules (one concern each):
   not ready -> UNAVAILABLE, anything else -> INTERNAL with a generic message, logged).
 * :mod:`recsys.serving.auth`: signed per-device tokens (JWT, HS256) and the interceptor
   that checks them (UNAUTHENTICATED / PERMISSION_DENIED before any handler runs).
+* :mod:`recsys.serving.keys`: the signing keys (key files, the key ring, rotation).
 * :mod:`recsys.serving.redact`: user and device ids as a short hash in logs.
 * :mod:`recsys.serving.batching`: an asyncio micro-batcher (concurrent calls -> one
   engine call, with a small wait budget).

@@ -119,7 +119,8 @@ class BenchData:
 
     def use_auth(self, directory: Path) -> None:
         """A key in ``directory`` for the servers, an operator token for the clients."""
-        from recsys.serving.auth import generate_key, issue_token, token_metadata, write_key
+        from recsys.serving.auth import issue_token, token_metadata
+        from recsys.serving.keys import generate_key, write_key
 
         key = generate_key("bench")
         write_key(key, directory / "bench.key")

@@ -26,15 +26,8 @@ from llm_cloud.service.server import CloudHandle, start_cloud
 from recsys.edit_payload import encode_payload
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
-from recsys.serving.auth import (
-    AuthConfig,
-    SigningKey,
-    generate_key,
-    issue_token,
-    token_expiry,
-    token_metadata,
-    write_key,
-)
+from recsys.serving.auth import AuthConfig, issue_token, token_expiry, token_metadata
+from recsys.serving.keys import SigningKey, generate_key, write_key
 from recsys.serving.redact import id_ref
 
 

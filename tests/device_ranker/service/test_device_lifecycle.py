@@ -22,8 +22,9 @@ from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
-from recsys.serving.auth import AuthConfig, generate_key, issue_token, token_metadata, write_key
+from recsys.serving.auth import AuthConfig, issue_token, token_metadata
 from recsys.serving.errors import ErrorMappingInterceptor
+from recsys.serving.keys import generate_key, write_key
 from recsys.serving.server import GrpcServer, ServerOptions
 
 

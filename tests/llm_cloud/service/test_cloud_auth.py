@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llm_cloud.service.server import CloudHandle
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
-from recsys.serving.auth import AuthConfig, generate_key, issue_token, token_metadata, write_key
+from recsys.serving.auth import AuthConfig, issue_token, token_metadata
+from recsys.serving.keys import generate_key, write_key
 
 GENERATE = "/recsys.cloud.v1.AdaptationService/GenerateEdit"
 

@@ -1,4 +1,4 @@
-"""Signed device tokens (recsys.serving.auth): keys, issue/verify, expiry, forgery,
+"""Signed device tokens (recsys.serving.auth, recsys.serving.keys): keys, issue/verify, expiry, forgery,
 rotation, and the `recsys auth` commands. The servers' use of them is tested in
 tests/llm_cloud/service/test_cloud_auth.py and tests/device_ranker/service/test_device_auth.py."""
 
@@ -13,17 +13,8 @@ import pytest
 
 from recsys.cli import main
 from recsys.errors import ValidationError
-from recsys.serving.auth import (
-    AuthError,
-    Identity,
-    KeyRing,
-    SigningKey,
-    TokenVerifier,
-    generate_key,
-    issue_token,
-    read_key,
-    write_key,
-)
+from recsys.serving.auth import AuthError, Identity, TokenVerifier, issue_token
+from recsys.serving.keys import KeyRing, SigningKey, generate_key, read_key, write_key
 from recsys.serving.redact import id_ref
 
 
