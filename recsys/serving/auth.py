@@ -36,7 +36,7 @@ Example::
 
     key = generate_key("k1"); write_key(key, "k1.key")   # recsys.serving.keys
     token = issue_token(key, "phone-42", role="device", ttl_s=86400)
-    interceptor = AuthInterceptor(KeyRing(["k1.key"]), AuthPolicy({
+    interceptor = AuthInterceptor(TokenVerifier(KeyRing(["k1.key"])), AuthPolicy({
         "/recsys.cloud.v1.AdaptationService/GenerateEdit": "device_id"}))
     server = grpc.aio.server(interceptors=[interceptor, ErrorMappingInterceptor()])
     await stub.GenerateEdit(request, metadata=token_metadata(token), timeout=1.0)
