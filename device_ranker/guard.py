@@ -12,8 +12,13 @@ therefore judges the user's previous edits (same generator, same user, a few eve
 older) as the proxy for the new one.
 
     gain(rank)  = 1 / log2(1 + rank)                  (DCG of one click, no cut-off)
-    evidence    = mean over the last m clicks of gain(rank_edit) - gain(rank_base)
-    accept      = evidence >= -margin   or   fewer than min_evidence clicks
+    d_i         = gain(rank_edit) - gain(rank_base)   over the last n <= m clicks
+    accept      = mean(d) + z * sd(d) / sqrt(n) >= -margin   or   n < min_evidence
+
+With ``z = 0`` an edit is kept out whenever the user's edits did worse than the base head
+on average, however noisy the evidence (on ml-100k that kept out 31 % of the edits and
+lost 17 % of the gain); the default ``z = 1.645`` keeps it out only when the harm is
+significant (a one-sided test at 5 %), the conventional level, not a tuned one.
 
 The full-catalogue DCG is top-heavy like NDCG@10 but smoother (a click at rank 11
 still counts), so ten clicks say more. Cost on the device: per click one base-head pass
@@ -52,11 +57,14 @@ class GuardConfig:
             may be and still be applied.
         min_evidence: with fewer scored clicks, accept (no evidence yet: the edit's
             training says edits help on average).
+        z: keep an edit out only if the evidence is below ``-margin`` by ``z`` standard
+            errors (1.645: a one-sided test at 5 %; 0: on the mean alone).
     """
 
     window: int = Field(20, ge=1)
     margin: float = Field(0.0, ge=0.0)
     min_evidence: int = Field(3, ge=0)
+    z: float = Field(1.645, ge=0.0)
 
 
 def click_gain(ranks: np.ndarray) -> np.ndarray:
@@ -88,9 +96,10 @@ class HarmGuard:
     def accept(self, state: GuardState) -> bool:
         """The device's check when an edit arrives."""
         n = len(state.diffs)
-        if n < self.config.min_evidence or n == 0:
+        if n < max(self.config.min_evidence, 1):
             return True
-        return sum(state.diffs) / n >= -self.config.margin
+        d = np.fromiter(state.diffs, dtype=np.float64, count=n)
+        return bool(_accept(d.sum(), (d * d).sum(), n, self.config))
 
     def accept_many(self, diffs: np.ndarray, scored: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """The same decisions for R edits of one device at once (the replay).
@@ -106,6 +115,7 @@ class HarmGuard:
         cfg = self.config
         d = np.where(scored, diffs, 0.0)
         cs = np.concatenate([[0.0], np.cumsum(d)])  # [E + 1]
+        cq = np.concatenate([[0.0], np.cumsum(d * d)])  # [E + 1]
         cn = np.concatenate([[0], np.cumsum(scored)])  # [E + 1]
         ends = np.asarray(ends, dtype=np.int64)
         # the last `window` SCORED clicks before each edit: walk back from `ends` until
@@ -114,5 +124,15 @@ class HarmGuard:
         want = np.maximum(cn[ends] - cfg.window, 0)  # scored clicks to skip
         starts = np.searchsorted(cn, want, side="left")  # first index with cn == want
         n = cn[ends] - cn[starts]
-        mean = np.divide(cs[ends] - cs[starts], np.maximum(n, 1))
-        return (n < max(cfg.min_evidence, 1)) | (mean >= -cfg.margin)
+        ok = _accept(cs[ends] - cs[starts], cq[ends] - cq[starts], n, cfg)
+        return (n < max(cfg.min_evidence, 1)) | ok
+
+
+def _accept(total, squares, n, cfg: GuardConfig):
+    """mean + z * se >= -margin from the sum, sum of squares and count (any shape; se
+    with the n - 1 variance, 0 for one click)."""
+    n = np.asarray(n, dtype=np.float64)
+    m = np.maximum(n, 1.0)
+    mean = total / m
+    var = np.maximum(squares - m * mean * mean, 0.0) / np.maximum(n - 1.0, 1.0)
+    return mean + cfg.z * np.sqrt(var / m) >= -cfg.margin - 1e-12  # float sums: ties accept

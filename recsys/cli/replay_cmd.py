@@ -128,6 +128,12 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "earlier edits may be and the new one still applied (0)",
     )
     p.add_argument(
+        "--guard-z",
+        type=float,
+        help="harm guard: keep an edit out only if the evidence is below -margin by this many "
+        "standard errors (1.645, a one-sided test at 5%%; 0: on the mean alone)",
+    )
+    p.add_argument(
         "--store-url",
         help="global time (system-live): the prototype store the live bank writes its "
         "versions to, e.g. postgresql+psycopg://user@host/db (default: a temporary SQLite file)",
@@ -375,13 +381,17 @@ def build_config(args: argparse.Namespace):
     }
     if args.workers is not None and args.workers < 1:
         raise ValidationError(f"--workers must be >= 1, got {args.workers}")
-    if args.guard_window is not None or args.guard_margin is not None:
+    if any(v is not None for v in (args.guard_window, args.guard_margin, args.guard_z)):
         from device_ranker.guard import GuardConfig
 
         over["guard"] = GuardConfig(
             **{
                 k: v
-                for k, v in (("window", args.guard_window), ("margin", args.guard_margin))
+                for k, v in (
+                    ("window", args.guard_window),
+                    ("margin", args.guard_margin),
+                    ("z", args.guard_z),
+                )
                 if v is not None
             }
         )

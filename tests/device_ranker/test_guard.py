@@ -16,7 +16,7 @@ def test_click_gain() -> None:
 
 
 def test_no_evidence_accepts_and_harm_rejects() -> None:
-    guard = HarmGuard(GuardConfig(window=4, margin=0.0, min_evidence=2))
+    guard = HarmGuard(GuardConfig(window=4, margin=0.0, min_evidence=2, z=0.0))
     state = GuardState.empty(4)
     assert guard.accept(state)
     state.record(base_rank=1, edit_rank=50)
@@ -32,26 +32,39 @@ def test_margin_tolerates_small_losses() -> None:
     state = GuardState.empty(5)
     for _ in range(5):
         state.record(base_rank=3, edit_rank=4)  # 0.5 -> 0.43: -0.069 per click
-    assert not HarmGuard(GuardConfig(margin=0.05)).accept(state)
+    assert not HarmGuard(GuardConfig(margin=0.05)).accept(state)  # no spread: se = 0
     assert HarmGuard(GuardConfig(margin=0.1)).accept(state)
+
+
+def test_the_test_keeps_noisy_evidence_and_rejects_consistent_harm() -> None:
+    noisy = GuardState.empty(10)
+    for base, edit in [(1, 40), (40, 1), (2, 30), (30, 3)]:  # mean slightly negative
+        noisy.record(base_rank=base, edit_rank=edit)
+    assert not HarmGuard(GuardConfig(z=0.0)).accept(noisy)
+    assert HarmGuard(GuardConfig(z=1.645)).accept(noisy)
+    harm = GuardState.empty(10)
+    for base, edit in [(1, 40), (2, 30), (1, 25), (3, 50)]:
+        harm.record(base_rank=base, edit_rank=edit)
+    assert not HarmGuard(GuardConfig(z=1.645)).accept(harm)
 
 
 @given(
     n=st.integers(0, 40),
     window=st.integers(1, 8),
     margin=st.sampled_from([0.0, 0.02]),
+    z=st.sampled_from([0.0, 1.645]),
     min_evidence=st.integers(0, 4),
     seed=st.integers(0, 10_000),
 )
 @settings(max_examples=150, deadline=None)
-def test_vectorised_decisions_equal_the_device(n, window, margin, min_evidence, seed) -> None:
+def test_vectorised_decisions_equal_the_device(n, window, margin, z, min_evidence, seed) -> None:
     rng = np.random.default_rng(seed)
     base = rng.integers(1, 100, size=n)
     edit = rng.integers(1, 100, size=n)
     scored = rng.random(n) < 0.8
     diffs = click_gain(edit) - click_gain(base)
     ends = np.sort(rng.integers(0, n + 1, size=5))
-    guard = HarmGuard(GuardConfig(window=window, margin=margin, min_evidence=min_evidence))
+    guard = HarmGuard(GuardConfig(window=window, margin=margin, min_evidence=min_evidence, z=z))
     got = guard.accept_many(diffs, scored, ends)
     for k, end in enumerate(ends):
         state = GuardState.empty(window)
