@@ -44,8 +44,13 @@ logger = logging.getLogger(__name__)
 
 # Execution option that marks a transaction as a writer (BEGIN IMMEDIATE on SQLite).
 WRITE_TRANSACTION: dict[str, Any] = {"recsys_write_transaction": True}
-# How long a SQLite writer waits for the write lock before "database is locked".
-SQLITE_BUSY_TIMEOUT_S = 30.0
+# How long a SQLite writer waits for the write lock before "database is locked" (then
+# the use case's tenacity retry takes over), and how long a PostgreSQL statement waits for
+# a row lock (lock_timeout, SQLSTATE 55P03, retried the same way). Well under the device's
+# 1 s GenerateEdit deadline: a stalled lock shows up as a retry or a StoreBusyError,
+# never as a request stuck for half a minute.
+SQLITE_BUSY_TIMEOUT_S = 0.25
+PG_LOCK_TIMEOUT_S = 0.25
 SUPPORTED = "sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB"
 
 
@@ -77,12 +82,14 @@ def make_engine(
     *,
     echo: bool = False,
     sqlite_busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S,
+    pg_lock_timeout_s: float = PG_LOCK_TIMEOUT_S,
     **kwargs: Any,
 ) -> Engine:
     """An :class:`Engine` for ``url`` with the store's per-backend settings.
 
     ``sqlite_busy_timeout_s``: how long a SQLite connection waits for a lock before
-    "database is locked". Extra keyword arguments go to :func:`sqlalchemy.create_engine`
+    "database is locked"; ``pg_lock_timeout_s``: PostgreSQL's ``lock_timeout`` (0 = wait
+    forever). Extra keyword arguments go to :func:`sqlalchemy.create_engine`
     (e.g. ``pool_size``). The parent folder of a SQLite file is created if missing.
     """
     parsed = parse_url(url)
@@ -94,7 +101,9 @@ def make_engine(
         _install_sqlite_hooks(engine, sqlite_busy_timeout_s)
     else:
         kwargs.setdefault("pool_pre_ping", True)
-        engine = create_engine(parsed, echo=echo, **kwargs)
+        connect_args = {"options": f"-c lock_timeout={int(pg_lock_timeout_s * 1000)}"}
+        connect_args.update(kwargs.pop("connect_args", {}))
+        engine = create_engine(parsed, echo=echo, connect_args=connect_args, **kwargs)
     logger.debug("store engine %s", parsed.render_as_string(hide_password=True))
     return engine
 

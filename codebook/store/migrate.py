@@ -10,8 +10,8 @@
 
 Example::
 
-    upgrade("sqlite:////tmp/store.sqlite")          # -> "0001"
-    current_revision("sqlite:////tmp/store.sqlite")  # -> "0001"
+    upgrade("sqlite:////tmp/store.sqlite")          # -> "0002"
+    current_revision("sqlite:////tmp/store.sqlite")  # -> "0002"
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Tables (one class each)::
     experiments                 id, name (unique), salt, config (JSON), created_at
     arm_assignments             id, experiment_id -> experiments, user_id, arm, assigned_at;
                                 unique (experiment_id, user_id)
+    id_blocks                   name (pk), reserved_to  -- ids handed out before their row
+                                is written (edit ids of the write-behind edit log)
 
 A version row is immutable once written: refining a prototype appends version ``v + 1``
 and moves ``prototypes.current_version``. The unique ``(prototype_id, version)``
@@ -34,6 +36,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -220,6 +223,17 @@ class EditLog(Base):
     payload_bytes: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class IdBlock(Base):
+    """The highest id reserved so far for a table whose ids are handed out before the row
+    is written (the edit log's, under write-behind): every id <= ``reserved_to`` may be in
+    use, so a restarted writer reserves above it."""
+
+    __tablename__ = "id_blocks"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    reserved_to: Mapped[int] = mapped_column(BigInteger)
 
 
 class Experiment(Base):

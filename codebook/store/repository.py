@@ -32,6 +32,7 @@ from codebook.store.models import (
     DeviceAssignment,
     EditLog,
     Experiment,
+    IdBlock,
     Prototype,
     PrototypeTensor,
     PrototypeVersion,
@@ -303,6 +304,50 @@ class DeviceRepository:
         return row
 
 
+EDIT_LOG_IDS = "edit_log"  # the id block of the edit log's row ids
+# tables whose ids are reserved in blocks: the floor of a first reservation (rows that
+# were written before reservations existed)
+_RESERVED_IDS = {EDIT_LOG_IDS: EditLog.id}
+
+
+class IdBlockRepository:
+    """Blocks of ids handed out before their rows are written (``id_blocks``).
+
+    :meth:`reserve` locks the block's row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
+    callers open a write transaction) and moves ``reserved_to`` up, so concurrent or
+    restarted reservers never get the same id. Ids are increasing, not dense: an unused
+    rest of a block is skipped after a restart.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def reserve(self, name: str, count: int, *, above: int = 0) -> tuple[int, int]:
+        """(first, last) of ``count`` new ids of ``name``, all > ``above``, > every id
+        reserved before and > the table's largest id."""
+        if count < 1:
+            raise ValidationError(f"count must be >= 1, got {count}")
+        column = _RESERVED_IDS.get(name)
+        if column is None:
+            raise ValidationError(f"no reserved id block {name!r}; one of {list(_RESERVED_IDS)}")
+        self.session.execute(
+            dialect_insert(self.session, IdBlock)
+            .values(name=name, reserved_to=0)
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        row = self.session.scalars(
+            select(IdBlock)
+            .where(IdBlock.name == name)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        largest = int(self.session.scalar(select(func.max(column))) or 0)
+        first = max(int(row.reserved_to), largest, int(above)) + 1
+        row.reserved_to = first + count - 1
+        self.session.flush()
+        return first, first + count - 1
+
+
 class EditLogRepository:
     """The audit log of generated edits."""
 
@@ -320,13 +365,19 @@ class EditLogRepository:
         payload_bytes: int,
         latency_ms: float,
         created_at: datetime | None = None,
+        id: int | None = None,
     ) -> EditLog:
+        """Append a row; ``id``: one reserved with :class:`IdBlockRepository` (None: the
+        next one reserved here, so ids never collide with reserved ones)."""
         check_name("device id", device_id)
         if prototype_id is not None:
             PrototypeRepository(self.session).get(prototype_id)
         if payload_bytes < 0:
             raise ValidationError(f"payload_bytes must be >= 0, got {payload_bytes}")
+        if id is None:
+            id = IdBlockRepository(self.session).reserve(EDIT_LOG_IDS, 1)[0]
         row = EditLog(
+            id=int(id),
             device_id=device_id,
             tokens=tokens,
             prototype_id=prototype_id,

@@ -74,9 +74,11 @@ from codebook.store.records import (
     prototype_state,
 )
 from codebook.store.repository import (
+    EDIT_LOG_IDS,
     DeviceRepository,
     EditLogRepository,
     ExperimentRepository,
+    IdBlockRepository,
     PrototypeRepository,
     VersionConflict,
 )
@@ -96,7 +98,13 @@ _SQLITE_UNIQUE = frozenset({2067, 1555})
 
 
 class StoreBusyError(RecsysError):
-    """A write kept colliding with concurrent writers and gave up; retry later."""
+    """A write kept colliding with concurrent writers and gave up; retry later.
+
+    Retryable: the error-mapping interceptor answers it with UNAVAILABLE (a client may
+    retry with back-off), not FAILED_PRECONDITION.
+    """
+
+    retryable = True
 
 
 def is_transient(exc: BaseException, *, unique_conflicts: bool = False) -> bool:
@@ -380,6 +388,13 @@ class PrototypeStore:
                 latency_ms=latency_ms,
             )
             return edit_record(row)
+
+    def reserve_ids(self, count: int, *, above: int = 0, name: str = EDIT_LOG_IDS) -> range:
+        """``count`` new edit-log ids (all > ``above`` and > any id reserved or written
+        before), for rows written later by a write-behind writer."""
+        with self.transaction(write=True) as session:
+            first, last = IdBlockRepository(session).reserve(name, count, above=above)
+        return range(first, last + 1)
 
     def edits_for_device(self, device_id: str, limit: int = 100) -> list[EditRecord]:
         """The device's latest edits, newest first."""

@@ -11,6 +11,9 @@ raised in a handler             status code             details sent to the clie
 ``NotFoundError``               ``NOT_FOUND``           the error's message
 ``NotReadyError``               ``UNAVAILABLE``         the error's message
 ``OverloadedError``             ``RESOURCE_EXHAUSTED``  the error's message
+``RecsysError`` with            ``UNAVAILABLE``         the error's message
+``retryable = True`` (the
+store's ``StoreBusyError``)
 other ``RecsysError``           ``FAILED_PRECONDITION`` the error's message
 ``asyncio.TimeoutError``        ``DEADLINE_EXCEEDED``   "deadline exceeded"
 anything else                   ``INTERNAL``            generic text + an error id; the
@@ -96,6 +99,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, OverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, RecsysError) and getattr(exc, "retryable", False):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)  # transient: retry with back-off
     if isinstance(exc, RecsysError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, TimeoutError):

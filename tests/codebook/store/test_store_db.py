@@ -10,7 +10,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from codebook.store import migrate
-from codebook.store.db import WRITE_TRANSACTION, make_engine, parse_url
+from codebook.store.db import SQLITE_BUSY_TIMEOUT_S, WRITE_TRANSACTION, make_engine, parse_url
 from codebook.store.models import DeviceAssignment, utcnow
 from recsys import settings
 from recsys.errors import ValidationError
@@ -49,7 +49,9 @@ def test_sqlite_pragmas(tmp_path: Path) -> None:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(
+                SQLITE_BUSY_TIMEOUT_S * 1000
+            )
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     finally:
         engine.dispose()
