@@ -10,6 +10,8 @@ Modules (one concern each):
 * :mod:`codebook.store.migrate`: ``upgrade(url)``, ``current_revision``, ``schema_diff``.
 * :mod:`codebook.store.repository`: queries and writes over a ``Session`` (flush only).
 * :mod:`codebook.store.service`: :class:`PrototypeStore`, one transaction per use case.
+* :mod:`codebook.store.writer`: :class:`~codebook.store.writer.StoreWriter`, write-behind
+  (a writer thread with its own connection: bounded queue, batched transactions, retries).
 * :mod:`codebook.store.bench`: concurrent-refinement benchmark (threads / processes).
 
 Example::
