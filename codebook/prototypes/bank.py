@@ -16,13 +16,22 @@ Example::
     pid = bank.assign(code)                           # nearest prototype, code [C]
     residual, norm = bank.residual(user_edit, pid)
     bank.observe("device-7", code, norm, pid)         # maybe new versions / spawns
+
+Write-behind (the cloud server): with a :class:`codebook.store.writer.StoreWriter`
+attached (:meth:`PrototypeBank.attach_writer`), ``observe`` writes nothing itself: the
+device assignment, the refinement (its update function still runs inside the store's
+locked transaction on the LATEST stored version, so concurrent refiners lose no update)
+and a spawn are queued to the writer; their committed versions come back to the bank and
+are installed at the next :meth:`PrototypeBank.apply_written` (the engine calls it at
+the start of every batch), so the bank only ever serves committed versions.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +44,12 @@ from codebook.prototypes.algebra import DecodeFn, prototype_edits, residual_edit
 from codebook.prototypes.config import PrototypeConfig
 from codebook.quantizer import nearest
 from codebook.store import PrototypeStore, VersionContent, VersionRef
+from codebook.store.writer import WriteOp
 from recsys.errors import ValidationError
 
 logger = logging.getLogger(__name__)
+
+MAX_TRACKED_DEVICES = 100_000  # device assignments remembered in memory (LRU)
 
 
 @dataclass
@@ -98,8 +110,16 @@ class PrototypeBank:
         self.bias_bound = float(bias_bound)
         self.spawn_threshold = float(spawn_threshold)
         self.live: dict[int, _Live] = {}
-        self._assigned: dict[str, int] = {}
+        # device -> prototype it is stored as assigned to (LRU, at most max_tracked
+        # devices: a device evicted from it is written again on its next edit, an
+        # idempotent upsert)
+        self._assigned: OrderedDict[str, int] = OrderedDict()
+        self.max_tracked = MAX_TRACKED_DEVICES
         self.changes: list[BankChange] = []
+        self.writer: Any | None = None  # a StoreWriter (write-behind) or None (write here)
+        self._written: list[tuple[str, Any, Any]] = []  # (kind, state, extra) to install
+        self._written_lock = threading.Lock()
+        self._spawning = 0  # spawns queued, not yet installed
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -200,6 +220,58 @@ class PrototypeBank:
             raise ValidationError(f"no prototypes named {cfg.name_prefix}-* in the store")
         return bank
 
+    # ---- write-behind -------------------------------------------------------------------
+    def attach_writer(self, writer: Any) -> None:
+        """Queue every store write to ``writer`` (a ``StoreWriter``) from now on."""
+        self.writer = writer
+
+    def _written_back(self, kind: str, extra: Any = None) -> Callable[[Any], None]:
+        """The writer's ``done`` callback: keep the committed state for :meth:`apply_written`."""
+
+        def done(state: Any) -> None:
+            with self._written_lock:
+                self._written.append((kind, state, extra))
+
+        return done
+
+    def apply_written(self) -> list[BankChange]:
+        """Install the versions and prototypes the writer committed since the last call
+        (call it from the thread that uses the bank)."""
+        with self._written_lock:
+            written, self._written = self._written, []
+        out = []
+        for kind, state, extra in written:
+            if kind == "refine":
+                live = self.live.get(state.prototype_id)
+                if live is not None and state.version > live.version:
+                    self._install(live, state)
+                out.append(BankChange("refine", state.prototype_id, state.version))
+            elif kind == "spawn_lost":
+                self._spawning -= 1
+            else:  # spawn: extra = (tensors, member count, parent)
+                tensors, count, parent = extra
+                self._spawning -= 1
+                self.live[state.prototype_id] = _Live(
+                    state.prototype_id, state.version, state.code.astype(np.float32), count,
+                    tensors,
+                )  # fmt: skip
+                out.append(BankChange("spawn", state.prototype_id, state.version, parent))
+        self.changes.extend(out)
+        return out
+
+    def _spawn_lost(self, why: str) -> None:
+        with self._written_lock:
+            self._written.append(("spawn_lost", None, None))
+
+    @staticmethod
+    def _install(live: _Live, state: Any) -> None:
+        live.version = state.version
+        live.code = state.code.astype(np.float32)
+        live.count = state.member_count
+        live.tensors = {
+            k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.tensors.items()
+        }
+
     # ---- queries ----------------------------------------------------------------------
     def _decode(self, codes: np.ndarray) -> list[dict[str, torch.Tensor]]:
         """Codes [P, C] -> P clipped prototype edits (unbatched flat)."""
@@ -252,13 +324,17 @@ class PrototypeBank:
         """Record one edit of ``device_id`` (code [C], its residual norm against
         ``prototype_id``); may append a version (refine) and/or spawn a prototype.
 
-        The device's assignment is written to the store when it changes.
+        The device's assignment is written to the store when it changes (queued to the
+        writer when one is attached; then refinements and spawns are queued too and show
+        up after :meth:`apply_written`, so the returned list is empty).
         """
         live = self.live[prototype_id]
         code = np.asarray(code, np.float32)
         if self._assigned.get(device_id) != prototype_id:
-            self.store.assign_device(device_id, prototype_id, seen_version=live.version)
-            self._assigned[device_id] = prototype_id
+            self._assign(device_id, prototype_id, live.version)
+        self._assigned.move_to_end(device_id)
+        while len(self._assigned) > self.max_tracked:
+            self._assigned.popitem(last=False)
         live.pending_codes.append(code)
         live.pending_norms.append(float(residual_norm))
         live.recent.append((float(residual_norm), code))
@@ -266,16 +342,33 @@ class PrototypeBank:
             live.recent.popleft()
         out: list[BankChange] = []
         if len(live.pending_codes) >= self.cfg.refine_every:
-            out.append(self._refine(live))
+            refined = self._refine(live)
+            if refined is not None:
+                out.append(refined)
         spawned = self._maybe_spawn(live)
         if spawned is not None:
             out.append(spawned)
         self.changes.extend(out)
         return out
 
-    def _refine(self, live: _Live) -> BankChange:
+    def _assign(self, device_id: str, prototype_id: int, version: int) -> None:
+        self._assigned[device_id] = prototype_id
+        if self.writer is None:
+            self.store.assign_device(device_id, prototype_id, seen_version=version)
+            return
+        from codebook.store.repository import DeviceRepository
+
+        self.writer.submit(
+            WriteOp("assignment", apply=lambda session: DeviceRepository(session).assign(
+                device_id, prototype_id, version
+            ))
+        )  # fmt: skip
+
+    def _refine(self, live: _Live) -> BankChange | None:
         pending = np.stack(live.pending_codes)  # [k, C]
         norms = np.asarray(live.pending_norms)
+        live.pending_codes.clear()
+        live.pending_norms.clear()
         cap = self.cfg.max_count
 
         def update(latest):  # runs inside the store's transaction on the LATEST version
@@ -283,28 +376,33 @@ class PrototypeBank:
             k = len(pending)
             new_code = (n * latest.code.astype(np.float64) + pending.sum(0)) / (n + k)
             new_code = new_code.astype(np.float32)
+            with torch.no_grad():  # grad mode is per thread: the writer's is on
+                tensors = _np(self._decode(new_code[None])[0])
             return VersionContent(
                 code=new_code,
-                tensors=_np(self._decode(new_code[None])[0]),
+                tensors=tensors,
                 member_count=int(latest.member_count) + k,
                 residual_norm_mean=float(norms.mean()),
                 residual_norm_max=float(norms.max()),
             )
 
-        state = self.store.refine_prototype(live.prototype_id, update)
-        live.version = state.version
-        live.code = state.code.astype(np.float32)
-        live.count = state.member_count
-        live.tensors = {
-            k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.tensors.items()
-        }
-        live.pending_codes.clear()
-        live.pending_norms.clear()
+        pid = live.prototype_id
+        if self.writer is not None:
+            self.writer.submit(
+                WriteOp("refinement", run=lambda store: store.refine_prototype(pid, update),
+                        done=self._written_back("refine"))
+            )  # fmt: skip
+            return None
+        state = self.store.refine_prototype(pid, update)
+        self._install(live, state)
         return BankChange("refine", live.prototype_id, state.version)
 
     def _maybe_spawn(self, live: _Live) -> BankChange | None:
         cfg = self.cfg
-        if len(live.recent) < cfg.spawn_window or len(self.live) >= cfg.max_prototypes:
+        if (
+            len(live.recent) < cfg.spawn_window
+            or len(self.live) + self._spawning >= cfg.max_prototypes
+        ):
             return None
         far = [c for n, c in live.recent if n > self.spawn_threshold]
         if len(far) < cfg.spawn_fraction * cfg.spawn_window:
@@ -312,25 +410,29 @@ class PrototypeBank:
         code = np.mean(np.stack(far), axis=0).astype(np.float32)
         tensors = self._decode(code[None])[0]
         parent = VersionRef(live.prototype_id, live.version)
-        name = f"{cfg.name_prefix}-{len(self.live)}"
-        while self.store.find_prototype(name) is not None:
-            name += "+"
-        state = self.store.create_prototype(
-            name,
-            VersionContent(
-                code=code,
-                tensors=_np(tensors),
-                member_count=len(far),
-                residual_norm_mean=float(np.mean([n for n, _ in live.recent])),
-                residual_norm_max=float(max(n for n, _ in live.recent)),
-            ),
-            reason="spawn",
-            parent=parent,
+        content = VersionContent(
+            code=code,
+            tensors=_np(tensors),
+            member_count=len(far),
+            residual_norm_mean=float(np.mean([n for n, _ in live.recent])),
+            residual_norm_max=float(max(n for n, _ in live.recent)),
         )
+        first_name = f"{cfg.name_prefix}-{len(self.live) + self._spawning}"
+        live.recent.clear()
+        if self.writer is not None:
+            self._spawning += 1
+            self.writer.submit(
+                WriteOp("spawn", run=lambda store: _create(store, first_name, content, parent),
+                        done=self._written_back("spawn", (tensors, len(far), parent)),
+                        lost=self._spawn_lost)
+            )  # fmt: skip
+            logger.info("spawn from %d/%d far members of prototype %d queued (threshold %.3f)",
+                        len(far), cfg.spawn_window, live.prototype_id, self.spawn_threshold)  # fmt: skip
+            return None
+        state = _create(self.store, first_name, content, parent)
         self.live[state.prototype_id] = _Live(
             state.prototype_id, state.version, code, len(far), tensors
         )
-        live.recent.clear()
         logger.info(
             "spawned prototype %d from %d/%d far members of prototype %d (threshold %.3f)",
             state.prototype_id,
@@ -353,6 +455,13 @@ class PrototypeBank:
             "spawned": sum(c.kind == "spawn" for c in self.changes),
             "spawn_threshold": self.spawn_threshold,
         }
+
+
+def _create(store: PrototypeStore, name: str, content: VersionContent, parent: VersionRef) -> Any:
+    """Create a spawned prototype under ``name`` (or ``name+``, ``name++``... if taken)."""
+    while store.find_prototype(name) is not None:
+        name += "+"
+    return store.create_prototype(name, content, reason="spawn", parent=parent)
 
 
 def _np(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

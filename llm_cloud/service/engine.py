@@ -18,7 +18,12 @@ the :mod:`llm_cloud.service.servicer`, the replay evaluator and the CLI all use:
    device's residual against it (what goes down the wire, with the prototype id +
    version), online refinement of the prototype versions;
 4. **store** (``codebook.store.PrototypeStore``): prototype versions, device
-   assignments and the edit log (one write transaction per batch for the log);
+   assignments and the edit log (one write transaction per batch for the log). In the
+   server, a write-behind :class:`codebook.store.writer.StoreWriter` is attached
+   (:meth:`ComposedEngine.attach_writer`): the batch then answers from memory (the bank's
+   committed versions, edit ids reserved ahead from the store's ``id_blocks``, see
+   :class:`EditIds`) and queues its assignments, refinements and log rows to the writer,
+   so a slow or locked database never delays or fails an edit;
 5. **refinement** (optional, issue 13; :class:`EditRefiner`): a request that carries the
    device's recent user states (``states`` [P, D], and the item that followed each,
    ``targets`` [P]) gets the adaptor's edit refined by a few Adam steps of the
@@ -365,6 +370,75 @@ class EditRefiner:
                 "bound": self.bound, "bias_bound": self.bias_bound}  # fmt: skip
 
 
+# ---- edit ids under write-behind -------------------------------------------------------------
+class EditIds:
+    """Edit ids handed out before their log rows are written.
+
+    Ids come from blocks reserved in the store (``PrototypeStore.reserve_ids``: above
+    every id reserved or written before, so ids keep increasing across restarts; the
+    unused rest of a block is skipped). The first block is reserved when the engine is
+    set up (not on a request); the next one is reserved by the writer when half of the
+    current one is used. Should the writer be too far behind and the block run out, ids
+    continue past it in memory (counted in ``ids_unreserved``) and the next reservation
+    starts above them: an edit is never refused for want of an id.
+
+    Args:
+        store: reserves the first block (a synchronous write at start-up).
+        writer: reserves the following ones.
+        block: ids per reservation.
+    """
+
+    def __init__(self, store: Any, writer: Any, block: int = 1000) -> None:
+        if block < 2:
+            raise ValidationError(f"the id block must be >= 2, got {block}")
+        self.block = block
+        self.writer = writer
+        self._lock = threading.Lock()
+        first = store.reserve_ids(block)
+        self._next, self._end = first.start, first.stop  # [next, end) reserved, unused
+        self._queued: range | None = None  # the next block, once the writer reserved it
+        self._asking = False
+        self.unreserved = 0
+
+    def take(self, n: int) -> list[int]:
+        """``n`` increasing ids."""
+        with self._lock:
+            out = []
+            for _ in range(n):
+                if self._next >= self._end and self._queued is not None:
+                    self._next = max(self._next, self._queued.start)
+                    self._end, self._queued = self._queued.stop, None
+                if self._next >= self._end:
+                    self.unreserved += 1
+                out.append(self._next)
+                self._next += 1
+            low = self._end - self._next < self.block // 2
+            ask = low and self._queued is None and not self._asking
+            if ask:
+                self._asking = True
+            above = max(self._next, self._end) - 1
+        if ask:
+            from codebook.store.writer import WriteOp
+
+            self.writer.submit(
+                WriteOp("id block", run=lambda store: store.reserve_ids(self.block, above=above),
+                        done=self._reserved, lost=self._not_reserved)
+            )  # fmt: skip
+        return out
+
+    def _reserved(self, ids: range) -> None:
+        with self._lock:
+            self._queued, self._asking = ids, False
+
+    def _not_reserved(self, why: str) -> None:
+        with self._lock:
+            self._asking = False  # ask again at the next take
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"ids_left": max(0, self._end - self._next), "ids_unreserved": self.unreserved}
+
+
 # ---- the composed engine -------------------------------------------------------------------------
 class ComposedEngine:
     """LM (or recent-item tokens) + adaptor + prototype bank + store (see the module doc).
@@ -419,8 +493,21 @@ class ComposedEngine:
         self._info = dict(info or {})
         self._lock = threading.Lock()  # generate_edits is serialised (bank state)
         self._edit_counter = 0
+        self.writer: Any | None = None  # StoreWriter: write-behind (None: write in the batch)
+        self._ids: EditIds | None = None
         self.calls = 0
         self.requests = 0
+
+    # ---- write-behind ------------------------------------------------------------------------
+    def attach_writer(self, writer: Any, id_block: int = 1000) -> None:
+        """Queue the store writes to ``writer`` (a ``StoreWriter``) from now on; edit ids
+        come from blocks of ``id_block`` reserved in the store (the first one now)."""
+        if self.store is None:
+            raise ValidationError("write-behind needs a store")
+        self.writer = writer
+        self._ids = EditIds(self.store, writer, id_block)
+        if self.bank is not None:
+            self.bank.attach_writer(writer)
 
     # ---- edits ------------------------------------------------------------------------------
     def generate_edits(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
@@ -429,6 +516,8 @@ class ComposedEngine:
             return []
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
+            if self.bank is not None and self.writer is not None:
+                self.bank.apply_written()  # refinements / spawns the writer committed
             # the token source reads the window the adaptor was trained on, whatever the
             # device sent (recsys.adaptor_inputs.uplink_window)
             windows = [
@@ -536,6 +625,8 @@ class ComposedEngine:
             return list(range(first, first + len(made)))
         from codebook.store.repository import EditLogRepository
 
+        if self.writer is not None and self._ids is not None:
+            return self._log_behind(made, latency_ms)
         ids = []
         with self.store.transaction(write=True) as session:
             repo = EditLogRepository(session)
@@ -553,6 +644,36 @@ class ComposedEngine:
             ]
             session.flush()
             ids = [int(row.id) for row in rows]
+        return ids
+
+    def _log_behind(self, made: list[dict[str, Any]], latency_ms: float) -> list[int]:
+        """Reserved ids for the batch's edits; their rows queued as one writer op."""
+        from codebook.store.repository import EditLogRepository
+
+        assert self._ids is not None and self.writer is not None
+        ids = self._ids.take(len(made))
+        rows = [
+            dict(
+                id=i,
+                device_id=m["device_id"],
+                tokens=m["tokens"][:2000],
+                prototype_id=m["prototype"][0] if m["prototype"] else None,
+                prototype_version=m["prototype"][1] if m["prototype"] else None,
+                edit_norm=m["norm"],
+                payload_bytes=len(m["payload"]),
+                latency_ms=latency_ms,
+            )
+            for i, m in zip(ids, made, strict=True)
+        ]
+
+        def write(session: Any) -> None:
+            repo = EditLogRepository(session)
+            for row in rows:
+                repo.add(**row)
+
+        from codebook.store.writer import WriteOp
+
+        self.writer.submit(WriteOp("edit log", apply=write, rows=len(rows)))
         return ids
 
     # ---- prototypes ---------------------------------------------------------------------------
@@ -595,8 +716,18 @@ class ComposedEngine:
             "refine": None if self.refiner is None else self.refiner.describe(),
             "calls": self.calls,
             "requests": self.requests,
+            "store_writer": None if self.writer is None else self.writer_stats(),
             **self._info,
         }
+
+    def writer_stats(self) -> dict[str, Any]:
+        """The write-behind writer's queue depth and counters, and the edit ids'."""
+        if self.writer is None:
+            return {}
+        out = dict(self.writer.stats())
+        if self._ids is not None:
+            out.update(self._ids.stats())
+        return out
 
     def close(self) -> None:
         self.tokens.close()

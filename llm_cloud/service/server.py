@@ -2,12 +2,16 @@
 
 Start-up order: the gRPC server binds first with health NOT_SERVING (calls answer
 UNAVAILABLE), the engine loads in a worker thread (adaptor, semantic IDs, LM backend,
-prototype bank, store), then health flips to SERVING. With auth keys, the
+prototype bank, store), then health flips to SERVING. With a store, the engine gets a
+write-behind writer (:class:`codebook.store.writer.StoreWriter`, its own connection):
+GenerateEdit answers from memory and its assignments, refinements and edit-log rows are
+written by the writer thread in batched, retried transactions. With auth keys, the
 authentication interceptor (:mod:`recsys.serving.auth`: a signed device token, whose
 subject must be the GenerateEdit request's ``device_id`` unless it is an operator's) runs
 before the error-mapping interceptor. SIGTERM/SIGINT:
 health NOT_SERVING, no new calls, in-flight calls get ``grace_s`` to finish (the
-micro-batcher finishes its queue), then the engine closes.
+micro-batcher finishes its queue), then the writer writes everything queued, then the
+engine closes.
 
 Example::
 
@@ -27,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from codebook.store.writer import StoreWriter, WriterConfig
 from llm_cloud.service.engine import AdaptationEngine
 from llm_cloud.service.loading import ArtifactEngineConfig, engine_from_artifacts
 from llm_cloud.service.servicer import SERVICE_NAME, AdaptationServicer
@@ -59,6 +64,9 @@ class CloudConfig:
         store_url: the tiny engine's prototype store (None = no prototypes, no log).
         batch: micro-batching of GenerateEdit (max_batch 1 = off).
         default_dtype: payload precision for requests that leave it unspecified.
+        write_behind: with a store, queue the store writes to a writer thread (False:
+            write them in the batch, as offline tools do).
+        writer: the writer's queue size, full-queue wait, batch size and retries.
         auth: the keys whose signed tokens callers must present (none = no check); a
             device token may ask edits for its own device id only (:data:`AUTH_POLICY`).
         torch_threads: intra-op threads of torch in the server.
@@ -75,6 +83,8 @@ class CloudConfig:
     seed: int = 0
     batch: BatchConfig = field(default_factory=BatchConfig)
     default_dtype: Literal["fp16", "int8"] = "fp16"
+    write_behind: bool = True
+    writer: WriterConfig = field(default_factory=WriterConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     torch_threads: int = Field(1, ge=1)
     server: ServerOptions = field(default_factory=ServerOptions)
@@ -123,11 +133,25 @@ class CloudHandle(ServiceHandle):
 
     servicer: AdaptationServicer
     engine: AdaptationEngine
+    writer: StoreWriter | None = None
 
     async def close(self) -> None:
-        """The batcher, then the engine."""
+        """The batcher, then the writer (flushes its queue), then the engine."""
         await self.servicer.close()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)
         await asyncio.to_thread(self.engine.close)
+
+
+def attach_writer(engine: AdaptationEngine, config: WriterConfig) -> StoreWriter | None:
+    """Give an engine with a store a write-behind writer on its own connection (None:
+    the engine has no store or cannot take one)."""
+    store = getattr(engine, "store", None)
+    if store is None or not hasattr(engine, "attach_writer"):
+        return None
+    writer = StoreWriter.open(store.engine.url, config)
+    engine.attach_writer(writer)
+    return writer
 
 
 async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = None) -> CloudHandle:
@@ -138,10 +162,15 @@ async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = Non
     interceptors = auth_interceptors(config.auth, AUTH_POLICY)
     interceptors.append(ErrorMappingInterceptor("cloud"))
     servicer = AdaptationServicer(config.batch, config.default_dtype)
+    writers: list[StoreWriter] = []
 
     async def load() -> AdaptationEngine:
         loaded = engine if engine is not None else await asyncio.to_thread(load_engine, config)
         seed_edit_ids(loaded)
+        if config.write_behind:
+            writer = await asyncio.to_thread(attach_writer, loaded, config.writer)
+            if writer is not None:
+                writers.append(writer)
         return loaded
 
     server, loaded = await start_service(
@@ -153,7 +182,7 @@ async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = Non
         attach=servicer.set_engine,
     )
     logger.info("cloud serving on port %d: %s", server.port, loaded.info())
-    return CloudHandle(server, servicer, loaded)
+    return CloudHandle(server, servicer, loaded, writers[0] if writers else None)
 
 
 async def serve_cloud(config: CloudConfig, stop_event: asyncio.Event | None = None) -> None:

@@ -122,6 +122,23 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
     _opt(p, "--seed", 0, "tiny engine seed")
     _add_batching(p, ("--batch-max", "--batch-wait-ms"), (32, 5.0), "GenerateEdit calls")
     _add_dtype(p, "edit precision when a request does not choose")
+    g = p.add_argument_group(
+        "store writes (codebook.store.writer)",
+        "With a store, GenerateEdit answers from memory; device assignments, refinements "
+        "and edit-log rows go through a bounded queue to a writer thread (own connection) "
+        "that writes them in batched transactions and retries transient errors. A full "
+        "queue makes a write wait --writer-full-wait-ms, then drops it (counted).",
+    )
+    g.add_argument(
+        "--no-write-behind",
+        action="store_true",
+        help="write in the GenerateEdit batch instead (the old path; a locked store then "
+        "delays edits)",
+    )
+    _opt(g, "--writer-queue", 10_000, "writes queued at most")
+    _opt(g, "--writer-full-wait-ms", 20.0, "how long a write waits for room in a full queue, ms")
+    _opt(g, "--writer-batch", 256, "writes per transaction at most")
+    _opt(g, "--writer-attempts", 6, "tries of a transaction on transient errors")
     _add_auth_options(p, "A device token may ask edits for its own device id only")
     _add_server_options(p, default_port=50051)
     add_location_options(p)
@@ -392,6 +409,7 @@ def default_checkpoint(args: argparse.Namespace) -> Path:
 
 def cmd_serve_cloud(args: argparse.Namespace) -> int:
     from codebook.refine import RefineConfig
+    from codebook.store.writer import WriterConfig
     from llm_cloud.service.loading import ArtifactEngineConfig
     from llm_cloud.service.server import CloudConfig, serve_cloud
 
@@ -422,6 +440,13 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=_batch(args.batch_max, args.batch_wait_ms),
         default_dtype=args.payload_dtype,
+        write_behind=not args.no_write_behind,
+        writer=WriterConfig(
+            queue_size=args.writer_queue,
+            full_wait_s=args.writer_full_wait_ms / 1000.0,
+            max_batch=args.writer_batch,
+            max_attempts=args.writer_attempts,
+        ),
         auth=_auth(args),
         torch_threads=args.torch_threads,
         server=_server_options(args),

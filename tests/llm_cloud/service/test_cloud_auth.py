@@ -36,7 +36,10 @@ def store_rows(path: Path) -> dict[str, list[tuple]]:
 
 
 def state(cloud: CloudHandle, store: Path) -> tuple:
-    """The store's rows, the bank's assignments and pending codes, the engine's counters."""
+    """The store's rows, the bank's assignments and pending codes, the engine's counters
+    (after the write-behind writer wrote what was queued)."""
+    if cloud.writer is not None:
+        assert cloud.writer.flush(10)
     bank = cloud.engine.bank
     live = {pid: (lv.version, len(lv.pending_codes)) for pid, lv in bank.live.items()}
     return store_rows(store), dict(bank._assigned), live, cloud.engine.requests
