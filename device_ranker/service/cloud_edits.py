@@ -34,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +182,9 @@ class CloudEdits:
         self.item_ids = list(item_ids)
         self.executor = executor
         self._prototypes: OrderedDict[tuple[int, int], HeadEdit] = OrderedDict()
+        self._prototype_bytes: dict[tuple[int, int], bytes] = {}  # their RSE1 payloads
+        # called after a cloud edit is installed (user id, state): the durable state
+        self.on_install: Callable[[str, UserState], None] | None = None
         self.requests = 0
         self.failures = 0
         self.bytes_up = 0
@@ -320,7 +323,11 @@ class CloudEdits:
             payload_bytes=len(response.edit_payload) + proto_bytes,
             applied_at_ms=int(time.time() * 1000),
         )
-        st.install_edit(prepared, info)
+        st.install_edit(
+            prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
+        )
+        if self.on_install is not None:
+            self.on_install(user_id, st)
         logger.debug(
             "user %s: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
             id_ref(user_id),
@@ -361,10 +368,16 @@ class CloudEdits:
         edit, us = await loop.run_in_executor(
             self.executor, _timed, self._decode_edit, payload, False
         )
-        self._prototypes[key] = edit
-        while len(self._prototypes) > PROTOTYPE_CACHE:
-            self._prototypes.popitem(last=False)
+        self.cache_prototype(key, edit, payload)
         return edit, nbytes, size, us
+
+    def cache_prototype(self, key: tuple[int, int], edit: HeadEdit, payload: bytes) -> None:
+        """Keep a prototype version's edit (and payload) in the LRU cache."""
+        self._prototypes[key] = edit
+        self._prototype_bytes[key] = payload
+        while len(self._prototypes) > PROTOTYPE_CACHE:
+            old, _ = self._prototypes.popitem(last=False)
+            self._prototype_bytes.pop(old, None)
 
     def _decode_edit(self, payload: bytes, allow_prototype: bool) -> HeadEdit:
         """RSE1 bytes -> a HeadEdit (shapes checked against this ranker's head)."""
@@ -432,7 +445,8 @@ class CloudEdits:
             payload_bytes=len(payload),
             applied_at_ms=int(time.time() * 1000),
         )
-        st.install_edit(prepared, info)
+        proto_bytes = self._prototype_bytes.get((pid, pver)) if pid is not None else None
+        st.install_edit(prepared, info, payload, proto_bytes)
 
     def _peek_prototype(self, payload: bytes) -> tuple[int | None, int | None]:
         decoded = decode_values(

@@ -91,6 +91,13 @@ class DeviceConfig:
         auth: the keys whose signed tokens this server's callers must present (none = no
             check): a device token acts for the user whose id is its subject, an operator
             token for any user (see :mod:`device_ranker.service.server`).
+        state_path: the durable device state (a SQLite file: every acknowledged event,
+            each user's active edit; :mod:`device_ranker.service.state`); None = users live
+            in memory only and are lost on restart.
+        state_sync: "normal" (a commit survives the process being killed; an OS crash may
+            lose the last ones) or "full" (an fsync per commit: survives power loss).
+        max_users: users held in memory, least recently used evicted beyond it (reloaded
+            from the state file on their next call; without one, their state is lost).
         gate / cloud / server: see :class:`GateConfig`, :class:`CloudLinkConfig`,
             :class:`recsys.serving.server.ServerOptions`.
     """
@@ -119,4 +126,7 @@ class DeviceConfig:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     cloud: CloudLinkConfig = field(default_factory=CloudLinkConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    state_path: str | None = None
+    state_sync: Literal["normal", "full"] = "normal"
+    max_users: int = Field(100_000, ge=1)
     server: ServerOptions = field(default_factory=ServerOptions)

@@ -13,7 +13,12 @@ it composes the parts, each in its own module:
   device summary, deadline), decoding, the prototype cache, validation and fallback,
   and ApplyEdit;
 * :mod:`~device_ranker.service.event_log`: one JSON line per RecordEvent (user, arm, item,
-  the item's rank under the model the user was served just before, request, bytes).
+  the item's rank under the model the user was served just before, request, bytes);
+* :mod:`~device_ranker.service.state`: the durable state (``config.state_path``): every
+  event is committed to a local SQLite file before RecordEvent acknowledges it, every
+  installed edit is written with its payloads; users evicted from memory (least recently
+  used beyond ``config.max_users``) or lost in a restart are reloaded from it on their
+  next call.
 
 Per event, the user's gate (:mod:`device_ranker.gate`, or the arm's gate or timer,
 :mod:`device_ranker.service.policy`) decides whether to ask the cloud; the optional
@@ -44,6 +49,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -62,6 +68,7 @@ from device_ranker.service.config import DeviceConfig
 from device_ranker.service.event_log import EventLog
 from device_ranker.service.policy import ArmResolver, stale_reason
 from device_ranker.service.ranking import Ranking
+from device_ranker.service.state import DeviceStateStore
 from device_ranker.service.users import (
     BASE,
     EditInfo,
@@ -70,7 +77,7 @@ from device_ranker.service.users import (
     check_id,
     serving_mode,
 )
-from recsys.errors import ValidationError
+from recsys.errors import RecsysError, ValidationError
 from recsys.serving.errors import NotReadyError
 from recsys.serving.fingerprint import file_fingerprint
 from recsys.serving.redact import id_ref
@@ -131,6 +138,7 @@ class DeviceEngine:
         arm_for: the experiment's arm resolver (None = no experiment: every user follows
             ``config.gate``); see :mod:`device_ranker.service.policy`.
         event_log: where every RecordEvent is logged (None = no log).
+        state: the durable device state (None = in memory only).
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class DeviceEngine:
         link: CloudLink | None = None,
         arm_for: ArmResolver | None = None,
         event_log: EventLog | None = None,
+        state: DeviceStateStore | None = None,
     ) -> None:
         if ranker.item_ids is None:
             raise ValidationError("the device ranker must know its item ids (checkpoint item_ids)")
@@ -159,6 +168,12 @@ class DeviceEngine:
         self.edits = CloudEdits(
             ranker, link, config.cloud, model_version, self.item_ids, self.ranking.executor
         )
+        self.state = state
+        if state is not None:
+            self.store.durable = state
+            self.store.restore_edit = self._restore_edit
+            self.edits.on_install = self._persist_cloud_edit
+            self.edits._push_counter = state.max_pushed_edit_id()  # pushed ids keep rising
         self.ready = False
 
     # ---- construction ---------------------------------------------------------------------
@@ -176,6 +191,9 @@ class DeviceEngine:
         ranker = Ranker.from_checkpoint(config.checkpoint, bounds=bounds)
         link = CloudLink(config.cloud) if config.cloud.target else None
         log = EventLog(config.event_log, config.experiment) if config.event_log else None
+        state = None
+        if config.state_path:
+            state = DeviceStateStore(config.state_path, sync=config.state_sync)
         engine = cls(
             ranker,
             config,
@@ -183,14 +201,16 @@ class DeviceEngine:
             link=link,
             arm_for=arm_for,
             event_log=log,
+            state=state,
         )
         if config.dataset and config.seed_histories != "none":
             engine.seed_from_dataset()
         logger.info(
-            "device ready: ranker %s (%d items), %d users seeded, %.1f s",
+            "device ready: ranker %s (%d items), %d users in memory, %s, %.1f s",
             engine.model_version,
             ranker.num_items,
             len(engine.users),
+            f"{state.num_users()} users in {state.path}" if state else "no durable state",
             time.perf_counter() - t0,
         )
         return engine
@@ -217,6 +237,8 @@ class DeviceEngine:
         self.ranking.executor.shutdown(wait=True)
         if self.event_log is not None:
             self.event_log.close()
+        if self.state is not None:
+            self.state.close()
 
     # ---- lookups ----------------------------------------------------------------------------
     def _require_ready(self) -> None:
@@ -291,7 +313,7 @@ class DeviceEngine:
         item = self.item(item_id)
         if timestamp < 0:
             raise ValidationError(f"timestamp must be >= 0 (unix seconds), got {timestamp}")
-        st = self.users.get(user_id)
+        st = self.store.get(user_id)
         new_user = st is None
         if st is None:
             st = self.store.new_user(user_id)
@@ -300,6 +322,7 @@ class DeviceEngine:
             await self.store.ensure_arm(st, user_id)
             served = await self._served_rank(st, item) if self.event_log is not None else None
             await self._before_append(st, item, None if served is None else served[0])
+            self._persist_event(user_id, st, item_id, timestamp)  # before it is acknowledged
             st.append(item, timestamp)
             history = list(st.history)
             _, gate = self.store.arm_policy(st)
@@ -437,6 +460,55 @@ class DeviceEngine:
         assert self.event_log is not None
         self.event_log.write_event(line, fetched, mode)
 
+    # ---- durable state ------------------------------------------------------------------------
+    def _persist_event(self, user_id: str, st: UserState, item_id: str, timestamp: int) -> None:
+        """Commit the event to the durable state (with the user's snapshot first when the
+        state does not hold the user yet, or every ``history_len`` events to compact);
+        StateWriteError (UNAVAILABLE) leaves the user unchanged."""
+        if self.state is None:
+            return
+        snapshot = None
+        if not st.durable or st.since_snapshot >= self.config.history_len:
+            snapshot = self.store.snapshot(st)
+        self.state.record_event(user_id, st.position + 1, item_id, timestamp, snapshot=snapshot)
+        st.durable = True
+        st.since_snapshot = 1 if snapshot is not None else st.since_snapshot + 1
+
+    def _persist_edit(self, user_id: str, st: UserState) -> None:
+        """Write the user's active edit (or its revert) to the durable state."""
+        if self.state is None:
+            return
+        self.store.make_durable(user_id, st)
+        info = None
+        if st.edit is not None and st.edit_info is not None:
+            info = {**dataclasses.asdict(st.edit_info), "model_version": self.model_version}
+        self.state.write_edit(user_id, st.edit_payload, st.proto_payload, info)
+
+    def _persist_cloud_edit(self, user_id: str, st: UserState) -> None:
+        """After a cloud edit is installed: write it (a failure is logged; the edit stays
+        active in memory and the next one is written again)."""
+        try:
+            self._persist_edit(user_id, st)
+        except RecsysError:
+            logger.exception("user %s: the new edit could not be made durable", id_ref(user_id))
+
+    def _restore_edit(
+        self, payload: bytes, proto_payload: bytes | None, info: dict[str, Any]
+    ) -> Any:
+        """A stored edit, prepared again (its prototype put back in the cache)."""
+        if info.get("model_version") != self.model_version:
+            raise ValidationError(
+                f"stored for ranker {info.get('model_version')}, this is {self.model_version}"
+            )
+        proto = None
+        pid, pver = int(info.get("prototype_id", 0)), int(info.get("prototype_version", 0))
+        if pid:  # a residual: its prototype's edit was stored beside it
+            if proto_payload is None:
+                raise ValidationError(f"the payload of prototype {pid} v{pver} was not stored")
+            proto = self.edits._decode_edit(proto_payload, False)
+            self.edits.cache_prototype((pid, pver), proto, proto_payload)
+        return self.edits._build_edit(payload, proto)
+
     # ---- ApplyEdit -----------------------------------------------------------------------------
     async def apply_edit(
         self, user_id: str, payload: bytes, source: str = "push"
@@ -445,6 +517,7 @@ class DeviceEngine:
         self._require_ready()
         st = self.user(user_id)
         await self.edits.apply_pushed(st, payload, source)
+        self._persist_edit(user_id, st)
         return st.edit_info, self.mode(st)[0]
 
     # ---- status -------------------------------------------------------------------------------
@@ -467,6 +540,13 @@ class DeviceEngine:
             "last_cloud_ok_ms": self.link.last_ok_ms if self.link is not None else 0,
             "experiment": self.config.experiment or "",
             "user": None,
+            "durability": {
+                "users_in_memory": len(self.users),
+                "max_users": self.store.max_users,
+                "evicted": self.store.evicted,
+                "reloaded": self.store.reloaded,
+                **(self.state.stats() if self.state is not None else {"path": None}),
+            },
         }
         if user_id:
             st = self.user(user_id)

@@ -141,6 +141,7 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
     ) -> pb.GetStatusResponse:
         st = await self.engine.status(request.user_id or None)
         user = st.pop("user")
+        st.pop("durability")  # not in the proto (yet): engine.status() and the logs have it
         reply = pb.GetStatusResponse(**st)
         if user is not None:
             reply.user.CopyFrom(

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +39,16 @@ from device_ranker.edit_apply import PreparedEdit
 from device_ranker.gate import GateState, ShiftGate
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.policy import ArmPolicy, ArmResolver, Staleness, TimerGate
-from recsys.errors import NotFoundError, ValidationError
+from recsys.errors import NotFoundError, RecsysError, ValidationError
+from recsys.serving.redact import id_ref as user_ref
 
 if TYPE_CHECKING:
     from device_ranker.service.cloud_edits import FetchResult
     from device_ranker.service.cloud_link import CloudLink
+    from device_ranker.service.state import DeviceStateStore, StoredUser
+
+# (edit payload, prototype payload or None, stored edit info) -> the prepared edit
+RestoreEdit = Callable[[bytes, "bytes | None", dict[str, Any]], PreparedEdit]
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +110,25 @@ class UserState:
     arm: str | None = None  # experiment arm (None = not resolved yet; "" = no experiment)
     # orders one user's concurrent RecordEvents: rank-for-the-log, append, gate, request
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the active edit's RSE1 bytes and its prototype's (what the durable state stores)
+    edit_payload: bytes | None = None
+    proto_payload: bytes | None = None
+    durable: bool = False  # the device state holds this user (snapshot written)
+    since_snapshot: int = 0  # events stored after the user's last snapshot
 
-    def install_edit(self, edit: PreparedEdit | None, info: EditInfo | None) -> None:
-        """Make ``edit`` the active edit (None = back to the base model); clears a failure
-        and restarts the staleness clock (age 0, no click ranked under it yet)."""
+    def install_edit(
+        self,
+        edit: PreparedEdit | None,
+        info: EditInfo | None,
+        payload: bytes | None = None,
+        proto_payload: bytes | None = None,
+    ) -> None:
+        """Make ``edit`` the active edit (None = back to the base model; ``payload`` /
+        ``proto_payload``: its bytes, kept for the durable state); clears a failure and
+        restarts the staleness clock (age 0, no click ranked under it yet)."""
         self.edit, self.edit_info = edit, info
+        self.edit_payload = payload if edit is not None else None
+        self.proto_payload = proto_payload if edit is not None else None
         self.failed, self.note = False, ""
         self.staleness.reset(self.times[-1] if self.times else None)
 
@@ -154,6 +173,15 @@ def serving_mode(st: UserState, adaptive: bool, link: CloudLink | None) -> tuple
 class UserStore:
     """The users of one device server, the item catalogue they refer to, and their arms.
 
+    **Bounded**: at most ``config.max_users`` users are held in memory, least recently
+    used first out. A user is "used" by any call naming it (Recommend, RecordEvent,
+    GetStatus, ApplyEdit, RequestEdit). A user with a RecordEvent or an edit request in
+    flight is never evicted (the next idle one goes instead). With a durable state
+    (``durable``), an evicted user is written first (if it is not durable yet: a seeded
+    user that never had an event) and is reloaded from the state file on its next call,
+    as it was; without one, an evicted user's state is gone (its next RecordEvent starts a
+    new user; other calls answer NOT_FOUND).
+
     Args:
         item_ids: the ranker's item ids in index order (I).
         config: :class:`DeviceConfig` (history length, default gate and trigger, limits).
@@ -171,7 +199,12 @@ class UserStore:
         self.config = config
         self.item_ids: list[str] = list(item_ids)
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
-        self.users: dict[str, UserState] = {}
+        self.users: OrderedDict[str, UserState] = OrderedDict()  # least recently used first
+        self.max_users = config.max_users
+        self.durable: DeviceStateStore | None = None  # set by the engine (--state)
+        self.restore_edit: RestoreEdit | None = None  # set by the engine
+        self.evicted = 0
+        self.reloaded = 0
         self.item_vectors = item_vectors  # [I, D]
         self.gate: ShiftGate | TimerGate = (
             TimerGate(config.gate)
@@ -183,17 +216,103 @@ class UserStore:
         self._arms: dict[str, tuple[ArmPolicy, ShiftGate | TimerGate | None]] = {}
 
     # ---- users -----------------------------------------------------------------------------
-    def new_user(self, user_id: str) -> UserState:
+    def _blank(self) -> UserState:
         n = self.config.history_len
         st = UserState(history=deque(maxlen=n), times=deque(maxlen=n))
         st.staleness.ranks = deque(maxlen=self.config.staleness.fit_clicks)
         st.past_states = deque(maxlen=self.config.cloud.uplink_states)
-        self.users[user_id] = st
         return st
 
+    def new_user(self, user_id: str, *, evict: bool = True) -> UserState:
+        st = self._blank()
+        self.users[user_id] = st
+        if evict:
+            self.evict_over_cap()
+        return st
+
+    def get(self, user_id: str) -> UserState | None:
+        """The user from memory, else from the durable state (then held in memory again),
+        else None; marks it most recently used."""
+        st = self.users.get(user_id)
+        if st is not None:
+            self.users.move_to_end(user_id)
+            return st
+        if self.durable is None:
+            return None
+        stored = self.durable.load_user(user_id)
+        if stored is None:
+            return None
+        st = self._from_stored(user_id, stored)
+        self.users[user_id] = st
+        self.reloaded += 1
+        self.evict_over_cap()
+        return st
+
+    def _from_stored(self, user_id: str, stored: StoredUser) -> UserState:
+        """A user rebuilt from its snapshot, the events after it and its edit."""
+        st = self._blank()
+        rows = stored.history + [(item, t) for _, item, t in stored.events]
+        for item, t in rows[-self.config.history_len :]:
+            idx = self.item_index.get(item)
+            if idx is not None:  # an item the ranker no longer has is skipped
+                st.history.append(idx)
+                st.times.append(int(t))
+        items = stored.seen + [item for _, item, _ in stored.events]
+        st.seen = {self.item_index[i] for i in items if i in self.item_index}
+        st.position = stored.events[-1][0] if stored.events else stored.position
+        st.durable, st.since_snapshot = True, len(stored.events)
+        st.staleness.applied_event_time = st.times[-1] if st.times else None
+        info = stored.edit_info
+        if stored.edit_payload and info is not None and self.restore_edit is not None:
+            try:
+                edit = self.restore_edit(stored.edit_payload, stored.proto_payload, info)
+            except Exception as exc:  # another ranker, a corrupt row: serve the base model
+                logger.warning("user %s: stored edit not restored (%s)", user_ref(user_id), exc)
+            else:
+                fields = {k: info[k] for k in EditInfo.__dataclass_fields__ if k in info}
+                st.install_edit(edit, EditInfo(**fields), stored.edit_payload,
+                                stored.proto_payload)  # fmt: skip
+        return st
+
+    def snapshot(self, st: UserState) -> tuple[int, list[tuple[str, int]], list[str]]:
+        """(position, history as (item id, time), seen item ids): what the state stores."""
+        ids = self.item_ids
+        history = [(ids[i], int(t)) for i, t in zip(st.history, st.times, strict=True)]
+        return st.position, history, [ids[i] for i in st.seen]
+
+    def make_durable(self, user_id: str, st: UserState) -> None:
+        """Write the user's snapshot if the durable state does not hold it yet."""
+        if self.durable is not None and not st.durable:
+            self.durable.write_snapshot(user_id, *self.snapshot(st))
+            st.durable, st.since_snapshot = True, 0
+
+    def evict_over_cap(self) -> int:
+        """Evict least recently used idle users beyond ``max_users``; returns how many."""
+        over = len(self.users) - self.max_users
+        if over <= 0:
+            return 0
+        victims = []
+        for user_id, st in self.users.items():  # oldest first
+            if len(victims) == over:
+                break
+            if st.lock.locked() or st.pending is not None:
+                continue  # busy: its RecordEvent / edit request holds it
+            victims.append((user_id, st))
+        for user_id, st in victims:
+            try:
+                self.make_durable(user_id, st)
+            except RecsysError:
+                logger.exception("user %s: not evicted (its state could not be written)",
+                                 user_ref(user_id))  # fmt: skip
+                continue
+            del self.users[user_id]
+            self.evicted += 1
+        return len(victims)
+
     def user(self, user_id: str) -> UserState:
-        """A known user (its id checked); NotFoundError for an unknown one."""
-        st = self.users.get(check_id("user_id", user_id))
+        """A known user (its id checked; from memory or the durable state); NotFoundError
+        for an unknown one."""
+        st = self.get(check_id("user_id", user_id))
         if st is None:
             raise NotFoundError(
                 f"unknown user {user_id!r}: the device has no state for it; record an event "
@@ -222,19 +341,22 @@ class UserStore:
             to_ranker = np.asarray([self.item_index.get(i, -1) for i in ds_items], dtype=np.int64)
         users, items = ds.user_index[rows], to_ranker[ds.item_index[rows]]
         times, user_ids = ds.timestamps[rows], [str(u) for u in ds.user_ids]
+        stored = self.durable.user_ids() if self.durable is not None else set()
         for u, i, t in zip(users.tolist(), items.tolist(), times.tolist(), strict=True):
-            if i < 0:
+            if i < 0 or user_ids[u] in stored:  # a stored user supersedes its seed
                 continue
             st = self.users.get(user_ids[u])
             if st is None:
-                st = self.new_user(user_ids[u])
+                st = self.new_user(user_ids[u], evict=False)
             st.history.append(i)
             st.times.append(int(t))
             st.seen.add(i)
             st.position += 1
         for st in self.users.values():  # seeding creates them: the base model's age starts
             st.staleness.applied_event_time = st.times[-1] if st.times else None
-        return len(self.users)
+        seeded = len(self.users)
+        self.evict_over_cap()
+        return seeded
 
     # ---- the catalogue --------------------------------------------------------------------
     def item(self, item_id: str) -> int:

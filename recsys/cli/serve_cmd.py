@@ -70,6 +70,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     _register_cloud(groups["serve"])
     _register_device(groups["serve"])
     _register_bench(groups["bench"])
+    _register_state_bench(groups["bench"])
 
 
 def _register_cloud(sub: argparse._SubParsersAction) -> None:
@@ -262,6 +263,37 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         "served model, request, bytes) for `recsys abtest analyze`",
     )
     _opt(g, "--max-probes", 1000, "largest probe list of a Recommend (evaluation scores and ranks)")
+    g = p.add_argument_group(
+        "durable state (device_ranker.service.state)",
+        "Every acknowledged RecordEvent is committed to a local SQLite file first, and each "
+        "user's active edit (with its prototype) is written when installed, so a restarted "
+        "or crashed server comes back with its users' histories and edits.",
+    )
+    g.add_argument(
+        "--state",
+        metavar="PATH",
+        help="the state file (default: CACHE_DIR/device-state/device-PORT.sqlite for a fixed "
+        "--port; none with --port 0, an ephemeral server that could not find its file again)",
+    )
+    g.add_argument(
+        "--no-state",
+        action="store_true",
+        help="keep users in memory only (ephemeral runs: tests, replay); lost on restart",
+    )
+    g.add_argument(
+        "--state-sync",
+        choices=("normal", "full"),
+        default="normal",
+        help="normal: a committed event survives the process being killed (an OS crash may "
+        "lose the last ones); full: fsync per event, survives power loss (default normal)",
+    )
+    _opt(
+        g,
+        "--max-users",
+        100_000,
+        "users held in memory; the least recently used beyond it are evicted (and reloaded "
+        "from the state file on their next call; without one, forgotten)",
+    )
     _add_auth_options(
         p, "A device token acts for the user whose id is its subject (a user is a device)"
     )
@@ -322,6 +354,47 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     add_location_options(p)
     add_json_option(p)
     p.set_defaults(handler=cmd_bench_serve)
+
+
+def _register_state_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "device-state",
+        help="what the device's durable state costs per RecordEvent (p50/p95, in process)",
+        description="Run the device engine in this process (no cloud) and time RecordEvent "
+        "without durable state, with --state-sync normal and with full, on a temporary "
+        "state file; prints p50/p95 per event and the added cost; --json writes them.",
+    )
+    _add_dataset(p, "dataset: locates the ranker")
+    p.add_argument("--checkpoint", help="ranker checkpoint (default: as for serve device)")
+    _opt(p, "--events", 2000, "RecordEvents timed per mode")
+    _opt(p, "--users", 200, "users the events cycle over")
+    add_location_options(p)
+    add_json_option(p)
+    p.set_defaults(handler=cmd_bench_state)
+
+
+def cmd_bench_state(args: argparse.Namespace) -> int:
+    from device_ranker.service.state_bench import StateBenchConfig, run_state_bench
+
+    cfg = StateBenchConfig(
+        checkpoint=str(default_checkpoint(args)), events=args.events, users=args.users
+    )
+    write_json(args.json, run_state_bench(cfg))
+    return 0
+
+
+def device_state_path(args: argparse.Namespace) -> str | None:
+    """``--state``, else none with ``--no-state`` or ``--port 0``, else the per-port file
+    in the cache folder."""
+    if args.no_state:
+        return None
+    if args.state:
+        return str(args.state)
+    if args.port == 0:
+        return None
+    from recsys import settings
+
+    return str(settings.cache_dir(args.cache_dir) / "device-state" / f"device-{args.port}.sqlite")
 
 
 def _add_auth_options(p: argparse.ArgumentParser, rule: str) -> None:
@@ -502,8 +575,13 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
             state_dtype=args.state_dtype,
         ),
         auth=_auth(args),
+        state_path=device_state_path(args),
         server=_server_options(args),
     )
+    if args.state and args.no_state:
+        from recsys.errors import ValidationError
+
+        raise ValidationError("--state and --no-state contradict each other; choose one")
     asyncio.run(serve_device(config, arm_for=arm_for))
     return 0
 
