@@ -74,6 +74,8 @@ class WriterConfig:
         max_batch: batched operations per transaction.
         max_attempts: tries of one transaction on transient errors.
         max_backoff_s: longest sleep between two tries (jittered exponential from 10 ms).
+        report_every_s: how often the counters are logged while they change (INFO; WARNING
+            when writes were dropped or failed since the last report).
     """
 
     queue_size: int = Field(10_000, ge=1)
@@ -81,6 +83,7 @@ class WriterConfig:
     max_batch: int = Field(256, ge=1)
     max_attempts: int = Field(6, ge=1)
     max_backoff_s: float = Field(1.0, ge=0.0)
+    report_every_s: float = Field(60.0, gt=0.0)
 
 
 @dataclass
@@ -204,11 +207,30 @@ class StoreWriter:
         self.store.close()
 
     # ---- the writer thread ------------------------------------------------------------------
+    def _report(self, last: dict[str, Any]) -> dict[str, Any]:
+        """Log the counters if they changed since ``last``; returns them."""
+        now = self.stats()
+        keys = ("written", "retried", "failed", "dropped")
+        if any(now[k] != last.get(k) for k in keys):
+            bad = now["failed"] != last.get("failed", 0) or now["dropped"] != last.get("dropped", 0)
+            logger.log(logging.WARNING if bad else logging.INFO, "store writer: %s", now)
+        return now
+
     def _run(self) -> None:
         pending: Any = None
+        last: dict[str, Any] = {"failed": 0, "dropped": 0}
+        next_report = time.monotonic() + self.config.report_every_s
         while True:
-            first = pending if pending is not None else self._queue.get()
-            pending = None
+            if time.monotonic() >= next_report:
+                last = self._report(last)
+                next_report = time.monotonic() + self.config.report_every_s
+            if pending is not None:
+                first, pending = pending, None
+            else:
+                try:
+                    first = self._queue.get(timeout=max(0.0, next_report - time.monotonic()))
+                except queue.Empty:
+                    continue
             if first is _STOP:
                 return
             if first.run is not None:

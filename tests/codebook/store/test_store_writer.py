@@ -99,3 +99,20 @@ def test_store_busy_is_unavailable_not_failed_precondition() -> None:
 def test_writer_config_is_validated() -> None:
     with pytest.raises(ValueError):
         WriterConfig(queue_size=0)
+
+
+def test_counters_are_logged_while_they_change(tmp_path, caplog) -> None:
+    import logging
+    import time
+
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    PrototypeStore.open(url, upgrade=True).close()
+    writer = StoreWriter.open(url, WriterConfig(report_every_s=0.05))
+    try:
+        with caplog.at_level(logging.INFO, logger="codebook.store.writer"):
+            writer.submit(WriteOp("nothing", run=lambda store: None))
+            time.sleep(0.3)
+        reports = [r for r in caplog.records if "'written': 1" in r.getMessage()]
+        assert len(reports) == 1  # once when it changed, not every period
+    finally:
+        writer.close()

@@ -178,3 +178,17 @@ def test_two_engines_refining_one_store_lose_no_update(tmp_path) -> None:
         w2.close()
         first.close()
         second.close()
+
+
+def test_bank_assignment_map_is_bounded(tmp_path) -> None:
+    engine, writer = _engine(tmp_path)
+    try:
+        engine.bank.max_tracked = 3
+        _edits(engine, [f"dev{n}" for n in range(8)])
+        assert len(engine.bank._assigned) == 3  # the least recently seen devices dropped
+        assert writer.flush(10)
+        for n in range(8):  # every assignment was written all the same
+            engine.store.get_device_assignment(f"dev{n}")
+    finally:
+        writer.close()
+        engine.close()
