@@ -13,9 +13,11 @@ connections), takes the queued operations in order and writes them:
 **Retries**: a transaction that fails with a transient error (SQLite busy/locked,
 PostgreSQL serialization failure, deadlock, lock timeout, dropped connection:
 :func:`codebook.store.service.is_transient`) is retried with jittered exponential
-back-off (tenacity, ``max_attempts`` tries, at most ``max_backoff_s`` apart). A batch
-that still fails is split and each operation tried alone, so one bad row does not take
-its neighbours down; an operation that fails alone is counted in ``failed`` and logged.
+back-off (tenacity, ``max_attempts`` tries, at most ``max_backoff_s`` apart: with the
+defaults and SQLite's 0.25 s busy timeout a database may stay locked or unreachable for
+about 15 s before a write is given up). A batch that fails with a non-transient error
+is split and each operation tried alone, so one bad row does not take its neighbours
+down; what still fails (or outlasts the retries) is counted in ``failed`` and logged.
 Nothing is raised to the caller: the request that made the write was answered already.
 
 **A full queue** (``queue_size`` operations waiting: the database is stalled or down):
@@ -81,7 +83,7 @@ class WriterConfig:
     queue_size: int = Field(10_000, ge=1)
     full_wait_s: float = Field(0.02, ge=0.0, le=10.0)
     max_batch: int = Field(256, ge=1)
-    max_attempts: int = Field(6, ge=1)
+    max_attempts: int = Field(20, ge=1)
     max_backoff_s: float = Field(1.0, ge=0.0)
     report_every_s: float = Field(60.0, gt=0.0)
 
@@ -275,16 +277,17 @@ class StoreWriter:
             results = self._retrying(what)(self._transaction, ops)
         except Exception as exc:
             err = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
-            if len(ops) > 1:
+            if len(ops) > 1 and not (err is not None and is_transient(err)):
                 logger.warning("store writer: %s failed (%s); writing each op alone", what, err)
                 for op in ops:
                     self._write([op])
                 return
             with self._lock:
-                self.failed += 1
-            logger.error("store writer: a %s write failed for good: %s", ops[0].kind, err)
-            _call(ops[0].lost, f"failed: {err}")
-            self._finish(1)
+                self.failed += len(ops)
+            logger.error("store writer: %s failed for good: %s", what, err)
+            for op in ops:
+                _call(op.lost, f"failed: {err}")
+            self._finish(len(ops))
             return
         with self._lock:
             self.written += len(ops)

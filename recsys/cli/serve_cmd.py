@@ -139,7 +139,7 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
     _opt(g, "--writer-queue", 10_000, "writes queued at most")
     _opt(g, "--writer-full-wait-ms", 20.0, "how long a write waits for room in a full queue, ms")
     _opt(g, "--writer-batch", 256, "writes per transaction at most")
-    _opt(g, "--writer-attempts", 6, "tries of a transaction on transient errors")
+    _opt(g, "--writer-attempts", 20, "tries of a transaction on transient errors")
     _add_auth_options(p, "A device token may ask edits for its own device id only")
     _add_server_options(p, default_port=50051)
     add_location_options(p)

@@ -116,3 +116,30 @@ def test_counters_are_logged_while_they_change(tmp_path, caplog) -> None:
         assert len(reports) == 1  # once when it changed, not every period
     finally:
         writer.close()
+
+
+def test_an_outage_longer_than_the_retries_counts_failures_fast(tmp_path) -> None:
+    import sqlite3
+    import time
+
+    path = tmp_path / "s.sqlite"
+    PrototypeStore.open(f"sqlite:///{path}", upgrade=True).close()
+    writer = StoreWriter.open(f"sqlite:///{path}", WriterConfig(max_attempts=2))
+    gate = threading.Event()
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the database stays locked past every retry
+    try:
+        writer.submit(WriteOp("wait", run=lambda _store: gate.wait(10)))
+        for n in range(20):
+            writer.submit(_log_op(n + 1, f"d{n}"))
+        t0 = time.perf_counter()
+        gate.set()
+        assert writer.flush(20)
+        # one batch given up as a whole (transient: not split into 20 retried writes)
+        assert time.perf_counter() - t0 < 3.0
+        stats = writer.stats()
+        assert stats["failed"] == 20 and stats["retried"] == 1, stats
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+        writer.close()
