@@ -134,6 +134,13 @@ class HarmGuard:
         return (n < max(cfg.min_evidence, 1)) | ok
 
 
+def harm_test(total, squares, n, cfg: GuardConfig):
+    """The guard's test from the evidence's sum, sum of squares and count (any shape):
+    True = apply. The device runs it on its own clicks; the cloud's fleet guard on the
+    pooled clicks of every device (``recsys.replay.guard.apply_fleet_guards``)."""
+    return (np.asarray(n) < max(cfg.min_evidence, 1)) | _accept(total, squares, n, cfg)
+
+
 def _accept(total, squares, n, cfg: GuardConfig):
     """mean + z * se >= -margin from the sum, sum of squares and count (any shape; se
     with the n - 1 variance, 0 for one click)."""

@@ -31,6 +31,8 @@ gate (:mod:`device_ranker.learned_gate`, trained and calibrated on the training 
 puts the harm guard (:mod:`device_ranker.guard`, ``ReplayConfig.guard``) in front of the
 policy's edits: a new edit is applied only if this user's earlier edits did not rank
 their later clicks worse than the base head; otherwise the device serves the base head.
+With ``fleet_guard=True`` as well (CLI suffix ``:fleet-guard``) the same test runs in the
+cloud on the evidence of EVERY device's earlier clicks (:mod:`recsys.replay.guard`).
 
 Configs are validated at construction (:func:`recsys.validation.config_dataclass`):
 a bad value raises :class:`recsys.errors.ValidationError` naming the field and range.
@@ -61,6 +63,7 @@ from recsys.validation import config_dataclass
 
 KINDS = ("static", "finetune", "duet", "system")
 TRIGGERS = ("gate", "timer", "learned")
+FLEET_GUARD = "fleet-guard"  # ... of policies whose guard pools every device's evidence
 GUARD = "guard"  # the CLI suffix (system:timer:0.1:guard) and label suffix of guarded policies
 NO_PROTOTYPES = "system-noproto"  # the CLI / label name of the system without prototypes
 REFINE = "system-refine"  # ... of the system whose cloud refines the adaptor's edit
@@ -98,6 +101,8 @@ class PolicySpec:
             on what devices uplinked so far (:mod:`codebook.continual`; global time only).
         guard: duet / system only: the harm guard decides whether each new edit is
             applied (:mod:`device_ranker.guard`); in process only.
+        fleet_guard: with ``guard``: the test pools every device's earlier clicks (the
+            cloud's fleet guard) instead of the device's own.
     """
 
     kind: Literal["static", "finetune", "duet", "system"]
@@ -110,6 +115,7 @@ class PolicySpec:
     live: bool = False
     continual: bool = False
     guard: bool = False
+    fleet_guard: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
@@ -124,6 +130,8 @@ class PolicySpec:
             raise ValueError(
                 "continual=True applies to system policies with prototypes=False, refine=False"
             )
+        if self.fleet_guard and not self.guard:
+            raise ValueError("fleet_guard=True needs guard=True")
         if self.guard and (self.kind not in ("system", "duet") or self.global_time):
             raise ValueError("guard=True applies to duet and system policies (not global time)")
 
@@ -143,7 +151,7 @@ class PolicySpec:
             return "static"
         if self.kind == "finetune":
             return f"finetune every {self.finetune_every}"
-        guard = f" {GUARD}" if self.guard else ""
+        guard = f" {FLEET_GUARD if self.fleet_guard else GUARD}" if self.guard else ""
         return f"{self.edit_kind} {self.trigger} {_pct(self.budget)}{guard}"
 
     @property
@@ -190,7 +198,8 @@ class PolicySpec:
         ``system:learned:0.1`` (budget as a fraction or ``20%``); a last ``:guard`` puts
         the harm guard in front (``system:timer:0.1:guard``)."""
         parts = [p.strip() for p in text.split(":")]
-        guard = len(parts) > 1 and parts[-1] == GUARD
+        fleet = len(parts) > 1 and parts[-1] == FLEET_GUARD
+        guard = len(parts) > 1 and parts[-1] in (GUARD, FLEET_GUARD)
         if guard:
             parts = parts[:-1]
         kind = parts[0]
@@ -212,7 +221,10 @@ class PolicySpec:
         trigger = parts[1] if len(parts) > 1 else "gate"
         budget = parse_budget(parts[2]) if len(parts) > 2 else 1.0
         if kind == LIVE:
-            return cls(kind="system", trigger=trigger, budget=budget, live=True, guard=guard)
+            return cls(
+                kind="system", trigger=trigger, budget=budget, live=True, guard=guard,
+                fleet_guard=fleet,
+            )  # fmt: skip
         if kind in (NO_PROTOTYPES, REFINE, CONTINUAL):
             return cls(
                 kind="system",
@@ -222,8 +234,9 @@ class PolicySpec:
                 refine=kind == REFINE,
                 continual=kind == CONTINUAL,
                 guard=guard,
+                fleet_guard=fleet,
             )
-        return cls(kind=kind, trigger=trigger, budget=budget, guard=guard)
+        return cls(kind=kind, trigger=trigger, budget=budget, guard=guard, fleet_guard=fleet)
 
 
 def _int(text: str, where: str) -> int:

@@ -45,6 +45,7 @@ from recsys.errors import NotFoundError, ValidationError
 from recsys.replay.config import GrpcOptions, PolicySpec, ReplayConfig
 from recsys.replay.costs import scoring_flops
 from recsys.replay.gate_calibration import GateCalibration, calibrate_gate
+from recsys.replay.guard import apply_fleet_guards
 from recsys.replay.records import EventRecords, merge_results
 from recsys.replay.replayer import replay_devices
 from recsys.replay.stream import ReplayStream, UserEvents, build_stream
@@ -284,6 +285,7 @@ def run_replay(
             results, extra["global_time"] = replay_global(args, events, progress=progress)
         else:
             results = replay_devices(args, events, progress=progress)
+            apply_fleet_guards(results, cfg.guard)  # decisions that pool every device
     else:
         if any(s.global_time for s in specs):
             from recsys.replay.grpc_global import (

@@ -14,22 +14,38 @@ events only.
 The guard's own time is measured as the device runs it: per request, the check over the
 device's last ``window`` clicks (:meth:`HarmGuard.accept` on a :class:`GuardState`).
 
-Shapes: R requests, E evaluated events.
+**Fleet guard** (policies with ``fleet_guard``): the same test, run in the cloud on the
+pooled evidence of EVERY device's clicks made before the request (each device reports
+its evidence, three floats: count, sum and sum of squares of its clicks' gain
+differences; the replay assumes the reports arrive as the clicks happen). One device's
+20 clicks cannot see a harm of a few thousandths of DCG per click; thousands of pooled
+clicks can. The decision depends on other devices' earlier events, so it is made after
+every device has been replayed (:func:`apply_fleet_guards`, from the data each device
+leaves in ``UserResult.guard_inputs``), by timestamp: a request made after the event at
+time t sees the clicks with timestamps < t. The per-click test ignores that one user's
+clicks are correlated, which makes it quicker to keep edits out (the safe side).
+
+Shapes: R requests, E evaluated events, N events of every device.
 
 Example::
 
     rank, auc = guard_policy(guard, lengths, positions, served, (rank, auc), (base_rank, base_auc), acc)
     acc.guard_accepted, acc.guard_rejected, acc.guard_us
+    apply_fleet_guards(results, GuardConfig())     # rewrites the fleet-guarded records
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from device_ranker.guard import GuardState, HarmGuard, click_gain
+from device_ranker.guard import GuardConfig, GuardState, HarmGuard, click_gain, harm_test
 from recsys.replay.costs import CostAccumulator
+from recsys.replay.records import UserResult
+from recsys.replay.stream import UserEvents
 
 
 def guard_policy(
@@ -80,3 +96,63 @@ def _device_check_us(
         guard.accept(state)
         out.append((time.perf_counter() - t0) * 1e6)
     return out
+
+
+def fleet_guard_inputs(
+    ev: UserEvents,
+    lengths: np.ndarray,
+    positions: np.ndarray,
+    served: np.ndarray,
+    edited: tuple[np.ndarray, np.ndarray],
+    base: tuple[np.ndarray, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """What :func:`apply_fleet_guards` needs of one device: per evaluated event [E] its
+    time, gain difference, whether an edit served it, the serving request and both
+    (rank, AUC) rows; per request [R] the time it was made (after the event at position
+    ``L - 1``; a first request from the starting history: before the first replay event)."""
+    start = len(ev.start)
+    k = np.clip(np.asarray(lengths, dtype=np.int64) - 1 - start, 0, None)
+    return {
+        "ts": ev.timestamps[ev.evaluated],
+        "diff": click_gain(edited[0]) - click_gain(base[0]),
+        "had": served >= 0,
+        "served": served,
+        "request_ts": ev.timestamps[k] if len(ev.timestamps) else np.zeros(0, np.int64),
+        "rank": edited[0],
+        "auc": edited[1],
+        "base_rank": base[0],
+        "base_auc": base[1],
+    }
+
+
+def apply_fleet_guards(results: Sequence[UserResult], config: GuardConfig) -> None:
+    """Decide every fleet-guarded request on the pooled evidence before it and rewrite
+    those policies' records and guard counts in ``results`` (in place)."""
+    labels = sorted({label for r in results for label in r.guard_inputs})
+    for label in labels:
+        parts = [r for r in results if label in r.guard_inputs]
+        ins = [r.guard_inputs[label] for r in parts]
+        ts = np.concatenate([x["ts"] for x in ins])  # [N]
+        had = np.concatenate([x["had"] for x in ins])
+        diff = np.where(had, np.concatenate([x["diff"] for x in ins]), 0.0)
+        order = np.argsort(ts, kind="stable")
+        sts = ts[order]
+        cs = np.concatenate([[0.0], np.cumsum(diff[order])])  # [N + 1] pooled sums
+        cq = np.concatenate([[0.0], np.cumsum(diff[order] ** 2)])
+        cn = np.concatenate([[0], np.cumsum(had[order])])
+        for r, x in zip(parts, ins, strict=True):
+            k = np.searchsorted(sts, x["request_ts"], side="left")  # clicks strictly before
+            t0 = time.perf_counter()
+            accepted = np.asarray(harm_test(cs[k], cq[k], cn[k], config), dtype=bool)  # [R]
+            us = (time.perf_counter() - t0) * 1e6 / max(len(k), 1)
+            use = x["had"] & accepted[np.maximum(x["served"], 0)]
+            rec = r.records[label]
+            r.records[label] = dataclasses.replace(
+                rec,
+                rank=np.where(use, x["rank"], x["base_rank"]),
+                auc=np.where(use, x["auc"], x["base_auc"]),
+            )
+            acc = r.costs[label]
+            acc.guard_accepted += int(accepted.sum())
+            acc.guard_rejected += int((~accepted).sum())
+            acc.guard_us.extend([us] * len(k))

@@ -173,6 +173,8 @@ class UserResult:
     user: int
     records: dict[str, EventRecords]
     costs: dict[str, CostAccumulator] = field(default_factory=dict)
+    # fleet-guarded policies: what the pooled guard needs (recsys.replay.guard)
+    guard_inputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def merge_results(

@@ -54,7 +54,7 @@ from recsys.metrics import sampled_auc, target_ranks
 from recsys.replay.config import LIVE_KINDS, NO_PROTOTYPES, REFINE, PolicySpec, ReplayConfig
 from recsys.replay.edits import ADAPTOR_KINDS, DeviceEdit, EditMaker
 from recsys.replay.gate_calibration import GateCalibration
-from recsys.replay.guard import guard_policy
+from recsys.replay.guard import fleet_guard_inputs, guard_policy
 from recsys.replay.policies import (
     TriggerKey,
     gate_requests,
@@ -262,7 +262,11 @@ class Replayer:
                 scored[twin] = self.score(ev_states, hists, targets, negs, weights)
             rank, auc = scored[twin]
             costs = self.edits.costs(ls, mine)
-            if s.guard and base is not None:
+            if s.fleet_guard and base is not None:  # decided later, over every device
+                result.guard_inputs[s.label] = fleet_guard_inputs(
+                    ev, ls, pos, served, (rank, auc), base
+                )
+            elif s.guard and base is not None:
                 rank, auc = guard_policy(self.guard, ls, pos, served, (rank, auc), base, costs)
             result.records[s.label] = EventRecords(
                 user=np.full(len(idx), ev.user, dtype=np.int64),

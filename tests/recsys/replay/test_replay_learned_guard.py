@@ -146,3 +146,54 @@ def test_policy_names() -> None:
         PolicySpec.parse("static:guard")
     with pytest.raises(ValidationError):
         PolicySpec("finetune", guard=True)
+
+
+def test_fleet_guard_pools_earlier_clicks_of_every_device() -> None:
+    from recsys.replay.costs import CostAccumulator
+    from recsys.replay.guard import apply_fleet_guards
+    from recsys.replay.records import EventRecords, UserResult
+
+    def device(user, ts, rank, base, served, request_ts):
+        n = len(ts)
+        rec = EventRecords(
+            user=np.full(n, user), item=np.zeros(n, np.int64), timestamp=np.array(ts),
+            rank=np.array(rank), auc=np.full(n, 0.5), requested=np.zeros(n, bool),
+        )  # fmt: skip
+        res = UserResult(user=user, records={"p": rec}, costs={"p": CostAccumulator()})
+        res.guard_inputs["p"] = {
+            "ts": np.array(ts),
+            "diff": 1 / np.log2(1 + np.array(rank)) - 1 / np.log2(1 + np.array(base)),
+            "had": np.array(served) >= 0,
+            "served": np.array(served),
+            "request_ts": np.array(request_ts),
+            "rank": np.array(rank),
+            "auc": np.full(n, 0.5),
+            "base_rank": np.array(base),
+            "base_auc": np.full(n, 0.9),
+        }
+        return res
+
+    # device 0: its edit (made at t=0) ranks 8 clicks at t=1..8 far worse than the base
+    harmed = device(0, list(range(1, 9)), [40, 50, 30, 60, 45, 35, 55, 50], [1, 2, 1, 3, 2, 1, 2, 1],
+                    [0] * 8, [0])  # fmt: skip
+    # device 1: one request before those clicks (t=1), one after them all (t=20)
+    other = device(1, [2, 21, 22], [5, 5, 5], [9, 9, 9], [0, 1, 1], [1, 20])
+    apply_fleet_guards([harmed, other], GuardConfig(min_evidence=3))
+    assert other.records["p"].rank.tolist() == [5, 9, 9]  # the later edit is kept out
+    assert other.records["p"].auc.tolist() == [0.5, 0.9, 0.9]
+    assert other.costs["p"].guard_accepted == 1 and other.costs["p"].guard_rejected == 1
+    assert harmed.costs["p"].guard_accepted == 1  # no evidence before t=0
+
+
+def test_fleet_guard_policy_in_the_replay(world) -> None:
+    specs = [
+        PolicySpec("static"),
+        PolicySpec("system", "timer", 1.0),
+        PolicySpec.parse("system:timer:1.0:fleet-guard"),
+    ]
+    assert specs[2].label == "system timer 100% fleet-guard"
+    res = run_replay(world.ds, CFG, specs, cache=world.cache, progress=False)
+    g, t, s = (res.records[x.label] for x in (specs[2], specs[1], specs[0]))
+    assert ((g.rank == t.rank) | (g.rank == s.rank)).all()
+    c = res.costs[specs[2].label]
+    assert c["guard_accepted"] + c["guard_rejected"] == c["requests"]
