@@ -623,15 +623,17 @@ class ComposedEngine:
             first = self._edit_counter + 1
             self._edit_counter += len(made)
             return list(range(first, first + len(made)))
-        from codebook.store.repository import EditLogRepository
+        from codebook.store.repository import EDIT_LOG_IDS, EditLogRepository, IdBlockRepository
 
         if self.writer is not None and self._ids is not None:
             return self._log_behind(made, latency_ms)
         ids = []
         with self.store.transaction(write=True) as session:
             repo = EditLogRepository(session)
+            first, _ = IdBlockRepository(session).reserve(EDIT_LOG_IDS, len(made))
             rows = [
                 repo.add(
+                    id=first + k,
                     device_id=m["device_id"],
                     tokens=m["tokens"][:2000],
                     prototype_id=m["prototype"][0] if m["prototype"] else None,
@@ -640,7 +642,7 @@ class ComposedEngine:
                     payload_bytes=len(m["payload"]),
                     latency_ms=latency_ms,
                 )
-                for m in made
+                for k, m in enumerate(made)
             ]
             session.flush()
             ids = [int(row.id) for row in rows]
