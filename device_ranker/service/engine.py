@@ -238,6 +238,8 @@ class DeviceEngine:
         if self.event_log is not None:
             self.event_log.close()
         if self.state is not None:
+            logger.info("device state closed: %s, %d users evicted, %d reloaded",
+                        self.state.stats(), self.store.evicted, self.store.reloaded)  # fmt: skip
             self.state.close()
 
     # ---- lookups ----------------------------------------------------------------------------
@@ -516,8 +518,13 @@ class DeviceEngine:
         """Install a pushed edit for a user (empty payload = revert); returns (edit, mode)."""
         self._require_ready()
         st = self.user(user_id)
+        before = (st.edit, st.edit_info, st.edit_payload, st.proto_payload)
         await self.edits.apply_pushed(st, payload, source)
-        self._persist_edit(user_id, st)
+        try:
+            self._persist_edit(user_id, st)
+        except RecsysError:  # not durable: not applied either (UNAVAILABLE, retry)
+            st.install_edit(*before)
+            raise
         return st.edit_info, self.mode(st)[0]
 
     # ---- status -------------------------------------------------------------------------------

@@ -168,3 +168,20 @@ def test_default_state_path_follows_the_port(tmp_path: Path) -> None:
     assert path(port=0) is None  # an ephemeral server: tests, replay, benchmarks
     assert path(no_state=True) is None
     assert path(port=0, state="x.sqlite") == "x.sqlite"
+
+
+def test_push_that_cannot_be_stored_is_not_applied(bg, artifacts, tmp_path, monkeypatch) -> None:
+    dev = _Device(bg, artifacts, state_path=str(tmp_path / "s.sqlite"))
+    try:
+        top = dev.top("u1")
+
+        def refuse(*args, **kwargs):
+            raise StateWriteError("disk full")
+
+        monkeypatch.setattr(dev.handle.engine.state, "write_edit", refuse)
+        with pytest.raises(grpc.RpcError) as err:
+            _push(dev, "u1", 4)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dev.status("u1").mode == pb.SERVING_MODE_BASE and dev.top("u1") == top
+    finally:
+        dev.stop()
