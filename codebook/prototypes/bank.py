@@ -367,8 +367,6 @@ class PrototypeBank:
     def _refine(self, live: _Live) -> BankChange | None:
         pending = np.stack(live.pending_codes)  # [k, C]
         norms = np.asarray(live.pending_norms)
-        live.pending_codes.clear()
-        live.pending_norms.clear()
         cap = self.cfg.max_count
 
         def update(latest):  # runs inside the store's transaction on the LATEST version
@@ -387,14 +385,18 @@ class PrototypeBank:
             )
 
         pid = live.prototype_id
-        if self.writer is not None:
+        if self.writer is not None:  # the members go with the queued refinement
+            live.pending_codes.clear()
+            live.pending_norms.clear()
             self.writer.submit(
                 WriteOp("refinement", run=lambda store: store.refine_prototype(pid, update),
                         done=self._written_back("refine"))
             )  # fmt: skip
             return None
-        state = self.store.refine_prototype(pid, update)
+        state = self.store.refine_prototype(pid, update)  # raises: the members stay pending
         self._install(live, state)
+        live.pending_codes.clear()
+        live.pending_norms.clear()
         return BankChange("refine", live.prototype_id, state.version)
 
     def _maybe_spawn(self, live: _Live) -> BankChange | None:
