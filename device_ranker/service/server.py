@@ -1,9 +1,13 @@
 """The device server process: ``recsys serve device``.
 
 Start-up order: the gRPC server binds first with health NOT_SERVING (calls answer
-UNAVAILABLE), the ranker and the users' histories load in a worker thread, the cloud
-link starts probing, then health flips to SERVING. SIGTERM/SIGINT: health NOT_SERVING,
-no new calls, in-flight calls get ``grace_s`` to finish, then the engine closes.
+UNAVAILABLE), the ranker and the users' histories load in a worker thread (seeded from
+the dataset; with a durable state, ``config.state_path``, the users it holds supersede
+their seed and are reloaded from it on their next call), the cloud link starts probing,
+then health flips to SERVING. SIGTERM/SIGINT: health NOT_SERVING, no new calls,
+in-flight calls get ``grace_s`` to finish, then the engine closes (and the state file).
+A SIGKILL loses no acknowledged event: each is committed before it is answered
+(:mod:`device_ranker.service.state`).
 
 Authentication (with ``config.auth`` keys): every RecommendationService call needs a
 signed token (:mod:`recsys.serving.auth`; health and reflection stay open). Each user of
