@@ -108,7 +108,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "system-continual[...] (an adaptor that keeps learning from the uplinks): these "
         "two run in global stream time, in process only. Triggers: gate (shift score), "
         "learned (the learned gate of `recsys replay train-gate`), timer; a last :guard puts "
-        "the harm guard in front (e.g. system:learned:0.1, system:timer:1.0:guard)",
+        "the device's harm guard in front, :fleet-guard the cloud's pooled one (e.g. "
+        "system:learned:0.1, system:timer:1.0:guard, system:timer:0.1:fleet-guard)",
     )
     p.add_argument(
         "--learned-gate",
