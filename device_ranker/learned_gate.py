@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,13 +290,3 @@ def _nanmean(x: np.ndarray) -> float:
     """Mean of the finite values; 0.5 (mid-catalogue) when there are none."""
     x = x[np.isfinite(x)]
     return float(x.mean()) if len(x) else 0.5
-
-
-def model_summary(model: GateModel) -> Mapping[str, Any]:
-    """A JSON-able summary (layer widths, thresholds, training rates, meta)."""
-    return {
-        "layers": [list(w.shape) for w, _ in model.layers],
-        "thresholds": {f"{b:g}": t for b, t in model.thresholds.items()},
-        "train_rates": {f"{b:g}": r for b, r in model.train_rates.items()},
-        **model.meta,
-    }
