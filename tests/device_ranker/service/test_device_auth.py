@@ -254,11 +254,13 @@ def test_a_device_token_on_the_link_gets_its_own_edits_only(
                 )  # fmt: skip
 
             assert event("u7", 10**9).outcome == pb.EDIT_OUTCOME_APPLIED
+            assert cloud.writer is None or cloud.writer.flush(10)  # u7's rows are written
             before = store_rows(store)
             other = event("u8", 10**9)
             assert other.outcome == pb.EDIT_OUTCOME_FAILED
             status = dstub.GetStatus(pb.GetStatusRequest(user_id="u8"), timeout=10)
             assert "PERMISSION_DENIED" in status.user.note
+            assert cloud.writer is None or cloud.writer.flush(10)
             assert store_rows(store) == before
             # reissue the file for u8 (a re-provisioned device): no restart needed
             token_file.write_text(issue_token(key[1], "u8", ttl_s=7200) + "\n")
