@@ -14,8 +14,8 @@ connections), takes the queued operations in order and writes them:
 PostgreSQL serialization failure, deadlock, lock timeout, dropped connection:
 :func:`codebook.store.service.is_transient`) is retried with jittered exponential
 back-off (tenacity, ``max_attempts`` tries, at most ``max_backoff_s`` apart: with the
-defaults and SQLite's 0.25 s busy timeout a database may stay locked or unreachable for
-about 15 s before a write is given up). A batch that fails with a non-transient error
+defaults a write is given up after about 7 s of back-off on average (5 to 14 s), plus
+the tries themselves: 20 x 0.25 s of SQLite busy waits on a locked file). A batch that fails with a non-transient error
 is split and each operation tried alone, so one bad row does not take its neighbours
 down; what still fails (or outlasts the retries) is counted in ``failed`` and logged.
 Nothing is raised to the caller: the request that made the write was answered already.
