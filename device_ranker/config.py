@@ -86,3 +86,35 @@ class ModelConfig:
         data = dict(data)
         data["extra_features"] = tuple(IdFeatureConfig(**f) for f in data.get("extra_features", ()))
         return cls(**data)
+
+
+@config_dataclass
+class AnnConfig:
+    """Approximate maximum-inner-product pre-selection for large catalogues
+    (:mod:`device_ranker.ann`): a faiss index over the item table (with the item bias
+    folded in) returns C candidates per user, exact scores of the candidates give the
+    top-K. Defaults chosen with ``recsys bench ann`` (see :mod:`device_ranker.ann`).
+
+    Example::
+
+        AnnConfig(mode="on", kind="hnsw")   # force on whatever the catalogue size
+    """
+
+    # "auto": on when the catalogue has at least min_items items; "on" / "off": forced
+    mode: Literal["auto", "on", "off"] = "auto"
+    min_items: int = Field(50_000, ge=1)  # ann_min_items: below it exact scoring is cheap
+    kind: Literal["ivf", "hnsw"] = "ivf"  # faiss IndexIVFFlat or IndexHNSWFlat
+    nlist: int = Field(0, ge=0)  # IVF lists; 0 = 4 * sqrt(I), at least 1
+    nprobe: int = Field(32, ge=1)  # IVF lists searched per query
+    hnsw_m: int = Field(32, ge=2)  # HNSW graph degree
+    ef_construction: int = Field(40, ge=1)  # HNSW build beam
+    ef_search: int = Field(128, ge=1)  # HNSW search beam (raised to C when C is larger)
+    # C: candidates fetched per user, at least k + that user's excluded items
+    candidates: int = Field(100, ge=1)
+    max_candidates: int = Field(4096, ge=1)  # cap on C; a row left with < k falls back to exact
+    train_points: int = Field(100_000, ge=1)  # IVF k-means sample (points)
+    seed: int = 0  # IVF k-means seed
+
+    def active(self, num_items: int) -> bool:
+        """Whether a catalogue of ``num_items`` items is ranked through the index."""
+        return self.mode == "on" or (self.mode == "auto" and num_items >= self.min_items)

@@ -12,11 +12,16 @@ Example::
     ranker.apply_edit(edit)                           # validated, kept factored, base untouched
     items, scores = ranker.recommend_batch(histories, k=10)   # [B, 10], [B, 10]
     ranker.revert_edit()                              # bit-identical to before
+
+Large catalogues: ``recommend`` / ``recommend_batch`` pre-select candidates with a faiss
+index (:mod:`device_ranker.ann`) when ``AnnConfig.active(I)`` (from ``min_items`` items
+on, or forced), then score the candidates exactly; ``scores`` stays exact.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from device_ranker.config import AnnConfig
 from device_ranker.edit_apply import PreparedEdit, prepare_decoded, prepare_edit
 from device_ranker.edits import EditBounds, HeadEdit
 from device_ranker.features import History, _as_int64, check_item_range, history_kjt, seen_mask
@@ -55,6 +61,8 @@ class Ranker:
         model: a trained :class:`SeqRanker` (put in eval mode; parameters frozen).
         item_ids: optional dataset item ids in index order (for ``Recommendation.item_ids``).
         bounds: limits enforced on every edit (:class:`EditBounds`).
+        ann: large-catalogue pre-selection (:class:`AnnConfig`; default: on from 50,000
+            items); the index is built once, on first use (:meth:`ann_index`).
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class Ranker:
         *,
         item_ids: Sequence[str] | None = None,
         bounds: EditBounds | None = None,
+        ann: AnnConfig | None = None,
     ) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
@@ -72,15 +81,22 @@ class Ranker:
             raise ValidationError(f"{len(self.item_ids)} item ids for {model.cfg.num_items} items")
         self.bounds = bounds or EditBounds()
         self._active: PreparedEdit | None = None
+        self.ann_config = ann or AnnConfig()
+        self._ann = None  # AnnIndex, built on first use
+        self._ann_lock = threading.Lock()
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, bounds: EditBounds | None = None) -> Ranker:
+    def from_checkpoint(
+        cls, path: str | Path, *, bounds: EditBounds | None = None, ann: AnnConfig | None = None
+    ) -> Ranker:
         """Load the best weights of a training checkpoint (:mod:`device_ranker.train`)."""
         from device_ranker.train import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path)
-        return cls(model_from_checkpoint(ckpt), item_ids=ckpt.get("item_ids"), bounds=bounds)
+        return cls(
+            model_from_checkpoint(ckpt), item_ids=ckpt.get("item_ids"), bounds=bounds, ann=ann
+        )
 
     @property
     def num_items(self) -> int:
@@ -89,6 +105,20 @@ class Ranker:
     def edit_spec(self) -> dict[str, tuple[int, int]]:
         """Head layer name -> (out, in): the shapes an edit must have."""
         return self.model.head.edit_spec()
+
+    def ann_index(self):
+        """The faiss pre-selection index (:class:`~device_ranker.ann.AnnIndex`) when
+        ``ann_config.active(I)``, built on the first call; else None."""
+        if not self.ann_config.active(self.num_items):
+            return None
+        if self._ann is None:
+            with self._ann_lock:
+                if self._ann is None:
+                    from device_ranker.ann import AnnIndex
+
+                    bias = self.model.item_bias if self.model.cfg.item_bias else None
+                    self._ann = AnnIndex(self.model.item_table, bias, self.ann_config)
+        return self._ann
 
     # ---- edits ----------------------------------------------------------------------
     def prepare(self, edit: HeadEdit) -> PreparedEdit:
@@ -159,13 +189,25 @@ class Ranker:
         ``edit``: ``"active"`` (default), ``"base"``/None, a :class:`HeadEdit` (validated
         now) or a :class:`PreparedEdit`.
         """
+        q = self.queries(histories, edit=edit, extra=extra)  # [B, D]
+        with torch.inference_mode():
+            return self.model.item_scores(q)  # [B, I]
+
+    def queries(
+        self,
+        histories: Sequence[History],
+        *,
+        edit: EditArg = "active",
+        extra: Mapping[str, Sequence[History]] | None = None,
+    ) -> torch.Tensor:
+        """Head outputs [B, D] (the queries the item table is scored with)."""
         hs = self._check(histories)
         weights = self._weights(edit)
         with torch.inference_mode():
             states = self.model.user_states(
                 history_kjt(hs, self.model.cfg.max_len, extra)
             )  # [B, D]
-            return self.model.item_scores(self.model.head(states, weights))  # [B, I]
+            return self.model.head(states, weights)  # [B, D]
 
     def scores_per_user_edits(
         self, histories: Sequence[History], edits: Sequence[HeadEdit | PreparedEdit | None]
@@ -206,8 +248,28 @@ class Ranker:
         candidates: Sequence[int] | None = None,
         edit: EditArg = "active",
     ) -> Recommendation:
-        """Top-K for one user over the catalogue (or ``candidates``), seen items excluded."""
+        """Top-K for one user over the catalogue (or ``candidates``), seen items excluded.
+
+        Without ``candidates`` a large catalogue goes through the ANN index
+        (:meth:`ann_index`); the returned scores are exact either way.
+        """
         h = self._check([history])[0]
+        index = self.ann_index() if candidates is None else None
+        if index is not None:
+            from device_ranker.ann import ann_topk
+
+            parts = [h] if exclude_seen else []
+            if exclude is not None:
+                ex = _as_int64(exclude)
+                check_item_range(ex, self.num_items, "excluded item index")
+                parts.append(ex)
+            excl = np.concatenate(parts) if parts else None
+            with torch.inference_mode():
+                items, top = ann_topk(index, self.queries([h], edit=edit), [excl], k)
+            keep = torch.isfinite(top[0])
+            items, top = items[0][keep], top[0][keep]
+            ids = [self.item_ids[i] for i in items.tolist()] if self.item_ids is not None else None
+            return Recommendation(items=items, scores=top, item_ids=ids)
         scores = self.scores([h], edit=edit)  # [1, I]
         mask = (
             seen_mask([h], self.num_items)
@@ -238,8 +300,19 @@ class Ranker:
         exclude_seen: bool = True,
         edit: EditArg = "active",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-K for B users: items [B, K] int64, scores [B, K] (-inf past the allowed items)."""
+        """Top-K for B users: items [B, K] int64, scores [B, K] (-inf past the allowed items).
+
+        A large catalogue goes through the ANN index (:meth:`ann_index`; exact scores of
+        its candidates).
+        """
         hs = self._check(histories)
+        index = self.ann_index()
+        if index is not None:
+            from device_ranker.ann import ann_topk
+
+            with torch.inference_mode():
+                q = self.queries(hs, edit=edit)  # [B, D]
+                return ann_topk(index, q, hs if exclude_seen else [None] * len(hs), k)
         scores = self.scores(hs, edit=edit)
         return self.mask_and_topk(
             scores, seen_mask(hs, self.num_items) if exclude_seen else None, k

@@ -12,6 +12,10 @@ computed once per history change). The same thread decodes and composes edits
 head with each user's own edit in one batched pass, the catalogue scores, the
 candidate / history mask and one top-k; probe items get their scores and ranks from the
 same scores (:func:`probe_ranks`, ties pessimistic like ``recsys.metrics.target_ranks``).
+On a large catalogue (the ranker's :meth:`~device_ranker.ranker.Ranker.ann_index`), jobs
+without candidates, probes or kept scores take their top-k from the faiss pre-selection
+(:func:`device_ranker.ann.ann_topk`, exact scores of the candidates); the others are
+scored over the full catalogue as before.
 
 Shapes: B jobs, D model width, I catalogue items, K top-k, P probes.
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,6 +57,7 @@ class RankJob:
     exclude: np.ndarray | None  # item indices to exclude (seen)
     candidates: np.ndarray | None  # allowed item indices (None = all)
     probes: np.ndarray | None = None  # [P] item indices to score and rank (evaluation)
+    full: bool = False  # needs the full-catalogue scores (RankOutput.raw), never pre-selected
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class RankOutput:
     raw: torch.Tensor | None = None  # [I] full-catalogue scores (nothing masked), a row view
 
 
-def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutput]:
+def rank_batch(
+    model: Any, num_items: int, jobs: list[RankJob], ann: Any | None = None
+) -> list[RankOutput]:
     """B jobs -> top-k each, plus the probes' scores and ranks, in one pass.
 
     User states [B, D] (cached ones reused, the others from the encoder), the head with
@@ -76,6 +83,7 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
     Args:
         model: the ranker's model (``Ranker.model``); num_items: I.
         jobs: B :class:`RankJob`.
+        ann: the ranker's :class:`~device_ranker.ann.AnnIndex` (None = all exact).
     """
     with torch.inference_mode():
         missing = [b for b, j in enumerate(jobs) if j.state is None]
@@ -90,6 +98,10 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
         q = queries_per_user(
             model.head, x, [None if j.edit is None else j.edit.weights for j in jobs], "auto"
         )  # a user's edit stays factored until its rows have paid for materialising it
+        if ann is not None:
+            pre = [b for b, j in enumerate(jobs) if _preselect(j)]
+            if pre:
+                return _rank_mixed(model, num_items, jobs, states, q, ann, pre)
         raw = model.item_scores(q)  # [B, I]
         mask = unrankable_mask(jobs, num_items)  # [B, I]
         scores = raw.masked_fill(mask, float("-inf"))
@@ -116,6 +128,40 @@ def rank_batch(model: Any, num_items: int, jobs: list[RankJob]) -> list[RankOutp
             )
         )
     return out
+
+
+def _preselect(job: RankJob) -> bool:
+    """Whether a job may take its top-k from the ANN pre-selection."""
+    return job.candidates is None and job.probes is None and not job.full and job.k > 0
+
+
+def _rank_mixed(
+    model: Any,
+    num_items: int,
+    jobs: list[RankJob],
+    states: list[torch.Tensor],
+    q: torch.Tensor,
+    ann: Any,
+    pre: list[int],
+) -> list[RankOutput]:
+    """Jobs ``pre`` through the ANN index, the others over the full catalogue (rows of
+    ``rank_batch``; states B x [D], q [B, D])."""
+    from device_ranker.ann import ann_topk
+
+    out: list[RankOutput | None] = [None] * len(jobs)
+    kmax = min(max(jobs[b].k for b in pre), num_items)
+    items, values = ann_topk(ann, q[pre], [jobs[b].exclude for b in pre], kmax)  # [P, K]
+    valid = torch.isfinite(values).sum(dim=1).tolist()
+    items_l, values_l = items.tolist(), values.tolist()
+    for row, b in enumerate(pre):
+        n = min(jobs[b].k, kmax, valid[row])
+        out[b] = RankOutput(items=items_l[row][:n], scores=values_l[row][:n], state=states[b])
+    rest = [b for b in range(len(jobs)) if out[b] is None]
+    if rest:  # the exact path, with the states already computed
+        sub = [replace(jobs[b], state=states[b]) for b in rest]
+        for b, o in zip(rest, rank_batch(model, num_items, sub), strict=True):
+            out[b] = o
+    return out  # type: ignore[return-value]
 
 
 def unrankable_mask(jobs: Sequence[RankJob], num_items: int) -> torch.Tensor:
@@ -175,7 +221,7 @@ class Ranking:
 
     def rank_batch(self, jobs: list[RankJob]) -> list[RankOutput]:
         """B jobs -> top-k each (runs on the ranking thread)."""
-        return rank_batch(self.ranker.model, self.ranker.num_items, jobs)
+        return rank_batch(self.ranker.model, self.ranker.num_items, jobs, self.ranker.ann_index())
 
     async def rank(
         self,
@@ -201,6 +247,7 @@ class Ranking:
             exclude=None if exclude is None else np.fromiter(exclude, np.int64, len(exclude)),
             candidates=candidates,
             probes=probes,
+            full=keep_scores,
         )
         out = await self.batcher.submit(job)
         if st.version == version and st.state_version != version:
