@@ -11,11 +11,18 @@ query ``[q, 1]``. Maximum inner product is then reduced to nearest neighbour in 
 (Bachrach et al., RecSys 2014): items get one more coordinate ``sqrt(M^2 - |x'_i|^2)``
 (M the largest item norm, so every item has norm M), queries a 0, and
 ``|q' - x'_i|^2 = |q'|^2 + M^2 - 2 score_i``: the nearest items are the best-scoring.
-Both IVF and HNSW then search in plain L2 over ``D + 2`` dimensions.
+Both IVF and HNSW then search in plain L2 over ``D + 2`` dimensions (zero-padded to a
+multiple of 8, which faiss scans about a quarter faster: 11 vs 15 ms for 64 queries,
+nprobe 24 of 316 lists, 10^5 items, one thread). Measured at 10^5 items against IVF on
+the inner product directly (``[x, b]`` vs ``[q, 1]``), the L2 reduction reached recall@10
+0.9935 at nprobe 32 of 316 lists where the inner product reached 0.989.
 
-Exclusion. A user's excluded (seen) items are dropped from the candidates, so C is at
-least ``k +`` the user's excluded items (capped at ``max_candidates``); a row that still
-has fewer than k candidates left (and more rankable items than that) is scored exactly.
+Exclusion. A user's excluded (seen) items are dropped from the candidates. The index is
+searched for ``C = AnnConfig.candidates`` first; rows left with fewer than k are
+searched again for ``k +`` their excluded items (capped at ``max_candidates``), and a
+row still short (with more rankable items than it has) is scored exactly. The first
+search's top-k after exclusion is the second's when both find k (IVF-Flat ranks a
+probed list's items by their exact score).
 
 Shapes: B users, D width, I items, C candidates, K top-k.
 
@@ -71,14 +78,14 @@ class AnnIndex:
             item_bias.detach() if item_bias is not None else torch.zeros(n, dtype=self.table.dtype)
         )  # [I]
         t0 = time.perf_counter()
-        vec = np.empty((n, d + 2), dtype=np.float32)  # [I, D + 2]
+        self.dim = -(-(d + 2) // 8) * 8  # zero-padded to a multiple of 8: faiss scans faster
+        vec = np.zeros((n, self.dim), dtype=np.float32)  # [I, D + 2 + pad]
         vec[:, :d] = self.table.numpy()
         vec[:, d] = self.bias.numpy()
         sq = np.einsum("ij,ij->i", vec[:, : d + 1], vec[:, : d + 1])  # [I]
         vec[:, d + 1] = np.sqrt(np.maximum(sq.max() - sq, 0.0))
-        self.dim = d + 2
         if cfg.kind == "ivf":
-            self.nlist = min(n, cfg.nlist or max(1, round(4 * math.sqrt(n))))
+            self.nlist = min(n, cfg.nlist or max(1, round(math.sqrt(n))))
             quantizer = faiss.IndexFlatL2(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_L2)
             index.cp.seed = cfg.seed
@@ -97,10 +104,12 @@ class AnnIndex:
         else:  # pragma: no cover - the config's Literal refuses it
             raise ValidationError(f"unknown ANN index kind {cfg.kind!r} (ivf or hnsw)")
         self.index = index
+        # rows ranked, rows that needed a second search (k + seen), rows scored exactly
+        self.stats = {"rows": 0, "second_search": 0, "exact": 0}
         self.build_seconds = time.perf_counter() - t0
         self.nbytes = _index_bytes(faiss, index)
         logger.info(
-            "built %s index over %d items (D+2=%d) in %.1f s, %.1f MB",
+            "built %s index over %d items (padded width %d) in %.1f s, %.1f MB",
             cfg.kind,
             n,
             self.dim,
@@ -115,7 +124,7 @@ class AnnIndex:
     def search(self, queries: torch.Tensor, c: int) -> np.ndarray:
         """Queries [B, D] -> candidate item indices [B, C] (-1 where fewer were found)."""
         b, d = queries.shape
-        q = np.zeros((b, self.dim), dtype=np.float32)  # [B, D + 2]
+        q = np.zeros((b, self.dim), dtype=np.float32)  # [B, D + 2 + pad]
         q[:, :d] = queries.detach().numpy()
         q[:, d] = 1.0  # picks up the bias; the last coordinate stays 0
         c = min(c, self.num_items)
@@ -172,28 +181,54 @@ def ann_topk(
     kk = min(k, n)
     excl = [np.unique(np.asarray(e, dtype=np.int64)) if e is not None else None for e in exclude]
     n_excl = [0 if e is None else len(e) for e in excl]
-    c = candidate_count(index.cfg, kk, n_excl, n)
+    rows = list(range(len(excl)))
+    c1 = min(max(index.cfg.candidates, kk), n)
     with torch.inference_mode():
-        cand = index.search(queries, c)  # [B, C]
-        bad = cand < 0  # [B, C]
-        for b, e in enumerate(excl):
-            if e is not None and len(e):
-                bad[b] |= np.isin(cand[b], e, assume_unique=False)
-        cand_t = torch.from_numpy(np.where(bad, 0, cand))  # [B, C]
-        scores = torch.einsum("bd,bcd->bc", queries, index.table[cand_t]) + index.bias[cand_t]
-        scores = scores.masked_fill(torch.from_numpy(bad), float("-inf"))  # [B, C]
-        top = torch.topk(scores, min(kk, c), dim=1)
-        items = cand_t.gather(1, top.indices)  # [B, min(K, C)]
-        values = top.values
-        if items.shape[1] < kk:  # C < K: pad (those rows fall back below)
-            pad = kk - items.shape[1]
-            items = torch.cat([items, torch.zeros(len(excl), pad, dtype=items.dtype)], 1)
-            values = torch.cat([values, torch.full((len(excl), pad), float("-inf"))], 1)
-        found = torch.isfinite(values).sum(dim=1).tolist()  # [B]
-        short = [b for b in range(len(excl)) if found[b] < min(kk, n - n_excl[b])]
+        items, values = _select(index, queries, excl, kk, c1)
+        index.stats["rows"] += len(rows)
+        short = _short(values, rows, kk, n, n_excl)
+        c2 = candidate_count(index.cfg, kk, [n_excl[b] for b in short], n)
+        if short and c2 > c1:  # seen items took too many candidates: fetch k + seen
+            index.stats["second_search"] += len(short)
+            it2, va2 = _select(index, queries[short], [excl[b] for b in short], kk, c2)
+            items[short], values[short] = it2, va2
+            short = _short(values, short, kk, n, n_excl)
         if short:
+            index.stats["exact"] += len(short)
             ex_items, ex_values = exact_topk(index, queries[short], [excl[b] for b in short], kk)
             items[short], values[short] = ex_items, ex_values
+    return items, values
+
+
+def _short(values: torch.Tensor, rows: list[int], k: int, n: int, n_excl: list[int]) -> list[int]:
+    """Rows (of ``rows``) with fewer than min(K, rankable) finite scores."""
+    found = torch.isfinite(values[rows]).sum(dim=1).tolist()
+    return [b for b, f in zip(rows, found, strict=True) if f < min(k, n - n_excl[b])]
+
+
+def _select(
+    index: AnnIndex, queries: torch.Tensor, excl: Sequence[np.ndarray | None], k: int, c: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C candidates per row from the index, excluded ones dropped, exact scores, top-K:
+    items [B, K], scores [B, K] (-inf where fewer than K candidates were left)."""
+    b_rows = queries.shape[0]
+    cand = index.search(queries, c)  # [B, C]
+    bad = cand < 0  # [B, C]
+    rows = [b for b, e in enumerate(excl) if e is not None and len(e)]
+    if rows:  # one isin over (row, item) keys for the whole batch
+        n = np.int64(index.num_items)
+        seen_keys = np.concatenate([b * n + excl[b] for b in rows])
+        cand_keys = np.arange(b_rows, dtype=np.int64)[:, None] * n + cand  # [B, C]
+        bad |= np.isin(cand_keys, seen_keys) & (cand >= 0)
+    cand_t = torch.from_numpy(np.where(bad, 0, cand))  # [B, C]
+    scores = torch.einsum("bd,bcd->bc", queries, index.table[cand_t]) + index.bias[cand_t]
+    scores = scores.masked_fill(torch.from_numpy(bad), float("-inf"))  # [B, C]
+    top = torch.topk(scores, min(k, c), dim=1)
+    items, values = cand_t.gather(1, top.indices), top.values  # [B, min(K, C)]
+    if items.shape[1] < k:  # C < K: pad (those rows are short)
+        pad = k - items.shape[1]
+        items = torch.cat([items, torch.zeros(b_rows, pad, dtype=items.dtype)], 1)
+        values = torch.cat([values, torch.full((b_rows, pad), float("-inf"))], 1)
     return items, values
 
 

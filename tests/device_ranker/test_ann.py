@@ -127,3 +127,29 @@ def test_service_rank_batch_keeps_probes_exact_with_the_index() -> None:
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
     assert with_ann[0].raw is None and with_ann[1].probe_ranks == without[1].probe_ranks
     assert with_ann[2].raw is not None
+
+
+def test_cli_bench_ann_on_a_tiny_ranker(tmp_path, capsys) -> None:
+    import json
+
+    from ranker_helpers import make_dataset
+
+    from recsys.cli import main
+    from recsys.data import write_dataset
+
+    data = write_dataset(make_dataset(), tmp_path / "synthetic")
+    common = ["--dataset", str(data), "--checkpoint", str(tmp_path / "r.pt")]
+    common += ["--cache-dir", str(tmp_path / "cache")]
+    train = ["--epochs", "1", "--dim", "8", "--max-len", "5", "--no-progress"]
+    assert main(["train", "ranker", *common, *train]) == 0
+    out = tmp_path / "ann.json"
+    args = ["--sizes", "200,400", "--latency-users", "4", "--batch-size", "4", "--threads", "1"]
+    assert main(["bench", "ann", *common, *args, "--json", str(out)]) == 0
+    assert "hnsw" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["items"], r["method"]) for r in rows][:3] == [
+        (200, "exact"),
+        (200, "ivf"),
+        (200, "hnsw"),
+    ]
+    assert all(0.0 <= r["recall@10"] <= 1.0 for r in rows)
