@@ -81,6 +81,7 @@ async def run_load(
     rate: float | None = None,
     warmup_s: float = 1.0,
     on_result: Callable[[Any], None] | None = None,
+    on_call: Callable[[float | None, str | None], None] | None = None,
 ) -> LoadResult:
     """Drive ``call(n)`` (n = 0, 1, ...) as described in the module docstring.
 
@@ -91,6 +92,8 @@ async def run_load(
         rate: calls per second (open loop) or None (closed loop).
         warmup_s: seconds of calls not counted, before the measured window.
         on_result: called with every successful counted result (e.g. to read a field).
+        on_call: called when each counted call ends, with (latency ms, None) or, for an
+            error, (None, its status code name): e.g. to bin the calls over time.
     """
     if concurrency < 1 or duration_s <= 0 or warmup_s < 0:
         raise ValidationError("concurrency >= 1, duration_s > 0 and warmup_s >= 0 required")
@@ -115,12 +118,16 @@ async def run_load(
             if scheduled >= measure_from:
                 name = exc.code().name
                 result.errors[name] = result.errors.get(name, 0) + 1
+                if on_call is not None:
+                    on_call(None, name)
             return
         done = time.perf_counter()
         if scheduled >= measure_from and scheduled < end:
             result.latencies_ms.append((done - scheduled) * 1000.0)
             if on_result is not None:
                 on_result(value)
+            if on_call is not None:
+                on_call(result.latencies_ms[-1], None)
 
     if rate is None:
 

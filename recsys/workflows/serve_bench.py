@@ -323,29 +323,12 @@ async def bench_recommend(
 
 def bench_edits(cfg: ServeBenchConfig, work: BenchData) -> list[dict[str, Any]]:
     """GenerateEdit with micro-batching on, then off (a fresh cloud process each)."""
-    from recsys.workflows.adaptor_training import default_store_path
-
-    adaptor = Path(cfg.adaptor)
-    engine = cfg.edit_engine
-    if engine == "auto":
-        engine = "artifacts" if adaptor.is_file() else "tiny"
+    engine = resolve_engine(cfg)
     results = []
     with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
         for label, max_batch, wait_ms in (("on", 32, 5.0), ("off", 1, 0.0)):
-            argv = ["serve", "cloud", "--engine", engine, "--dataset", cfg.dataset,
-                    "--batch-max", str(max_batch), "--batch-wait-ms", str(wait_ms),
-                    "--torch-threads", str(cfg.torch_threads), *cfg.location_args(),
-                    *work.auth_args]  # fmt: skip
-            store = Path(tmp) / f"store-{label}.sqlite"
-            if engine == "tiny":
-                spec = ",".join(f"{n}={o}x{i}" for n, (o, i) in work.spec.items())
-                argv += ["--head-spec", spec, "--store-url", f"sqlite:///{store}"]
-            else:  # a copy of the trained store: the benchmark must not write into it
-                argv += ["--adaptor", str(adaptor)]
-                src = default_store_path(adaptor)
-                if src.is_file():
-                    shutil.copy(src, store)
-                    argv += ["--store-url", f"sqlite:///{store}"]
+            argv = cloud_argv(cfg, work, engine, Path(tmp) / f"store-{label}.sqlite",
+                              max_batch=max_batch, wait_ms=wait_ms)  # fmt: skip
             with ServerProcess(argv, name=f"cloud-{label}") as cloud:
                 cloud.wait_ready(timeout=600)
                 summary = asyncio.run(drive_edits(cfg, work, cloud.target, cloud.cpu_seconds))
@@ -353,6 +336,60 @@ def bench_edits(cfg: ServeBenchConfig, work: BenchData) -> list[dict[str, Any]]:
             logger.info("generate_edit %s: %s", label, summary)
             results.append(summary)
     return results
+
+
+def resolve_engine(cfg: ServeBenchConfig) -> str:
+    """The cloud engine: ``edit_engine``, where "auto" is "artifacts" when the adaptor
+    artefact exists, else "tiny"."""
+    if cfg.edit_engine != "auto":
+        return cfg.edit_engine
+    return "artifacts" if Path(cfg.adaptor).is_file() else "tiny"
+
+
+def cloud_argv(
+    cfg: ServeBenchConfig,
+    work: BenchData,
+    engine: str,
+    store: Path,
+    *,
+    max_batch: int = 32,
+    wait_ms: float = 5.0,
+) -> list[str]:
+    """``recsys serve cloud ...`` for a benchmark cloud: ``engine`` ("tiny": a new SQLite
+    store at ``store`` and the ranker's head spec; "artifacts": ``cfg.adaptor`` with a
+    copy of its trained store at ``store``, so the benchmark never writes into it)."""
+    from recsys.workflows.adaptor_training import default_store_path
+
+    argv = ["serve", "cloud", "--engine", engine, "--dataset", cfg.dataset,
+            "--batch-max", str(max_batch), "--batch-wait-ms", str(wait_ms),
+            "--torch-threads", str(cfg.torch_threads), *cfg.location_args(),
+            *work.auth_args]  # fmt: skip
+    if engine == "tiny":
+        spec = ",".join(f"{n}={o}x{i}" for n, (o, i) in work.spec.items())
+        argv += ["--head-spec", spec, "--store-url", f"sqlite:///{store}"]
+    else:  # a copy of the trained store: the benchmark must not write into it
+        adaptor = Path(cfg.adaptor)
+        argv += ["--adaptor", str(adaptor)]
+        src = default_store_path(adaptor)
+        if src.is_file():
+            shutil.copy(src, store)
+            argv += ["--store-url", f"sqlite:///{store}"]
+    return argv
+
+
+def edit_requests(work: BenchData) -> list[Any]:
+    """One GenerateEditRequest per benchmark user (its uplink window and summary, fp16)."""
+    from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
+
+    return [
+        cpb.GenerateEditRequest(
+            device_id=u,
+            recent_item_ids=items,
+            summary=summary,
+            payload_dtype=cpb.PAYLOAD_DTYPE_FP16,
+        )
+        for u, items, summary in zip(work.users, work.recent, work.summaries, strict=True)
+    ]
 
 
 async def drive_edits(
@@ -365,20 +402,11 @@ async def drive_edits(
     mean cloud batch, the mean request / response bytes and, when ``cloud_cpu`` reads
     the server's CPU seconds, its CPU milliseconds per answered call (every call after
     the warm-up call, the load generator's uncounted warm-up seconds included)."""
-    from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
     from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
     from recsys.serving.loadgen import run_load
     from recsys.serving.server import client_channel
 
-    requests = [
-        cpb.GenerateEditRequest(
-            device_id=u,
-            recent_item_ids=items,
-            summary=summary,
-            payload_dtype=cpb.PAYLOAD_DTYPE_FP16,
-        )
-        for u, items, summary in zip(work.users, work.recent, work.summaries, strict=True)
-    ]
+    requests = edit_requests(work)
     sizes: list[int] = []
     answered = [0]
     up: list[int] = []
