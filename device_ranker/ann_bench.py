@@ -2,7 +2,8 @@
 full-catalogue scoring, on synthetic catalogues of 10^4 to 10^6 items.
 
 Queries are real: the trained ranker's head outputs [U, D] for the dataset's
-leave-one-out test users, with their histories as the seen items. The users are split
+leave-one-out test users, with their histories as the seen items; half of the users
+(seeded) go through the head with a random rank-8 edit (factored), as edited users do. The users are split
 in two (seeded): the *tuning* half chooses each index's search parameter (the smallest
 nprobe / efSearch whose recall@10 reaches the target), the *held-out* half reports
 recall and latency at that value.
@@ -38,6 +39,7 @@ import torch
 
 from device_ranker.ann import AnnIndex, ann_topk, exact_topk, recall_at_k
 from device_ranker.config import AnnConfig
+from device_ranker.edits import random_edit
 from device_ranker.ranker import Ranker
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class AnnBenchConfig:
     ef_searches: tuple[int, ...] = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)  # HNSW sweep
     ivf: AnnConfig = field(default_factory=lambda: AnnConfig(mode="on", kind="ivf"))
     hnsw: AnnConfig = field(default_factory=lambda: AnnConfig(mode="on", kind="hnsw"))
+    edited_share: float = 0.5  # users whose query comes through a random rank-8 edit
     seed: int = 0
 
 
@@ -129,6 +132,11 @@ def run_ann_bench(
     """Measure exact vs IVF vs HNSW at every size; a dict of figures (rows + sweeps)."""
     rng = np.random.default_rng(cfg.seed)
     queries = ranker.queries(histories, edit="base").clone()  # [U, D]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    edited = np.flatnonzero(rng.random(len(histories)) < cfg.edited_share)
+    if len(edited):  # these users' queries come through an edited (factored) head
+        edit = ranker.prepare(random_edit(ranker.model.head, rank=8, scale=0.002, generator=gen))
+        queries[edited] = ranker.queries([histories[i] for i in edited], edit=edit)
     seen = [np.asarray(h, dtype=np.int64) for h in histories]
     order = rng.permutation(len(seen))
     tune, held = np.sort(order[::2]), np.sort(order[1::2])
@@ -220,7 +228,7 @@ def run_ann_bench(
             progress(rows[-3:])
     return {
         "config": asdict(cfg) | {"ivf": asdict(cfg.ivf), "hnsw": asdict(cfg.hnsw)},
-        "users": {"tuning": len(tune), "held_out": len(held)},
+        "users": {"tuning": len(tune), "held_out": len(held), "edited": len(edited)},
         "rows": rows,
         "sweeps": sweeps,
         "torch_threads": torch.get_num_threads(),
