@@ -49,6 +49,7 @@ COMMAND_MODULES = (
     "recsys.cli.db_cmd",
     "recsys.cli.payload_cmd",
     "recsys.cli.serve_cmd",
+    "recsys.cli.soak_cmd",
     "recsys.cli.auth_cmd",
     "recsys.cli.replay_cmd",
     "recsys.cli.abtest_cmd",
