@@ -214,6 +214,7 @@ class Ranking:
 
     def __init__(self, ranker: Ranker, batch: BatchConfig, *, inline: bool = False) -> None:
         self.ranker = ranker
+        ranker.ann_index()  # a large catalogue's faiss index is built now, not on a request
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ranker")
         self.batcher: MicroBatcher[RankJob, RankOutput] = MicroBatcher(
             self.rank_batch, batch, name="recommend", executor=self.executor, inline=inline

@@ -153,3 +153,17 @@ def test_cli_bench_ann_on_a_tiny_ranker(tmp_path, capsys) -> None:
         (200, "hnsw"),
     ]
     assert all(0.0 <= r["recall@10"] <= 1.0 for r in rows)
+
+
+def test_device_ranking_builds_the_index_at_start() -> None:
+    from device_ranker.service.ranking import Ranking
+    from recsys.serving.batching import BatchConfig
+
+    ranker = _ranker(AnnConfig(mode="on", nlist=8, nprobe=8))
+    ranking = Ranking(ranker, BatchConfig(max_batch=4, max_wait_ms=0.0), inline=True)
+    assert ranker._ann is not None  # built before the first request
+    hist = np.array([1, 2], dtype=np.int64)
+    job = RankJob(history=hist, state=None, edit=None, k=3, exclude=hist, candidates=None)
+    out = ranking.rank_batch([job])[0]
+    assert out.items == rank_batch(ranker.model, 300, [job])[0].items
+    ranking.executor.shutdown()
