@@ -331,9 +331,22 @@ def cmd_bench_ann(args: argparse.Namespace) -> int:
         {
             **figures,
             "dataset": dataset_record(ds),
-            "checkpoint": str(ckpt),
+            "checkpoint": _portable(ckpt, args),
             "faiss": faiss.__version__,
             "seed": cfg.seed,
         },
     )
     return 0
+
+
+def _portable(path: Path, args: argparse.Namespace) -> str:
+    """``path`` as ``CACHE_DIR/...`` when under the cache directory (no machine paths in
+    committed results), else as given."""
+    from recsys import settings
+
+    try:
+        return "CACHE_DIR/" + str(
+            path.resolve().relative_to(settings.cache_dir(args.cache_dir).resolve())
+        )
+    except ValueError:
+        return str(path)
