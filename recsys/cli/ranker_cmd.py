@@ -81,7 +81,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         "(their histories excluded as seen). Exact full scoring vs faiss IVF-Flat and "
         "HNSW-Flat pre-selection + exact scores of the candidates: recall@10 against exact "
         "on held-out users (the search parameter chosen on the other half), latency per "
-        "user and per batch, index build time and size. Needs a trained ranker; --threads sets torch and faiss threads.",
+        "user and per batch, index build time and size. Needs a trained ranker; --threads "
+        "sets torch and faiss threads.",
     )
     _add_common(p)
     p.add_argument(
