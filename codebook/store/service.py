@@ -440,6 +440,22 @@ class PrototypeStore:
     def get_or_create_arm(self, experiment_id: int, user_id: str, arm: str) -> ArmAssignmentRecord:
         """The user's arm in the experiment; ``arm`` is stored only if the user has none
         yet (idempotent and race-safe: concurrent callers all get the first stored arm)."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_random_exponential(multiplier=0.002, max=0.05),
+            retry=retry_if_exception(is_transient),  # a lock wait past the busy timeout
+        )
+        try:
+            return retrying(self._get_or_create_arm_once, experiment_id, user_id, arm)
+        except RetryError as err:
+            raise StoreBusyError(
+                f"assigning an arm to a user of experiment {experiment_id} collided with "
+                f"other writers {self.max_attempts} times; retry later"
+            ) from err.last_attempt.exception()
+
+    def _get_or_create_arm_once(
+        self, experiment_id: int, user_id: str, arm: str
+    ) -> ArmAssignmentRecord:
         with self.transaction(write=True) as session:
             row, created = ExperimentRepository(session).get_or_create_arm(
                 experiment_id, user_id, arm

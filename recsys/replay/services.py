@@ -144,6 +144,10 @@ def _cloud_argv(adaptor: Path, art: dict[str, Any], cache: Path, dataset: str) -
         "--codebook-dir", str(root / "codebook"), "--lm-dir", str(lm),
         "--lm-backend", tcfg.lm_backend,
         "--batch-max", "1", "--batch-wait-ms", "0", "--torch-threads", "1",
+        # store writes inside the request, as the in-process replay does: a refinement
+        # must reach the bank before the next request (write-behind installs it a batch
+        # later, which the parity with the in-process replay would not survive)
+        "--no-write-behind",
     ]  # fmt: skip
 
 
