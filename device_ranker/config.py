@@ -102,8 +102,9 @@ class AnnConfig:
 
     # "auto": on when the catalogue has at least min_items items; "on" / "off": forced
     mode: Literal["auto", "on", "off"] = "auto"
-    # ann_min_items: exact and IVF cost the same around 3 * 10^4 items (one thread: per user
-    # 0.17 vs 0.50 ms at 10^4, 5.7 vs 0.56 ms at 10^5), so from 5 * 10^4 the index wins
+    # ann_min_items: exact scoring is cheaper at 10^4 items, the index at 10^5 (one thread,
+    # per user 0.17 vs 0.50 ms and 5.7 vs 0.56 ms; per 64 users 4.9 vs 9.8 and 57 vs 20 ms);
+    # the crossover between them was not measured
     min_items: int = Field(50_000, ge=1)
     # faiss IndexIVFFlat or IndexHNSWFlat. IVF measured faster at recall@10 >= 0.99 (10^6
     # items, 1 thread: 1.9 vs 2.6 ms per user, 100 vs 142 ms per 64 users), builds in 9 s
