@@ -88,7 +88,7 @@ class SoakConfig:
         state: a device state file (None: memory only, as any ephemeral server).
         auth: servers check an operator token on every call (a key made for the run).
         rss_growth_mb / rss_baseline_s: the bound on each server's RSS growth, MB, from
-            the last sample at or before ``rss_baseline_s`` (the first sample when none)
+            the sample due at or before ``rss_baseline_s`` (the first sample when none)
             to the last sample.
         seed: the RecordEvent items' random seed.
     """
@@ -208,7 +208,7 @@ def summarize(
     growth: dict[str, float | None] = {}
     rss: dict[str, dict[str, float | None]] = {}
     for name in ("device", "cloud"):
-        samples = [(r["t_s"], r[f"{name}_rss_mb"]) for r in intervals]
+        samples = [(r.get("tick_s", r["t_s"]), r[f"{name}_rss_mb"]) for r in intervals]
         samples = [(t, v) for t, v in samples if v is not None and np.isfinite(v)]
         if not samples:
             growth[name] = None
@@ -248,7 +248,7 @@ def interval_rows(intervals: list[dict[str, Any]], rpcs: list[str]) -> list[dict
              "GenerateEdit": "edit"}  # fmt: skip
     rows = []
     for r in intervals:
-        row: dict[str, Any] = {"t_s": round(r["t_s"])}
+        row: dict[str, Any] = {"t_s": round(r.get("tick_s", r["t_s"]))}
         for rpc in rpcs:
             x, s = r["rpcs"].get(rpc, {}), short.get(rpc, rpc)
             row[f"{s}_n"] = x.get("requests", 0)
@@ -347,7 +347,7 @@ class Soak:
             sampler = asyncio.create_task(self.sample_every(dev, pb, duration))
             results = await asyncio.gather(*loads)
             await sampler  # its ticks are all before the end of the run
-            await self.sample(dev, pb)  # the last interval, once every call has ended
+            await self.sample(dev, pb, duration)  # the last one, once every call has ended
         return {rpc: res.summary() for rpc, res in zip(self.rpcs, results, strict=True)}
 
     async def sample_every(self, dev: Any, pb: Any, duration: float) -> None:
@@ -356,13 +356,14 @@ class Soak:
             delay = self.t0 + k * self.cfg.interval_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self.sample(dev, pb)
+            await self.sample(dev, pb, k * self.cfg.interval_s)
             k += 1
 
-    async def sample(self, dev: Any, pb: Any) -> None:
-        """One interval's row (printed at once)."""
+    async def sample(self, dev: Any, pb: Any, tick_s: float) -> None:
+        """One interval's row (printed at once): ``tick_s`` is its nominal end, ``t_s``
+        when it was taken."""
         t = time.perf_counter() - self.t0
-        row: dict[str, Any] = {"t_s": t, "rpcs": {}}
+        row: dict[str, Any] = {"t_s": t, "tick_s": tick_s, "rpcs": {}}
         for rpc in self.rpcs:
             row["rpcs"][rpc] = self.bins[rpc].take()
         t_status = time.perf_counter()

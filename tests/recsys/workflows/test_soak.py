@@ -64,6 +64,10 @@ def test_a_clean_run_passes_and_growth_is_measured_from_the_baseline() -> None:
     assert summary["rss_growth_mb"] == {"device": 30, "cloud": 20}
     assert summary["rss"]["device"]["first_mb"] == 300
     assert summary["errors"] == 0 and summary["device_edit_requests"] == 6
+    # a sample taken a little after its 60 s tick is still the baseline
+    late = [_interval(10, 300, 500), _interval(60.02, 400, 520, tick_s=60.0),
+            _interval(600, 430, 540)]  # fmt: skip
+    assert summarize(cfg, late, _totals())["rss"]["device"]["baseline_mb"] == 400
     assert _verdict(cfg, rows, _totals()) == []
 
 
