@@ -631,19 +631,7 @@ class ComposedEngine:
         with self.store.transaction(write=True) as session:
             repo = EditLogRepository(session)
             first, _ = IdBlockRepository(session).reserve(EDIT_LOG_IDS, len(made))
-            rows = [
-                repo.add(
-                    id=first + k,
-                    device_id=m["device_id"],
-                    tokens=m["tokens"][:2000],
-                    prototype_id=m["prototype"][0] if m["prototype"] else None,
-                    prototype_version=m["prototype"][1] if m["prototype"] else None,
-                    edit_norm=m["norm"],
-                    payload_bytes=len(m["payload"]),
-                    latency_ms=latency_ms,
-                )
-                for k, m in enumerate(made)
-            ]
+            rows = [repo.add(**_log_row(first + k, m, latency_ms)) for k, m in enumerate(made)]
             session.flush()
             ids = [int(row.id) for row in rows]
         return ids
@@ -654,19 +642,7 @@ class ComposedEngine:
 
         assert self._ids is not None and self.writer is not None
         ids = self._ids.take(len(made))
-        rows = [
-            dict(
-                id=i,
-                device_id=m["device_id"],
-                tokens=m["tokens"][:2000],
-                prototype_id=m["prototype"][0] if m["prototype"] else None,
-                prototype_version=m["prototype"][1] if m["prototype"] else None,
-                edit_norm=m["norm"],
-                payload_bytes=len(m["payload"]),
-                latency_ms=latency_ms,
-            )
-            for i, m in zip(ids, made, strict=True)
-        ]
+        rows = [_log_row(i, m, latency_ms) for i, m in zip(ids, made, strict=True)]
 
         def write(session: Any) -> None:
             repo = EditLogRepository(session)
@@ -735,3 +711,18 @@ class ComposedEngine:
         self.tokens.close()
         if self.store is not None:
             self.store.close()
+
+
+def _log_row(edit_id: int, made: dict[str, Any], latency_ms: float) -> dict[str, Any]:
+    """The edit-log row of one answered edit (``made``: the batch's record of it)."""
+    proto = made["prototype"]
+    return dict(
+        id=edit_id,
+        device_id=made["device_id"],
+        tokens=made["tokens"][:2000],
+        prototype_id=proto[0] if proto else None,
+        prototype_version=proto[1] if proto else None,
+        edit_norm=made["norm"],
+        payload_bytes=len(made["payload"]),
+        latency_ms=latency_ms,
+    )
