@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from device_ranker.config import AnnConfig
 from device_ranker.gate import GateConfig
 from device_ranker.service.policy import StalenessConfig
 from recsys.serving.auth import AuthConfig
@@ -98,6 +99,8 @@ class DeviceConfig:
             lose the last ones) or "full" (an fsync per commit: survives power loss).
         max_users: users held in memory, least recently used evicted beyond it (reloaded
             from the state file on their next call; without one, their state is lost).
+        ann: the faiss pre-selection for large catalogues (:class:`AnnConfig`: on from
+            50,000 items by default; "on" / "off" force it).
         gate / cloud / server: see :class:`GateConfig`, :class:`CloudLinkConfig`,
             :class:`recsys.serving.server.ServerOptions`.
     """
@@ -129,4 +132,5 @@ class DeviceConfig:
     state_path: str | None = None
     state_sync: Literal["normal", "full"] = "normal"
     max_users: int = Field(100_000, ge=1)
+    ann: AnnConfig = field(default_factory=AnnConfig)
     server: ServerOptions = field(default_factory=ServerOptions)

@@ -188,7 +188,7 @@ class DeviceEngine:
         if config.max_bias_abs is not None:
             bounds = replace(bounds, max_bias_abs=config.max_bias_abs)
         t0 = time.perf_counter()
-        ranker = Ranker.from_checkpoint(config.checkpoint, bounds=bounds)
+        ranker = Ranker.from_checkpoint(config.checkpoint, bounds=bounds, ann=config.ann)
         link = CloudLink(config.cloud) if config.cloud.target else None
         log = EventLog(config.event_log, config.experiment) if config.event_log else None
         state = None

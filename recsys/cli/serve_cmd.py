@@ -294,6 +294,15 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         "users held in memory; the least recently used beyond it are evicted (and reloaded "
         "from the state file on their next call; without one, forgotten)",
     )
+    g.add_argument(
+        "--ann",
+        dest="ann_mode",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="faiss pre-selection of candidates before exact scoring: auto = from "
+        "--ann-min-items items, on / off = forced (default auto)",
+    )
+    _opt(g, "--ann-min-items", 50_000, "catalogue size from which --ann auto pre-selects")
     _add_auth_options(
         p, "A device token acts for the user whose id is its subject (a user is a device)"
     )
@@ -529,6 +538,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_device(args: argparse.Namespace) -> int:
+    from device_ranker.config import AnnConfig
     from device_ranker.gate import GateConfig
     from device_ranker.service.config import CloudLinkConfig, DeviceConfig
     from device_ranker.service.policy import StalenessConfig
@@ -546,6 +556,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         rank_batch=_batch(args.rank_batch, args.rank_wait_ms),
         experiment=experiment,
         trigger=args.gate_trigger,
+        ann=AnnConfig(mode=args.ann_mode, min_items=args.ann_min_items),
         staleness=StalenessConfig(
             fit_clicks=args.fit_clicks,
             fit_every_click=args.fit_every_click,

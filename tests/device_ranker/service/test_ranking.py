@@ -65,3 +65,16 @@ def test_rank_batch_matches_the_ranker_per_user(tiny_model: SeqRanker) -> None:
     three = ranker.recommend(histories[2], k=5, exclude_seen=False, edit=edit)
     assert out[2].items[:5] == three.items.tolist()
     np.testing.assert_allclose(out[2].scores[:5], three.scores.numpy(), rtol=1e-5)
+
+
+def test_the_device_config_switches_the_faiss_preselection(artifacts) -> None:
+    """`recsys serve device --ann on|off|auto` reaches the ranker the engine loads."""
+    from service_helpers import device_config
+
+    from device_ranker.config import AnnConfig
+    from device_ranker.service.engine import DeviceEngine
+
+    forced = DeviceEngine.load(device_config(artifacts, ann=AnnConfig(mode="on", nlist=4)))
+    assert forced.ranker.ann_index() is not None
+    auto = DeviceEngine.load(device_config(artifacts))  # a tiny catalogue: exact scoring
+    assert auto.ranker.ann_config.mode == "auto" and auto.ranker.ann_index() is None
