@@ -4,6 +4,7 @@
 # with paired user-bootstrap CIs.
 #
 #   scripts/ablation_token_sources.sh DATASET [MAX_WINDOWS] [OUT]
+#   REPLAY_ARGS="--max-users 300" ARMS="llm scratch" scripts/ablation_token_sources.sh ...
 #
 # Arms: llm (the aligned pretrained LLM's generated IDs; needs `recsys train llm
 # --dataset DATASET` first), scratch (the from-scratch codebook LM's), ids (the recent
@@ -21,6 +22,8 @@ CACHE=${RECSYS_CACHE_DIR:?set RECSYS_CACHE_DIR to the cache the artefacts are in
 ART=$CACHE/artifacts/$DATASET
 POLICIES=${POLICIES:-static,duet:gate:0.1,system:gate:0.1}
 ARMS=${ARMS:-llm scratch ids none}
+# extra replay flags, e.g. REPLAY_ARGS="--max-users 100" for a seeded user sample
+read -r -a replay_args <<< "${REPLAY_ARGS:-}"
 mkdir -p "$OUT"
 
 for arm in $ARMS; do
@@ -38,7 +41,7 @@ for arm in $ARMS; do
   fi
   if [ ! -f "$OUT/$arm/per_user.json" ]; then
     "$RECSYS" replay --dataset "$DATASET" --artifact "$artefact" --policies "$POLICIES" \
-      --out "$OUT/$arm" --no-progress
+      --out "$OUT/$arm" --no-progress "${replay_args[@]}"
   fi
 done
 

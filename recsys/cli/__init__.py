@@ -51,6 +51,7 @@ COMMAND_MODULES = (
     "recsys.cli.serve_cmd",
     "recsys.cli.soak_cmd",
     "recsys.cli.auth_cmd",
+    "recsys.cli.scale_cmd",
     "recsys.cli.replay_cmd",
     "recsys.cli.abtest_cmd",
 )
