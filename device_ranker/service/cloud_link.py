@@ -10,6 +10,18 @@ health service every ``probe_interval_s`` seconds, so :attr:`CloudLink.reachable
 whether the cloud answers right now (a successful GenerateEdit also counts). The device
 talks to the cloud **only** through the generated protos (``recsys.rpc.cloud.v1``).
 
+**Several cloud replicas** (issue 17): the target may list several addresses
+(``127.0.0.1:50051,127.0.0.1:50052``) or be a DNS name with several records
+(:func:`recsys.serving.server.channel_target`). The one channel then spreads calls
+``round_robin`` over the replicas whose standard health service reports the
+AdaptationService SERVING (gRPC client-side health checking, a ``Watch`` stream per
+replica): a replica that is killed or stops gracefully leaves the rotation as soon as its
+connection drops or its health flips, without a restart of the device. A call in flight
+on a replica that dies fails (UNAVAILABLE: the user keeps its last good edit, as with one
+cloud); the next one goes to a survivor. Calls are not retried on another replica
+(GenerateEdit is not idempotent: the cloud logs and folds every edit it answers).
+:attr:`CloudLink.reachable` is true while any replica answers.
+
 Example::
 
     link = CloudLink(CloudLinkConfig(target="127.0.0.1:50051", deadline_s=0.5))
@@ -36,7 +48,7 @@ from recsys.errors import ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.auth import read_token, token_expiry, token_metadata
-from recsys.serving.server import client_channel
+from recsys.serving.server import channel_target, client_channel
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +78,7 @@ class CloudLink:
     def __init__(self, config: CloudLinkConfig) -> None:
         if not config.target:
             raise ValueError("CloudLink needs a target host:port")
+        self.target = channel_target(config.target)  # checked now: a bad list fails early
         self.config = config
         self.token = read_token(config.token_file)
         self._metadata = token_metadata(self.token)
@@ -83,7 +96,10 @@ class CloudLink:
         """Open the channel and start probing (call from the serving event loop)."""
         cfg = self.config
         self.channel = client_channel(
-            cfg.target, tls_ca=cfg.tls_ca, tls_server_name=cfg.tls_server_name
+            self.target,
+            tls_ca=cfg.tls_ca,
+            tls_server_name=cfg.tls_server_name,
+            health_service=SERVICE_NAME,  # round_robin over the healthy replicas
         )
         self.stub = cpb_grpc.AdaptationServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

@@ -25,7 +25,10 @@ class CloudLinkConfig:
     """How the device talks to the cloud's AdaptationService.
 
     Attributes:
-        target: ``host:port`` of the cloud (None = no cloud: base model only).
+        target: ``host:port`` of the cloud (None = no cloud: base model only), or several
+            replicas: comma-separated ``ip:port`` or a DNS name with several records
+            (calls go round_robin over the healthy ones:
+            :mod:`device_ranker.service.cloud_link`).
         deadline_s: deadline of one GenerateEdit call; past it the device falls back.
         probe_interval_s: how often the health of the cloud is checked (reachability).
         token_file: file holding this device's signed token (``recsys auth issue``), sent

@@ -12,7 +12,11 @@ and calls ``server.stop(grace)``: new calls are refused, calls in flight get ``g
 seconds to finish.
 
 Clients use :func:`client_channel` (same size limits, optional TLS, fast reconnect so a
-restarted peer is found again within about a second).
+restarted peer is found again within about a second). With ``health_service`` the channel
+balances over every address of its target (:func:`channel_target`: several comma-separated
+``ip:port``, or a DNS name with several records) with gRPC's ``round_robin`` policy and
+client-side health checking (the standard health service's ``Watch``): a replica that is
+down or NOT_SERVING gets no calls until it is healthy again.
 
 Example::
 
@@ -25,6 +29,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -89,19 +95,87 @@ def _read(path: str | Path, what: str) -> bytes:
         raise ValidationError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValidationError(f"bad address {address!r}: expected host:port (e.g. 127.0.0.1:50051)")
+    return host.strip("[]"), int(port)
+
+
+def channel_target(target: str) -> str:
+    """A user-facing address list -> a gRPC target URI.
+
+    * ``host:port`` (one address, a name or an IP) and anything with a scheme
+      (``dns:///cloud.internal:50051``, ``ipv4:10.0.0.1:1,10.0.0.2:1``) pass unchanged;
+      gRPC's default resolver is DNS, so a name with several records is several backends.
+    * several comma-separated addresses (``127.0.0.1:50051,127.0.0.1:50052``) become the
+      static ``ipv4:`` (or ``ipv6:``) target; they must be IP literals (``localhost`` is
+      read as 127.0.0.1), since gRPC has no static list of names: give several replicas
+      one DNS name instead.
+
+    Raises:
+        ValidationError: an empty entry, a bad port, a name in a list, mixed families.
+    """
+    target = target.strip()
+    if not target:
+        raise ValidationError("the target is empty; expected host:port or a list of them")
+    if target.startswith(_SCHEMES) or "," not in target:
+        return target
+    hosts: list[str] = []
+    families = set()
+    for part in target.split(","):
+        host, port = _split_host_port(part.strip())
+        host = "127.0.0.1" if host == "localhost" else host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValidationError(
+                f"{host!r} in the address list {target!r} is not an IP address: list IP "
+                "literals (ip:port,ip:port), or give the replicas one DNS name "
+                "(dns:///name:port) that resolves to all of them"
+            ) from None
+        families.add(ip.version)
+        hosts.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    if len(families) > 1:
+        raise ValidationError(f"the address list {target!r} mixes IPv4 and IPv6 addresses")
+    return f"ipv{families.pop()}:{','.join(hosts)}"
+
+
+def balanced_service_config(health_service: str) -> str:
+    """The channel's service config (JSON): ``round_robin`` over every resolved address,
+    each health-checked with the standard health service's ``Watch`` on
+    ``health_service`` ("" = the server as a whole); an unhealthy address gets no calls."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": health_service},
+        }
+    )
+
+
 def client_channel(
     target: str,
     *,
     tls_ca: str | Path | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls_server_name: str | None = None,
+    health_service: str | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` (``host:port``).
+    """An asyncio channel to ``target`` (``host:port``, a list of ``ip:port`` or a gRPC
+    target URI: :func:`channel_target`).
 
     With ``tls_ca`` (PEM of the CA or the self-signed server certificate) the channel
-    uses TLS and checks the server's name (``tls_server_name`` overrides it). Reconnect
-    backoff is capped at 2 s, so a restarted server is found again quickly.
+    uses TLS and checks the server's name (``tls_server_name`` overrides it; set it when
+    the target is a list of addresses). Reconnect backoff is capped at 2 s, so a
+    restarted server is found again quickly. With ``health_service`` (a full service
+    name, or "" for the whole server) calls are spread ``round_robin`` over the healthy
+    addresses (:func:`balanced_service_config`); without it gRPC's default
+    ``pick_first`` uses one address at a time.
     """
+    target = channel_target(target)
     options = [
         *message_options(max_message_bytes),
         ("grpc.initial_reconnect_backoff_ms", 200),
@@ -109,6 +183,8 @@ def client_channel(
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 0),  # the caller decides; a retry would blow the deadline
     ]
+    if health_service is not None:
+        options.append(("grpc.service_config", balanced_service_config(health_service)))
     if tls_ca:
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
