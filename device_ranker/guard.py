@@ -141,6 +141,19 @@ def harm_test(total, squares, n, cfg: GuardConfig):
     return (np.asarray(n) < max(cfg.min_evidence, 1)) | _accept(total, squares, n, cfg)
 
 
+def benefit_test(total, n, clustered_var, cfg: GuardConfig):
+    """The opt-in test of the cloud's proof guard (any shape): True = apply only when the
+    pooled evidence shows the edits HELP, ``mean - z * se > margin``, with at least
+    ``min_evidence`` clicks. ``clustered_var`` is the variance of the mean with the
+    clicks clustered by device (:func:`recsys.replay.guard.apply_fleet_guards`
+    computes it), so one device's many correlated clicks cannot prove a benefit alone.
+    Without evidence the answer is no: the device keeps the base head."""
+    n = np.asarray(n, dtype=np.float64)
+    mean = np.asarray(total, dtype=np.float64) / np.maximum(n, 1.0)
+    se = np.sqrt(np.maximum(clustered_var, 0.0))
+    return (n >= max(cfg.min_evidence, 1)) & (mean - cfg.z * se > cfg.margin)
+
+
 def _accept(total, squares, n, cfg: GuardConfig):
     """mean + z * se >= -margin from the sum, sum of squares and count (any shape; se
     with the n - 1 variance, 0 for one click)."""

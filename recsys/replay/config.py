@@ -33,6 +33,9 @@ policy's edits: a new edit is applied only if this user's earlier edits did not 
 their later clicks worse than the base head; otherwise the device serves the base head.
 With ``fleet_guard=True`` as well (CLI suffix ``:fleet-guard``) the same test runs in the
 cloud on the evidence of EVERY device's earlier clicks (:mod:`recsys.replay.guard`).
+``fleet_proof=True`` (suffix ``:fleet-proof``) turns that pooled test around: edits are
+applied only once the pooled evidence shows they help (device-clustered standard error),
+so a dataset where edits do not help stays on the base head.
 
 Configs are validated at construction (:func:`recsys.validation.config_dataclass`):
 a bad value raises :class:`recsys.errors.ValidationError` naming the field and range.
@@ -64,6 +67,7 @@ from recsys.validation import config_dataclass
 KINDS = ("static", "finetune", "duet", "system")
 TRIGGERS = ("gate", "timer", "learned")
 FLEET_GUARD = "fleet-guard"  # ... of policies whose guard pools every device's evidence
+FLEET_PROOF = "fleet-proof"  # ... of policies whose pooled guard applies only proven edits
 GUARD = "guard"  # the CLI suffix (system:timer:0.1:guard) and label suffix of guarded policies
 NO_PROTOTYPES = "system-noproto"  # the CLI / label name of the system without prototypes
 REFINE = "system-refine"  # ... of the system whose cloud refines the adaptor's edit
@@ -103,6 +107,8 @@ class PolicySpec:
             applied (:mod:`device_ranker.guard`); in process only.
         fleet_guard: with ``guard``: the test pools every device's earlier clicks (the
             cloud's fleet guard) instead of the device's own.
+        fleet_proof: with ``fleet_guard``: edits are applied only when the pooled
+            evidence shows they help (opt-in), not unless it shows they hurt.
     """
 
     kind: Literal["static", "finetune", "duet", "system"]
@@ -116,6 +122,7 @@ class PolicySpec:
     continual: bool = False
     guard: bool = False
     fleet_guard: bool = False
+    fleet_proof: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
@@ -132,6 +139,8 @@ class PolicySpec:
             )
         if self.fleet_guard and not self.guard:
             raise ValueError("fleet_guard=True needs guard=True")
+        if self.fleet_proof and not self.fleet_guard:
+            raise ValueError("fleet_proof=True needs fleet_guard=True")
         if self.guard and (self.kind not in ("system", "duet") or self.global_time):
             raise ValueError("guard=True applies to duet and system policies (not global time)")
 
@@ -151,7 +160,8 @@ class PolicySpec:
             return "static"
         if self.kind == "finetune":
             return f"finetune every {self.finetune_every}"
-        guard = f" {FLEET_GUARD if self.fleet_guard else GUARD}" if self.guard else ""
+        scope = FLEET_PROOF if self.fleet_proof else FLEET_GUARD if self.fleet_guard else GUARD
+        guard = f" {scope}" if self.guard else ""
         return f"{self.edit_kind} {self.trigger} {_pct(self.budget)}{guard}"
 
     @property
@@ -196,10 +206,12 @@ class PolicySpec:
         ``system:gate:0.2``, ``duet:timer:0.1``, ``system-noproto:timer:0.2``,
         ``system-refine:gate:1.0``, ``system-live:gate:0.1``, ``system-continual``,
         ``system:learned:0.1`` (budget as a fraction or ``20%``); a last ``:guard`` puts
-        the harm guard in front (``system:timer:0.1:guard``)."""
+        the harm guard in front (``system:timer:0.1:guard``), ``:fleet-guard`` the cloud's
+        pooled one, ``:fleet-proof`` the pooled opt-in one."""
         parts = [p.strip() for p in text.split(":")]
-        fleet = len(parts) > 1 and parts[-1] == FLEET_GUARD
-        guard = len(parts) > 1 and parts[-1] in (GUARD, FLEET_GUARD)
+        proof = len(parts) > 1 and parts[-1] == FLEET_PROOF
+        fleet = len(parts) > 1 and parts[-1] in (FLEET_GUARD, FLEET_PROOF)
+        guard = len(parts) > 1 and parts[-1] in (GUARD, FLEET_GUARD, FLEET_PROOF)
         if guard:
             parts = parts[:-1]
         kind = parts[0]
@@ -223,7 +235,7 @@ class PolicySpec:
         if kind == LIVE:
             return cls(
                 kind="system", trigger=trigger, budget=budget, live=True, guard=guard,
-                fleet_guard=fleet,
+                fleet_guard=fleet, fleet_proof=proof,
             )  # fmt: skip
         if kind in (NO_PROTOTYPES, REFINE, CONTINUAL):
             return cls(
@@ -235,8 +247,12 @@ class PolicySpec:
                 continual=kind == CONTINUAL,
                 guard=guard,
                 fleet_guard=fleet,
+                fleet_proof=proof,
             )
-        return cls(kind=kind, trigger=trigger, budget=budget, guard=guard, fleet_guard=fleet)
+        return cls(
+            kind=kind, trigger=trigger, budget=budget, guard=guard, fleet_guard=fleet,
+            fleet_proof=proof,
+        )  # fmt: skip
 
 
 def _int(text: str, where: str) -> int:

@@ -285,7 +285,8 @@ def run_replay(
             results, extra["global_time"] = replay_global(args, events, progress=progress)
         else:
             results = replay_devices(args, events, progress=progress)
-            apply_fleet_guards(results, cfg.guard)  # decisions that pool every device
+            proof = {s.label for s in specs if s.fleet_proof}
+            apply_fleet_guards(results, cfg.guard, proof)  # decisions that pool every device
     else:
         if any(s.global_time for s in specs):
             from recsys.replay.grpc_global import (

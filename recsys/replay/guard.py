@@ -25,6 +25,13 @@ leaves in ``UserResult.guard_inputs``), by timestamp: a request made after the e
 time t sees the clicks with timestamps < t. The per-click test ignores that one user's
 clicks are correlated, which makes it quicker to keep edits out (the safe side).
 
+**Proof guard** (``fleet_proof``, the opt-in twin): an edit is applied only when the
+pooled evidence shows edits HELP (:func:`device_ranker.guard.benefit_test`). There a
+per-click standard error would be the unsafe side, so the clicks are clustered by device:
+the variance of the pooled mean is ``sum_u (s_u - n_u * mean)^2 / n^2`` over devices u
+with s_u, n_u their sums and counts so far, kept as three running sums
+(:func:`_clustered_sums`) so every request's test is one lookup.
+
 Shapes: R requests, E evaluated events, N events of every device.
 
 Example::
@@ -38,11 +45,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from device_ranker.guard import GuardConfig, GuardState, HarmGuard, click_gain, harm_test
+from device_ranker.guard import (
+    GuardConfig,
+    GuardState,
+    HarmGuard,
+    benefit_test,
+    click_gain,
+    harm_test,
+)
 from recsys.replay.costs import CostAccumulator
 from recsys.replay.records import UserResult
 from recsys.replay.stream import UserEvents
@@ -125,9 +139,42 @@ def fleet_guard_inputs(
     }
 
 
-def apply_fleet_guards(results: Sequence[UserResult], config: GuardConfig) -> None:
+def _clustered_sums(
+    device: np.ndarray, diff: np.ndarray, had: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Running sums over devices of s_u^2, s_u * n_u and n_u^2 after each click.
+
+    Args:
+        device: [N] device index of each click, in time order.
+        diff: [N] gain differences (0 where ``had`` is False).
+        had: [N] the click counts as evidence.
+
+    Returns:
+        three [N + 1] arrays (index k: after the first k clicks).
+    """
+    h = had.astype(np.float64)
+    order = np.argsort(device, kind="stable")  # each device's clicks, still in time order
+    s_before = np.zeros(len(diff))
+    n_before = np.zeros(len(diff))
+    ds, hs, dev = diff[order], h[order], device[order]
+    starts = np.r_[True, dev[1:] != dev[:-1]] if len(dev) else np.zeros(0, bool)
+    group = np.cumsum(starts) - 1
+    cs, ch = np.cumsum(ds), np.cumsum(hs)
+    first = np.flatnonzero(starts)
+    s_before[order] = cs - ds - (cs - ds)[first][group]  # the device's sum before the click
+    n_before[order] = ch - hs - (ch - hs)[first][group]
+    d_ss = 2 * s_before * diff + diff * diff  # (s + d)^2 - s^2
+    d_sn = s_before * h + n_before * diff + diff * h  # (s + d)(n + h) - s n
+    d_nn = 2 * n_before * h + h  # (n + h)^2 - n^2 (h is 0 or 1)
+    return tuple(np.concatenate([[0.0], np.cumsum(x)]) for x in (d_ss, d_sn, d_nn))
+
+
+def apply_fleet_guards(
+    results: Sequence[UserResult], config: GuardConfig, proof: Collection[str] = ()
+) -> None:
     """Decide every fleet-guarded request on the pooled evidence before it and rewrite
-    those policies' records and guard counts in ``results`` (in place)."""
+    those policies' records and guard counts in ``results`` (in place). Labels in
+    ``proof`` use the opt-in test (apply only proven-helpful edits)."""
     labels = sorted({label for r in results for label in r.guard_inputs})
     for label in labels:
         parts = [r for r in results if label in r.guard_inputs]
@@ -140,10 +187,19 @@ def apply_fleet_guards(results: Sequence[UserResult], config: GuardConfig) -> No
         cs = np.concatenate([[0.0], np.cumsum(diff[order])])  # [N + 1] pooled sums
         cq = np.concatenate([[0.0], np.cumsum(diff[order] ** 2)])
         cn = np.concatenate([[0], np.cumsum(had[order])])
+        if label in proof:
+            device = np.concatenate([np.full(len(x["ts"]), i) for i, x in enumerate(ins)])
+            c_ss, c_sn, c_nn = _clustered_sums(device[order], diff[order], had[order])
         for r, x in zip(parts, ins, strict=True):
             k = np.searchsorted(sts, x["request_ts"], side="left")  # clicks strictly before
             t0 = time.perf_counter()
-            accepted = np.asarray(harm_test(cs[k], cq[k], cn[k], config), dtype=bool)  # [R]
+            if label in proof:
+                n = np.maximum(cn[k], 1)
+                mean = cs[k] / n
+                var = (c_ss[k] - 2 * mean * c_sn[k] + mean**2 * c_nn[k]) / n**2
+                accepted = np.asarray(benefit_test(cs[k], cn[k], var, config), dtype=bool)
+            else:
+                accepted = np.asarray(harm_test(cs[k], cq[k], cn[k], config), dtype=bool)  # [R]
             us = (time.perf_counter() - t0) * 1e6 / max(len(k), 1)
             use = x["had"] & accepted[np.maximum(x["served"], 0)]
             rec = r.records[label]

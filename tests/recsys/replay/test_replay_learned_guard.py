@@ -197,3 +197,63 @@ def test_fleet_guard_policy_in_the_replay(world) -> None:
     assert ((g.rank == t.rank) | (g.rank == s.rank)).all()
     c = res.costs[specs[2].label]
     assert c["guard_accepted"] + c["guard_rejected"] == c["requests"]
+
+
+def test_clustered_sums_match_a_direct_computation() -> None:
+    from recsys.replay.guard import _clustered_sums
+
+    rng = np.random.default_rng(0)
+    device = rng.integers(0, 5, 200)
+    had = rng.random(200) < 0.7
+    diff = np.where(had, rng.normal(0.01, 0.1, 200), 0.0)
+    c_ss, c_sn, c_nn = _clustered_sums(device, diff, had)
+    for k in (0, 1, 17, 120, 200):
+        s = np.bincount(device[:k], diff[:k], minlength=5)
+        n = np.bincount(device[:k], had[:k].astype(float), minlength=5)
+        np.testing.assert_allclose(
+            [c_ss[k], c_sn[k], c_nn[k]], [(s * s).sum(), (s * n).sum(), (n * n).sum()], atol=1e-9
+        )
+
+
+def test_fleet_proof_applies_edits_only_once_they_proved_to_help() -> None:
+    from device_ranker.guard import benefit_test
+
+    cfg = GuardConfig(min_evidence=3)
+    assert not benefit_test(0.0, 0, 0.0, cfg)  # no evidence: keep the base head
+    assert not benefit_test(0.2, 2, 0.0, cfg)  # too few clicks
+    assert benefit_test(1.0, 10, 0.001, cfg)  # mean 0.1, se 0.03
+    assert not benefit_test(1.0, 10, 0.01, cfg)  # mean 0.1, se 0.1: not shown
+    assert not benefit_test(-1.0, 10, 0.0, cfg)
+
+
+def test_one_device_cannot_prove_a_benefit_alone() -> None:
+    from recsys.replay.guard import _clustered_sums
+
+    # one device with 50 helpful clicks, three with 5 harmful ones each: the per-click
+    # standard error would call the pooled mean (+) significant; clustered by device it is not
+    device = np.r_[np.zeros(50, int), np.repeat([1, 2, 3], 5)]
+    diff = np.r_[np.full(50, 0.05), np.full(15, -0.05)]
+    had = np.ones(65, bool)
+    c_ss, c_sn, c_nn = _clustered_sums(device, diff, had)
+    n, total = 65, diff.sum()
+    mean = total / n
+    var = (c_ss[-1] - 2 * mean * c_sn[-1] + mean**2 * c_nn[-1]) / n**2
+    per_click_se = diff.std(ddof=1) / np.sqrt(n)
+    assert mean - 1.645 * per_click_se > 0
+    assert mean - 1.645 * np.sqrt(var) <= 0
+
+
+def test_fleet_proof_policy_in_the_replay(world) -> None:
+    specs = [
+        PolicySpec("static"),
+        PolicySpec("system", "timer", 1.0),
+        PolicySpec.parse("system:timer:1.0:fleet-proof"),
+    ]
+    assert specs[2].label == "system timer 100% fleet-proof"
+    assert specs[2].fleet_guard and specs[2].fleet_proof
+    res = run_replay(world.ds, CFG, specs, cache=world.cache, progress=False)
+    g, t, s = (res.records[x.label] for x in (specs[2], specs[1], specs[0]))
+    assert ((g.rank == t.rank) | (g.rank == s.rank)).all()
+    c = res.costs[specs[2].label]
+    assert c["guard_accepted"] + c["guard_rejected"] == c["requests"]
+    assert c["guard_rejected"] >= 1  # every device's first request has no evidence yet
