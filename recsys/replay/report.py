@@ -1,4 +1,5 @@
-"""The replay report: per-policy figures, the goal checks, ``results.json`` and ``results.md``.
+"""The replay report: per-policy figures, the goal checks, ``results.json``, ``results.md``
+and ``report.html`` (the same tables and the PNG plots in one self-contained page).
 
 Every number printed or written comes from :func:`summarise` (one dict), so the JSON
 holds every printed figure. Quality is event-averaged over the evaluated events (HR@10,
@@ -35,6 +36,7 @@ from recsys.metrics import user_bootstrap_ci
 from recsys.replay.config import PolicySpec
 from recsys.replay.engine import ReplayRun
 from recsys.replay.records import EventRecords
+from recsys.report_html import Block, Bullets, Heading, Image, Table, Text, write_html
 from recsys.reporting import strict_json
 
 logger = logging.getLogger(__name__)
@@ -549,10 +551,9 @@ def gate_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return _rows_with(summary, "gate_threshold", row)
 
 
-def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
-    """``results.md``: header, tables, goal checks, plots."""
-    lines = [f"# Replay: {summary['meta']['dataset']['name']}", "", header_line(summary), ""]
-    for title, rows in (
+def report_tables(summary: Mapping[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The report's tables, (title, rows), in order; empty ones left out."""
+    tables = (
         ("Quality (full-catalogue ranking, seen items excluded)", quality_rows(summary)),
         ("Paired differences (user-bootstrap 95% CIs)", comparison_rows(summary)),
         ("Cost per policy", cost_rows(summary)),
@@ -560,9 +561,18 @@ def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         ("Request gate: threshold calibrated on the training period", gate_rows(summary)),
         ("Share of the 100 % budget's gain kept", learned_rows(summary)),
         ("Harm guard: edits applied or kept out", guard_rows(summary)),
-    ):
-        if not rows:
-            continue
+    )
+    return [(title, rows) for title, rows in tables if rows]
+
+
+def report_title(summary: Mapping[str, Any]) -> str:
+    return f"Replay: {summary['meta']['dataset']['name']}"
+
+
+def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    """``results.md``: header, tables, goal checks, plots."""
+    lines = [f"# {report_title(summary)}", "", header_line(summary), ""]
+    for title, rows in report_tables(summary):
         lines += [f"## {title}", "", *_md_table(rows), ""]
     if global_time_lines(summary):
         lines += ["## The shared cloud (global time)", "", *bullets(global_time_lines(summary)), ""]
@@ -570,6 +580,20 @@ def markdown(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     for name, file in plots.items():
         lines += [f"![{name}]({file})", ""]
     return "\n".join(lines)
+
+
+def html_blocks(summary: Mapping[str, Any], plots: Mapping[str, Path]) -> list[Block]:
+    """``report.html``'s content: the same header, tables, goal checks and plots as
+    :func:`markdown` (``plots``: name -> PNG path, embedded)."""
+    blocks: list[Block] = [Text(header_line(summary))]
+    for title, rows in report_tables(summary):
+        blocks += [Heading(title), Table(rows)]
+    if global_time_lines(summary):
+        blocks += [Heading("The shared cloud (global time)"), Bullets(global_time_lines(summary))]
+    blocks += [Heading("Targets (as measured)"), Bullets(goal_lines(summary))]
+    if plots:
+        blocks += [Heading("Plots"), *(Image(path, name) for name, path in plots.items())]
+    return blocks
 
 
 def _md_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -638,8 +662,9 @@ def per_user_figures(run: ReplayRun, metric: str = "ndcg@10") -> dict[str, Any]:
 def write_report(
     summary: Mapping[str, Any], out: Path, per_user: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and the PNG plots into ``out``, and
-    ``per_user.json`` when ``per_user`` (:func:`per_user_figures`) is given."""
+    """Write ``results.json``, ``results.md``, the PNG plots and ``report.html`` (the
+    same tables and the plots in one self-contained page, :mod:`recsys.report_html`) into
+    ``out``, and ``per_user.json`` when ``per_user`` (:func:`per_user_figures`) is given."""
     from recsys.replay.plots import write_plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -647,7 +672,8 @@ def write_report(
     payload = dict(summary) | {"plots": {k: p.name for k, p in plots.items()}}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     (out / "results.md").write_text(markdown(summary, {k: p.name for k, p in plots.items()}))
-    paths = {"json": out / "results.json", "md": out / "results.md", **plots}
+    html = write_html(out / "report.html", report_title(summary), html_blocks(summary, plots))
+    paths = {"json": out / "results.json", "md": out / "results.md", "html": html, **plots}
     if per_user is not None:
         dest = out / PER_USER_FILE
         dest.write_text(json.dumps(strict_json(per_user), allow_nan=False) + "\n")
