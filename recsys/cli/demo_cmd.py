@@ -15,7 +15,9 @@ Stages so far (each reuses cached artefacts from earlier runs):
    gRPC driver (``recsys replay --via grpc``) on a seeded sample of users, each user's
    first replay events: the cloud and one device server per policy (static, system
    with the request gate) as child processes on ephemeral loopback ports, every event
-   through Recommend and RecordEvent (-> gate -> GenerateEdit); the core's tables of
+   through Recommend and RecordEvent (-> gate -> GenerateEdit), called with the typed
+   client (``recsys.client.AsyncDeviceClient``: deadlines, retries on UNAVAILABLE); the
+   core's tables of
    static vs adapted NDCG@10, edit requests, failures, fallbacks, bytes up/down and
    round-trip latencies, and a clean shutdown.
 

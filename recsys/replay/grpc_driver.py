@@ -15,6 +15,8 @@ negatives (``probe_item_ids``), and ``RecordEvent`` (``wait_for_edit``) appends 
 the device's trigger may ask the cloud, synchronously, and the edit serves later events.
 Users run concurrently (``GrpcOptions.concurrency``); a user's results depend only on
 its own events.
+Every call goes through the typed client (:class:`recsys.client.AsyncDeviceClient`:
+deadline ``GrpcOptions.rpc_timeout_s`` per attempt, retries on UNAVAILABLE with back-off).
 
 Policies: ``static``, ``system`` (gate or timer) and ``system-refine`` (its device
 uplinks its recent user states, the cloud refines the adaptor's edit on them and sends
@@ -52,6 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recsys.client import AsyncDeviceClient, ClientOptions, EditCost, EditOutcome
 from recsys.data import Dataset, write_dataset
 from recsys.errors import RecsysError
 from recsys.metrics import sampled_auc
@@ -78,19 +81,35 @@ COSTS_NOTE = (
 )
 
 
+NO_COST = EditCost(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)  # a finished request without a cost
+
+
 class DeviceReplay:
     """One device's events through a device server, one step at a time (see the module
     docstring): :meth:`begin` (the first edit request, when the device already has
     ``min_history`` events), :meth:`event` for each event in order, :meth:`result`.
     :func:`replay_user` runs them in a row; the global-time driver
-    (:mod:`recsys.replay.grpc_global`) interleaves every device's steps in stream order."""
+    (:mod:`recsys.replay.grpc_global`) interleaves every device's steps in stream order.
 
-    def __init__(
-        self, stub: Any, pb: Any, ev: UserEvents, ds: Dataset, cfg: ReplayConfig,
-        spec: PolicySpec, timeout_s: float,
-    ) -> None:  # fmt: skip
-        self.stub, self.pb, self.ev, self.cfg, self.spec = stub, pb, ev, cfg, spec
-        self.timeout_s = timeout_s
+    Args:
+        client: the device server's :class:`~recsys.client.AsyncDeviceClient` (its
+            options carry the per-call deadline and the retries on UNAVAILABLE).
+        ev / ds / cfg / spec: the device's events, the dataset, the replay config, the
+            policy.
+
+    The older form ``DeviceReplay(stub, pb, ev, ds, cfg, spec, timeout_s)`` (a raw
+    ``grpc.aio`` stub and the generated module) is still accepted: the stub is wrapped
+    in a client with that deadline.
+    """
+
+    def __init__(self, client: AsyncDeviceClient | Any, *args: Any) -> None:
+        if len(args) == 6:  # (stub, pb, ev, ds, cfg, spec, timeout_s): the raw-stub form
+            _pb, *args, timeout_s = args
+            client = AsyncDeviceClient.over_stub(
+                client, "device", ClientOptions(timeout_s=timeout_s)
+            )
+        ev, ds, cfg, spec = args
+        self.client, self.ev, self.cfg, self.spec = client, ev, cfg, spec
         self.uid = str(ds.user_ids[ev.user])
         self.item_ids = ds.item_ids
         self.idx = np.flatnonzero(ev.evaluated)
@@ -105,8 +124,8 @@ class DeviceReplay:
     def _note(self, reply: Any) -> None:
         """Count one edit request (its cost as measured by the device)."""
         acc, nan = self.acc, float("nan")
-        acc.failed_requests += int(reply.outcome == self.pb.EDIT_OUTCOME_FAILED)
-        e = reply.cost
+        acc.failed_requests += int(reply.outcome is EditOutcome.FAILED)
+        e = reply.cost or NO_COST
         acc.add(
             decode_us=e.device_decode_us + e.device_states_us, apply_us=e.device_apply_us,
             device_flops=nan,
@@ -121,37 +140,24 @@ class DeviceReplay:
         """The device's first edit request, before its first replay event (if it has
         ``min_history`` events already and its policy requests)."""
         if self.spec.requests and len(self.ev.start) >= self.cfg.min_history:
-            reply = await self.stub.RequestEdit(
-                self.pb.RequestEditRequest(user_id=self.uid, wait_for_edit=True),
-                timeout=self.timeout_s,
-            )
-            self._note(reply)
+            self._note(await self.client.request_edit(self.uid, wait_for_edit=True))
 
     async def event(self, n: int) -> None:
         """Event ``n``: ``Recommend`` (if evaluated), then ``RecordEvent`` (its trigger may
         ask the cloud, synchronously)."""
-        ev, pb, stub, item_ids, acc = self.ev, self.pb, self.stub, self.item_ids, self.acc
+        ev, client, item_ids, acc = self.ev, self.client, self.item_ids, self.acc
         if ev.evaluated[n]:
             probes = [str(item_ids[ev.items[n]])] + [str(item_ids[j]) for j in ev.negatives[n]]
             t0 = time.perf_counter()
-            rec = await stub.Recommend(
-                pb.RecommendRequest(user_id=self.uid, k=1, probe_item_ids=probes),
-                timeout=self.timeout_s,
-            )
+            rec = await client.recommend(self.uid, k=1, probe_item_ids=probes)
             acc.recommend_ms.append((time.perf_counter() - t0) * 1e3)
             acc.fallback_answers += int(rec.fallback)
             self.rank[self.row] = rec.probe_ranks[0]
             self.pos[self.row] = rec.probe_scores[0]
             self.neg[self.row] = rec.probe_scores[1:]
         t0 = time.perf_counter()
-        reply = await stub.RecordEvent(
-            pb.RecordEventRequest(
-                user_id=self.uid,
-                item_id=str(item_ids[ev.items[n]]),
-                timestamp=int(ev.timestamps[n]),
-                wait_for_edit=True,
-            ),
-            timeout=self.timeout_s,
+        reply = await client.record_event(
+            self.uid, str(item_ids[ev.items[n]]), int(ev.timestamps[n]), wait_for_edit=True
         )
         acc.record_ms.append((time.perf_counter() - t0) * 1e3)
         if reply.edit_requested:
@@ -180,12 +186,11 @@ class DeviceReplay:
 
 
 async def replay_user(
-    stub: Any, pb: Any, ev: UserEvents, ds: Dataset, cfg: ReplayConfig, spec: PolicySpec,
-    timeout_s: float,
-) -> tuple[EventRecords, CostAccumulator]:  # fmt: skip
+    client: AsyncDeviceClient, ev: UserEvents, ds: Dataset, cfg: ReplayConfig, spec: PolicySpec
+) -> tuple[EventRecords, CostAccumulator]:
     """One device's events through the device server (see the module docstring): its E
     evaluated events' records and its costs under ``spec``."""
-    dev = DeviceReplay(stub, pb, ev, ds, cfg, spec, timeout_s)
+    dev = DeviceReplay(client, ev, ds, cfg, spec)
     await dev.begin()
     for n in range(len(ev.items)):
         await dev.event(n)
@@ -203,17 +208,12 @@ async def drive(
 ) -> list[tuple[EventRecords, CostAccumulator]]:
     """All devices of one policy through the device server at ``target``,
     ``options.concurrency`` at a time; results in the order of ``events``."""
-    from recsys.rpc.device.v1 import recommendation_pb2 as pb
-    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
-    from recsys.serving.server import client_channel
-
     sem = asyncio.Semaphore(options.concurrency)
-    async with client_channel(target) as channel:
-        stub = pb_grpc.RecommendationServiceStub(channel)
+    async with AsyncDeviceClient(target, ClientOptions(timeout_s=options.rpc_timeout_s)) as client:
 
         async def one(ev: UserEvents) -> tuple[EventRecords, CostAccumulator]:
             async with sem:
-                res = await replay_user(stub, pb, ev, ds, cfg, spec, options.rpc_timeout_s)
+                res = await replay_user(client, ev, ds, cfg, spec)
                 bar.update(1)
                 return res
 
@@ -317,4 +317,11 @@ def replay_through_services(
     return results, extra
 
 
-__all__ = ["COSTS_NOTE", "DeviceReplay", "drive", "replay_through_services", "replay_user"]
+__all__ = [
+    "COSTS_NOTE",
+    "NO_COST",
+    "DeviceReplay",
+    "drive",
+    "replay_through_services",
+    "replay_user",
+]
