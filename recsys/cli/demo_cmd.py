@@ -17,9 +17,8 @@ Stages so far (each reuses cached artefacts from earlier runs):
    with the request gate) as child processes on ephemeral loopback ports, every event
    through Recommend and RecordEvent (-> gate -> GenerateEdit), called with the typed
    client (``recsys.client.AsyncDeviceClient``: deadlines, retries on UNAVAILABLE); the
-   core's tables of
-   static vs adapted NDCG@10, edit requests, failures, fallbacks, bytes up/down and
-   round-trip latencies, and a clean shutdown.
+   core's tables of static vs adapted NDCG@10, edit requests, failures, fallbacks, bytes
+   up/down and round-trip latencies, and a clean shutdown.
 
 From nothing, the models train within the demo's time budgets (``DEMO_*_MINUTES``
 below); ``recsys train ranker | lm | adaptor`` without ``--max-minutes`` train them to
