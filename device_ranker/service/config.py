@@ -102,6 +102,11 @@ class DeviceConfig:
             lose the last ones) or "full" (an fsync per commit: survives power loss).
         max_users: users held in memory, least recently used evicted beyond it (reloaded
             from the state file on their next call; without one, their state is lost).
+        max_memory_mb: cap on the estimated bytes of the users held (MiB; None = no cap):
+            least recently used users are evicted beyond it, as beyond ``max_users``. The
+            estimate (:mod:`device_ranker.service.memory`) covers histories, seen sets,
+            cached states and scores, edits and their payloads and the per-user overhead,
+            not the model or the catalogue.
         ann: the faiss pre-selection for large catalogues (:class:`AnnConfig`: on from
             50,000 items by default; "on" / "off" force it).
         gate / cloud / server: see :class:`GateConfig`, :class:`CloudLinkConfig`,
@@ -135,5 +140,6 @@ class DeviceConfig:
     state_path: str | None = None
     state_sync: Literal["normal", "full"] = "normal"
     max_users: int = Field(100_000, ge=1)
+    max_memory_mb: float | None = Field(None, gt=0)
     ann: AnnConfig = field(default_factory=AnnConfig)
     server: ServerOptions = field(default_factory=ServerOptions)

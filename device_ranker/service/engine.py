@@ -17,8 +17,9 @@ it composes the parts, each in its own module:
 * :mod:`~device_ranker.service.state`: the durable state (``config.state_path``): every
   event is committed to a local SQLite file before RecordEvent acknowledges it, every
   installed edit is written with its payloads; users evicted from memory (least recently
-  used beyond ``config.max_users``) or lost in a restart are reloaded from it on their
-  next call.
+  used beyond ``config.max_users`` or ``config.max_memory_mb`` of estimated user state,
+  :mod:`~device_ranker.service.memory`) or lost in a restart are reloaded from it on
+  their next call.
 
 Per event, the user's gate (:mod:`device_ranker.gate`, or the arm's gate or timer,
 :mod:`device_ranker.service.policy`) decides whether to ask the cloud; the optional
@@ -289,6 +290,7 @@ class DeviceEngine:
             probes=probe_idx,
             keep_scores=self.config.staleness.fit_clicks > 0,
         )
+        self.store.account(st)  # the pass may have cached the state [D] and scores [I]
         if base_model:
             mode, note, info = BASE, "", None
         else:
@@ -335,6 +337,7 @@ class DeviceEngine:
             outcome, fetched, task = "not_requested", FetchResult("not_requested"), None
             if decision.request and gate is not None:
                 outcome, fetched, task = await self.edits.request(user_id, st, gate, wait_for_edit)
+        self.store.account(st)  # the cap is checked with the user unlocked: others go first
         mode, _ = self.mode(st)
         requested = decision.request and outcome in _REQUESTED
         if served is not None:
@@ -546,10 +549,18 @@ class DeviceEngine:
             "gate_budget": self.store.gate.config.budget,
             "last_cloud_ok_ms": self.link.last_ok_ms if self.link is not None else 0,
             "experiment": self.config.experiment or "",
+            "max_users": self.store.max_users,
+            "memory_bytes": self.store.bytes_held,
+            "max_memory_bytes": self.store.max_bytes or 0,
+            "users_evicted": self.store.evicted,
+            "evicted_bytes": self.store.evicted_bytes,
+            "users_reloaded": self.store.reloaded,
             "user": None,
             "durability": {
                 "users_in_memory": len(self.users),
                 "max_users": self.store.max_users,
+                "memory_bytes": self.store.bytes_held,
+                "max_memory_bytes": self.store.max_bytes,
                 "evicted": self.store.evicted,
                 "reloaded": self.store.reloaded,
                 **(self.state.stats() if self.state is not None else {"path": None}),

@@ -38,6 +38,7 @@ import torch
 from device_ranker.edit_apply import PreparedEdit
 from device_ranker.gate import GateState, ShiftGate
 from device_ranker.service.config import DeviceConfig
+from device_ranker.service.memory import MemoryMeter
 from device_ranker.service.policy import ArmPolicy, ArmResolver, Staleness, TimerGate
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.serving.redact import id_ref as user_ref
@@ -115,6 +116,10 @@ class UserState:
     proto_payload: bytes | None = None
     durable: bool = False  # the device state holds this user (snapshot written)
     since_snapshot: int = 0  # events stored after the user's last snapshot
+    # memory accounting (device_ranker.service.memory): the bytes this user was last
+    # counted at, and the meter that counts it (None: not held by a store)
+    mem_bytes: int = 0
+    meter: MemoryMeter | None = field(default=None, repr=False)
 
     def install_edit(
         self,
@@ -131,6 +136,8 @@ class UserState:
         self.proto_payload = proto_payload if edit is not None else None
         self.failed, self.note = False, ""
         self.staleness.reset(self.times[-1] if self.times else None)
+        if self.meter is not None:  # a background install is counted at once
+            self.meter.account(self)
 
     def append(self, item: int, timestamp: int) -> None:
         """Record an event: history, time, seen set, version, position, edit age."""
@@ -142,6 +149,8 @@ class UserState:
         self.staleness.events += 1
         if self.staleness.applied_event_time is None:  # the base model, since this event
             self.staleness.applied_event_time = int(timestamp)
+        if self.meter is not None:
+            self.meter.account(self)
 
     def staleness_status(self) -> dict[str, Any]:
         """The current edit's age and fit (GetStatus)."""
@@ -173,10 +182,14 @@ def serving_mode(st: UserState, adaptive: bool, link: CloudLink | None) -> tuple
 class UserStore:
     """The users of one device server, the item catalogue they refer to, and their arms.
 
-    **Bounded**: at most ``config.max_users`` users are held in memory, least recently
-    used first out. A user is "used" by any call naming it (Recommend, RecordEvent,
-    GetStatus, ApplyEdit, RequestEdit). A user with a RecordEvent or an edit request in
-    flight is never evicted (the next idle one goes instead). With a durable state
+    **Bounded**: at most ``config.max_users`` users, and with ``config.max_memory_mb`` at
+    most that many MiB of estimated user state (:mod:`device_ranker.service.memory`:
+    histories, seen sets, cached states and scores, edits and their payloads, per-user
+    overhead; kept up to date per user, never recomputed by a walk), are held in memory,
+    least recently used first out. A user is "used" by any call naming it (Recommend,
+    RecordEvent, GetStatus, ApplyEdit, RequestEdit). A user with a RecordEvent or an edit
+    request in flight is never evicted (the next idle one goes instead), nor is the most
+    recently used one (so a cap smaller than one user still serves it). With a durable state
     (``durable``), an evicted user is written first (if it is not durable yet: a seeded
     user that never had an event) and is reloaded from the state file on its next call,
     as it was; without one, an evicted user's state is gone (its next RecordEvent starts a
@@ -201,6 +214,11 @@ class UserStore:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.users: OrderedDict[str, UserState] = OrderedDict()  # least recently used first
         self.max_users = config.max_users
+        self.max_bytes = (
+            int(config.max_memory_mb * 2**20) if config.max_memory_mb is not None else None
+        )
+        self.meter = MemoryMeter()
+        self.evicted_bytes = 0
         self.durable: DeviceStateStore | None = None  # set by the engine (--state)
         self.restore_edit: RestoreEdit | None = None  # set by the engine
         self.evicted = 0
@@ -221,14 +239,28 @@ class UserStore:
         st = UserState(history=deque(maxlen=n), times=deque(maxlen=n))
         st.staleness.ranks = deque(maxlen=self.config.staleness.fit_clicks)
         st.past_states = deque(maxlen=self.config.cloud.uplink_states)
+        st.meter = self.meter
         return st
 
     def new_user(self, user_id: str, *, evict: bool = True) -> UserState:
         st = self._blank()
         self.users[user_id] = st
+        self.meter.account(st)
         if evict:
             self.evict_over_cap()
         return st
+
+    def account(self, st: UserState) -> None:
+        """Re-estimate a user after a change the user's own methods do not see (a ranking
+        cached its state and scores) and evict beyond the caps."""
+        self.meter.account(st)
+        if self.max_bytes is not None and self.meter.total > self.max_bytes:
+            self.evict_over_cap()
+
+    @property
+    def bytes_held(self) -> int:
+        """Estimated bytes of the users in memory (:mod:`device_ranker.service.memory`)."""
+        return self.meter.total
 
     def get(self, user_id: str) -> UserState | None:
         """The user from memory, else from the durable state (then held in memory again),
@@ -244,6 +276,7 @@ class UserStore:
             return None
         st = self._from_stored(user_id, stored)
         self.users[user_id] = st
+        self.meter.account(st)
         self.reloaded += 1
         self.evict_over_cap()
         return st
@@ -286,18 +319,25 @@ class UserStore:
             self.durable.write_snapshot(user_id, *self.snapshot(st))
             st.durable, st.since_snapshot = True, 0
 
+    def _over(self, users: int, held: int) -> bool:
+        return users > self.max_users or (self.max_bytes is not None and held > self.max_bytes)
+
     def evict_over_cap(self) -> int:
-        """Evict least recently used idle users beyond ``max_users``; returns how many."""
-        over = len(self.users) - self.max_users
-        if over <= 0:
+        """Evict least recently used idle users while over ``max_users`` or ``max_bytes``
+        (the most recently used user always stays); returns how many were evicted."""
+        users, held = len(self.users), self.meter.total
+        if not self._over(users, held):
             return 0
+        newest = next(reversed(self.users))
         victims = []
-        for user_id, st in self.users.items():  # oldest first
-            if len(victims) == over:
+        for user_id, st in self.users.items():  # oldest first, until under both caps
+            if not self._over(users, held) or user_id == newest:
                 break
             if st.lock.locked() or st.pending is not None:
                 continue  # busy: its RecordEvent / edit request holds it
             victims.append((user_id, st))
+            users, held = users - 1, held - st.mem_bytes
+        evicted = 0
         for user_id, st in victims:
             try:
                 self.make_durable(user_id, st)
@@ -306,8 +346,11 @@ class UserStore:
                                  user_ref(user_id))  # fmt: skip
                 continue
             del self.users[user_id]
+            self.evicted_bytes += self.meter.forget(st)
+            st.meter = None  # a task still holding it must not count it again
             self.evicted += 1
-        return len(victims)
+            evicted += 1
+        return evicted
 
     def user(self, user_id: str) -> UserState:
         """A known user (its id checked; from memory or the durable state); NotFoundError
@@ -342,9 +385,11 @@ class UserStore:
         users, items = ds.user_index[rows], to_ranker[ds.item_index[rows]]
         times, user_ids = ds.timestamps[rows], [str(u) for u in ds.user_ids]
         stored = self.durable.user_ids() if self.durable is not None else set()
+        shared = list(self.item_index.values())  # the catalogue's int objects, not copies
         for u, i, t in zip(users.tolist(), items.tolist(), times.tolist(), strict=True):
             if i < 0 or user_ids[u] in stored:  # a stored user supersedes its seed
                 continue
+            i = shared[i]
             st = self.users.get(user_ids[u])
             if st is None:
                 st = self.new_user(user_ids[u], evict=False)
@@ -354,6 +399,7 @@ class UserStore:
             st.position += 1
         for st in self.users.values():  # seeding creates them: the base model's age starts
             st.staleness.applied_event_time = st.times[-1] if st.times else None
+            self.meter.account(st)
         seeded = len(self.users)
         self.evict_over_cap()
         return seeded
