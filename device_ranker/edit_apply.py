@@ -38,7 +38,7 @@ import torch
 
 from device_ranker.edits import _DEFAULT_BOUNDS, ALLOWED_DTYPES, EditBounds, HeadEdit, LayerEdit
 from device_ranker.head import EditableHead, EditedLinear, EditedWeights
-from recsys.edit_payload import DecodedPayload
+from recsys.edit_payload import DecodedPayload, check_shapes
 from recsys.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -283,13 +283,14 @@ def prepare_decoded(
 ) -> PreparedEdit:
     """:func:`prepare_edit` straight from a decoded payload (the device's edit path).
 
-    ``decoded`` must come from :func:`recsys.edit_payload.decode_values` with this
-    head's spec (names, shapes and ranks are then checked, once per payload layout, and
-    the values are finite). The layers are validated from numpy views of its one value
-    array, without building per-part tensors; the :class:`HeadEdit` (``prepared.edit``)
-    is made only if someone reads it. With ``prototype`` the edit is
-    ``HeadEdit.compose(prototype, edit)`` (factors concatenated along r, bias deltas
-    summed), checked as a whole.
+    ``decoded`` comes from :func:`recsys.edit_payload.decode_values` (its values are
+    finite). Names, shapes and the rank bound are checked against the head once per
+    payload layout, head and bounds (:func:`_plan`); per request, each layer is then
+    validated and built from numpy views of the payload's one value array
+    (:func:`_fast_layer`: ``A = U * s``, the Gram norm, the bias bound, ``b + db``)
+    without per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made only if
+    someone reads it. With ``prototype`` the edit is ``HeadEdit.compose(prototype,
+    edit)`` (factors concatenated along r, bias deltas summed), checked as a whole.
 
     Args:
         head: the ranker's head; decoded: the residual or absolute edit.
@@ -300,26 +301,163 @@ def prepare_decoded(
         :class:`PreparedEdit`.
     """
     bounds = bounds or _DEFAULT_BOUNDS
-    own = decoded.layers()  # {layer: {part: numpy view}}
-    for name in own:
-        if name not in head._spec:
-            raise ValidationError(
-                f"edit names unknown head layer {name!r}; the head has {list(head._spec)}"
-            )
-    if prototype is not None:
+    if prototype is None:
+        vals = decoded.values  # [N] float32
+        layers = [
+            EditedLinear(step[1], step[2])
+            if step[0] is None
+            else _fast_layer(step, vals, bounds)
+            if step[0] is _FAST
+            else _prepare_layer(step[1], step[2], step[3], _views(vals, step[4]), bounds)
+            for step in _plan(head, decoded, bounds)
+        ]
+    else:
+        own = decoded.layers()  # {layer: {part: numpy view}}
+        for name in own:
+            if name not in head._spec:
+                raise ValidationError(
+                    f"edit names unknown head layer {name!r}; the head has {list(head._spec)}"
+                )
         own = _compose_arrays(head, _prototype_parts(head, prototype, bounds), own, bounds)
-    layers = []
-    for name, w, b in head._named_params:
-        parts = own.get(name)
-        layers.append(
-            EditedLinear(w, b) if parts is None else _prepare_layer(name, w, b, parts, bounds)
-        )
+        layers = []
+        for name, w, b in head._named_params:
+            parts = own.get(name)
+            layers.append(
+                EditedLinear(w, b) if parts is None else _prepare_layer(name, w, b, parts, bounds)
+            )
 
     def make_edit() -> HeadEdit:
         edit = HeadEdit.from_flat(decoded.tensors())
         return edit if prototype is None else HeadEdit.compose(prototype, edit)
 
     return PreparedEdit(EditedWeights(layers), make_edit=make_edit)
+
+
+_FAST, _GENERAL = "fast", "general"
+# (id(layout groups), id(head)) -> (those groups, head, bounds, plan)
+_PLANS: dict[tuple[int, int], tuple[tuple, EditableHead, EditBounds, tuple]] = {}
+_MAX_PLANS = 64
+
+
+def _plan(head: EditableHead, decoded: DecodedPayload, bounds: EditBounds) -> tuple:
+    """Per head layer, what :func:`prepare_decoded` does with a payload of this layout,
+    worked out once per (layout, head, bounds):
+
+    * ``(None, w, b)``: the layer is not edited;
+    * ``(_FAST, name, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr)``: a factored
+      low-rank part (:func:`keeps_factored`) and/or a bias delta on float32 CPU
+      weights; ``u``/``s``/``v``/``bias`` are (slice, shape) of the parts in
+      ``decoded.values`` (or None), ``b_np`` a numpy view of the base bias (the head's
+      parameters are updated in place; ``b_ptr``, the address ``b_np`` views, catches a
+      replaced storage), ``norm2`` the squared norm bound;
+    * ``(_GENERAL, name, w, b, parts)``: anything else (dense parts, an element-wise
+      weight bound, other dtypes), via :func:`_prepare_layer`.
+
+    Checks once per plan: known layers, u/s/v together with one rank
+    ``1 <= r <= min(out, in, bounds.max_rank)``, every shape (the checks
+    :func:`~recsys.edit_payload.decode_values` runs given a spec, here also without one).
+    """
+    groups = decoded.groups
+    key = (id(groups), id(head))
+    hit = _PLANS.get(key)
+    if (
+        hit is not None
+        and hit[0] is groups
+        and hit[1] is head
+        and (hit[2] is bounds or hit[2] == bounds)
+    ):
+        return hit[3]
+    check_shapes(decoded.arrays(), head._spec, bounds.max_rank)
+    slots = {
+        layer: {p: (slice(a, b), shape) for p, a, b, shape in parts} for layer, parts in groups
+    }
+    norm = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
+    plan = []
+    for name, w, b in head._named_params:
+        parts = slots.get(name)
+        if parts is None:
+            plan.append((None, w, b))
+            continue
+        fast = (
+            "dense" not in parts
+            and w.dtype is torch.float32
+            and b.dtype is torch.float32
+            and w.device.type == "cpu"
+            and b.device.type == "cpu"
+            and ("u" not in parts or keeps_factored(*w.shape, parts["s"][1][0], False, bounds))
+        )
+        if fast:
+            b_np = b.detach().numpy()
+            u, s, v, bias = (parts.get(p) for p in ("u", "s", "v", "bias"))
+            plan.append(
+                (
+                    _FAST,
+                    name,
+                    w,
+                    b,
+                    b_np,
+                    u,
+                    s,
+                    v,
+                    bias,
+                    norm * norm,
+                    bounds.max_bias_abs,
+                    b.data_ptr(),
+                )
+            )
+        else:
+            plan.append((_GENERAL, name, w, b, parts))
+    plan = tuple(plan)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = (groups, head, bounds, plan)
+    return plan
+
+
+def _views(vals: np.ndarray, parts: Mapping[str, tuple[slice, tuple[int, ...]]]) -> dict:
+    """part -> numpy view of ``vals`` with its shape."""
+    return {p: vals[sl].reshape(shape) for p, (sl, shape) in parts.items()}
+
+
+def _fast_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLinear:
+    """One ``_FAST`` layer of a :func:`_plan`: the checks and arithmetic of
+    :func:`_prepare_layer` for a factored low-rank part and/or a bias delta, on numpy
+    views of ``vals`` [N] (about ten numpy calls, ~1 us each; the Python around them
+    costs as much as the arithmetic at these sizes).
+
+    The norm bound is first checked with ``||A||_F ||V||_F`` (two dot products, an upper
+    bound of ``||A V^T||_F``); only an edit that bound cannot clear, or a failed bias
+    check, goes to :func:`_prepare_layer`, which runs the exact Gram-norm check and
+    names the part and value (or accepts the edit: the bound was a false alarm)."""
+    _, _, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr = step
+    a = vf = b_new = None
+    if u is not None:
+        a = vals[u[0]].reshape(u[1]) * vals[s[0]]  # A = U diag(s) [out, r]
+        v_flat = vals[v[0]]  # V [in * r]
+        # ||A V^T||_F <= ||A||_F ||V||_F: two dot products; when that bound is over the
+        # limit (or NaN) the exact Gram-norm check of _prepare_layer decides
+        if not np.vdot(a, a) * np.dot(v_flat, v_flat) <= norm2:
+            return _slow_layer(step, vals, bounds)
+        vf = v_flat.reshape(v[1])  # [in, r]
+    if bias is not None:
+        db = vals[bias[0]]  # [out]
+        if not np.abs(db).max() <= bias_abs or b.data_ptr() != b_ptr:  # b's storage replaced
+            return _slow_layer(step, vals, bounds)
+        b_new = torch.from_numpy(b_np + db)
+    return EditedLinear(
+        w,
+        b if b_new is None else b_new,
+        None if a is None else torch.from_numpy(a),
+        None if vf is None else torch.from_numpy(vf),
+    )
+
+
+def _slow_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLinear:
+    _, name, w, b, _b_np, *parts = step[:9]
+    views = _views(
+        vals, {p: x for p, x in zip(("u", "s", "v", "bias"), parts, strict=True) if x is not None}
+    )
+    return _prepare_layer(name, w, b, views, bounds)
 
 
 # id(prototype) -> (weak reference to it, (id(head), bounds), its numpy parts)

@@ -191,3 +191,60 @@ def test_service_mode_materialises_a_users_edit_once_it_has_paid(tiny_model: Seq
         fresh = prepare_edit(head, _edit(head, rank=2, seed=3)).weights
         queries_per_user(head, x, [fresh, other])  # the default (the replay's) never charges
         assert fresh._rows == 0
+
+
+@pytest.mark.parametrize(
+    ("bounds", "match"),
+    [
+        (EditBounds(max_weight_norm=1e-4), r"\|\|dW\|\|_F = .* > bound"),
+        (EditBounds(max_bias_abs=1e-6), "bias delta has max"),
+        (EditBounds(max_rank=1), r"rank 2 outside 1\.\.1"),
+    ],
+)
+def test_prepare_decoded_without_prototype_refuses_like_prepare_edit(
+    tiny_model: SeqRanker, bounds: EditBounds, match: str
+) -> None:
+    head = tiny_model.head
+    edit = _edit(head, rank=2, seed=2)
+    decoded = decode_values(_payload(edit))  # no spec: the plan checks shapes and rank
+    with pytest.raises(ValidationError, match=match):
+        prepare_decoded(head, decoded, bounds)
+    if bounds.max_rank > 1:
+        with pytest.raises(ValidationError, match=match):
+            prepare_edit(head, edit, bounds)
+
+
+def test_prepare_decoded_accepts_what_only_the_cheap_norm_bound_doubts(
+    tiny_model: SeqRanker,
+) -> None:
+    """The fast path clears ``||A||_F ||V||_F <= bound``; an edit above that but within
+    the exact ``||A V^T||_F`` (orthogonal factors) goes to the exact check and passes."""
+    head = tiny_model.head
+    out_f, in_f = head.edit_spec()["fc0"]
+    u = torch.zeros(out_f, 2)
+    v = torch.zeros(in_f, 2)
+    u[0, 0] = u[1, 1] = 1.0
+    v[0, 0] = v[1, 1] = 1.0  # A V^T = diag(s) on two entries: ||dW||_F = sqrt(2) s
+    edit = HeadEdit({"fc0": LayerEdit(u=u, s=torch.tensor([1.0, 1.0]), v=v)})
+    bounds = EditBounds(max_weight_norm=1.5)  # ||A||_F ||V||_F = 2 > 1.5 >= sqrt(2)
+    fast = prepare_decoded(head, decode_values(_payload(edit)), bounds)
+    slow = prepare_edit(head, edit, bounds)
+    for a, b in zip(fast.weights, slow.weights, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValidationError, match=r"\|\|dW\|\|_F"):
+        prepare_decoded(head, decode_values(_payload(edit)), EditBounds(max_weight_norm=1.4))
+
+
+def test_prepare_decoded_follows_a_replaced_bias_storage(tiny_model: SeqRanker) -> None:
+    """The plan keeps a numpy view of each base bias; a bias whose storage was replaced
+    (``param.data = ...``) is read afresh, not through the stale view."""
+    head = tiny_model.head
+    edit = _edit(head, rank=2, seed=4)
+    data = _payload(edit)
+    prepare_decoded(head, decode_values(data))  # plan cached
+    fc0 = head.layers["fc0"]
+    fc0.bias.data = torch.full_like(fc0.bias, 3.0)
+    fresh = prepare_decoded(head, decode_values(data))
+    torch.testing.assert_close(
+        fresh.weights.layers[0].b, fc0.bias.detach() + edit.layers["fc0"].bias
+    )

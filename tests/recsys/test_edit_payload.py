@@ -211,3 +211,28 @@ def test_huge_finite_fp32_values_are_not_mistaken_for_inf() -> None:
     big = {"fc0.s": torch.tensor([3e38, -3e38])}  # the payload-wide sum of squares overflows
     back = decode_payload(encode_payload(big, dtype="fp32")).tensors["fc0.s"]
     assert torch.equal(back, big["fc0.s"])
+
+
+def test_fp16_finite_check_takes_the_largest_values_and_refuses_inf() -> None:
+    """The fp16 finite check is one sum of squares: fp16's largest values do not overflow
+    it, an Inf does (and is named)."""
+    peak = float(np.finfo(np.float16).max)
+    big = {"fc0.u": torch.full((128, 8), peak), "fc0.s": torch.full((8,), -peak)}
+    back = decode_payload(encode_payload(big, dtype="fp16")).tensors
+    assert torch.equal(back["fc0.u"], big["fc0.u"]) and torch.equal(back["fc0.s"], big["fc0.s"])
+    body = bytearray(encode_payload(big, dtype="fp16")[:-4])
+    body[-2:] = np.array([np.inf], dtype="<f2").tobytes()  # the last value of fc0.u
+    with pytest.raises(ValidationError, match=r"'fc0\.u' contains NaN or Inf"):
+        decode_payload(recrc(bytes(body)))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_values_are_right_whatever_the_alignment_of_the_data(dtype: str) -> None:
+    """Names of every length modulo 4 put the data at every byte offset; the gathered
+    values (descriptors, pad, data) are still exactly each tensor's."""
+    for layer in ("a", "ab", "abc", "abcd"):
+        edit = {f"{layer}.bias": torch.arange(5.0) - 2, f"{layer}.s": torch.tensor([0.5, -1.0])}
+        for _ in range(2):  # parsed, then from the cached layout
+            back = decode_payload(encode_payload(edit, dtype=dtype)).tensors
+            for name, t in edit.items():
+                torch.testing.assert_close(back[name], t, atol=0.02, rtol=0)
