@@ -29,6 +29,12 @@ not one per write.
 **Shutdown**: :meth:`close` writes everything queued (with retries) before it returns;
 :meth:`flush` waits until what was queued so far is written.
 
+**Metrics and traces**: :attr:`StoreWriter.write_seconds` (a Prometheus histogram, not
+registered anywhere: the cloud server's metrics collect it, ``llm_cloud.service.metrics``)
+times each transaction with its retries; each op keeps its submitter's trace context
+(:mod:`recsys.serving.tracing`), so a transaction's ``store.write`` span continues the
+trace of its first op and links the others.
+
 Example::
 
     writer = StoreWriter.open(store.engine.url)
@@ -47,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Histogram
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 from tenacity import (
@@ -59,6 +66,7 @@ from tenacity import (
 )
 
 from codebook.store.service import PrototypeStore, is_transient
+from recsys.serving import tracing
 from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,7 @@ class WriteOp:
     done: Callable[[Any], None] | None = None
     lost: Callable[[str], None] | None = None
     rows: int = 1  # rows it writes (for the counters)
+    context: Any = None  # the submitter's trace context (recsys.serving.tracing), set by submit
 
     def __post_init__(self) -> None:
         if (self.apply is None) == (self.run is None):
@@ -129,6 +138,13 @@ class StoreWriter:
         self.retried = 0  # transaction retries after transient errors
         self.failed = 0  # operations given up on (logged)
         self.dropped = 0  # operations refused by a full queue
+        # one transaction with its retries, s (unregistered: the server's metrics collect it)
+        self.write_seconds = Histogram(
+            "recsys_store_write_seconds",
+            "store writer transaction time with its retries, seconds",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=None,
+        )
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -144,6 +160,8 @@ class StoreWriter:
         if self._closed:
             self._count_drop(op, "the writer is closed")
             return False
+        if op.context is None:
+            op.context = tracing.current_context()
         if self._shedding and self._queue.qsize() <= self.config.queue_size // 2:
             self._shedding = False
         with self._lock:
@@ -273,9 +291,12 @@ class StoreWriter:
     def _write(self, ops: list[WriteOp]) -> None:
         """Write ``ops`` (one transaction, retried); on failure, each op alone."""
         what = ops[0].kind if len(ops) == 1 else f"batch of {len(ops)}"
+        t0 = time.perf_counter()
         try:
-            results = self._retrying(what)(self._transaction, ops)
+            with tracing.span_from("store.write", [op.context for op in ops], ops=what):
+                results = self._retrying(what)(self._transaction, ops)
         except Exception as exc:
+            self.write_seconds.observe(time.perf_counter() - t0)
             err = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
             if len(ops) > 1 and not (err is not None and is_transient(err)):
                 logger.warning("store writer: %s failed (%s); writing each op alone", what, err)
@@ -289,6 +310,7 @@ class StoreWriter:
                 _call(op.lost, f"failed: {err}")
             self._finish(len(ops))
             return
+        self.write_seconds.observe(time.perf_counter() - t0)
         with self._lock:
             self.written += len(ops)
             self.rows += sum(op.rows for op in ops)

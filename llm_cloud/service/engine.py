@@ -54,6 +54,7 @@ import torch
 from recsys.adaptor_inputs import TokenSource, check_summary, item_codes, uplink_window
 from recsys.edit_payload import DTYPES, encode_payload
 from recsys.errors import NotFoundError, ValidationError
+from recsys.serving.tracing import span
 
 logger = logging.getLogger(__name__)
 
@@ -526,7 +527,8 @@ class ComposedEngine:
                 else uplink_window(r.history, self.uplink_items)
                 for r in requests
             ]
-            items, scores = self.tokens(windows)  # [B, N], [B, N] | None
+            with span("cloud.tokens", source=self.tokens.name, batch=len(requests)):
+                items, scores = self.tokens(windows)  # [B, N], [B, N] | None
             for b, r in enumerate(requests):
                 if r.top_n is not None:
                     items[b, r.top_n :] = -1
@@ -534,27 +536,31 @@ class ComposedEngine:
             summary = None
             if self.summary_dim:
                 summary = torch.from_numpy(np.stack([r.summary for r in requests]))  # [B, S]
-            out = self.adaptor(
-                torch.from_numpy(codes),
-                None if scores is None else torch.from_numpy(scores),
-                summary,
-            )
+            with span("cloud.adaptor", batch=len(requests)):
+                out = self.adaptor(
+                    torch.from_numpy(codes),
+                    None if scores is None else torch.from_numpy(scores),
+                    summary,
+                )
             refined: dict[int, dict[str, torch.Tensor]] = {}
             rows = [b for b, r in enumerate(requests) if r.states is not None]
             if self.refiner is not None and rows:
-                refined = self.refiner.refine(out.tensors, [requests[b] for b in rows], rows)
+                with span("cloud.refine", rows=len(rows)):
+                    refined = self.refiner.refine(out.tensors, [requests[b] for b in rows], rows)
             results: list[dict[str, Any] | Exception] = []
-            for b, r in enumerate(requests):
-                try:
-                    edit = refined.get(b)
-                    if edit is None:
-                        edit = {k: v[b] for k, v in out.tensors.items()}
-                    results.append(self._one(r, out.code[b], edit, items[b], b in refined))
-                except Exception as exc:  # one bad item must not fail the batch
-                    logger.exception("edit for device %r failed", r.device_id)
-                    results.append(exc)
+            with span("cloud.prototypes_payloads", batch=len(requests)):
+                for b, r in enumerate(requests):
+                    try:
+                        edit = refined.get(b)
+                        if edit is None:
+                            edit = {k: v[b] for k, v in out.tensors.items()}
+                        results.append(self._one(r, out.code[b], edit, items[b], b in refined))
+                    except Exception as exc:  # one bad item must not fail the batch
+                        logger.exception("edit for device %r failed", r.device_id)
+                        results.append(exc)
             engine_ms = (time.perf_counter() - t0) * 1000
-            ids = self._log([x for x in results if not isinstance(x, Exception)], engine_ms)
+            with span("cloud.edit_log", behind=self.writer is not None):
+                ids = self._log([x for x in results if not isinstance(x, Exception)], engine_ms)
         self.calls += 1
         self.requests += len(requests)
         final: list[EditResult | Exception] = []

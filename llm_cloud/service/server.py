@@ -13,6 +13,11 @@ health NOT_SERVING, no new calls, in-flight calls get ``grace_s`` to finish (the
 micro-batcher finishes its queue), then the writer writes everything queued, then the
 engine closes.
 
+With ``server.metrics_port``, Prometheus metrics (per-RPC counts and latencies, the
+micro-batches, the store writer, the process: :mod:`llm_cloud.service.metrics`) are
+served at ``http://host:PORT/metrics``; with tracing configured
+(:mod:`recsys.serving.tracing`), each GenerateEdit continues the caller's trace.
+
 Example::
 
     handle = await start_cloud(CloudConfig(engine="tiny", dataset="path/to/ds",
@@ -34,6 +39,7 @@ import torch
 from codebook.store.writer import StoreWriter, WriterConfig
 from llm_cloud.service.engine import AdaptationEngine
 from llm_cloud.service.loading import ArtifactEngineConfig, engine_from_artifacts
+from llm_cloud.service.metrics import cloud_collector
 from llm_cloud.service.servicer import SERVICE_NAME, AdaptationServicer
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.auth import AuthConfig, AuthPolicy, auth_interceptors
@@ -181,6 +187,8 @@ async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = Non
         load=load,
         attach=servicer.set_engine,
     )
+    if server.metrics is not None:  # --metrics-port: the engine's figures beside the RPCs'
+        server.metrics.register(cloud_collector(servicer, loaded))
     logger.info("cloud serving on port %d: %s", server.port, loaded.info())
     return CloudHandle(server, servicer, loaded, writers[0] if writers else None)
 

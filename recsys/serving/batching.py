@@ -13,6 +13,11 @@ without waiting; when idle, a lone request waits at most ``max_wait_ms``.
 worker thread). Items whose caller went away (cancelled, deadline passed) are dropped
 before the engine call.
 
+Each item keeps its caller's trace context: with tracing on
+(:mod:`recsys.serving.tracing`), the engine call runs in a span named after the batcher,
+the child of the first live caller's span, linked to the others'. ``sizes`` (batch size
+-> batches) and :meth:`MicroBatcher.queued` feed the servers' metrics.
+
 Example::
 
     batcher = MicroBatcher(engine.rank_many, BatchConfig(max_batch=32, max_wait_ms=5))
@@ -31,6 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from recsys.serving import tracing
 from recsys.serving.errors import NotReadyError, OverloadedError
 from recsys.validation import Field, config_dataclass
 
@@ -120,7 +126,7 @@ class MicroBatcher(Generic[T, R]):
                 "retry with backoff"
             )
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        queue.put_nowait((item, fut))
+        queue.put_nowait((item, fut, tracing.current_context()))
         if self._need and queue.qsize() >= self._need:
             assert self._full is not None
             self._full.set()
@@ -171,7 +177,10 @@ class MicroBatcher(Generic[T, R]):
             if first is _STOP:
                 return
             batch = await self._collect(queue, first)
-            live = [(item, fut) for item, fut in batch if not fut.done()]
+            live = [(item, fut) for item, fut, _ in batch if not fut.done()]
+            contexts = [ctx for _, fut, ctx in batch if not fut.done()]
+            traced = any(c is not None for c in contexts)
+            fn = tracing.traced(self.fn, self.name, contexts) if traced else self.fn
             self.dropped += len(batch) - len(live)
             if not live:
                 continue
@@ -179,9 +188,9 @@ class MicroBatcher(Generic[T, R]):
             try:
                 items = [item for item, _ in live]
                 if self.inline:
-                    results = self.fn(items)
+                    results = fn(items)
                 else:
-                    results = await loop.run_in_executor(self._executor, self.fn, items)
+                    results = await loop.run_in_executor(self._executor, fn, items)
                 if len(results) != len(live):
                     raise RuntimeError(
                         f"{self.name}: engine returned {len(results)} results for {len(live)} items"
@@ -203,6 +212,10 @@ class MicroBatcher(Generic[T, R]):
                     fut.set_exception(res)
                 else:
                     fut.set_result(res)
+
+    def queued(self) -> int:
+        """Items waiting for a batch now (for the metrics)."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     def stats(self) -> dict[str, Any]:
         """Batches run, items served, mean batch size, engine busy time, dropped items."""
