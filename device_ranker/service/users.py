@@ -252,7 +252,10 @@ class UserStore:
 
     def account(self, st: UserState) -> None:
         """Re-estimate a user after a change the user's own methods do not see (a ranking
-        cached its state and scores) and evict beyond the caps."""
+        cached its state and scores) and evict beyond the caps. A user evicted meanwhile
+        (while its Recommend awaited the ranking) is not counted again."""
+        if st.meter is not self.meter:
+            return
         self.meter.account(st)
         if self.max_bytes is not None and self.meter.total > self.max_bytes:
             self.evict_over_cap()

@@ -84,6 +84,12 @@ def test_total_is_maintained_incrementally() -> None:
     assert store.bytes_held == recount(store)
     fill(store, range(100, 130), 5)
     assert store.bytes_held == recount(store)
+    gone = store.get("u100")  # a Recommend holds it while the ranking runs ...
+    fill(store, range(200, 260), 1)  # ... and other users' calls evict it meanwhile
+    assert "u100" not in store.users and gone.meter is None
+    gone.scores = (gone.version, None, torch.zeros(NUM_ITEMS))
+    store.account(gone)  # the Recommend's accounting after the pass counts nothing
+    assert store.bytes_held == recount(store)
 
 
 def test_byte_cap_evicts_least_recently_used() -> None:
