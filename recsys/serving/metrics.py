@@ -98,6 +98,17 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
         service, name = split_method(method)
+        children: dict[str, tuple[Any, Any]] = {}  # code -> (counter, histogram) of this method
+
+        def child(code: str) -> tuple[Any, Any]:
+            pair = children.get(code)
+            if pair is None:
+                labels = (service, name, code)
+                pair = children[code] = (
+                    self.requests.labels(*labels),
+                    self.duration.labels(*labels),
+                )
+            return pair
 
         async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
@@ -113,9 +124,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if code is grpc.StatusCode.OK and context.code() not in (None, grpc.StatusCode.OK):
                     code = context.code()  # set_code without an abort
-                labels = (service, name, _code_name(code))
-                self.requests.labels(*labels).inc()
-                self.duration.labels(*labels).observe(time.perf_counter() - t0)
+                count, latency = child(_code_name(code))
+                count.inc()
+                latency.observe(time.perf_counter() - t0)
 
         return grpc.unary_unary_rpc_method_handler(
             timed,
@@ -125,6 +136,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _code_name(code: Any) -> str:
+    if code is grpc.StatusCode.OK:
+        return "OK"
     if isinstance(code, grpc.StatusCode):
         return code.name
     try:  # grpc.aio may report the code as its integer value
