@@ -48,6 +48,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -91,6 +92,11 @@ class TrainConfig:
     seed: int = 0
     # wall-time budget: stop after the epoch that crosses it
     max_minutes: float | None = Field(None, gt=0)
+    # optimizer of the embedding tables: "adamw" (one AdamW with the dense part), or
+    # "adagrad" / "sgd" at embedding_lr: the only ones FBGEMM's fused CPU kernels offer for
+    # tables sharded by TorchRec (device_ranker.distributed_train)
+    embedding_optimizer: Literal["adamw", "adagrad", "sgd"] = "adamw"
+    embedding_lr: float | None = Field(None, gt=0)  # None = lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +189,88 @@ def _batch_loss(
     ) + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
 
 
+ADAGRAD_EPS = 1e-8  # FBGEMM's exact_adagrad default, so sharded and local runs agree
+
+
+def make_optimizers(
+    cfg: TrainConfig, dense: list[torch.nn.Parameter], tables: list[torch.nn.Parameter]
+) -> list[torch.optim.Optimizer]:
+    """AdamW over ``dense`` (and ``tables`` if ``embedding_optimizer`` is adamw), else a
+    second optimizer (Adagrad or SGD at ``embedding_lr``) over the embedding ``tables``."""
+    dense = [p for p in dense if p.requires_grad]
+    tables = [p for p in tables if p.requires_grad]
+    if cfg.embedding_optimizer == "adamw":
+        return [torch.optim.AdamW(dense + tables, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ]
+    lr = cfg.embedding_lr or cfg.lr
+    if tables:
+        if cfg.embedding_optimizer == "adagrad":
+            opts.append(torch.optim.Adagrad(tables, lr=lr, eps=ADAGRAD_EPS))
+        else:
+            opts.append(torch.optim.SGD(tables, lr=lr))
+    return opts
+
+
+def split_parameters(model: SeqRanker) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(dense parameters, TorchRec embedding-table parameters) of the ranker."""
+    table_ids = {id(p) for p in model.embeddings.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in table_ids]
+    return dense, list(model.embeddings.parameters())
+
+
+def epoch_seeds(cfg: TrainConfig, epoch: int, num_windows: int) -> tuple[int, np.ndarray]:
+    """(torch seed of epoch ``epoch``'s dropout and negatives, its window order [W])."""
+    return cfg.seed * 100_003 + epoch, np.random.default_rng([cfg.seed, epoch]).permutation(
+        num_windows
+    )
+
+
+def training_data(
+    cfg: TrainConfig,
+    dataset: Dataset,
+    rows: np.ndarray | None = None,
+    valid: EvalSet | None = None,
+) -> tuple[TrainConfig, list[np.ndarray], EvalSet]:
+    """(config with ``num_items`` filled, training windows, validation users); see :func:`train`."""
+    mcfg = cfg.model if cfg.model.num_items else replace(cfg.model, num_items=dataset.num_items)
+    if mcfg.num_items != dataset.num_items:
+        raise ValidationError(
+            f"model num_items {mcfg.num_items} != dataset items {dataset.num_items}"
+        )
+    cfg = replace(cfg, model=mcfg)
+    if rows is None:
+        split = leave_one_out(dataset)
+        sequences = user_sequences(dataset, split.train)
+        if valid is None:
+            valid = loo_eval_set(dataset, split, "valid")
+    else:
+        sequences = user_sequences(dataset, np.asarray(rows))
+        if valid is None:
+            sequences, valid = holdout_last(sequences)
+    windows = make_windows(sequences, mcfg.max_len)
+    if not windows:
+        raise ValidationError("no training windows: every user has fewer than 2 training events")
+    logger.info(
+        "training on %d windows (%d events), validating on %d users",
+        len(windows),
+        sum(len(s) for s in sequences),
+        len(valid.targets),
+    )
+    return cfg, windows, valid
+
+
+def dataset_info(dataset: Dataset) -> dict[str, Any]:
+    """The checkpoint's ``dataset`` record."""
+    return {
+        "name": dataset.name,
+        "fingerprint": dataset.fingerprint(),
+        "num_items": dataset.num_items,
+        "num_users": dataset.num_users,
+    }
+
+
 def model_score_fn(model: SeqRanker):
     """B histories -> [B, I] scores with the base head (for :func:`evaluate`)."""
 
@@ -226,6 +314,7 @@ def train(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train the ranker on ``rows`` of ``dataset`` with early stopping on ``valid``.
 
@@ -239,47 +328,19 @@ def train(
         checkpoint_path: write the checkpoint dict there after every epoch.
         resume: continue from ``checkpoint_path`` (same config and dataset required).
         progress: show a tqdm bar.
+        on_step: called after every optimizer step with (epoch, batch loss).
 
     Returns:
         :class:`TrainResult` with the best model.
     """
     t0 = time.perf_counter()
-    mcfg = cfg.model if cfg.model.num_items else replace(cfg.model, num_items=dataset.num_items)
-    if mcfg.num_items != dataset.num_items:
-        raise ValidationError(
-            f"model num_items {mcfg.num_items} != dataset items {dataset.num_items}"
-        )
-    cfg = replace(cfg, model=mcfg)
-    if rows is None:
-        split = leave_one_out(dataset)
-        sequences = user_sequences(dataset, split.train)
-        if valid is None:
-            valid = loo_eval_set(dataset, split, "valid")
-    else:
-        sequences = user_sequences(dataset, np.asarray(rows))
-        if valid is None:
-            sequences, valid = holdout_last(sequences)
-    windows = make_windows(sequences, mcfg.max_len)
-    if not windows:
-        raise ValidationError("no training windows: every user has fewer than 2 training events")
-    logger.info(
-        "training on %d windows (%d events), validating on %d users",
-        len(windows),
-        sum(len(s) for s in sequences),
-        len(valid.targets),
-    )
+    cfg, windows, valid = training_data(cfg, dataset, rows, valid)
+    mcfg = cfg.model
 
     torch.manual_seed(cfg.seed)
     model = SeqRanker(mcfg)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    dataset_info = {
-        "name": dataset.name,
-        "fingerprint": dataset.fingerprint(),
-        "num_items": dataset.num_items,
-        "num_users": dataset.num_users,
-    }
+    opt, *table_opt = make_optimizers(cfg, *split_parameters(model))
+    dataset_record = dataset_info(dataset)
     state: dict[str, Any] = {
         "epoch": 0,
         "best_metric": -1.0,
@@ -294,10 +355,14 @@ def train(
         if path is None or not path.is_file():
             raise ValidationError(f"--resume needs an existing checkpoint, {path} not found")
         ckpt = load_checkpoint(path)
-        if ckpt["dataset"]["fingerprint"] != dataset_info["fingerprint"]:
+        if ckpt.get("optimizer_state") is None:
+            raise ValidationError(
+                f"checkpoint {path} has no optimizer state (a sharded run); retrain without --resume"
+            )
+        if ckpt["dataset"]["fingerprint"] != dataset_record["fingerprint"]:
             raise ValidationError(
                 f"checkpoint {path} was trained on dataset fingerprint {ckpt['dataset']['fingerprint']}, "
-                f"this dataset is {dataset_info['fingerprint']}; retrain without --resume"
+                f"this dataset is {dataset_record['fingerprint']}; retrain without --resume"
             )
         saved_cfg = TrainConfig.from_dict(ckpt["train_config"])
         if replace(saved_cfg, epochs=cfg.epochs, max_minutes=cfg.max_minutes) != cfg:
@@ -307,6 +372,8 @@ def train(
             )
         model.load_state_dict(ckpt["model_state"])
         opt.load_state_dict(ckpt["optimizer_state"])
+        for o in table_opt:
+            o.load_state_dict(ckpt["embedding_optimizer_state"])
         for key in state:
             state[key] = ckpt[key]
         logger.info("resumed from %s after epoch %d", path, state["epoch"])
@@ -323,19 +390,23 @@ def train(
     while state["epoch"] < cfg.epochs and not state["finished"]:
         epoch = state["epoch"] + 1
         te = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # negatives
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(windows))
+        epoch_seed, order = epoch_seeds(cfg, epoch, len(windows))
+        torch.manual_seed(epoch_seed)  # dropout
+        gen = torch.Generator().manual_seed(epoch_seed)  # negatives
         model.train()
         total, steps = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             batch = [windows[i] for i in order[start : start + cfg.batch_size]]
             loss = _batch_loss(model, batch, cfg.loss, gen)
-            opt.zero_grad(set_to_none=True)
+            for o in (opt, *table_opt):
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            for o in (opt, *table_opt):
+                o.step()
             total += float(loss.detach())
             steps += 1
+            if on_step is not None:
+                on_step(epoch, float(loss.detach()))
         model.eval()
         metrics = evaluate(model_score_fn(model), valid)
         score = metrics["ndcg@10"]
@@ -376,11 +447,16 @@ def train(
                     "format": CHECKPOINT_FORMAT,
                     "model_config": mcfg.to_dict(),
                     "train_config": cfg.to_dict(),
-                    "dataset": dataset_info,
+                    "dataset": dataset_record,
                     "item_ids": [str(i) for i in dataset.item_ids],
                     "versions": library_versions(),
                     "model_state": model.state_dict(),
                     "optimizer_state": opt.state_dict(),
+                    **(
+                        {"embedding_optimizer_state": table_opt[0].state_dict()}
+                        if table_opt
+                        else {}
+                    ),
                     **state,
                 },
             )
