@@ -57,6 +57,7 @@ from recsys import adaptor_inputs
 from recsys.edit_payload import decode_payload, decode_values
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
+from recsys.serving import tracing
 from recsys.serving.redact import id_ref
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class CloudEdits:
         self.on_install: Callable[[str, UserState], None] | None = None
         self.requests = 0
         self.failures = 0
+        self.applied = 0
         self.bytes_up = 0
         self.bytes_down = 0
         self._push_counter = 0
@@ -289,9 +291,10 @@ class CloudEdits:
                 )
                 down += fetched
             payload_bytes = len(response.edit_payload)
-            prepared, res_us, apply_us = await loop.run_in_executor(
-                self.executor, self._build_edit_timed, response.edit_payload, proto_edit
-            )
+            with tracing.span("device.decode_edit", payload_bytes=len(response.edit_payload)):
+                prepared, res_us, apply_us = await loop.run_in_executor(
+                    self.executor, self._build_edit_timed, response.edit_payload, proto_edit
+                )
             decode_us += res_us
         except asyncio.CancelledError:
             raise
@@ -326,6 +329,7 @@ class CloudEdits:
         st.install_edit(
             prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
         )
+        self.applied += 1
         if self.on_install is not None:
             self.on_install(user_id, st)
         logger.debug(

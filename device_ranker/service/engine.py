@@ -53,6 +53,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -175,6 +176,7 @@ class DeviceEngine:
             self.store.restore_edit = self._restore_edit
             self.edits.on_install = self._persist_cloud_edit
             self.edits._push_counter = state.max_pushed_edit_id()  # pushed ids keep rising
+        self.served: Counter[str] = Counter()  # Recommend answers by mode (metrics)
         self.ready = False
 
     # ---- construction ---------------------------------------------------------------------
@@ -296,6 +298,7 @@ class DeviceEngine:
         else:
             mode, note = self.mode(st)
             info = st.edit_info if edit is not None else None
+        self.served[mode] += 1
         return Recommendation(
             item_ids=[self.item_ids[i] for i in out.items],
             scores=out.scores,

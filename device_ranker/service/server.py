@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.engine import DeviceEngine
+from device_ranker.service.metrics import device_collector
 from device_ranker.service.policy import ArmResolver
 from device_ranker.service.servicer import SERVICE_NAME, RecommendationServicer
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
@@ -85,6 +86,8 @@ async def start_device(config: DeviceConfig, arm_for: ArmResolver | None = None)
         load=load,
         attach=attach,
     )
+    if server.metrics is not None:  # --metrics-port: the engine's figures beside the RPCs'
+        server.metrics.register(device_collector(engine))
     logger.info("device serving on port %d", server.port)
     return DeviceHandle(server, servicer, engine)
 

@@ -9,6 +9,10 @@ recsys bench serve  [--dataset ml-100k] [--concurrency 32] [--duration 10] [--ra
 
 Both servers bind 127.0.0.1 by default, answer the standard health check (NOT_SERVING
 until their models are loaded) and server reflection, and stop gracefully on SIGTERM.
+Both take ``--config FILE.toml`` (every option as a key; flags override the file:
+:mod:`recsys.cli.config_file`, examples in ``examples/cloud.toml`` and
+``examples/device.toml``), ``--metrics-port N`` (Prometheus metrics at
+``http://HOST:N/metrics``) and ``--trace console|otlp`` (OpenTelemetry spans).
 The load benchmark itself is :mod:`recsys.workflows.serve_bench`.
 """
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from recsys.cli.common import add_json_option, add_location_options
+from recsys.cli.config_file import add_config_option
 from recsys.reporting import write_json
 
 logger = logging.getLogger(__name__)
@@ -143,6 +148,7 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
     _add_auth_options(p, "A device token may ask edits for its own device id only")
     _add_server_options(p, default_port=50051)
     add_location_options(p)
+    add_config_option(p)
     p.set_defaults(handler=cmd_serve_cloud)
 
 
@@ -214,7 +220,12 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         help="request when the fit MRR of the last clicks drops below",
     )
     g = p.add_argument_group("link to the cloud")
-    g.add_argument("--cloud", help="cloud host:port (default: none, base model only)")
+    g.add_argument(
+        "--cloud",
+        help="cloud host:port (default: none, base model only); several replicas: "
+        "comma-separated ip:port (127.0.0.1:50051,127.0.0.1:50052) or one DNS name with "
+        "several records; calls go round_robin over the replicas whose health is SERVING",
+    )
     _opt(g, "--cloud-deadline", 1.0, "GenerateEdit deadline, s")
     _opt(g, "--probe-interval", 1.0, "cloud health probe period, s")
     g.add_argument(
@@ -295,6 +306,13 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         "from the state file on their next call; without one, forgotten)",
     )
     g.add_argument(
+        "--max-memory-mb",
+        type=float,
+        help="cap on the users' estimated memory (histories, seen sets, cached states and "
+        "scores, edits; not the model), MiB; the least recently used beyond it are evicted "
+        "as beyond --max-users (default: no cap; GetStatus reports memory_bytes)",
+    )
+    g.add_argument(
         "--ann",
         dest="ann_mode",
         choices=("auto", "on", "off"),
@@ -308,6 +326,7 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
     )
     _add_server_options(p, default_port=50052)
     add_location_options(p)
+    add_config_option(p)
     p.set_defaults(handler=cmd_serve_device)
 
 
@@ -449,6 +468,27 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
     g.add_argument("--tls-key", help="PEM private key")
     g.add_argument("--max-concurrent-rpcs", type=int, help="calls served at once (default: no cap)")
     _opt(g, "--torch-threads", 1, "torch intra-op threads")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = any free port; "
+        "default: off)",
+    )
+    g.add_argument(
+        "--trace",
+        choices=("off", "console", "otlp"),
+        default="off",
+        help="OpenTelemetry spans of each call, propagated to the cloud: console = printed "
+        "as JSON, otlp = to OTEL_EXPORTER_OTLP_ENDPOINT (needs the OTLP exporter package) "
+        "(default off)",
+    )
+
+
+def _tracing(args: argparse.Namespace, service: str) -> None:
+    if args.trace != "off":
+        from recsys.serving import tracing
+
+        tracing.configure(args.trace, service_name=service)
 
 
 def _server_options(args: argparse.Namespace) -> Any:
@@ -463,6 +503,7 @@ def _server_options(args: argparse.Namespace) -> Any:
         tls_key=args.tls_key,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         port_file=args.port_file,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -533,6 +574,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         server=_server_options(args),
     )
+    _tracing(args, "recsys-cloud")
     asyncio.run(serve_cloud(config))
     return 0
 
@@ -593,6 +635,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         from recsys.errors import ValidationError
 
         raise ValidationError("--state and --no-state contradict each other; choose one")
+    _tracing(args, "recsys-device")
     asyncio.run(serve_device(config, arm_for=arm_for))
     return 0
 

@@ -44,6 +44,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsys.errors import ValidationError
+from recsys.serving import tracing
+from recsys.serving.metrics import ServerMetrics
 from recsys.validation import Field, config_dataclass
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class ServerOptions:
         tls_cert / tls_key: PEM files; both set = TLS, neither = plaintext.
         max_concurrent_rpcs: calls served at once before RESOURCE_EXHAUSTED (None = no cap).
         port_file: write the bound port there (atomically) once the server is started.
+        metrics_port: serve Prometheus metrics at ``http://host:PORT/metrics``
+            (:mod:`recsys.serving.metrics`; 0 = ephemeral, None = off).
     """
 
     host: str = Field("127.0.0.1", min_length=1)
@@ -74,6 +78,7 @@ class ServerOptions:
     tls_key: str | None = None
     max_concurrent_rpcs: int | None = Field(None, ge=1)
     port_file: str | None = None
+    metrics_port: int | None = Field(None, ge=0, le=65535)
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -189,8 +194,12 @@ def client_channel(
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "CA certificate"))
-        return grpc.aio.secure_channel(target, creds, options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(
+            target, creds, options=options, interceptors=tracing.client_interceptors()
+        )
+    return grpc.aio.insecure_channel(
+        target, options=options, interceptors=tracing.client_interceptors()
+    )
 
 
 class GrpcServer:
@@ -212,6 +221,8 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
         self.port: int | None = None
+        # with options.metrics_port: per-RPC metrics (outermost) and a /metrics endpoint
+        self.metrics = ServerMetrics() if options.metrics_port is not None else None
         self._stopping = False
 
     def add(self, register: Callable[[grpc.aio.Server], None], service_name: str) -> None:
@@ -222,8 +233,9 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind, start serving (health NOT_SERVING), write the port file; returns the port."""
+        observe = [self.metrics.interceptor] if self.metrics is not None else []
         self.server = grpc.aio.server(
-            interceptors=self.interceptors,
+            interceptors=[*observe, *tracing.server_interceptors(), *self.interceptors],
             options=[*message_options(self.options.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.options.max_concurrent_rpcs,
         )
@@ -249,6 +261,8 @@ class GrpcServer:
             raise ValidationError(f"cannot listen on {address}: {exc}") from None
         if not port:
             raise ValidationError(f"cannot listen on {address} (port in use?)")
+        if self.metrics is not None and opts.metrics_port is not None:
+            self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
         self.port = int(port)
         if opts.port_file:
@@ -285,6 +299,8 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         logger.info("shutting down (grace %.1f s)", grace)
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.close()
         logger.info("stopped")
 
     async def wait(self) -> None:
