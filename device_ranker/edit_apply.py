@@ -425,10 +425,12 @@ def _fast_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLine
     views of ``vals`` [N] (about ten numpy calls, ~1 us each; the Python around them
     costs as much as the arithmetic at these sizes).
 
-    The norm bound is first checked with ``||A||_F ||V||_F`` (two dot products, an upper
-    bound of ``||A V^T||_F``); only an edit that bound cannot clear, or a failed bias
-    check, goes to :func:`_prepare_layer`, which runs the exact Gram-norm check and
-    names the part and value (or accepts the edit: the bound was a false alarm)."""
+    Both bounds are first checked with cheap upper bounds: ``||A||_F ||V||_F`` for
+    ``||A V^T||_F`` (two dot products instead of two Gram products and their inner
+    product) and ``||db||_2`` for ``max|db|`` (one dot product instead of ``abs`` and
+    ``max``); only an edit they cannot clear goes to :func:`_prepare_layer`, which runs
+    the exact checks and names the part and value (or accepts the edit: the cheap
+    bound was a false alarm)."""
     _, _, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr = step
     a = vf = b_new = None
     if u is not None:
@@ -441,7 +443,9 @@ def _fast_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLine
         vf = v_flat.reshape(v[1])  # [in, r]
     if bias is not None:
         db = vals[bias[0]]  # [out]
-        if not np.abs(db).max() <= bias_abs or b.data_ptr() != b_ptr:  # b's storage replaced
+        # max|db| <= ||db||_2: one dot product clears the element bound for all but
+        # edits near it (those, and a replaced bias storage, take the exact path)
+        if not np.dot(db, db) <= bias_abs * bias_abs or b.data_ptr() != b_ptr:
             return _slow_layer(step, vals, bounds)
         b_new = torch.from_numpy(b_np + db)
     return EditedLinear(

@@ -374,10 +374,16 @@ def _gather(body: memoryview, dtype_code: int, count: int) -> tuple[_Layout, byt
 
 def _values(raw: bytearray, body: memoryview, layout: _Layout, dtype: str) -> np.ndarray:
     """Every tensor's values, concatenated in payload order, as one float32 array [N]:
-    one numpy conversion of the gathered data (``raw`` after ``layout.expected``)."""
+    one conversion of the gathered data (``raw`` after ``layout.expected``). fp16 is
+    widened by torch's vectorised ``copy_`` into a numpy-owned array: ~2x faster than
+    numpy's fp16 cast, and cheaper than ``.float()`` (no tensor-allocating dispatch)."""
     start = len(layout.expected)
     if dtype == "fp16":
-        return np.frombuffer(raw, dtype=_NUMPY["fp16"], offset=start).astype(np.float32)
+        values = np.empty((len(raw) - start) // 2, dtype=np.float32)
+        if values.size:
+            wire = torch.frombuffer(raw, dtype=torch.float16, offset=start)
+            torch.from_numpy(values).copy_(wire)
+        return values
     if dtype == "fp32":
         return np.frombuffer(raw, dtype=_NUMPY["fp32"], offset=start).astype(np.float32)
     scales = np.array(

@@ -248,3 +248,17 @@ def test_prepare_decoded_follows_a_replaced_bias_storage(tiny_model: SeqRanker) 
     torch.testing.assert_close(
         fresh.weights.layers[0].b, fc0.bias.detach() + edit.layers["fc0"].bias
     )
+
+
+def test_prepare_decoded_accepts_a_bias_only_the_cheap_bound_doubts(tiny_model: SeqRanker) -> None:
+    """``||db||_2`` over the element bound but every element within it: accepted (exact
+    check); one element over it: refused, naming the bias."""
+    head = tiny_model.head
+    out_f = head.edit_spec()["fc1"][0]
+    db = torch.full((out_f,), 0.4)  # ||db||_2 = 0.4 sqrt(out) > 0.5 >= max|db|
+    edit = HeadEdit({"fc1": LayerEdit(bias=db)})
+    fast = prepare_decoded(head, decode_values(_payload(edit)), EditBounds(max_bias_abs=0.5))
+    torch.testing.assert_close(fast.weights.layers[1].b, head.layers["fc1"].bias.detach() + db)
+    db[3] = 0.6
+    with pytest.raises(ValidationError, match="bias delta has max"):
+        prepare_decoded(head, decode_values(_payload(edit)), EditBounds(max_bias_abs=0.5))
