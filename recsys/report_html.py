@@ -45,7 +45,7 @@ h1 { font-size: 1.6rem; border-bottom: 1px solid #d0d7de; padding-bottom: .3rem;
 h2 { font-size: 1.2rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: .5rem 0 1rem; font-size: .85rem; }
 th, td { border: 1px solid #d0d7de; padding: .25rem .5rem; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 thead th { background: #f6f8fa; }
 tbody tr:nth-child(even) { background: #fbfcfd; }
 code { background: #f6f8fa; padding: 0 .2rem; border-radius: 3px; }
