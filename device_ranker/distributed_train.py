@@ -57,6 +57,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -220,6 +221,9 @@ def _plan(step: _TrainStep, dcfg: DistributedConfig, cfg: TrainConfig, device: t
     """(sharder, TorchRec sharding plan) agreed by all ranks (the planner runs on rank 0)."""
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.storage_reservations import (
+        FixedPercentageStorageReservation,
+    )
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 
     if dcfg.sharding != "auto":
@@ -244,7 +248,12 @@ def _plan(step: _TrainStep, dcfg: DistributedConfig, cfg: TrainConfig, device: t
         kernel_config=KernelConfig(compute_device=device.type),
     )
     sharder = EmbeddingCollectionSharder()
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    # a fixed 15 % reserve (the default heuristic one warns that it over-estimates)
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+    )
     return sharder, planner.collective_plan(step, [sharder], dist.group.WORLD)
 
 
@@ -370,13 +379,15 @@ def _run_rank(rank: int, job: _Job) -> DistributedTrainResult | None:
     opt_cls, opt_kw = _embedding_optimizer(cfg)
     apply_optimizer_in_backward(opt_cls, list(ranker.embeddings.parameters()), opt_kw)
     sharder, plan = _plan(step, dcfg, cfg, device)
-    dmp = DistributedModelParallel(
-        step,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),
-        device=device,
-        plan=plan,
-        sharders=[sharder],
-    )
+    with warnings.catch_warnings():  # torchrec's DDP wrapper passes broadcast_buffers
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        dmp = DistributedModelParallel(
+            step,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            device=device,
+            plan=plan,
+            sharders=[sharder],
+        )
     load_full_state(dmp, init_state)
     dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)

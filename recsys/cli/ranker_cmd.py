@@ -1,6 +1,8 @@
 """``recsys train ranker`` and ``recsys bench ranker``: the device ranker.
 
 recsys train ranker [--dataset ml-100k] [--out PATH] [--resume] [--epochs N] [--seed S] ...
+recsys train ranker --world-size 2 [--sharding auto|table_wise|row_wise|column_wise]
+    --embedding-optimizer adagrad --embedding-lr 0.05      (TorchRec DMP, gloo on CPU)
 recsys bench ranker [--dataset ml-100k] [--checkpoint PATH] [--retrain] [--json PATH]
 recsys bench ann [--dataset ml-100k] [--sizes 10000,100000,1000000] [--threads 1] [--json PATH]
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     )
     _add_common(p)
     _add_train_options(p)
+    _add_distributed_options(p)
     add_json_option(p)
 
     p = add_command(
@@ -136,11 +140,47 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dim", type=int, help="embedding / model width D")
     g.add_argument("--max-len", type=int, help="history events read by the encoder T")
     g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--dropout", type=float, help="dropout in training (default 0.2)")
+    g.add_argument(
+        "--embedding-optimizer",
+        choices=("adamw", "adagrad", "sgd"),
+        help="optimizer of the embedding tables (default adamw, with the rest; sharded "
+        "tables on CPU need adagrad or sgd)",
+    )
+    g.add_argument(
+        "--embedding-lr", type=float, help="learning rate of adagrad/sgd tables (default --lr)"
+    )
     add_max_minutes_option(g)
     g.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint (same config)"
     )
     add_progress_option(g)
+
+
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "sharded training (TorchRec DistributedModelParallel; device_ranker.distributed_train)"
+    )
+    g.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="processes to shard the embedding tables over (default 1: single process); "
+        "under torchrun, the launcher's WORLD_SIZE",
+    )
+    g.add_argument(
+        "--sharding",
+        choices=("auto", "table_wise", "row_wise", "column_wise", "data_parallel"),
+        default="auto",
+        help="TorchRec sharding type of every table (default auto: the planner's choice; "
+        "data_parallel fails on CPU)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default="gloo",
+        help="torch.distributed backend (gloo: CPU; nccl: one GPU per process, untested here)",
+    )
 
 
 def _train_config(args: argparse.Namespace):
@@ -149,10 +189,24 @@ def _train_config(args: argparse.Namespace):
     from device_ranker.config import ModelConfig
     from device_ranker.train import TrainConfig
 
-    model_kw = given(args, {"encoder": "encoder", "dim": "dim", "max_len": "max_len"})
+    model_kw = given(
+        args, {"encoder": "encoder", "dim": "dim", "max_len": "max_len", "dropout": "dropout"}
+    )
     train_kw = given(
         args,
-        {k: k for k in ("epochs", "patience", "loss", "lr", "seed", "max_minutes")},
+        {
+            k: k
+            for k in (
+                "epochs",
+                "patience",
+                "loss",
+                "lr",
+                "seed",
+                "max_minutes",
+                "embedding_optimizer",
+                "embedding_lr",
+            )
+        },
     )
     return replace(TrainConfig(), model=ModelConfig(num_items=0, **model_kw), **train_kw)
 
@@ -174,6 +228,40 @@ def _setup(args: argparse.Namespace):
     return ds, ckpt
 
 
+def _train_sharded(args: argparse.Namespace, ds, ckpt: Path):
+    """(result, {"config", "plan"}) of a DMP run; (None, None) on a torchrun rank other than 0."""
+    from dataclasses import asdict
+
+    from device_ranker.distributed_train import DistributedConfig, train_distributed
+    from recsys.errors import ValidationError
+
+    if args.resume:
+        raise ValidationError("--resume is not supported with --world-size > 1")
+    cfg = _train_config(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"training ranker on {ds.name} ({ds.num_users:,} users, {ds.num_items:,} items) "
+            f"on {args.world_size} processes -> {ckpt}"
+        )
+    dcfg = DistributedConfig(
+        world_size=args.world_size,
+        sharding=args.sharding,
+        backend=args.backend,
+        threads=args.threads or 1,
+    )
+    out = train_distributed(cfg, ds, dcfg, checkpoint_path=ckpt, progress=not args.no_progress)
+    if out is None:
+        return None, None
+    for table, how in out.plan.items():
+        print(f"sharding plan: {table}: {how}")
+    result = out.result
+    print(
+        f"best epoch {result.best_epoch} of {len(result.history)}, valid NDCG@10 "
+        f"{result.best_valid.get('ndcg@10', float('nan')):.4f}, {result.seconds:.0f} s"
+    )
+    return result, {"config": asdict(dcfg), "plan": out.plan}
+
+
 def _train(args: argparse.Namespace, ds, ckpt: Path, resume: bool):
     from device_ranker.train import train
 
@@ -192,8 +280,16 @@ def _train(args: argparse.Namespace, ds, ckpt: Path, resume: bool):
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from device_ranker.distributed_train import launched_externally
+
     ds, ckpt = _setup(args)
-    result = _train(args, ds, ckpt, args.resume)
+    distributed = None
+    if args.world_size > 1 or launched_externally():
+        result, distributed = _train_sharded(args, ds, ckpt)
+        if result is None:  # a torchrun rank other than 0
+            return 0
+    else:
+        result = _train(args, ds, ckpt, args.resume)
     print_table(
         [
             {
@@ -217,7 +313,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "best_valid": result.best_valid,
             "history": result.history,
             "seconds": result.seconds,
-            "checkpoint": str(ckpt),
+            "checkpoint": _portable(ckpt, args),
+            **({"distributed": distributed} if distributed else {}),
         },
     )
     return 0

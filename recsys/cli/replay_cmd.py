@@ -1,7 +1,8 @@
 """``recsys replay``: offline replay evaluation of every policy on the same stream.
 
 recsys replay --dataset ml-100k --out results/replay-ml-100k [--quick] [--json PATH]
-              [--via inprocess|grpc] [--seed N] [--workers N] [--budgets 100,50,20,10,5]
+              [--via inprocess|grpc] [--seed N] [--workers N] [--ray [ADDRESS|local]]
+              [--budgets 100,50,20,10,5]
               [--policies static,finetune,system:gate:0.2,...] [--max-users N]
 recsys replay --dataset ml-100k --parity [--max-users 20] [--json PATH]
 recsys replay --dataset ml-100k --live-experiment FILE --event-log LOG [--max-users 20]
@@ -93,6 +94,15 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         type=int,
         default=1,
         help="processes the users are split across (results do not depend on it; default 1)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="replay the devices on Ray, --workers actors (extra: pip install -e .[ray]): "
+        "'local' (the default when ADDRESS is left out) starts Ray on this machine, else a "
+        "cluster address (auto, HOST:6379, ray://HOST:10001); same results as --workers",
     )
     p.add_argument(
         "--budgets",
@@ -378,10 +388,15 @@ def build_config(args: argparse.Namespace):
         "artifact": args.artifact,
         "learned_gate": args.learned_gate,
         "store_url": args.store_url,
+        "ray": args.ray,
         "slice_s": args.slice_seconds,
     }
     if args.workers is not None and args.workers < 1:
         raise ValidationError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray is not None and (args.via == "grpc" or args.parity or args.live_experiment):
+        raise ValidationError(
+            "--ray runs the in-process replay only (not --via grpc, --parity or --live-experiment)"
+        )
     if any(v is not None for v in (args.guard_window, args.guard_margin, args.guard_z)):
         from device_ranker.guard import GuardConfig
 

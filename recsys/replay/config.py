@@ -301,7 +301,12 @@ class ReplayConfig:
             an edit (5, as in the generators' training; >= 2: fine-tuning needs two).
         negatives: sampled negatives per evaluated event for AUC / UAUC (100).
         seed: seeds the negatives (per (seed, user, event position)) and the bootstrap.
-        workers: processes the users are split across (results do not depend on it).
+        workers: processes the users are split across (results do not depend on it);
+            with ``ray``, the number of Ray actors.
+        ray: run the per-device replay on Ray instead of spawned processes
+            (:mod:`recsys.replay.ray_backend`): ``local`` (a Ray instance on this
+            machine) or a Ray address (``auto``, ``HOST:6379``, ``ray://HOST:10001``);
+            None: spawned processes. Results do not depend on it.
         quick: CI mode: at most ``quick_users`` users (the CLI also uses ``QUICK_BUDGETS``).
         quick_users: users kept by ``quick`` (the first in a seeded permutation).
         max_users: keep at most this many users (seeded sample; None = all).
@@ -341,6 +346,7 @@ class ReplayConfig:
     negatives: int = Field(100, ge=1)
     seed: int = 0
     workers: int = Field(1, ge=1)
+    ray: str | None = Field(None, min_length=1)
     quick: bool = False
     quick_users: int = Field(24, ge=1)
     max_users: int | None = Field(None, ge=1)

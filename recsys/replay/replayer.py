@@ -19,7 +19,8 @@ generators, token source and prototype bank) and replays one device at a time
    (:mod:`recsys.replay.guard`) then serves, per request, its edit or the base head.
 
 All batches are per device, so a device's results do not depend on the other devices;
-:func:`replay_devices` splits the devices across ``workers`` spawned processes.
+:func:`replay_devices` splits the devices across ``workers`` spawned processes, or
+``workers`` Ray actors with ``cfg.ray`` (:mod:`recsys.replay.ray_backend`).
 
 Shapes: R request points, E evaluated events, D ranker width, I items, M negatives.
 
@@ -332,14 +333,21 @@ def replay_devices(
     Devices are cut into fixed blocks of ``cfg.chunk_users`` (in order) that
     ``cfg.workers`` spawned processes (one torch thread each) take in turn; a device's
     result does not depend on the block it is in, so results are identical for any
-    worker count.
+    worker count. With ``cfg.ray`` set, ``cfg.workers`` Ray actors take the blocks
+    instead (:func:`recsys.replay.ray_backend.replay_on_ray`), with the same results.
     """
     cfg = args[3]
     chunks = [events[i : i + cfg.chunk_users] for i in range(0, len(events), cfg.chunk_users)]
     results: list[UserResult] = []
     workers = min(cfg.workers, len(chunks))
     with tqdm(total=len(events), desc="replay", unit="device", disable=not progress) as bar:
-        if workers <= 1:
+        if cfg.ray is not None and chunks:
+            from recsys.replay.ray_backend import replay_on_ray
+
+            results = replay_on_ray(
+                args, chunks, address=cfg.ray, workers=cfg.workers, on_done=bar.update
+            )
+        elif workers <= 1:
             rep = Replayer(*args)
             try:
                 for ev in events:
