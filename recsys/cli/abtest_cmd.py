@@ -198,7 +198,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         title="CUPED (pre-period covariate)",
     )
     print_table([{"arm": a, "verdict": v} for a, v in report["verdicts"].items()], title="Verdict")
-    print(f"wrote {md}, {js} and {', '.join(plots)}")
+    print(f"wrote {md}, {md.with_suffix('.html')}, {js} and {', '.join(plots)}")
     write_json(args.json, report)
     return 0
 

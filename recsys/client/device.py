@@ -84,16 +84,6 @@ class AsyncDeviceClient(_Requests):
         self.target = target
         self._t = AsyncTransport(target, pb_grpc.RecommendationServiceStub, options)
 
-    @classmethod
-    def over_stub(
-        cls, stub: Any, target: str, options: ClientOptions | None = None
-    ) -> AsyncDeviceClient:
-        """A client over an existing ``grpc.aio`` stub (its channel is the caller's to close)."""
-        self = cls.__new__(cls)
-        self.target = target
-        self._t = AsyncTransport(target, None, options, stub=stub)
-        return self
-
     @property
     def options(self) -> ClientOptions:
         return self._t.options

@@ -255,20 +255,14 @@ class SyncTransport(_Transport):
 class AsyncTransport(_Transport):
     """Awaitable calls over a ``grpc.aio`` channel (create it inside the running loop)."""
 
-    def __init__(
-        self, target: str, stub_class: type | None, options: ClientOptions | None = None,
-        *, stub: Any = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, target: str, stub_class: type, options: ClientOptions | None = None) -> None:
         super().__init__(target, options)
-        self.channel: grpc.aio.Channel | None = None
-        if stub is None:
-            o = self.options
-            self.channel = client_channel(
-                target, tls_ca=o.tls_ca, tls_server_name=o.tls_server_name,
-                max_message_bytes=o.max_message_bytes,
-            )  # fmt: skip
-            stub = stub_class(self.channel)
-        self.stub = stub
+        o = self.options
+        self.channel: grpc.aio.Channel | None = client_channel(
+            target, tls_ca=o.tls_ca, tls_server_name=o.tls_server_name,
+            max_message_bytes=o.max_message_bytes,
+        )  # fmt: skip
+        self.stub = stub_class(self.channel)
 
     async def call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
         """``method`` (the stub's attribute, e.g. ``"Recommend"``) with retries."""

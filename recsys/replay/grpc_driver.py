@@ -96,19 +96,12 @@ class DeviceReplay:
             options carry the per-call deadline and the retries on UNAVAILABLE).
         ev / ds / cfg / spec: the device's events, the dataset, the replay config, the
             policy.
-
-    The older form ``DeviceReplay(stub, pb, ev, ds, cfg, spec, timeout_s)`` (a raw
-    ``grpc.aio`` stub and the generated module) is still accepted: the stub is wrapped
-    in a client with that deadline.
     """
 
-    def __init__(self, client: AsyncDeviceClient | Any, *args: Any) -> None:
-        if len(args) == 6:  # (stub, pb, ev, ds, cfg, spec, timeout_s): the raw-stub form
-            _pb, *args, timeout_s = args
-            client = AsyncDeviceClient.over_stub(
-                client, "device", ClientOptions(timeout_s=timeout_s)
-            )
-        ev, ds, cfg, spec = args
+    def __init__(
+        self, client: AsyncDeviceClient, ev: UserEvents, ds: Dataset, cfg: ReplayConfig,
+        spec: PolicySpec,
+    ) -> None:  # fmt: skip
         self.client, self.ev, self.cfg, self.spec = client, ev, cfg, spec
         self.uid = str(ds.user_ids[ev.user])
         self.item_ids = ds.item_ids

@@ -143,16 +143,10 @@ async def drive_global(
 ) -> list[DeviceReplay]:
     """Every device's events through the device server at ``target``, one step at a time
     in the merged order (:func:`merged_steps`); the devices in the order of ``events``."""
-    from recsys.rpc.device.v1 import recommendation_pb2 as pb
-    from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
-    from recsys.serving.server import client_channel
+    from recsys.client import AsyncDeviceClient, ClientOptions
 
-    async with client_channel(target) as channel:
-        stub = pb_grpc.RecommendationServiceStub(channel)
-        devs = {
-            ev.user: DeviceReplay(stub, pb, ev, ds, cfg, spec, options.rpc_timeout_s)
-            for ev in events
-        }
+    async with AsyncDeviceClient(target, ClientOptions(timeout_s=options.rpc_timeout_s)) as client:
+        devs = {ev.user: DeviceReplay(client, ev, ds, cfg, spec) for ev in events}
         for _, user, n in merged_steps(events):
             dev = devs[user]
             if n == 0:

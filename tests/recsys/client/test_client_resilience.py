@@ -137,7 +137,11 @@ def test_a_device_started_after_the_client_begins_is_reached(bg, artifacts) -> N
     starter = threading.Timer(1.0, lambda: handles.append(bg.run(start_device(cfg), timeout=120)))
     starter.start()
     try:
-        with DeviceClient(f"127.0.0.1:{port}", ClientOptions(timeout_s=5, retry=FAST_RETRY)) as c:
+        # up to ~2 minutes of retries: a loaded CI machine may take long to load the model
+        patient = RetryPolicy(
+            attempts=300, initial_backoff_s=0.05, max_backoff_s=0.5, jitter_s=0.05
+        )
+        with DeviceClient(f"127.0.0.1:{port}", ClientOptions(timeout_s=5, retry=patient)) as c:
             status = c.status()
             assert status.ready and status.num_items == 30
             assert c.record_event("late-user", "i2", timestamp=1).new_user
