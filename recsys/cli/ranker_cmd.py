@@ -232,23 +232,28 @@ def _train_sharded(args: argparse.Namespace, ds, ckpt: Path):
     """(result, {"config", "plan"}) of a DMP run; (None, None) on a torchrun rank other than 0."""
     from dataclasses import asdict
 
-    from device_ranker.distributed_train import DistributedConfig, train_distributed
+    from device_ranker.distributed_train import (
+        DistributedConfig,
+        check_config,
+        train_distributed,
+    )
     from recsys.errors import ValidationError
 
     if args.resume:
         raise ValidationError("--resume is not supported with --world-size > 1")
     cfg = _train_config(args)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"training ranker on {ds.name} ({ds.num_users:,} users, {ds.num_items:,} items) "
-            f"on {args.world_size} processes -> {ckpt}"
-        )
     dcfg = DistributedConfig(
         world_size=args.world_size,
         sharding=args.sharding,
         backend=args.backend,
         threads=args.threads or 1,
     )
+    check_config(cfg, dcfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"training ranker on {ds.name} ({ds.num_users:,} users, {ds.num_items:,} items) "
+            f"on {args.world_size} processes -> {ckpt}"
+        )
     out = train_distributed(cfg, ds, dcfg, checkpoint_path=ckpt, progress=not args.no_progress)
     if out is None:
         return None, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ranker_helpers import tiny_model_config, tiny_train_config
+from ranker_helpers import make_dataset, tiny_model_config, tiny_train_config
 
 from device_ranker.distributed_train import (
     DistributedConfig,
@@ -20,7 +20,8 @@ from device_ranker.distributed_train import (
 )
 from device_ranker.features import history_kjt
 from device_ranker.train import load_checkpoint, model_from_checkpoint, train
-from recsys.data import Dataset, user_sequences
+from recsys.cli import main
+from recsys.data import Dataset, user_sequences, write_dataset
 from recsys.errors import ValidationError
 
 REL_TOL = 1e-5
@@ -107,3 +108,12 @@ def test_rank_slices_cover_the_global_batch_once() -> None:
     kjt, targets, _where, _n = empty[0]  # one empty history, no targets
     assert (targets < 0).all()
     assert kjt.lengths().tolist() == [0, 10]  # + the all-items row
+
+
+def test_cli_refuses_sharded_adamw_on_cpu_in_one_line(tmp_path, capsys) -> None:
+    data = write_dataset(make_dataset(), tmp_path / "synthetic")
+    rc = main(["train", "ranker", "--dataset", str(data), "--cache-dir", str(tmp_path / "c"),
+               "--out", str(tmp_path / "r.pt"), "--world-size", "2", "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 2 and "--embedding-optimizer" in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not (tmp_path / "r.pt").exists()
