@@ -22,14 +22,16 @@ division), which the ``* N`` undoes: every gradient is the global-batch mean's, 
 the single-process run.
 
 Sharding on CPU (torchrec 1.8, fbgemm-gpu-cpu 1.8, gloo): ``EmbeddingCollectionSharder``
-offers data_parallel, table_wise, row_wise and column_wise; all four train here. The
-model-parallel types (table/row/column-wise) run FBGEMM's fused kernel, whose CPU build
-accepts only the exact SGD / Adagrad / row-wise Adagrad optimizers (``Optimizer adam is
-not supported in CPU mode``), so they need ``embedding_optimizer`` sgd or adagrad; the
-non-fused kernel is refused by the planner for them (``DENSE kernel requires
-DATA_PARALLEL sharding``). data_parallel keeps the tables as ordinary parameters under
-DDP, so it works with the default AdamW. ``sharding="auto"`` lets the planner choose
-(data_parallel only when the optimizer is AdamW on CPU).
+offers data_parallel, table_wise, row_wise and column_wise. The three model-parallel
+types train here (the planner picks row_wise; ``sharding="auto"`` on CPU chooses among
+them) and run FBGEMM's fused kernel, whose CPU build accepts only the exact SGD / Adagrad
+/ row-wise Adagrad optimizers (``Optimizer adam is not supported in CPU mode``), so they
+need ``embedding_optimizer`` sgd or adagrad; the planner refuses the non-fused kernel
+for them (``DENSE kernel requires DATA_PARALLEL sharding``). data_parallel fails on CPU:
+FBGEMM's CPU ``DenseTableBatchedEmbeddingBagsCodegen`` pools despite
+``PoolingMode.NONE``, so a sequence lookup returns one row per bag. Both are refused by
+:func:`check_config` before any process starts. On GPUs (nccl) AdamW tables map to
+FBGEMM's fused Adam (weight decay 0); not tested here.
 
 Exactness: with dropout 0 the per-step losses match the single-process run up to float
 summation order (``tests/device_ranker/test_ranker_dmp.py``). With dropout > 0 each rank
