@@ -9,12 +9,16 @@ Synthetic data (:func:`synthetic_ranker`, :func:`synthetic_histories`):
   encoder, editable head) at the trained ml-100k dimensions (D=64, T=50, 2 blocks, H=128)
   with N items and random weights (no training: costs do not depend on the values). Item
   vectors are clustered like real ones (``topics`` Gaussian centres, each item a centre
-  plus noise) and the item bias follows popularity (``log p``), so exact and approximate
-  top-10 differ the way they do on trained tables rather than on isotropic noise;
+  plus noise, norms as in the trained table) and a small item bias follows popularity
+  (``log p``, its spread small next to the query-item products, as in the trained
+  ranker), so the top-10 is decided by the vectors, not by the bias alone (a bias-driven
+  top-10 would make the pre-selection's recall trivially 1);
 * user histories of log-normal length (median ``history_median`` events, at most
   ``history_cap``), items drawn from the popularity.
 
 Per catalogue size (:func:`catalogue_figures`): Recommend latency p50/p99 for one user
+(wall, and the thread's CPU time: on a shared machine the wall time includes waiting for
+a core, reported as ``cpu_share``)
 (``Ranker.recommend``: the faiss pre-selection of :mod:`device_ranker.ann` when the size
 reaches ``AnnConfig.min_items``, exact full scoring below), batched throughput
 (``recommend_batch``), recall@10 of that path against exact full scoring, memory per item
@@ -80,6 +84,7 @@ class ScaleConfig:
     k: int = 10
     zipf: float = 1.0  # popularity exponent
     topics: int = 256  # item-vector clusters
+    bias_scale: float = 0.01  # item bias = bias_scale * log(p / max p)
     history_median: int = 30  # events per user (log-normal median)
     history_cap: int = 200  # at most (the device's default history_len)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_items=1))
@@ -99,18 +104,21 @@ def popularity(n: int, zipf: float, rng: np.random.Generator) -> np.ndarray:
 def synthetic_ranker(n: int, cfg: ScaleConfig, probs: np.ndarray) -> Ranker:
     """The real ranker (random weights) at ``cfg.model``'s dimensions with n items: item
     vectors ``centre[topic] + noise`` (``cfg.topics`` centres, topics drawn by popularity
-    too), item bias ``0.5 * log(p / max p)`` (popular items score higher), ANN per
-    ``cfg.ann``."""
+    too; norm ~0.54, as the trained ml-100k table's), item bias
+    ``cfg.bias_scale * log(p / max p)`` (popular items score higher, but the bias stays
+    small next to the query-item products, as in the trained ranker: there the bias's
+    spread is 0.04 against 1.4 for a user's products), ANN per ``cfg.ann``."""
     rng = np.random.default_rng(cfg.seed + n)
     torch.manual_seed(cfg.seed)
     model = SeqRanker(dataclasses.replace(cfg.model, num_items=n)).eval()
     d = model.cfg.dim
-    centres = rng.normal(0.0, 0.05, size=(cfg.topics, d)).astype(np.float32)
+    centres = rng.normal(0.0, 0.06, size=(cfg.topics, d)).astype(np.float32)
     topic = rng.choice(cfg.topics, size=n, p=popularity(cfg.topics, cfg.zipf, rng))
-    vectors = centres[topic] + rng.normal(0.0, 0.02, size=(n, d)).astype(np.float32)
+    vectors = centres[topic] + rng.normal(0.0, 0.03, size=(n, d)).astype(np.float32)
+    bias = cfg.bias_scale * np.log(probs / probs.max())
     with torch.no_grad():
         model.item_table.copy_(torch.from_numpy(vectors))
-        model.item_bias.copy_(torch.from_numpy((0.5 * np.log(probs / probs.max())).astype("f4")))
+        model.item_bias.copy_(torch.from_numpy(bias.astype(np.float32)))
     return Ranker(model, ann=cfg.ann)
 
 
@@ -134,14 +142,24 @@ def _pct(samples: Sequence[float]) -> tuple[float, float]:
 
 def _timed(fn: Callable[[Any], Any], calls: Sequence[Any], warmup: int = 3) -> list[float]:
     """Wall milliseconds of ``fn(c)`` for every c (after ``warmup`` untimed calls)."""
+    return _timed_cpu(fn, calls, warmup)[0]
+
+
+def _timed_cpu(
+    fn: Callable[[Any], Any], calls: Sequence[Any], warmup: int = 3
+) -> tuple[list[float], list[float]]:
+    """(wall ms, this thread's CPU ms) of ``fn(c)`` for every c: on a shared machine the
+    wall time includes the time the process waited for a core, the CPU time does not
+    (with one torch / faiss thread all the work runs on this thread)."""
     for c in calls[:warmup]:
         fn(c)
-    out = []
+    wall, cpu = [], []
     for c in calls:
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         fn(c)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.thread_time() - c0) * 1e3)
+    return wall, cpu
 
 
 def _module_bytes(model: torch.nn.Module) -> int:
@@ -179,7 +197,7 @@ def catalogue_figures(n: int, cfg: ScaleConfig) -> dict[str, Any]:
     index = ranker.ann_index()  # None below AnnConfig.min_items (exact scoring)
     build_s = time.perf_counter() - t0
     path = "exact" if index is None else f"ann-{cfg.ann.kind}"
-    lat = _timed(lambda h: ranker.recommend(h, cfg.k), hists[: cfg.latency_users])
+    lat, lat_cpu = _timed_cpu(lambda h: ranker.recommend(h, cfg.k), hists[: cfg.latency_users])
     batches = [hists[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.throughput_batches)]
     per_batch = _timed(lambda b: ranker.recommend_batch(b, cfg.k), batches, warmup=1)
     recall = 1.0
@@ -203,11 +221,15 @@ def catalogue_figures(n: int, cfg: ScaleConfig) -> dict[str, Any]:
     index_bytes = 0 if index is None else int(index.nbytes)
     edit_p50, edit_p99 = edit_apply_us(ranker, cfg.edit_repeats, cfg.seed)
     p50, p99 = _pct(lat)
+    cpu50, cpu99 = _pct(lat_cpu)
     return {
         "items": n,
         "path": path,
         "recommend_p50_ms": p50,
         "recommend_p99_ms": p99,
+        "recommend_cpu_p50_ms": cpu50,
+        "recommend_cpu_p99_ms": cpu99,
+        "cpu_share": float(np.sum(lat_cpu) / np.sum(lat)),  # CPU / wall over the calls
         "batch_users_per_s": cfg.batch / (float(np.median(per_batch)) / 1e3),
         "recall_at_10": recall,
         "model_bytes": model_bytes,

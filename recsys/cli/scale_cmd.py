@@ -97,6 +97,8 @@ def _row_catalogue(r: dict[str, Any]) -> dict[str, Any]:
         "path": r["path"],
         "Recommend p50 (ms)": r["recommend_p50_ms"],
         "Recommend p99 (ms)": r["recommend_p99_ms"],
+        "CPU p50 / p99 (ms)": f"{r['recommend_cpu_p50_ms']:.2f} / {r['recommend_cpu_p99_ms']:.2f}",
+        "CPU share": r["cpu_share"],
         "batched (users/s)": r["batch_users_per_s"],
         "recall@10 vs exact": r["recall_at_10"],
         "bytes/item (model + index)": r["bytes_per_item"],

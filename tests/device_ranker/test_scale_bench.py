@@ -18,6 +18,8 @@ CATALOGUE_FIELDS = {
     "path",
     "recommend_p50_ms",
     "recommend_p99_ms",
+    "recommend_cpu_p50_ms",
+    "cpu_share",
     "batch_users_per_s",
     "recall_at_10",
     "model_bytes",
