@@ -16,6 +16,16 @@ encoder pass) and the items beyond the uplink window those positions need, so a 
 that refines edits (issue 13) can optimise on them; the device still only applies what
 comes back.
 
+**Harm guards** (issue 15): with ``guard`` (``recsys serve device --guard``) a new cloud
+edit is applied only when :meth:`device_ranker.guard.HarmGuard.accept` passes on the
+user's evidence (its last clicks scored by the base head and its candidate edit, recorded
+by the engine); and whatever the device's flags, an edit the cloud's fleet guard answers
+with ``EDIT_DECISION_HOLD`` is held. A held edit is not served: the user gets the base
+head, the edit stays its candidate (scored in shadow on its next clicks) and the outcome
+is "held". With ``report_evidence`` each request carries the user's cumulative evidence
+(``GuardEvidence``: clicks, sum and sum of squares of the gain differences) for the
+cloud's pooled test (:mod:`recsys.serving.fleet_guard`).
+
 ApplyEdit (:meth:`CloudEdits.apply_pushed`) installs an edit pushed to the device; it may
 refer only to a prototype the device holds.
 
@@ -48,6 +58,7 @@ from device_ranker.edit_apply import PreparedEdit
 from device_ranker.edits import HeadEdit
 from device_ranker.features import history_kjt
 from device_ranker.gate import ShiftGate
+from device_ranker.guard import HarmGuard
 from device_ranker.ranker import Ranker
 from device_ranker.service.cloud_link import CloudLink
 from device_ranker.service.config import CloudLinkConfig
@@ -144,7 +155,7 @@ class FetchResult:
             (``Ranker.prepare_decoded``).
     """
 
-    outcome: str
+    outcome: str  # "applied", "held" (a guard kept it out), "failed", ...
     bytes_up: int = 0
     bytes_down: int = 0
     payload_bytes: int = 0
@@ -165,6 +176,9 @@ class CloudEdits:
         model_version: fingerprint of the ranker sent with edit requests.
         item_ids: the ranker's item ids in index order (the uplink sends ids).
         executor: the ranking thread (decode, compose, summary).
+        guard: the device harm guard (None = the device applies every edit unless the
+            cloud's fleet guard holds it).
+        report_evidence: send the user's guard evidence with every request.
     """
 
     def __init__(
@@ -175,8 +189,15 @@ class CloudEdits:
         model_version: str,
         item_ids: Sequence[str],
         executor: Executor,
+        guard: HarmGuard | None = None,
+        report_evidence: bool = False,
     ) -> None:
         self.ranker = ranker
+        self.guard = guard
+        self.report_evidence = report_evidence or guard is not None
+        self.guard_accepted = 0  # the device's harm test passed
+        self.guard_rejected = 0  # ... failed: held by the device
+        self.fleet_held = 0  # held by the cloud's fleet guard
         self.link = link
         self.config = config
         self.model_version = model_version
@@ -251,6 +272,13 @@ class CloudEdits:
                 model_version=self.model_version,
                 payload_dtype=_DTYPE_ENUM[cfg.payload_dtype],
             )
+            if self.report_evidence:
+                n, total, squares = st.guard.evidence if st.guard else (0.0, 0.0, 0.0)
+                request.guard_evidence.CopyFrom(
+                    cpb.GuardEvidence(
+                        clicks=int(n), gain_diff_sum=total, gain_diff_sum_squares=squares
+                    )
+                )
             if st.edit_info is not None and st.edit_info.prototype_id:
                 request.cached_prototype.id = st.edit_info.prototype_id
                 request.cached_prototype.version = st.edit_info.prototype_version
@@ -326,12 +354,23 @@ class CloudEdits:
             payload_bytes=len(response.edit_payload) + proto_bytes,
             applied_at_ms=int(time.time() * 1000),
         )
-        st.install_edit(
-            prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
-        )
-        self.applied += 1
-        if self.on_install is not None:
+        held_by = self._held_by(st, response.decision)
+        if held_by:
+            st.hold(prepared, held_by)
+        else:
+            st.install_edit(
+                prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
+            )
+            self.applied += 1
+        if self.on_install is not None:  # a held edit: the base head is written
             self.on_install(user_id, st)
+        if held_by:
+            logger.debug("user %s: edit %d held by the %s guard", id_ref(user_id),
+                         response.edit_id, held_by)  # fmt: skip
+            return FetchResult(
+                "held", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
+                states_us,
+            )  # fmt: skip
         logger.debug(
             "user %s: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
             id_ref(user_id),
@@ -346,6 +385,24 @@ class CloudEdits:
             "applied", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
             states_us,
         )  # fmt: skip
+
+    @property
+    def guarded(self) -> int:
+        """Edits received but held out (the device's guard or the cloud's)."""
+        return self.guard_rejected + self.fleet_held
+
+    def _held_by(self, st: UserState, decision: int) -> str:
+        """Who holds a new edit out: "device" (its harm test failed), "fleet" (the
+        cloud said hold) or "" (apply). The device's test runs (and counts) first."""
+        if self.guard is not None and st.guard is not None and st.guard.clicks is not None:
+            if not self.guard.accept(st.guard.clicks):
+                self.guard_rejected += 1
+                return "device"
+            self.guard_accepted += 1
+        if decision == cpb.EDIT_DECISION_HOLD:
+            self.fleet_held += 1
+            return "fleet"
+        return ""
 
     async def _prototype(
         self, response: cpb.GenerateEditResponse, pid: int, pver: int

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from device_ranker.config import AnnConfig
 from device_ranker.gate import GateConfig
+from device_ranker.guard import GuardConfig
 from device_ranker.service.policy import StalenessConfig
 from recsys.serving.auth import AuthConfig
 from recsys.serving.batching import BatchConfig
@@ -88,7 +89,20 @@ class DeviceConfig:
         event_log: JSON-lines file every RecordEvent is appended to (None = no log); see
             :mod:`device_ranker.service.event_log`.
         trigger: what makes a device ask the cloud: "gate" (the shift gate) or "timer"
-            (every ``round(1 / gate.budget)`` events), for users outside an experiment.
+            (every ``round(1 / gate.budget)`` events) or "learned" (the learned gate of
+            ``learned_gate``), for users outside an experiment.
+        learned_gate: the learned request gate's weights (``.npz`` of ``recsys replay
+            train-gate``), needed by ``trigger="learned"``
+            (:mod:`device_ranker.service.learned_trigger`).
+        guard: the device harm guard (issue 15): a new cloud edit is applied only when
+            the user's earlier edits did not rank its later clicks significantly worse
+            than the base head (:class:`device_ranker.guard.HarmGuard`,
+            ``guard_settings``); otherwise the user is served the base head and the edit
+            is kept as the candidate, scored in shadow on the next clicks.
+        guard_report: score the clicks (base head vs candidate edit) and report the
+            evidence with every GenerateEdit (for the cloud's fleet guard) without the
+            device's own test; implied by ``guard``.
+        guard_settings: window, margin, min_evidence and z of the device's test.
         staleness: what the device tracks about each user's current edit (age, fit) and
             the optional staleness request rule (off by default):
             :class:`~device_ranker.service.policy.StalenessConfig`.
@@ -132,7 +146,11 @@ class DeviceConfig:
     rank_inline: bool = False
     experiment: str | None = None
     event_log: str | None = None
-    trigger: Literal["gate", "timer"] = "gate"
+    trigger: Literal["gate", "timer", "learned"] = "gate"
+    learned_gate: str | None = None
+    guard: bool = False
+    guard_report: bool = False
+    guard_settings: GuardConfig = field(default_factory=GuardConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     cloud: CloudLinkConfig = field(default_factory=CloudLinkConfig)
@@ -143,3 +161,15 @@ class DeviceConfig:
     max_memory_mb: float | None = Field(None, gt=0)
     ann: AnnConfig = field(default_factory=AnnConfig)
     server: ServerOptions = field(default_factory=ServerOptions)
+
+    def __post_init__(self) -> None:
+        if self.trigger == "learned" and not self.learned_gate:
+            raise ValueError(
+                "trigger 'learned' needs the learned gate's weights (--learned-gate PATH, "
+                "from `recsys replay train-gate`)"
+            )
+
+    @property
+    def scores_guard(self) -> bool:
+        """Whether clicks are scored by the base head and the candidate edit."""
+        return self.guard or self.guard_report

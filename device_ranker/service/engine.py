@@ -32,6 +32,17 @@ of recent states when the device uplinks them (``CloudLinkConfig.uplink_states``
 slow, down or sends a bad edit, the user keeps the last good edit (or the base model) and
 the response says so (``mode``/``note``).
 
+**Harm guard** (issue 15; ``config.guard`` / ``config.guard_report``): before a click of
+a user who holds a candidate edit (served, or held out by a guard) is appended, the
+clicked item's rank under the base head and under the candidate edit is computed (two
+probe jobs of the same micro-batch: one head pass and catalogue product each, no
+per-item Python) and recorded in the user's evidence
+(:class:`device_ranker.guard.GuardState` + cumulative sums reported to the cloud); a new
+edit then passes the device's harm test and the cloud's fleet decision
+(:mod:`~device_ranker.service.cloud_edits`) or is held. The learned trigger
+(``config.trigger == "learned"``, :mod:`~device_ranker.service.learned_trigger`) reads
+the base ranks of the clicks, computed in the same pass.
+
 Evaluation probes: a Recommend may name probe items; their scores and their ranks among
 the rankable items (ties pessimistic, :func:`recsys.metrics.target_ranks`) come back from
 the same pass, so a replay through gRPC measures exactly what the in-process replay does.
@@ -63,11 +74,13 @@ import torch
 
 from device_ranker.edits import EditBounds
 from device_ranker.gate import GateDecision
+from device_ranker.guard import HarmGuard
 from device_ranker.ranker import Ranker
 from device_ranker.service.cloud_edits import CloudEdits, FetchResult
 from device_ranker.service.cloud_link import CloudLink
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.event_log import EventLog
+from device_ranker.service.learned_trigger import LearnedTrigger
 from device_ranker.service.policy import ArmResolver, stale_reason
 from device_ranker.service.ranking import Ranking
 from device_ranker.service.state import DeviceStateStore
@@ -86,7 +99,7 @@ from recsys.serving.redact import id_ref
 
 logger = logging.getLogger(__name__)
 
-_REQUESTED = ("pending", "applied", "failed")  # outcomes of a request that was sent
+_REQUESTED = ("pending", "applied", "failed", "held")  # outcomes of a request that was sent
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ class EventResult:
     shift_score: float
     threshold: float
     requested: bool
-    outcome: str  # not_requested, pending, applied, failed, in_flight
+    outcome: str  # not_requested, pending, applied, held, failed, in_flight
     mode: str
     edit: EditInfo | None
     new_user: bool
@@ -168,7 +181,14 @@ class DeviceEngine:
         self.ranking = Ranking(ranker, config.rank_batch, inline=config.rank_inline)
         self.batcher = self.ranking.batcher
         self.edits = CloudEdits(
-            ranker, link, config.cloud, model_version, self.item_ids, self.ranking.executor
+            ranker,
+            link,
+            config.cloud,
+            model_version,
+            self.item_ids,
+            self.ranking.executor,
+            guard=HarmGuard(config.guard_settings) if config.guard else None,
+            report_evidence=config.guard_report,
         )
         self.state = state
         if state is not None:
@@ -329,12 +349,18 @@ class DeviceEngine:
             await self.store.ensure_arm(st, user_id)
             served = await self._served_rank(st, item) if self.event_log is not None else None
             await self._before_append(st, item, None if served is None else served[0])
+            base_rank = await self._guard_click(st, item)
             self._persist_event(user_id, st, item_id, timestamp)  # before it is acknowledged
             st.append(item, timestamp)
+            if st.base_ranks is not None:
+                st.base_ranks.append(float("nan") if base_rank is None else float(base_rank))
             history = list(st.history)
             _, gate = self.store.arm_policy(st)
             if gate is None:  # a static arm: never asks
                 decision = GateDecision(False, 0.0, float("inf"), "static")
+            elif isinstance(gate, LearnedTrigger):
+                ranks = st.base_ranks if st.base_ranks is not None else ()
+                decision = self._stale(st, gate, gate.decide(history, st.gate, ranks))
             else:
                 decision = self._stale(st, gate, gate.decide(history, st.gate))
             outcome, fetched, task = "not_requested", FetchResult("not_requested"), None
@@ -393,7 +419,7 @@ class DeviceEngine:
             mode=mode,
             edit=st.edit_info,
             new_user=new_user,
-            cost=fetched if fetched.outcome in ("applied", "failed") else None,
+            cost=fetched if fetched.outcome in ("applied", "failed", "held") else None,
             arm=st.arm or "",
         )
 
@@ -410,6 +436,27 @@ class DeviceEngine:
             state = st.state if st.state_version == st.version else None
             if state is not None:  # free when a ranking pass cached it; else computed later
                 st.past_states.append((st.position, state))
+
+    async def _guard_click(self, st: UserState, item: int) -> int | None:
+        """Before a click is appended: its rank under the base head (when the guard
+        scores clicks and the user holds a candidate edit, or the learned trigger needs
+        it) and under the candidate edit (recorded in the user's guard evidence), from
+        one micro-batched pass; returns the base rank (None: not ranked)."""
+        scores = st.guard is not None and st.guard.clicks is not None
+        candidate = st.shadow_edit if scores else None
+        if candidate is not None and not self.store.adaptive(st):
+            candidate = None  # a static arm is served the base head: nothing to judge
+        if candidate is None and st.base_ranks is None:
+            return None
+        probe = np.asarray([item], dtype=np.int64)
+        jobs = [self.ranking.rank(st, edit=None, k=0, exclude=st.seen, probes=probe)]
+        if candidate is not None:
+            jobs.append(self.ranking.rank(st, edit=candidate, k=0, exclude=st.seen, probes=probe))
+        outs = await asyncio.gather(*jobs)
+        base_rank = int(outs[0].probe_ranks[0])
+        if candidate is not None:
+            st.guard.record(base_rank, int(outs[1].probe_ranks[0]))  # type: ignore[union-attr]
+        return base_rank
 
     async def _click_rank(self, st: UserState, item: int) -> int | None:
         """Rank of ``item`` among the catalogue minus the user's history under the model
@@ -558,6 +605,9 @@ class DeviceEngine:
             "users_evicted": self.store.evicted,
             "evicted_bytes": self.store.evicted_bytes,
             "users_reloaded": self.store.reloaded,
+            "guard_accepted": self.edits.guard_accepted,
+            "guard_rejected": self.edits.guard_rejected,
+            "fleet_held": self.edits.fleet_held,
             "user": None,
             "durability": {
                 "users_in_memory": len(self.users),

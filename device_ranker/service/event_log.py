@@ -16,7 +16,7 @@ line is a JSON object with these keys (:data:`FIELDS`):
 ``num_items``           rankable items at that moment (catalogue minus history)
 ``history_len``         the user's events before this one (on the device, bounded)
 ``requested``           whether the event made the device ask the cloud for an edit
-``outcome``             not_requested / applied / failed / pending / in_flight
+``outcome``             not_requested / applied / held / failed / pending / in_flight
 ``bytes_up``            serialized GenerateEdit request of that edit request, bytes
 ``bytes_down``          its response (+ a fetched prototype), bytes
 ``cloud_ms``            the cloud engine's time for it, ms

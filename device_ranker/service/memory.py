@@ -58,6 +58,10 @@ def tensor_bytes(t: torch.Tensor | None) -> int:
     return t.element_size() * t.nelement() + TENSOR_BYTES
 
 
+GUARD_BYTES = 900  # a UserGuard with its GuardState and empty deque (tracemalloc, CPython 3.11)
+FLOAT_ITEM_BYTES = 32  # a Python float in a deque (24-byte object + 8-byte slot)
+
+
 def edit_bytes(edit: Any) -> int:
     """Bytes an edit (:class:`~device_ranker.edit_apply.PreparedEdit`) adds to its user:
     per head layer the edited bias [out] and the low-rank factors ``A`` [out, r] and
@@ -89,6 +93,12 @@ def user_bytes(st: UserState) -> int:
     if st.past_states:
         n += len(st.past_states) * (tensor_bytes(st.past_states[-1][1]) + 64)  # + the pair
     n += edit_bytes(st.edit) + _payload_bytes(st.edit_payload) + _payload_bytes(st.proto_payload)
+    if st.guard is not None:  # the harm guard's clicks and an edit it holds out
+        n += GUARD_BYTES + edit_bytes(st.guard.candidate)
+        if st.guard.clicks is not None:
+            n += FLOAT_ITEM_BYTES * len(st.guard.clicks.diffs)
+    if st.base_ranks is not None:  # the learned trigger's click ranks
+        n += FLOAT_ITEM_BYTES * len(st.base_ranks)
     return n
 
 

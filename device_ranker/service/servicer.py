@@ -39,6 +39,7 @@ OUTCOMES = {
     "applied": pb.EDIT_OUTCOME_APPLIED,
     "failed": pb.EDIT_OUTCOME_FAILED,
     "in_flight": pb.EDIT_OUTCOME_IN_FLIGHT,
+    "held": pb.EDIT_OUTCOME_HELD,
 }
 
 
@@ -166,6 +167,9 @@ class RecommendationServicer(pb_grpc.RecommendationServiceServicer):
                     fit_mrr=user["fit_mrr"],
                     fit_mean_rank=user["fit_mean_rank"],
                     fit_clicks=user["fit_clicks"],
+                    guard_clicks=user["guard_clicks"],
+                    guard_mean_gain_diff=user["guard_mean_gain_diff"],
+                    held_by=user["held_by"],
                 )
             )
         return reply

@@ -37,7 +37,9 @@ import torch
 
 from device_ranker.edit_apply import PreparedEdit
 from device_ranker.gate import GateState, ShiftGate
+from device_ranker.guard import GuardState
 from device_ranker.service.config import DeviceConfig
+from device_ranker.service.learned_trigger import LearnedTrigger
 from device_ranker.service.memory import MemoryMeter
 from device_ranker.service.policy import ArmPolicy, ArmResolver, Staleness, TimerGate
 from recsys.errors import NotFoundError, RecsysError, ValidationError
@@ -83,6 +85,33 @@ class EditInfo:
     applied_at_ms: int = 0
 
 
+@dataclass(slots=True)
+class UserGuard:
+    """One user's harm-guard state.
+
+    Attributes:
+        clicks: the last ``window`` clicks' gain differences (the device's test; None
+            when the device scores no clicks: an edit held by the cloud only).
+        evidence: cumulative (clicks, sum, sum of squares) of the gain differences, what
+            the device reports to the cloud.
+        candidate: the latest cloud edit when a guard holds it out (scored in shadow).
+        held_by: who holds it: "device", "fleet" or "".
+    """
+
+    clicks: GuardState | None = None
+    evidence: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    candidate: PreparedEdit | None = None
+    held_by: str = ""
+
+    def record(self, base_rank: int, edit_rank: int) -> None:
+        """A click scored by the base head and the candidate edit (1-based ranks)."""
+        assert self.clicks is not None
+        self.clicks.record(base_rank, edit_rank)
+        d = self.clicks.diffs[-1]
+        n, total, squares = self.evidence
+        self.evidence = (n + 1.0, total + d, squares + d * d)
+
+
 @dataclass
 class UserState:
     """One device's state (mutated on the event loop only)."""
@@ -120,6 +149,37 @@ class UserState:
     # counted at, and the meter that counts it (None: not held by a store)
     mem_bytes: int = 0
     meter: MemoryMeter | None = field(default=None, repr=False)
+    # the harm guards (issue 15): the click evidence and the held edit (None: no guard
+    # scores this user's clicks and no edit of it was held)
+    guard: UserGuard | None = None
+    # the base head's rank of each recorded click, aligned with the end of the history
+    # (the learned trigger's features; NaN = not ranked; None: no learned trigger)
+    base_ranks: deque[float] | None = None
+
+    @property
+    def candidate(self) -> PreparedEdit | None:
+        """The latest cloud edit when a guard holds it out (served: the base head)."""
+        return self.guard.candidate if self.guard is not None else None
+
+    @property
+    def held_by(self) -> str:
+        """Who holds the user's latest edit out: "device", "fleet" or "" (none)."""
+        return self.guard.held_by if self.guard is not None else ""
+
+    @property
+    def shadow_edit(self) -> PreparedEdit | None:
+        """The candidate edit the guard scores a click with: the held one, else the
+        served one (None: no edit, nothing to score)."""
+        return self.candidate if self.candidate is not None else self.edit
+
+    def hold(self, candidate: PreparedEdit, held_by: str) -> None:
+        """A guard keeps ``candidate`` out: the user is served the base head."""
+        self.install_edit(None, None)
+        if self.guard is None:
+            self.guard = UserGuard()
+        self.guard.candidate, self.guard.held_by = candidate, held_by
+        if self.meter is not None:
+            self.meter.account(self)
 
     def install_edit(
         self,
@@ -132,6 +192,8 @@ class UserState:
         ``proto_payload``: its bytes, kept for the durable state); clears a failure and
         restarts the staleness clock (age 0, no click ranked under it yet)."""
         self.edit, self.edit_info = edit, info
+        if self.guard is not None:
+            self.guard.candidate, self.guard.held_by = None, ""
         self.edit_payload = payload if edit is not None else None
         self.proto_payload = proto_payload if edit is not None else None
         self.failed, self.note = False, ""
@@ -176,6 +238,8 @@ def serving_mode(st: UserState, adaptive: bool, link: CloudLink | None) -> tuple
     if st.failed or cloud_down:
         note = st.note if st.failed else f"cloud unreachable ({link.last_error})"
         return (FALLBACK_LAST_EDIT if st.edit is not None else FALLBACK_BASE), note
+    if st.edit is None and st.held_by:
+        return BASE, f"the latest edit is held by the {st.held_by} harm guard (base head)"
     return (EDITED if st.edit is not None else BASE), ""
 
 
@@ -224,11 +288,7 @@ class UserStore:
         self.evicted = 0
         self.reloaded = 0
         self.item_vectors = item_vectors  # [I, D]
-        self.gate: ShiftGate | TimerGate = (
-            TimerGate(config.gate)
-            if config.trigger == "timer"
-            else ShiftGate(config.gate, item_vectors=item_vectors)
-        )
+        self.gate: ShiftGate | TimerGate | LearnedTrigger = make_trigger(config, item_vectors)
         self.arm_for = arm_for
         # arm name -> (its policy, its gate: None for a static arm)
         self._arms: dict[str, tuple[ArmPolicy, ShiftGate | TimerGate | None]] = {}
@@ -239,6 +299,10 @@ class UserStore:
         st = UserState(history=deque(maxlen=n), times=deque(maxlen=n))
         st.staleness.ranks = deque(maxlen=self.config.staleness.fit_clicks)
         st.past_states = deque(maxlen=self.config.cloud.uplink_states)
+        if self.config.scores_guard:
+            st.guard = UserGuard(GuardState.empty(self.config.guard_settings.window))
+        if self.config.trigger == "learned":
+            st.base_ranks = deque(maxlen=n)
         st.meter = self.meter
         return st
 
@@ -475,6 +539,7 @@ class UserStore:
         """The GetStatus figures of one user (its arm resolved)."""
         _, gate = self.arm_policy(st)
         mode, note = serving_mode(st, self.adaptive(st), link)
+        evidence = st.guard.evidence if st.guard is not None else (0.0, 0.0, 0.0)
         return {
             "user_id": user_id,
             "history_length": len(st.history),
@@ -488,7 +553,32 @@ class UserStore:
             "bytes_down": st.bytes_down,
             "arm": st.arm or "",
             "adaptive": gate is not None and link is not None,
-            "trigger": "timer" if isinstance(gate, TimerGate) else "gate",
+            "trigger": trigger_name(gate),
             "gate_budget": gate.config.budget if gate is not None else 0.0,
             "gate_threshold": gate.threshold() if gate is not None else float("inf"),
+            "guard_clicks": int(evidence[0]),
+            "guard_mean_gain_diff": evidence[1] / evidence[0] if evidence[0] else float("nan"),
+            "held_by": st.held_by,
         }
+
+
+def trigger_name(gate: Any) -> str:
+    """ "timer", "learned" or "gate" (the shift gate)."""
+    if isinstance(gate, TimerGate):
+        return "timer"
+    return "learned" if isinstance(gate, LearnedTrigger) else "gate"
+
+
+def make_trigger(
+    config: DeviceConfig, item_vectors: np.ndarray
+) -> ShiftGate | TimerGate | LearnedTrigger:
+    """The device's own request trigger (``config.trigger``); the learned gate's
+    weights are read from ``config.learned_gate`` (NotFoundError / ValidationError)."""
+    if config.trigger == "timer":
+        return TimerGate(config.gate)
+    if config.trigger == "learned":
+        from device_ranker.learned_gate import load_gate_model
+
+        assert config.learned_gate is not None
+        return LearnedTrigger(load_gate_model(config.learned_gate), config.gate, item_vectors)
+    return ShiftGate(config.gate, item_vectors=item_vectors)

@@ -9,6 +9,9 @@
   ``recsys_cloud_batch_queue_depth``: calls waiting for a batch,
   ``recsys_cloud_batch_dropped_total``: calls whose caller went away while queued;
 * ``recsys_cloud_prototypes``: live prototypes of the bank;
+* with a fleet guard (``--fleet-guard``): ``recsys_cloud_fleet_guard_decisions_total
+  {decision=apply|hold}``, ``recsys_cloud_fleet_guard_clicks`` / ``_devices`` (the pooled
+  evidence) and ``recsys_cloud_fleet_guard_mean_gain_diff``;
 * with a write-behind store writer (:class:`codebook.store.writer.StoreWriter`):
   ``recsys_store_write_seconds`` (histogram of one transaction with its retries),
   ``recsys_store_writer_queue_depth`` / ``_queue_size``, ``recsys_store_writer_ops_total
@@ -53,12 +56,29 @@ def cloud_families(servicer: Any, engine: Any) -> Iterator[Metric]:
         yield _counter("recsys_cloud_batch_dropped",
                        "GenerateEdit calls dropped before the engine ran (caller gone)",
                        batcher.dropped)  # fmt: skip
+    fleet = getattr(servicer, "fleet", None)
+    if fleet is not None:
+        yield from fleet_families(fleet)
     bank = getattr(engine, "bank", None)
     if bank is not None:
         yield _gauge("recsys_cloud_prototypes", "live prototypes in the bank", len(bank.live))
     writer = getattr(engine, "writer", None)
     if writer is not None:
         yield from writer_families(writer)
+
+
+def fleet_families(fleet: Any) -> Iterator[Metric]:
+    """The fleet guard's decisions and pooled evidence."""
+    fam = CounterMetricFamily(
+        "recsys_cloud_fleet_guard_decisions", "fleet guard decisions", labels=["decision"]
+    )
+    for decision, count in fleet.decisions.items():
+        fam.add_metric([decision], count)
+    yield fam
+    yield _gauge("recsys_cloud_fleet_guard_clicks", "pooled guard clicks", fleet.n)
+    yield _gauge("recsys_cloud_fleet_guard_devices", "devices with guard evidence", fleet.devices)
+    yield _gauge("recsys_cloud_fleet_guard_mean_gain_diff",
+                 "pooled mean gain(edit) - gain(base) per click", fleet.mean)  # fmt: skip
 
 
 def writer_families(writer: Any) -> Iterator[Metric]:

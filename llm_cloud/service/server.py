@@ -45,6 +45,7 @@ from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.auth import AuthConfig, AuthPolicy, auth_interceptors
 from recsys.serving.batching import BatchConfig
 from recsys.serving.errors import ErrorMappingInterceptor
+from recsys.serving.fleet_guard import FleetGuardConfig
 from recsys.serving.server import ServerOptions
 from recsys.serving.service_host import ServiceHandle, start_service
 from recsys.validation import Field, config_dataclass
@@ -76,6 +77,9 @@ class CloudConfig:
         auth: the keys whose signed tokens callers must present (none = no check); a
             device token may ask edits for its own device id only (:data:`AUTH_POLICY`).
         torch_threads: intra-op threads of torch in the server.
+        fleet_guard: the fleet guard over the devices' reported harm-guard evidence
+            (:class:`recsys.serving.fleet_guard.FleetGuardConfig`; mode "off" by default:
+            no decision is sent and devices apply their edits).
         server: :class:`ServerOptions`.
     """
 
@@ -93,6 +97,7 @@ class CloudConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     torch_threads: int = Field(1, ge=1)
+    fleet_guard: FleetGuardConfig = field(default_factory=FleetGuardConfig)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -167,7 +172,7 @@ async def start_cloud(config: CloudConfig, engine: AdaptationEngine | None = Non
     """
     interceptors = auth_interceptors(config.auth, AUTH_POLICY)
     interceptors.append(ErrorMappingInterceptor("cloud"))
-    servicer = AdaptationServicer(config.batch, config.default_dtype)
+    servicer = AdaptationServicer(config.batch, config.default_dtype, config.fleet_guard)
     writers: list[StoreWriter] = []
 
     async def load() -> AdaptationEngine:

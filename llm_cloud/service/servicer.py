@@ -5,6 +5,12 @@ and queued into a :class:`recsys.serving.batching.MicroBatcher`, so concurrent c
 share one engine call (LM + adaptor on a batch). A caller whose deadline passes while
 queued is dropped before the engine runs. Domain errors become status codes in the
 server's one interceptor (:mod:`recsys.serving.errors`); nothing here sets a code.
+
+With a fleet guard (``recsys serve cloud --fleet-guard harm|proof``), a request's
+``guard_evidence`` (the device's cumulative harm-guard evidence) replaces that device's
+previous report in the replica's pooled evidence
+(:class:`recsys.serving.fleet_guard.FleetEvidence`) before the edit is made, and the
+response carries the decision (apply / hold) on the pooled evidence and its figures.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.serving.batching import BatchConfig, MicroBatcher
 from recsys.serving.errors import NotReadyError
+from recsys.serving.fleet_guard import APPLY, FleetEvidence, FleetGuardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +55,19 @@ class AdaptationServicer(cpb_grpc.AdaptationServiceServicer):
     Args:
         batch: micro-batching of GenerateEdit (``max_batch=1`` turns it off).
         default_dtype: payload precision when a request leaves it unspecified.
+        fleet_guard: the fleet guard (None or mode "off": no decision is sent).
     """
 
-    def __init__(self, batch: BatchConfig | None = None, default_dtype: str = "fp16") -> None:
+    def __init__(
+        self,
+        batch: BatchConfig | None = None,
+        default_dtype: str = "fp16",
+        fleet_guard: FleetGuardConfig | None = None,
+    ) -> None:
         self.batch = batch or BatchConfig()
         self.default_dtype = default_dtype
+        on = fleet_guard is not None and fleet_guard.mode != "off"
+        self.fleet: FleetEvidence | None = FleetEvidence(fleet_guard) if on else None
         self._engine: AdaptationEngine | None = None
         self._item_index: dict[str, int] = {}
         self.batcher: MicroBatcher | None = None
@@ -109,6 +124,11 @@ class AdaptationServicer(cpb_grpc.AdaptationServiceServicer):
             top_n=request.top_n,
             **states,
         )
+        if self.fleet is not None and request.HasField("guard_evidence"):
+            ev = request.guard_evidence  # validated before the engine runs: nothing pooled
+            self.fleet.report(  # from a request that fails validation
+                edit_request.device_id, ev.clicks, ev.gain_diff_sum, ev.gain_diff_sum_squares
+            )
         assert self.batcher is not None
         result: EditResult = await self.batcher.submit(edit_request)
         reply = cpb.GenerateEditResponse(
@@ -120,6 +140,14 @@ class AdaptationServicer(cpb_grpc.AdaptationServiceServicer):
             engine_ms=result.engine_ms,
             refined=result.refined,
         )
+        if self.fleet is not None:
+            fleet = self.fleet
+            reply.decision = (
+                cpb.EDIT_DECISION_APPLY if fleet.decide() == APPLY else cpb.EDIT_DECISION_HOLD
+            )
+            reply.fleet_clicks = round(fleet.n)
+            reply.fleet_devices = fleet.devices
+            reply.fleet_mean_gain_diff = fleet.mean
         if result.prototype is not None:
             reply.prototype_ref.id, reply.prototype_ref.version = result.prototype
             if result.prototype_payload is not None:

@@ -145,6 +145,17 @@ def _register_cloud(sub: argparse._SubParsersAction) -> None:
     _opt(g, "--writer-full-wait-ms", 20.0, "how long a write waits for room in a full queue, ms")
     _opt(g, "--writer-batch", 256, "writes per transaction at most")
     _opt(g, "--writer-attempts", 20, "tries of a transaction on transient errors")
+    g = p.add_argument_group(
+        "fleet guard (recsys.serving.fleet_guard)",
+        "Pool the harm-guard evidence devices report with GenerateEdit (--guard / "
+        "--guard-report on the device; in memory, per replica) and answer each edit with "
+        "apply or hold: harm = hold on significant pooled harm; proof = apply only on a "
+        "significant pooled benefit (clicks clustered by device). Default off.",
+    )
+    g.add_argument("--fleet-guard", choices=("off", "harm", "proof"), default="off",
+                   help="(default off)")  # fmt: skip
+    _opt(g, "--fleet-guard-z", 1.645, "standard errors of significance")
+    _opt(g, "--fleet-guard-min-devices", 2, "proof: reporting devices needed")
     _add_auth_options(p, "A device token may ask edits for its own device id only")
     _add_server_options(p, default_port=50051)
     add_location_options(p)
@@ -200,11 +211,34 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--gate-trigger",
-        choices=("gate", "timer"),
+        choices=("gate", "timer", "learned"),
         default="gate",
         help="gate: the shift gate; timer: a request every round(1/budget) events, "
-        "the baseline the gate must beat (default gate)",
+        "the baseline the gate must beat; learned: the learned gate of --learned-gate "
+        "(`recsys replay train-gate`; its threshold for --gate-budget, or --gate-threshold "
+        "as the predicted-gain threshold) (default gate)",
     )
+    g.add_argument(
+        "--learned-gate",
+        help="the learned gate's weights for --gate-trigger learned (default: the one "
+        "*.learned_gate.npz beside the adaptor artefact in CACHE_DIR/artifacts/NAME/adaptor)",
+    )
+    g = p.add_argument_group(
+        "harm guard (device_ranker.guard)",
+        "Score each click by the base head and the user's candidate edit; apply a new edit "
+        "only when the user's earlier edits did not rank its later clicks significantly "
+        "worse (else serve the base head, keep the edit as the candidate). An edit the "
+        "cloud's fleet guard answers with hold is always held.",
+    )
+    g.add_argument("--guard", action="store_true", help="run the device's harm test")
+    g.add_argument(
+        "--guard-report",
+        action="store_true",
+        help="score the clicks and report the evidence to the cloud's fleet guard without "
+        "the device's own test (implied by --guard)",
+    )
+    _opt(g, "--guard-window", 20, "the user's last clicks the device's test averages")
+    _opt(g, "--guard-z", 1.645, "standard errors of significance (0: on the mean alone)")
     g = p.add_argument_group("staleness of the edit (device_ranker.service.policy)")
     _opt(g, "--fit-clicks", 5, "clicks whose ranks make the fit signal (0 = off)")
     g.add_argument(
@@ -535,6 +569,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
     from codebook.store.writer import WriterConfig
     from llm_cloud.service.loading import ArtifactEngineConfig
     from llm_cloud.service.server import CloudConfig, serve_cloud
+    from recsys.serving.fleet_guard import FleetGuardConfig
 
     artifacts = None
     if args.engine == "artifacts":
@@ -572,6 +607,9 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
         ),
         auth=_auth(args),
         torch_threads=args.torch_threads,
+        fleet_guard=FleetGuardConfig(
+            mode=args.fleet_guard, z=args.fleet_guard_z, min_devices=args.fleet_guard_min_devices
+        ),
         server=_server_options(args),
     )
     _tracing(args, "recsys-cloud")
@@ -582,6 +620,7 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
 def cmd_serve_device(args: argparse.Namespace) -> int:
     from device_ranker.config import AnnConfig
     from device_ranker.gate import GateConfig
+    from device_ranker.guard import GuardConfig
     from device_ranker.service.config import CloudLinkConfig, DeviceConfig
     from device_ranker.service.policy import StalenessConfig
     from device_ranker.service.server import serve_device
@@ -598,6 +637,8 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         rank_batch=_batch(args.rank_batch, args.rank_wait_ms),
         experiment=experiment,
         trigger=args.gate_trigger,
+        learned_gate=learned_gate_path(args) if args.gate_trigger == "learned" else None,
+        guard_settings=GuardConfig(window=args.guard_window, z=args.guard_z),
         ann=AnnConfig(mode=args.ann_mode, min_items=args.ann_min_items),
         staleness=StalenessConfig(
             fit_clicks=args.fit_clicks,
@@ -638,6 +679,25 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
     _tracing(args, "recsys-device")
     asyncio.run(serve_device(config, arm_for=arm_for))
     return 0
+
+
+def learned_gate_path(args: argparse.Namespace) -> str:
+    """``--learned-gate``, else the one ``*.learned_gate.npz`` beside the adaptor artefact
+    (``recsys replay train-gate`` writes STEM.learned_gate.npz there)."""
+    if args.learned_gate:
+        return str(args.learned_gate)
+    from recsys.errors import NotFoundError
+
+    if not args.dataset:
+        raise NotFoundError("--gate-trigger learned needs --learned-gate PATH (or --dataset)")
+    found = sorted((_artifacts(args) / "adaptor").glob("*.learned_gate.npz"))
+    if len(found) != 1:
+        raise NotFoundError(
+            f"{len(found)} learned gates (*.learned_gate.npz) beside the adaptor in "
+            f"{_artifacts(args) / 'adaptor'}; pass --learned-gate PATH (train one with "
+            f"`recsys replay train-gate --dataset {args.dataset}`)"
+        )
+    return str(found[0])
 
 
 def experiment_arms(path: str, store_url: str | None) -> tuple[str, Any]:
