@@ -374,6 +374,8 @@ def _run_rank(rank: int, job: _Job) -> DistributedTrainResult | None:
         if dcfg.backend == "nccl"
         else torch.device("cpu")
     )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives and gather_object use it
     torch.manual_seed(cfg.seed)
     ranker = SeqRanker(cfg.model)
     init_state = {k: v.detach().clone() for k, v in ranker.state_dict().items()}
