@@ -42,7 +42,7 @@ from recsys.replay.report import PER_USER_FILE, PER_USER_FORMAT
 
 # config fields that may differ between the runs of one comparison: where the adaptor
 # came from (the point of the ablation) and how the work was split
-CONFIG_MAY_DIFFER = ("artifact", "workers", "store_url")
+CONFIG_MAY_DIFFER = ("artifact", "workers", "ray", "store_url")
 CONFIDENCE = 0.95
 
 
