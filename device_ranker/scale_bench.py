@@ -377,8 +377,8 @@ def run_scale_bench(
 
 
 def plot_scale(figures: dict[str, Any], path: str) -> None:
-    """PNG of cost vs size: Recommend p50/p99 and memory per item against catalogue size,
-    user-table MiB against users (extrapolated points hollow)."""
+    """PNG of cost vs size: Recommend p50/p99 (wall and CPU time) and memory per item
+    against catalogue size, user-table MiB against users (extrapolated points hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,6 +390,9 @@ def plot_scale(figures: dict[str, Any], path: str) -> None:
     ax = axes[0]
     ax.plot(n, [r["recommend_p50_ms"] for r in cat], "o-", label="p50")
     ax.plot(n, [r["recommend_p99_ms"] for r in cat], "s--", label="p99")
+    if all("recommend_cpu_p50_ms" in r for r in cat):
+        ax.plot(n, [r["recommend_cpu_p50_ms"] for r in cat], "o:", label="CPU time p50")
+        ax.plot(n, [r["recommend_cpu_p99_ms"] for r in cat], "s:", label="CPU time p99")
     ax.axhline(20, color="grey", lw=0.8, ls=":", label="p99 target 20 ms")
     for r in cat:
         ax.annotate(r["path"], (r["items"], r["recommend_p50_ms"]), fontsize=7)
