@@ -1,6 +1,6 @@
 """``recsys serve llm``: the codebook LM behind vLLM's OpenAI-compatible server.
 
-recsys serve llm --model DIR [--port N] [--dtype bfloat16|float32]
+recsys serve llm --model DIR [--port N] [--dtype bfloat16|float32] [--vllm-arg=ARG ...]
 
 Constrained to valid item IDs by the trie logits processor; runs until SIGINT/SIGTERM.
 """
@@ -59,6 +59,15 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--vllm-python", help="interpreter with vLLM (default .venv-vllm/bin/python)")
     p.add_argument("--log", help="server log file (default: a temporary file, printed)")
     p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for vLLM's server, repeatable, written with '=': e.g. "
+        "--vllm-arg=--tensor-parallel-size=2 --vllm-arg=--distributed-executor-backend=ray "
+        "on a multi-GPU or multi-node deployment",
+    )
+    p.add_argument(
         "--startup-timeout",
         type=float,
         default=600.0,
@@ -67,28 +76,34 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     add_location_options(p)
 
 
+def server_config(args: argparse.Namespace, model: Path, max_model_len: int):
+    """The :class:`llm_cloud.server.ServerConfig` of ``recsys serve llm``'s options."""
+    from llm_cloud.server import ServerConfig
+
+    return ServerConfig(
+        model_dir=model,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        max_model_len=max_model_len,
+        max_logprobs=args.max_logprobs,
+        python=args.vllm_python,
+        log_path=args.log,
+        startup_timeout=args.startup_timeout,
+        extra_args=list(args.vllm_arg),
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from llm_cloud.artifact import ensure_trie_file, lm_dir, load_item_vocab
-    from llm_cloud.server import ServerConfig, VllmServer
+    from llm_cloud.server import VllmServer
     from llm_cloud.vllm_env import context_length
 
     model = Path(args.model).expanduser() if args.model else lm_dir(args.dataset, args.cache_dir)
     vocab, _ = load_item_vocab(model)
     trie = ensure_trie_file(vocab, model)
-    server = VllmServer(
-        ServerConfig(
-            model_dir=model,
-            host=args.host,
-            port=args.port,
-            served_model_name=args.served_model_name,
-            dtype=args.dtype,
-            max_model_len=context_length(vocab),
-            max_logprobs=args.max_logprobs,
-            python=args.vllm_python,
-            log_path=args.log,
-            startup_timeout=args.startup_timeout,
-        )
-    )
+    server = VllmServer(server_config(args, model, context_length(vocab)))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

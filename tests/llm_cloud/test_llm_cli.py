@@ -113,3 +113,17 @@ def test_bench_rejects_unknown_backends(
         == 2
     )
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_serve_llm_passes_extra_vllm_arguments(tmp_path: Path) -> None:
+    """`--vllm-arg` (repeatable) reaches vLLM's command line after the project's own flags,
+    e.g. tensor parallelism on a multi-GPU machine."""
+    from recsys.cli.llm_serve_cmd import server_config
+
+    args = build_parser().parse_args(
+        ["serve", "llm", "--model", str(tmp_path), "--vllm-arg=--tensor-parallel-size=2",
+         "--vllm-arg=--distributed-executor-backend=ray"]
+    )  # fmt: skip
+    cmd = server_config(args, tmp_path, 128).command(Path("python"), 8000)
+    assert cmd[-2:] == ["--tensor-parallel-size=2", "--distributed-executor-backend=ray"]
+    assert cmd[cmd.index("--max-model-len") + 1] == "128"
