@@ -32,6 +32,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -287,8 +288,8 @@ def prepare_decoded(
     finite). Names, shapes and the rank bound are checked against the head once per
     payload layout, head and bounds (:func:`_plan`); per request, each layer is then
     validated and built from numpy views of the payload's one value array
-    (:func:`_fast_layer`: ``A = U * s``, the Gram norm, the bias bound, ``b + db``)
-    without per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made only if
+    (:func:`_fast_layer`: ``A = U * s``, cheap sufficient norm and bias bounds,
+    ``b + db``) without per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made only if
     someone reads it. With ``prototype`` the edit is ``HeadEdit.compose(prototype,
     edit)`` (factors concatenated along r, bias deltas summed), checked as a whole.
 
@@ -304,11 +305,11 @@ def prepare_decoded(
     if prototype is None:
         vals = decoded.values  # [N] float32
         layers = [
-            EditedLinear(step[1], step[2])
-            if step[0] is None
-            else _fast_layer(step, vals, bounds)
-            if step[0] is _FAST
-            else _prepare_layer(step[1], step[2], step[3], _views(vals, step[4]), bounds)
+            _fast_layer(step, vals, bounds)
+            if type(step) is _Fast
+            else EditedLinear(step.w, step.b)
+            if type(step) is _Untouched
+            else _prepare_layer(step.name, step.w, step.b, _views(vals, step.parts), bounds)
             for step in _plan(head, decoded, bounds)
         ]
     else:
@@ -333,25 +334,51 @@ def prepare_decoded(
     return PreparedEdit(EditedWeights(layers), make_edit=make_edit)
 
 
-_FAST, _GENERAL = "fast", "general"
+class _Untouched(NamedTuple):
+    """A head layer the payload does not edit."""
+
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+class _Fast(NamedTuple):
+    """A layer :func:`_fast_layer` prepares: a factored low-rank part and/or a bias delta
+    on float32 CPU weights."""
+
+    name: str
+    w: torch.Tensor  # [out, in] base weight
+    b: torch.Tensor  # [out] base bias
+    b_np: np.ndarray  # numpy view of b (parameters are updated in place)
+    u: tuple[slice, tuple[int, ...]] | None  # (where in the value array, shape) of U [out, r]
+    s: tuple[slice, tuple[int, ...]] | None  # ... of s [r]
+    v: tuple[slice, tuple[int, ...]] | None  # ... of V [in, r]
+    bias: tuple[slice, tuple[int, ...]] | None  # ... of db [out]
+    norm2: float  # squared Frobenius bound of dW (inf: none)
+    bias_abs: float  # element bound of db
+    b_ptr: int  # the address b_np views: a replaced storage is caught
+
+
+class _General(NamedTuple):
+    """Any other edited layer (dense part, element-wise weight bound, other dtypes):
+    :func:`_prepare_layer` on views of the parts."""
+
+    name: str
+    w: torch.Tensor
+    b: torch.Tensor
+    parts: dict[str, tuple[slice, tuple[int, ...]]]
+
+
 # (id(layout groups), id(head)) -> (those groups, head, bounds, plan)
 _PLANS: dict[tuple[int, int], tuple[tuple, EditableHead, EditBounds, tuple]] = {}
 _MAX_PLANS = 64
 
 
-def _plan(head: EditableHead, decoded: DecodedPayload, bounds: EditBounds) -> tuple:
-    """Per head layer, what :func:`prepare_decoded` does with a payload of this layout,
-    worked out once per (layout, head, bounds):
-
-    * ``(None, w, b)``: the layer is not edited;
-    * ``(_FAST, name, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr)``: a factored
-      low-rank part (:func:`keeps_factored`) and/or a bias delta on float32 CPU
-      weights; ``u``/``s``/``v``/``bias`` are (slice, shape) of the parts in
-      ``decoded.values`` (or None), ``b_np`` a numpy view of the base bias (the head's
-      parameters are updated in place; ``b_ptr``, the address ``b_np`` views, catches a
-      replaced storage), ``norm2`` the squared norm bound;
-    * ``(_GENERAL, name, w, b, parts)``: anything else (dense parts, an element-wise
-      weight bound, other dtypes), via :func:`_prepare_layer`.
+def _plan(
+    head: EditableHead, decoded: DecodedPayload, bounds: EditBounds
+) -> tuple[_Untouched | _Fast | _General, ...]:
+    """Per head layer, what :func:`prepare_decoded` does with a payload of this layout
+    (:class:`_Untouched`, :class:`_Fast` or :class:`_General`), worked out once per
+    (layout, head, bounds).
 
     Checks once per plan: known layers, u/s/v together with one rank
     ``1 <= r <= min(out, in, bounds.max_rank)``, every shape (the checks
@@ -372,46 +399,33 @@ def _plan(head: EditableHead, decoded: DecodedPayload, bounds: EditBounds) -> tu
         layer: {p: (slice(a, b), shape) for p, a, b, shape in parts} for layer, parts in groups
     }
     norm = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
-    plan = []
+    plan: list[_Untouched | _Fast | _General] = []
     for name, w, b in head._named_params:
         parts = slots.get(name)
         if parts is None:
-            plan.append((None, w, b))
-            continue
-        fast = (
+            plan.append(_Untouched(w, b))
+        elif (
             "dense" not in parts
             and w.dtype is torch.float32
             and b.dtype is torch.float32
             and w.device.type == "cpu"
             and b.device.type == "cpu"
             and ("u" not in parts or keeps_factored(*w.shape, parts["s"][1][0], False, bounds))
-        )
-        if fast:
-            b_np = b.detach().numpy()
+        ):
             u, s, v, bias = (parts.get(p) for p in ("u", "s", "v", "bias"))
+            b_np = b.detach().numpy()
             plan.append(
-                (
-                    _FAST,
-                    name,
-                    w,
-                    b,
-                    b_np,
-                    u,
-                    s,
-                    v,
-                    bias,
-                    norm * norm,
-                    bounds.max_bias_abs,
-                    b.data_ptr(),
+                _Fast(
+                    name, w, b, b_np, u, s, v, bias, norm * norm, bounds.max_bias_abs, b.data_ptr()
                 )
             )
         else:
-            plan.append((_GENERAL, name, w, b, parts))
-    plan = tuple(plan)
+            plan.append(_General(name, w, b, parts))
+    out = tuple(plan)
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
-    _PLANS[key] = (groups, head, bounds, plan)
-    return plan
+    _PLANS[key] = (groups, head, bounds, out)
+    return out
 
 
 def _views(vals: np.ndarray, parts: Mapping[str, tuple[slice, tuple[int, ...]]]) -> dict:
@@ -419,8 +433,8 @@ def _views(vals: np.ndarray, parts: Mapping[str, tuple[slice, tuple[int, ...]]])
     return {p: vals[sl].reshape(shape) for p, (sl, shape) in parts.items()}
 
 
-def _fast_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLinear:
-    """One ``_FAST`` layer of a :func:`_plan`: the checks and arithmetic of
+def _fast_layer(step: _Fast, vals: np.ndarray, bounds: EditBounds) -> EditedLinear:
+    """One :class:`_Fast` layer of a :func:`_plan`: the checks and arithmetic of
     :func:`_prepare_layer` for a factored low-rank part and/or a bias delta, on numpy
     views of ``vals`` [N] (about ten numpy calls, ~1 us each; the Python around them
     costs as much as the arithmetic at these sizes).
@@ -431,7 +445,7 @@ def _fast_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLine
     ``max``); only an edit they cannot clear goes to :func:`_prepare_layer`, which runs
     the exact checks and names the part and value (or accepts the edit: the cheap
     bound was a false alarm)."""
-    _, _, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr = step
+    _, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr = step
     a = vf = b_new = None
     if u is not None:
         a = vals[u[0]].reshape(u[1]) * vals[s[0]]  # A = U diag(s) [out, r]
@@ -456,12 +470,11 @@ def _fast_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLine
     )
 
 
-def _slow_layer(step: tuple, vals: np.ndarray, bounds: EditBounds) -> EditedLinear:
-    _, name, w, b, _b_np, *parts = step[:9]
-    views = _views(
-        vals, {p: x for p, x in zip(("u", "s", "v", "bias"), parts, strict=True) if x is not None}
-    )
-    return _prepare_layer(name, w, b, views, bounds)
+def _slow_layer(step: _Fast, vals: np.ndarray, bounds: EditBounds) -> EditedLinear:
+    """A :class:`_Fast` layer the cheap bounds could not clear: the exact checks."""
+    parts = {p: getattr(step, p) for p in ("u", "s", "v", "bias")}
+    views = _views(vals, {p: x for p, x in parts.items() if x is not None})
+    return _prepare_layer(step.name, step.w, step.b, views, bounds)
 
 
 # id(prototype) -> (weak reference to it, (id(head), bounds), its numpy parts)
