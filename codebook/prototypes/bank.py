@@ -147,7 +147,29 @@ class PrototypeBank:
         """
         bank = cls(store, decode, spec, cfg, bound=bound, bias_bound=bias_bound)
         cents = np.asarray(centroids, dtype=np.float32)
-        protos = bank._decode(cents)
+        contents, protos = bank._initial_versions(
+            cents, train_codes, train_edits, member_counts, spawn_threshold
+        )
+        for k, content in enumerate(contents):
+            state = store.create_prototype(f"{cfg.name_prefix}-{k}", content)
+            bank.live[state.prototype_id] = _Live(
+                state.prototype_id, state.version, cents[k].copy(), content.member_count or 0,
+                protos[k],
+            )  # fmt: skip
+        logger.info("stored %d prototypes (spawn threshold %.4f)", len(cents), bank.spawn_threshold)
+        return bank
+
+    def _initial_versions(
+        self,
+        cents: np.ndarray,
+        train_codes: np.ndarray | None,
+        train_edits: Callable[[np.ndarray], list[Mapping[str, torch.Tensor]]] | None,
+        member_counts: np.ndarray | None,
+        spawn_threshold: float | None,
+    ) -> tuple[list[VersionContent], list[dict[str, torch.Tensor]]]:
+        """Version-1 contents of the centroids ``cents`` [P, C] and their clipped edits;
+        sets :attr:`spawn_threshold` (see :meth:`create` for the arguments)."""
+        protos = self._decode(cents)
         sizes = np.zeros(len(cents), dtype=np.int64)
         if member_counts is not None:
             sizes = np.asarray(member_counts, dtype=np.int64).reshape(len(cents))
@@ -158,30 +180,81 @@ class PrototypeBank:
             if train_edits is not None:
                 edits = train_edits(np.asarray(train_codes, np.float32))
                 for k, e in zip(assign.tolist(), edits, strict=True):
-                    _, n = bank.residual_from(e, protos[k])
+                    _, n = self.residual_from(e, protos[k])
                     norms_by[k].append(n)
         all_norms = [n for ns in norms_by for n in ns]
-        threshold = cfg.spawn_threshold if spawn_threshold is None else spawn_threshold
+        threshold = self.cfg.spawn_threshold if spawn_threshold is None else spawn_threshold
         if threshold is None:
-            threshold = float(np.quantile(all_norms, cfg.spawn_quantile)) if all_norms else math.inf
-        bank.spawn_threshold = float(threshold)
-        for k, code in enumerate(cents):
-            ns = norms_by[k]
-            state = store.create_prototype(
-                f"{cfg.name_prefix}-{k}",
-                VersionContent(
-                    code=code,
-                    tensors=_np(protos[k]),
-                    member_count=int(sizes[k]),
-                    residual_norm_mean=float(np.mean(ns)) if ns else 0.0,
-                    residual_norm_max=float(np.max(ns)) if ns else 0.0,
-                ),
+            q = self.cfg.spawn_quantile
+            threshold = float(np.quantile(all_norms, q)) if all_norms else math.inf
+        self.spawn_threshold = float(threshold)
+        contents = [
+            VersionContent(
+                code=code,
+                tensors=_np(protos[k]),
+                member_count=int(sizes[k]),
+                residual_norm_mean=float(np.mean(norms_by[k])) if norms_by[k] else 0.0,
+                residual_norm_max=float(np.max(norms_by[k])) if norms_by[k] else 0.0,
             )
-            bank.live[state.prototype_id] = _Live(
-                state.prototype_id, state.version, code.copy(), int(sizes[k]), protos[k]
+            for k, code in enumerate(cents)
+        ]
+        return contents, protos
+
+    @classmethod
+    def load_or_create(
+        cls,
+        store: PrototypeStore,
+        decode: DecodeFn,
+        spec: Mapping[str, tuple[int, int]] | HeadSpec,
+        cfg: PrototypeConfig,
+        *,
+        bound: float,
+        bias_bound: float,
+        fit: Callable[[], Mapping[str, Any]],
+        spawn_threshold: float = math.inf,
+    ) -> tuple[PrototypeBank, bool]:
+        """The prototypes named ``{name_prefix}-*`` in ``store``; on a store without any,
+        first the ones :meth:`create` would store from ``fit()``'s keyword arguments
+        (``centroids`` [P, C], and optionally ``train_codes``, ``train_edits``,
+        ``member_counts``, ``spawn_threshold``).
+
+        Safe for replicas starting together on one empty store: exactly one of them
+        calls ``fit()`` and stores the prototypes (one transaction, under the store's
+        start-up lock, :meth:`PrototypeStore.seed_prototypes`); the others wait and load
+        the same set. Every caller's bank holds the stored versions. ``spawn_threshold``
+        is the loaded bank's; the creating one's comes from ``fit()`` as in
+        :meth:`create`. Returns (bank, whether this call created the prototypes).
+        """
+        bank = cls(
+            store, decode, spec, cfg, bound=bound, bias_bound=bias_bound,
+            spawn_threshold=spawn_threshold,
+        )  # fmt: skip
+
+        def make() -> list[tuple[str, VersionContent]]:
+            kw = dict(fit())
+            cents = np.asarray(kw.pop("centroids"), dtype=np.float32)
+            contents, _ = bank._initial_versions(
+                cents,
+                kw.pop("train_codes", None),
+                kw.pop("train_edits", None),
+                kw.pop("member_counts", None),
+                kw.pop("spawn_threshold", None),
             )
-        logger.info("stored %d prototypes (spawn threshold %.4f)", len(cents), bank.spawn_threshold)
-        return bank
+            if kw:
+                raise ValidationError(f"fit() returned unknown arguments {sorted(kw)}")
+            return [(f"{cfg.name_prefix}-{k}", c) for k, c in enumerate(contents)]
+
+        states, created = store.seed_prototypes(cfg.name_prefix, make)
+        if not created:
+            bank.spawn_threshold = float(spawn_threshold)
+        for st in states:
+            bank._install_state(st)
+        logger.info(
+            "%s %d prototypes %s-* (spawn threshold %.4f)",
+            "stored" if created else "loaded", len(states), cfg.name_prefix,
+            bank.spawn_threshold,
+        )  # fmt: skip
+        return bank, created
 
     @classmethod
     def load(
@@ -209,16 +282,17 @@ class PrototypeBank:
         for info in store.list_prototypes():
             if not info.name.startswith(f"{cfg.name_prefix}-"):
                 continue
-            st = store.get_prototype(info.id)
-            tensors = {
-                k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in st.tensors.items()
-            }
-            bank.live[info.id] = _Live(
-                info.id, st.version, st.code.astype(np.float32), st.member_count, tensors
-            )
+            bank._install_state(store.get_prototype(info.id))
         if not bank.live:
             raise ValidationError(f"no prototypes named {cfg.name_prefix}-* in the store")
         return bank
+
+    def _install_state(self, st: Any) -> None:
+        """Serve the stored state ``st`` (a ``PrototypeState``) as a live prototype."""
+        tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in st.tensors.items()}
+        self.live[st.prototype_id] = _Live(
+            st.prototype_id, st.version, st.code.astype(np.float32), st.member_count, tensors
+        )
 
     # ---- write-behind -------------------------------------------------------------------
     def attach_writer(self, writer: Any) -> None:

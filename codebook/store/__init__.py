@@ -13,6 +13,11 @@ Modules (one concern each):
 * :mod:`codebook.store.writer`: :class:`~codebook.store.writer.StoreWriter`, write-behind
   (a writer thread with its own connection: bounded queue, batched transactions, retries).
 * :mod:`codebook.store.bench`: concurrent-refinement benchmark (threads / processes).
+* :mod:`codebook.store.locks`: the start-up lock (``pg_advisory_xact_lock`` / SQLite's
+  write lock) that makes migrations and the first prototype seeding safe when replicas
+  start together on one store, and the retry around it.
+* :mod:`codebook.store.transient`: :func:`~codebook.store.transient.is_transient`, which
+  database errors a fresh transaction may not hit again.
 
 Example::
 

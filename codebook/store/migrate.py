@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,18 +28,21 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from codebook.store.db import WRITE_TRANSACTION, make_engine, parse_url
+from codebook.store.locks import exclusive, retry_startup
 from codebook.store.models import Base
 from recsys.errors import RecsysError
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-# pg_advisory_xact_lock key held while migrating, so two upgraders never race on DDL
-_PG_MIGRATION_LOCK = 0x5245_4353  # "RECS"
+# start-up lock (pg_advisory_xact_lock key) held while migrating, so two upgraders never
+# race on DDL; the value every released version used, so old and new upgraders exclude
+# each other too
+MIGRATION_LOCK = 0x5245_4353  # "RECS"
 
 
 class SchemaOutOfDateError(RecsysError):
@@ -84,19 +88,34 @@ def current_revision(target: str | URL | Engine | None = None) -> str | None:
 
 def upgrade(target: str | URL | Engine | None = None, revision: str = "head") -> str | None:
     """Migrate the database at ``target`` (URL, engine, or the configured default) up to
-    ``revision``, in one transaction; returns the revision it is at afterwards."""
+    ``revision``, in one transaction; returns the revision it is at afterwards.
+
+    Safe when several processes (replicas starting together) upgrade one database at
+    once: the transaction holds the start-up lock :data:`MIGRATION_LOCK`
+    (:func:`codebook.store.locks.exclusive`) from its first statement, so one process
+    migrates while the others wait (up to
+    :data:`~codebook.store.locks.STARTUP_LOCK_TIMEOUT_S`) and then find the schema at
+    ``revision``.
+    """
     with _engine_for(target) as engine:
-        before = current_revision(engine)
-        with engine.connect().execution_options(**WRITE_TRANSACTION) as conn, conn.begin():
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
-        after = current_revision(engine)
+        before, after = retry_startup(
+            functools.partial(_upgrade_once, engine, revision), what="schema migration"
+        )
     if before != after:
         logger.info("store schema upgraded from %s to %s", before or "(empty)", after)
     return after
+
+
+def _upgrade_once(engine: Engine, revision: str) -> tuple[str | None, str | None]:
+    """One migration transaction under the start-up lock: (revision before, after)."""
+    with engine.connect().execution_options(**WRITE_TRANSACTION) as conn, conn.begin():
+        exclusive(conn, MIGRATION_LOCK)
+        before = MigrationContext.configure(conn).get_current_revision()
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        after = MigrationContext.configure(conn).get_current_revision()
+    return before, after
 
 
 def ensure_current(target: str | URL | Engine | None = None) -> str:

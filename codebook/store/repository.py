@@ -94,6 +94,12 @@ class PrototypeRepository:
     def list(self) -> list[Prototype]:
         return list(self.session.scalars(select(Prototype).order_by(Prototype.id)))
 
+    def named(self, prefix: str) -> list[Prototype]:
+        """The prototypes whose name starts with ``prefix`` (taken literally: ``%`` and
+        ``_`` are escaped), by id."""
+        stmt = select(Prototype).where(Prototype.name.startswith(prefix, autoescape=True))
+        return list(self.session.scalars(stmt.order_by(Prototype.id)))
+
     def version(self, prototype_id: int, version: int | None = None) -> PrototypeVersion:
         """A version row (``None``: the current one) with its tensors loaded."""
         if version is None:

@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tenacity import (
     RetryCallState,
@@ -56,6 +55,7 @@ from tenacity import (
 )
 
 from codebook.store.db import WRITE_TRANSACTION, make_engine, make_sessionmaker
+from codebook.store.locks import exclusive, lock_key, retry_startup
 from codebook.store.records import (
     ArmAssignmentRecord,
     DeviceAssignmentRecord,
@@ -67,6 +67,7 @@ from codebook.store.records import (
     VersionContent,
     VersionRef,
     arm_record,
+    check_name,
     device_record,
     edit_record,
     experiment_record,
@@ -80,21 +81,14 @@ from codebook.store.repository import (
     ExperimentRepository,
     IdBlockRepository,
     PrototypeRepository,
-    VersionConflict,
 )
+from codebook.store.transient import is_transient
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 
 logger = logging.getLogger(__name__)
 
 RefineStrategy = Literal["lock", "optimistic"]
 STRATEGIES: tuple[str, ...] = ("lock", "optimistic")
-
-# PostgreSQL SQLSTATEs worth retrying: serialization failure, deadlock, lock not available
-_PG_TRANSIENT = frozenset({"40001", "40P01", "55P03"})
-_PG_UNIQUE_VIOLATION = "23505"
-# SQLite primary result codes: BUSY, LOCKED; extended codes of a UNIQUE / PK violation
-_SQLITE_TRANSIENT = frozenset({5, 6})
-_SQLITE_UNIQUE = frozenset({2067, 1555})
 
 
 class StoreBusyError(RecsysError):
@@ -105,28 +99,6 @@ class StoreBusyError(RecsysError):
     """
 
     retryable = True
-
-
-def is_transient(exc: BaseException, *, unique_conflicts: bool = False) -> bool:
-    """True when ``exc`` is a database error that a fresh transaction may not hit again:
-    lock timeouts, deadlocks, serialization failures, dropped connections, and (with
-    ``unique_conflicts``) unique-constraint violations from a concurrent writer."""
-    if isinstance(exc, VersionConflict):
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    orig = exc.orig
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate is not None:
-        return sqlstate in _PG_TRANSIENT or (unique_conflicts and sqlstate == _PG_UNIQUE_VIOLATION)
-    if isinstance(orig, sqlite3.Error):
-        code = getattr(orig, "sqlite_errorcode", None)
-        if code is None:
-            return False
-        return (code & 0xFF) in _SQLITE_TRANSIENT or (unique_conflicts and code in _SQLITE_UNIQUE)
-    return False
 
 
 class PrototypeStore:
@@ -238,6 +210,51 @@ class PrototypeStore:
             raise ValidationError(f"a prototype named {name!r} already exists") from exc
         logger.info("created prototype %d %r", state.prototype_id, name)
         return state
+
+    def seed_prototypes(
+        self, prefix: str, make: Callable[[], Sequence[tuple[str, VersionContent]]]
+    ) -> tuple[list[PrototypeState], bool]:
+        """The prototypes named ``{prefix}-*``, creating them first if there are none.
+
+        Exactly one of several processes that call this at once on an empty store
+        (replicas starting together) calls ``make()`` and stores what it returns,
+        ``(name, content)`` pairs with names ``{prefix}-...``, as version-1 ("init")
+        prototypes, all in one transaction; the others wait for it and read its
+        prototypes. The transaction holds a start-up lock keyed on ``prefix``
+        (:func:`codebook.store.locks.exclusive`: an advisory lock on PostgreSQL, the
+        write lock on SQLite) from before its check until its commit, so no caller sees
+        an empty store that another is filling, nor a half-filled one. ``make`` runs
+        under that lock (keep it short); it may run again if the transaction hits a
+        transient error. Returns (the prototypes at their current versions by id,
+        whether this call created them).
+        """
+        check_name("prototype name prefix", prefix)
+        key = lock_key(f"seed prototypes {prefix}")
+        return retry_startup(
+            functools.partial(self._seed_once, f"{prefix}-", key, make),
+            what=f"seeding prototypes {prefix}-*",
+        )
+
+    def _seed_once(
+        self, prefix: str, key: int, make: Callable[[], Sequence[tuple[str, VersionContent]]]
+    ) -> tuple[list[PrototypeState], bool]:
+        with self.transaction(write=True) as session:
+            exclusive(session.connection(), key)
+            repo = PrototypeRepository(session)
+            existing = repo.named(prefix)
+            if existing:
+                return [prototype_state(p, repo.version(p.id)) for p in existing], False
+            items = list(make())
+            if not items:
+                raise ValidationError(f"make() returned no prototypes to seed {prefix}*")
+            states = []
+            for name, content in items:
+                if not name.startswith(prefix):
+                    raise ValidationError(f"seeded prototype {name!r} is not named {prefix}*")
+                row = repo.create(name, content, reason="init")
+                states.append(prototype_state(row.prototype, row))
+        logger.info("seeded %d prototypes %s*", len(states), prefix)
+        return states, True
 
     def refine_prototype(
         self,
