@@ -313,19 +313,16 @@ def prepare_decoded(
             for step in _plan(head, decoded, bounds)
         ]
     else:
-        own = decoded.layers()  # {layer: {part: numpy view}}
-        for name in own:
-            if name not in head._spec:
-                raise ValidationError(
-                    f"edit names unknown head layer {name!r}; the head has {list(head._spec)}"
-                )
-        own = _compose_arrays(head, _prototype_parts(head, prototype, bounds), own, bounds)
+        plan = _plan(head, decoded, bounds)
+        proto_parts, proto_fast = _prototype_parts(head, prototype, bounds)
+        vals = decoded.values
         layers = []
-        for name, w, b in head._named_params:
-            parts = own.get(name)
-            layers.append(
-                EditedLinear(w, b) if parts is None else _prepare_layer(name, w, b, parts, bounds)
-            )
+        for step in plan:
+            held = proto_fast.get(step.name)
+            if type(step) is _Fast and held is not None:
+                layers.append(_fast_composed(head, step, vals, held, proto_parts, bounds))
+            else:
+                layers.append(_composed_layer(head, step, vals, proto_parts, bounds))
 
     def make_edit() -> HeadEdit:
         edit = HeadEdit.from_flat(decoded.tensors())
@@ -337,6 +334,7 @@ def prepare_decoded(
 class _Untouched(NamedTuple):
     """A head layer the payload does not edit."""
 
+    name: str
     w: torch.Tensor
     b: torch.Tensor
 
@@ -403,7 +401,7 @@ def _plan(
     for name, w, b in head._named_params:
         parts = slots.get(name)
         if parts is None:
-            plan.append(_Untouched(w, b))
+            plan.append(_Untouched(name, w, b))
         elif (
             "dense" not in parts
             and w.dtype is torch.float32
@@ -477,25 +475,120 @@ def _slow_layer(step: _Fast, vals: np.ndarray, bounds: EditBounds) -> EditedLine
     return _prepare_layer(step.name, step.w, step.b, views, bounds)
 
 
-# id(prototype) -> (weak reference to it, (id(head), bounds), its numpy parts)
-_PROTOTYPES: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+# id(prototype) -> (weak reference to it, (id(head), bounds), its numpy parts, fast form)
+_PROTOTYPES: dict[int, tuple[weakref.ref, tuple, dict, dict]] = {}
+
+
+class _HeldLayer(NamedTuple):
+    """A held prototype's layer, ready to be composed with residuals (no dense part)."""
+
+    a: np.ndarray | None  # A = U diag(s) [out, r1], or None (no low-rank part)
+    v: np.ndarray | None  # V [in, r1]
+    a2: float  # ||A||_F^2
+    v2: float  # ||V||_F^2
+    bias: np.ndarray | None  # db [out]
 
 
 def _prototype_parts(
     head: EditableHead, prototype: HeadEdit, bounds: EditBounds
-) -> dict[str, dict[str, np.ndarray]]:
-    """A held prototype's structure check and float32 numpy parts, done once per
-    prototype object (the device keeps it across the many residuals sent against it)."""
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _HeldLayer]]:
+    """A held prototype's structure check, its float32 numpy parts and, per layer without
+    a dense part, its :class:`_HeldLayer` (``A``, ``V`` and their squared norms): done once
+    per prototype object (the device keeps it across the many residuals sent against it)."""
     key = (id(head), bounds)
     cached = _PROTOTYPES.get(id(prototype))
     if cached is not None and cached[0]() is prototype and cached[1] == key:
-        return cached[2]
+        return cached[2], cached[3]
     _check_structure(head, prototype, bounds)
     parts = {n: {k: _np(t) for k, t in le.parts().items()} for n, le in prototype.layers.items()}
+    fast = {}
+    for name, p in parts.items():
+        if "dense" in p:
+            continue
+        a = p["u"] * p["s"] if "u" in p else None
+        v = p.get("v")
+        fast[name] = _HeldLayer(
+            a,
+            v,
+            float(np.vdot(a, a)) if a is not None else 0.0,
+            float(np.vdot(v, v)) if v is not None else 0.0,
+            p.get("bias"),
+        )
     pid = id(prototype)
     ref = weakref.ref(prototype, lambda _ref: _PROTOTYPES.pop(pid, None))
-    _PROTOTYPES[pid] = (ref, key, parts)
-    return parts
+    _PROTOTYPES[pid] = (ref, key, parts, fast)
+    return parts, fast
+
+
+def _fast_composed(
+    head: EditableHead,
+    step: _Fast,
+    vals: np.ndarray,
+    held: _HeldLayer,
+    proto_parts: Mapping[str, Mapping[str, np.ndarray]],
+    bounds: EditBounds,
+) -> EditedLinear:
+    """:func:`_fast_layer` for ``compose(prototype, residual)`` of one layer: the factors
+    concatenated along r (prototype first, as :meth:`HeadEdit.compose`), the bias deltas
+    summed; the cheap norm bound from the held ``||A||^2``, ``||V||^2`` plus the residual's.
+    The rank bound is checked here; a layer the cheap bounds cannot clear, or whose composed
+    rank is better materialised, takes the exact path (:func:`_composed_layer`)."""
+    _, w, b, b_np, u, s, v, bias, norm2, bias_abs, b_ptr = step
+    a, vf, a2, v2 = held.a, held.v, held.a2, held.v2
+    if u is not None:
+        qa = vals[u[0]].reshape(u[1]) * vals[s[0]]  # [out, r2]
+        qv = vals[v[0]].reshape(v[1])  # [in, r2]
+        a2 += float(np.vdot(qa, qa))
+        v2 += float(np.vdot(qv, qv))
+        a = qa if a is None else np.concatenate((a, qa), axis=1)  # [out, r1 + r2]
+        vf = qv if vf is None else np.concatenate((vf, qv), axis=1)  # [in, r1 + r2]
+    if a is not None:
+        out_f, in_f = w.shape
+        r = a.shape[1]
+        limit = min(bounds.max_rank, out_f, in_f)
+        if r > limit:
+            raise ValidationError(
+                f"layer {step.name!r}: s must be 1-D of length r in 1..{limit}, got shape {(r,)}"
+            )
+        if not keeps_factored(out_f, in_f, r, False, bounds) or not a2 * v2 <= norm2:
+            return _composed_layer(head, step, vals, proto_parts, bounds)
+    db = vals[bias[0]] if bias is not None else None
+    if held.bias is not None:
+        db = held.bias if db is None else held.bias + db
+    b_new = None
+    if db is not None:
+        if not np.dot(db, db) <= bias_abs * bias_abs or b.data_ptr() != b_ptr:
+            return _composed_layer(head, step, vals, proto_parts, bounds)
+        b_new = torch.from_numpy(b_np + db)
+    return EditedLinear(
+        w,
+        b if b_new is None else b_new,
+        None if a is None else torch.from_numpy(a),
+        None if vf is None else torch.from_numpy(vf),
+    )
+
+
+def _composed_layer(
+    head: EditableHead,
+    step: _Untouched | _Fast | _General,
+    vals: np.ndarray,
+    proto_parts: Mapping[str, Mapping[str, np.ndarray]],
+    bounds: EditBounds,
+) -> EditedLinear:
+    """One layer of ``compose(prototype, residual)`` on the exact path: the composition of
+    :func:`_compose_arrays` (with its rank bound), then :func:`_prepare_layer`."""
+    if type(step) is _Fast:
+        where = {p: getattr(step, p) for p in ("u", "s", "v", "bias")}
+        own = _views(vals, {p: x for p, x in where.items() if x is not None})
+    elif type(step) is _General:
+        own = _views(vals, step.parts)
+    else:
+        own = {}
+    held = proto_parts.get(step.name, {})
+    if not own and not held:
+        return EditedLinear(step.w, step.b)
+    parts = _compose_arrays(head, {step.name: held}, {step.name: own}, bounds)[step.name]
+    return _prepare_layer(step.name, step.w, step.b, parts, bounds)
 
 
 def _compose_arrays(

@@ -262,3 +262,58 @@ def test_prepare_decoded_accepts_a_bias_only_the_cheap_bound_doubts(tiny_model: 
     db[3] = 0.6
     with pytest.raises(ValidationError, match="bias delta has max"):
         prepare_decoded(head, decode_values(_payload(edit)), EditBounds(max_bias_abs=0.5))
+
+
+def test_composed_fast_path_equals_prepare_edit_for_every_mix_of_parts(
+    tiny_model: SeqRanker,
+) -> None:
+    """Residual and prototype each with a low-rank part, only a bias, or nothing in a
+    layer (and a dense prototype layer): the composed weights equal ``prepare_edit`` of
+    ``HeadEdit.compose``; a composed rank over the bound is refused the same way."""
+    head = tiny_model.head
+    spec = head.edit_spec()
+    full = _edit(head, rank=2, seed=7)
+    lr = {n: LayerEdit(u=le.u, s=le.s, v=le.v) for n, le in full.layers.items()}
+    bias = {n: LayerEdit(bias=le.bias) for n, le in full.layers.items()}
+    out_f, in_f = spec["fc1"]
+    dense = LayerEdit(dense=torch.randn(out_f, in_f) * 0.01)
+    protos = [
+        _edit(head, rank=3, seed=8),
+        HeadEdit({"fc0": bias["fc0"]}),
+        HeadEdit({"fc1": lr["fc1"]}),
+        HeadEdit({"fc0": _edit(head, rank=1, seed=9).layers["fc0"], "fc1": dense}),
+    ]
+    residuals = [full, HeadEdit({"fc0": lr["fc0"]}), HeadEdit({"fc1": bias["fc1"]})]
+    bounds = EditBounds()
+    for proto in protos:
+        for residual in residuals:
+            decoded = decode_values(_payload(residual), spec=spec, max_rank=bounds.max_rank)
+            fast = prepare_decoded(head, decoded, bounds, proto)
+            slow = prepare_edit(head, HeadEdit.compose(proto, residual), bounds)
+            for a, b in zip(fast.weights, slow.weights, strict=True):
+                torch.testing.assert_close(a, b)
+    decoded = decode_values(_payload(full), spec=spec, max_rank=8)
+    with pytest.raises(ValidationError, match=r"length r in 1\.\.4"):
+        prepare_decoded(head, decoded, EditBounds(max_rank=4), protos[0])  # 3 + 2
+
+
+def test_composed_fast_path_accepts_what_only_the_cheap_bound_doubts(
+    tiny_model: SeqRanker,
+) -> None:
+    head = tiny_model.head
+    out_f, in_f = head.edit_spec()["fc0"]
+
+    def unit(i: int) -> HeadEdit:  # A V^T = e_i e_i^T: norm 1 each, orthogonal to the other
+        u, v = torch.zeros(out_f, 1), torch.zeros(in_f, 1)
+        u[i, 0] = v[i, 0] = 1.0
+        return HeadEdit({"fc0": LayerEdit(u=u, s=torch.ones(1), v=v)})
+
+    proto, residual = unit(0), unit(1)  # composed ||dW||_F = sqrt(2); cheap bound 2
+    bounds = EditBounds(max_weight_norm=1.5)
+    decoded = decode_values(_payload(residual))
+    fast = prepare_decoded(head, decoded, bounds, proto)
+    slow = prepare_edit(head, HeadEdit.compose(proto, residual), bounds)
+    for a, b in zip(fast.weights, slow.weights, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValidationError, match=r"\|\|dW\|\|_F"):
+        prepare_decoded(head, decoded, EditBounds(max_weight_norm=1.4), proto)
