@@ -35,8 +35,8 @@ the response says so (``mode``/``note``).
 **Harm guard** (issue 15; ``config.guard`` / ``config.guard_report``): before a click of
 a user who holds a candidate edit (served, or held out by a guard) is appended, the
 clicked item's rank under the base head and under the candidate edit is computed (two
-probe jobs of the same micro-batch: one head pass and catalogue product each, no
-per-item Python) and recorded in the user's evidence
+probe jobs in one pass on the ranking thread, outside Recommend's micro-batching
+window: one head pass and catalogue product each, no per-item Python) and recorded in the user's evidence
 (:class:`device_ranker.guard.GuardState` + cumulative sums reported to the cloud); a new
 edit then passes the device's harm test and the cloud's fleet decision
 (:mod:`~device_ranker.service.cloud_edits`) or is held. The learned trigger
@@ -441,21 +441,18 @@ class DeviceEngine:
         """Before a click is appended: its rank under the base head (when the guard
         scores clicks and the user holds a candidate edit, or the learned trigger needs
         it) and under the candidate edit (recorded in the user's guard evidence), from
-        one micro-batched pass; returns the base rank (None: not ranked)."""
+        one pass on the ranking thread; returns the base rank (None: not ranked)."""
         scores = st.guard is not None and st.guard.clicks is not None
         candidate = st.shadow_edit if scores else None
         if candidate is not None and not self.store.adaptive(st):
             candidate = None  # a static arm is served the base head: nothing to judge
         if candidate is None and st.base_ranks is None:
             return None
-        probe = np.asarray([item], dtype=np.int64)
-        jobs = [self.ranking.rank(st, edit=None, k=0, exclude=st.seen, probes=probe)]
+        edits = [None] if candidate is None else [None, candidate]
+        ranks = await self.ranking.probe_ranks(st, edits, item)  # one pass, no batch wait
+        base_rank = ranks[0]
         if candidate is not None:
-            jobs.append(self.ranking.rank(st, edit=candidate, k=0, exclude=st.seen, probes=probe))
-        outs = await asyncio.gather(*jobs)
-        base_rank = int(outs[0].probe_ranks[0])
-        if candidate is not None:
-            st.guard.record(base_rank, int(outs[1].probe_ranks[0]))  # type: ignore[union-attr]
+            st.guard.record(base_rank, ranks[1])  # type: ignore[union-attr]
         return base_rank
 
     async def _click_rank(self, st: UserState, item: int) -> int | None:

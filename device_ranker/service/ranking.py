@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -214,6 +215,7 @@ class Ranking:
 
     def __init__(self, ranker: Ranker, batch: BatchConfig, *, inline: bool = False) -> None:
         self.ranker = ranker
+        self.inline = inline
         ranker.ann_index()  # a large catalogue's faiss index is built now, not on a request
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ranker")
         self.batcher: MicroBatcher[RankJob, RankOutput] = MicroBatcher(
@@ -256,3 +258,26 @@ class Ranking:
         if keep_scores and st.version == version and out.raw is not None:
             st.scores = (version, edit, out.raw.clone())  # [I], not a view of the batch
         return out
+
+    async def probe_ranks(
+        self, st: UserState, edits: Sequence[PreparedEdit | None], item: int
+    ) -> list[int]:
+        """The 1-based rank of ``item`` for user ``st`` under each of ``edits`` (None =
+        the base head), among the catalogue minus the user's history: one pass over the
+        E jobs on the ranking thread, without the micro-batcher's wait (the harm guard
+        and the learned trigger rank every click; Recommend's batching window would add
+        its wait to every RecordEvent). Caches the user state like :meth:`rank`."""
+        version = st.version
+        history = np.fromiter(st.history, np.int64, len(st.history))
+        exclude = np.fromiter(st.seen, np.int64, len(st.seen))
+        state = st.state if st.state_version == version else None
+        probe = np.asarray([item], dtype=np.int64)
+        jobs = [RankJob(history, state, edit, 0, exclude, None, probe) for edit in edits]
+        if self.inline:
+            outs = self.rank_batch(jobs)
+        else:
+            loop = asyncio.get_running_loop()
+            outs = await loop.run_in_executor(self.executor, self.rank_batch, jobs)
+        if st.version == version and st.state_version != version:
+            st.state, st.state_version = outs[0].state, version
+        return [int(o.probe_ranks[0]) for o in outs]
