@@ -100,20 +100,21 @@ def build_tiny_engine(
             num_prototypes=num_prototypes, residual_rank=rank, refine_every=2, seed=seed,
             name_prefix="tiny",
         )  # fmt: skip
-        kwargs = dict(bound=max_weight_norm * 2, bias_bound=max_bias_abs * 2)
-        if any(p.name.startswith("tiny-") for p in store.list_prototypes()):
-            bank = PrototypeBank.load(store, adaptor.decode, head_spec, pcfg, **kwargs)
-        else:
+
+        def fit() -> dict[str, np.ndarray]:  # only on an empty store, by one replica
             histories = [rng.integers(0, num_items, size=8) for _ in range(64)]
             items, _ = tokens(histories)
             codes = item_codes(items, ids.codes)
             with torch.no_grad():
                 train_codes = adaptor.encode(torch.from_numpy(codes)).numpy()
             centroids, _ = fit_prototypes(train_codes, pcfg)
-            bank = PrototypeBank.create(
-                store, centroids, adaptor.decode, head_spec, pcfg, train_codes=train_codes,
-                **kwargs,
-            )  # fmt: skip
+            return {"centroids": centroids, "train_codes": train_codes}
+
+        # replicas starting together on one empty store: one fits and stores, all load it
+        bank, _ = PrototypeBank.load_or_create(
+            store, adaptor.decode, head_spec, pcfg, fit=fit,
+            bound=max_weight_norm * 2, bias_bound=max_bias_abs * 2,
+        )  # fmt: skip
     return ComposedEngine(
         item_ids=list(item_ids),
         ids=ids,
