@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,6 +44,8 @@ import numpy as np
 from device_ranker.gate import GateConfig, GateDecision, GateState
 from device_ranker.learned_gate import GateModel, LearnedGate
 from recsys.errors import ValidationError
+
+logger = logging.getLogger(__name__)
 
 
 class LearnedTrigger:
@@ -66,6 +69,20 @@ class LearnedTrigger:
             )
         self.gate = LearnedGate(model, config, item_vectors, threshold=config.threshold)
         self.config = config
+        trained = {
+            k: model.meta[k] for k in ("window", "min_history", "min_gap") if k in model.meta
+        }
+        differs = {
+            k: (v, getattr(config, k)) for k, v in trained.items() if v != getattr(config, k)
+        }
+        if differs:  # its thresholds were calibrated under the training settings
+            logger.warning(
+                "the learned gate was trained with %s; this device runs %s: its request rate "
+                "may differ from the budget (--gate-window / --gate-min-history / "
+                "--gate-min-gap)",
+                trained,
+                {k: cur for k, (_, cur) in differs.items()},
+            )
 
     def threshold(self) -> float:
         return self.gate.threshold()
