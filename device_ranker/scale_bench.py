@@ -18,7 +18,8 @@ Synthetic data (:func:`synthetic_ranker`, :func:`synthetic_histories`):
 
 Per catalogue size (:func:`catalogue_figures`): Recommend latency p50/p99 for one user
 (wall, and the thread's CPU time: on a shared machine the wall time includes waiting for
-a core, reported as ``cpu_share``)
+a core, reported as ``cpu_share``), the device server's bytes per item (model +
+index + the item-id maps of its user store)
 (``Ranker.recommend``: the faiss pre-selection of :mod:`device_ranker.ann` when the size
 reaches ``AnnConfig.min_items``, exact full scoring below), batched throughput
 (``recommend_batch``), recall@10 of that path against exact full scoring, memory per item
@@ -219,6 +220,7 @@ def catalogue_figures(n: int, cfg: ScaleConfig) -> dict[str, Any]:
         recall = recall_at_k(got, want)
     model_bytes = _module_bytes(ranker.model)
     index_bytes = 0 if index is None else int(index.nbytes)
+    map_bytes = catalogue_map_bytes(n)
     edit_p50, edit_p99 = edit_apply_us(ranker, cfg.edit_repeats, cfg.seed)
     p50, p99 = _pct(lat)
     cpu50, cpu99 = _pct(lat_cpu)
@@ -235,11 +237,28 @@ def catalogue_figures(n: int, cfg: ScaleConfig) -> dict[str, Any]:
         "model_bytes": model_bytes,
         "index_bytes": index_bytes,
         "bytes_per_item": (model_bytes + index_bytes) / n,
+        "map_bytes": map_bytes,
+        "server_bytes_per_item": (model_bytes + index_bytes + map_bytes) / n,
         "index_build_s": build_s,
         "model_build_s": model_s,
         "edit_apply_p50_us": edit_p50,
         "edit_apply_p99_us": edit_p99,
     }
+
+
+def catalogue_map_bytes(n: int) -> int:
+    """Bytes (tracemalloc) of what a device server keeps per item besides the model and
+    the index: the item id strings (``"i123"``-style, as short as real ids get) and the
+    ``UserStore``'s id -> index dict."""
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    ids = [f"i{i}" for i in range(n)]
+    index = {item: i for i, item in enumerate(ids)}
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    del ids, index
+    return int(held)
 
 
 def _user_store(ranker: Ranker, max_users: int):
@@ -399,8 +418,11 @@ def plot_scale(figures: dict[str, Any], path: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="catalogue items", ylabel="Recommend ms (1 user)")
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.plot(n, [r["bytes_per_item"] for r in cat], "o-")
-    ax.set(xscale="log", xlabel="catalogue items", ylabel="bytes per item (model + index)")
+    ax.plot(n, [r["bytes_per_item"] for r in cat], "o-", label="model + index")
+    if all("server_bytes_per_item" in r for r in cat):
+        ax.plot(n, [r["server_bytes_per_item"] for r in cat], "s--", label="+ item-id maps")
+    ax.set(xscale="log", xlabel="catalogue items", ylabel="bytes per item")
+    ax.legend(fontsize=8)
     ax = axes[2]
     meas = [r for r in users if r["measured"]]
     extra = [r for r in users if not r["measured"]]

@@ -102,6 +102,7 @@ def _row_catalogue(r: dict[str, Any]) -> dict[str, Any]:
         "batched (users/s)": r["batch_users_per_s"],
         "recall@10 vs exact": r["recall_at_10"],
         "bytes/item (model + index)": r["bytes_per_item"],
+        "bytes/item (+ id maps)": r["server_bytes_per_item"],
         "index build (s)": r["index_build_s"],
         "edit apply p50 (us)": r["edit_apply_p50_us"],
     }

@@ -25,6 +25,7 @@ CATALOGUE_FIELDS = {
     "model_bytes",
     "index_bytes",
     "bytes_per_item",
+    "server_bytes_per_item",
     "index_build_s",
     "edit_apply_p50_us",
     "edit_apply_p99_us",
@@ -46,6 +47,7 @@ def test_cli_writes_every_figure_and_the_plot(tmp_path, capsys) -> None:
         assert set(row) >= CATALOGUE_FIELDS
         assert row["path"] == "exact" and row["recall_at_10"] == 1.0  # below min_items
         assert row["model_bytes"] > row["items"] * 64 * 4  # at least the item table
+        assert row["server_bytes_per_item"] > row["bytes_per_item"]  # + the id maps
         assert row["recommend_p99_ms"] >= row["recommend_p50_ms"] > 0
     users = data["user_table"]
     assert [(r["users"], r["measured"]) for r in users] == [(50, True), (120, True), (1000, False)]
