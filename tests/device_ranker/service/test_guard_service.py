@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import math
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import cloud_config, device_config
 
 from device_ranker.gate import GateConfig
@@ -27,17 +29,38 @@ from recsys.rpc.cloud.v1 import adaptation_pb2_grpc as cpb_grpc
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
 from recsys.serving.fleet_guard import FleetGuardConfig
+from recsys.serving.server import ServerOptions
 
 # one request when the history reaches min_history, then only RequestEdit asks
 ONCE = GateConfig(min_history=2, min_gap=1, budget=0.001)
 
 
 def _servers(bg, artifacts, fleet: FleetGuardConfig | None, **device_kw):
-    cloud = bg.run(start_cloud(cloud_config(artifacts, fleet_guard=fleet or FleetGuardConfig())))
+    metrics = ServerOptions(port=0, metrics_port=0)
+    cloud = bg.run(
+        start_cloud(
+            cloud_config(artifacts, fleet_guard=fleet or FleetGuardConfig(), server=metrics)
+        )
+    )
     device = bg.run(
-        start_device(device_config(artifacts, cloud.port, trigger="timer", gate=ONCE, **device_kw))
+        start_device(
+            device_config(
+                artifacts, cloud.port, trigger="timer", gate=ONCE, server=metrics, **device_kw
+            )
+        )
     )
     return cloud, device
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed: (sample name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 @pytest.fixture
@@ -52,6 +75,7 @@ def servers(bg, artifacts, request) -> Iterator[tuple]:
             cloud,
             pb_grpc.RecommendationServiceStub(dch),
             cpb_grpc.AdaptationServiceStub(cch),
+            device,
         )
     bg.run(device.stop(0))
     bg.run(cloud.stop(0))
@@ -102,7 +126,7 @@ GUARD = GuardConfig(window=20, min_evidence=3, z=0.0)
 @pytest.mark.parametrize("servers", [(None, {"guard": True, "guard_settings": GUARD})],
                          indirect=True)  # fmt: skip
 def test_device_guard_holds_an_edit_after_clicks_its_predecessor_ranked_worse(servers) -> None:
-    _, stub, _ = servers
+    _, stub, _, device = servers
     first = _start_user(stub, "g1")
     assert first.outcome == pb.EDIT_OUTCOME_APPLIED  # no evidence yet: applied
     assert first.mode == pb.SERVING_MODE_EDITED
@@ -126,6 +150,8 @@ def test_device_guard_holds_an_edit_after_clicks_its_predecessor_ranked_worse(se
     status = stub.GetStatus(pb.GetStatusRequest(user_id="g1"))
     assert (status.guard_accepted, status.guard_rejected, status.fleet_held) == (1, 1, 0)
     assert status.user.held_by == "device" and "held by the device" in status.user.note
+    guarded = ("recsys_device_edits_total", (("outcome", "guarded"),))
+    assert _scrape(device.server.metrics.port)[guarded] == 1
     rec = stub.Recommend(pb.RecommendRequest(user_id="g1", k=3))
     assert rec.mode == pb.SERVING_MODE_BASE
     # the held edit is the candidate: the next click is scored against it in shadow
@@ -140,7 +166,7 @@ def test_device_guard_holds_an_edit_after_clicks_its_predecessor_ranked_worse(se
 def test_proof_guard_serves_the_base_head_until_several_devices_show_edits_help(
     servers,
 ) -> None:
-    cloud, stub, cloud_stub = servers
+    cloud, stub, cloud_stub, _ = servers
     first = _start_user(stub, "p1")
     assert first.outcome == pb.EDIT_OUTCOME_HELD  # no evidence: the base head
     assert first.mode == pb.SERVING_MODE_BASE
@@ -164,19 +190,29 @@ def test_proof_guard_serves_the_base_head_until_several_devices_show_edits_help(
     "servers", [(FleetGuardConfig(mode="harm"), {"guard_report": True})], indirect=True
 )
 def test_harm_guard_holds_edits_once_devices_show_harm(servers) -> None:
-    _, stub, cloud_stub = servers
+    cloud, stub, cloud_stub, device = servers
     assert _start_user(stub, "h1").outcome == pb.EDIT_OUTCOME_APPLIED  # no evidence: apply
     assert _fake_report(cloud_stub, "d1", 50, -0.1, 0.05) == cpb.EDIT_DECISION_HOLD
     res = stub.RequestEdit(pb.RequestEditRequest(user_id="h1", wait_for_edit=True))
     assert res.outcome == pb.EDIT_OUTCOME_HELD and res.mode == pb.SERVING_MODE_BASE
     assert stub.GetStatus(pb.GetStatusRequest(user_id="h1")).user.held_by == "fleet"
+    dev = _scrape(device.server.metrics.port)
+    assert dev[("recsys_device_edits_total", (("outcome", "guarded"),))] == 1
+    assert dev[("recsys_device_edits_total", (("outcome", "applied"),))] == 1
+    cl = _scrape(cloud.server.metrics.port)
+    decisions = "recsys_cloud_fleet_guard_decisions_total"
+    assert cl[(decisions, (("decision", "apply"),))] == 1  # h1's first edit
+    assert cl[(decisions, (("decision", "hold"),))] == 2  # d1's and h1's second
+    assert cl[("recsys_cloud_fleet_guard_clicks", ())] == 50
+    assert cl[("recsys_cloud_fleet_guard_devices", ())] == 1
+    assert cl[("recsys_cloud_fleet_guard_mean_gain_diff", ())] == pytest.approx(-0.1)
 
 
 @pytest.mark.parametrize(
     "servers", [(FleetGuardConfig(mode="harm"), {"guard_report": True})], indirect=True
 )
 def test_inconsistent_evidence_is_invalid_argument_and_pools_nothing(servers) -> None:
-    cloud, _, cloud_stub = servers
+    cloud, _, cloud_stub, _ = servers
     for clicks, total, squares in [(3, 5.0, 9.0), (4, 1.0, 0.1), (2, math.nan, 0.0)]:
         with pytest.raises(grpc.RpcError) as err:
             cloud_stub.GenerateEdit(
