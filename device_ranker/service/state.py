@@ -28,7 +28,10 @@ survives power loss too, at the cost of an fsync per event.
 
 Not stored (rebuilt after a restart): the request gate's state (a reloaded user's gate
 starts afresh), the staleness counters, the cached user states and scores, a failed
-request's note, in-flight requests.
+request's note, in-flight requests, the harm guard's click evidence and an edit a guard
+holds out (the base head the user was served is stored; a reloaded user's evidence starts
+at zero and its next edit is judged on the clicks after the reload), and the learned
+trigger's base ranks of the clicks (NaN after a reload).
 
 Example::
 
