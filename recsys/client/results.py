@@ -32,6 +32,7 @@ class EditOutcome(enum.Enum):
     APPLIED = "applied"
     FAILED = "failed"  # cloud slow / unreachable / bad edit: the device falls back
     IN_FLIGHT = "in_flight"  # a request for the user was already running
+    HELD = "held"  # received, but a harm guard keeps it out: the user is served the base head
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ class UserStatus:
     fit_mrr: float
     fit_mean_rank: float
     fit_clicks: int
+    guard_clicks: int  # clicks scored by the base head and the candidate edit (harm guard)
+    guard_mean_gain_diff: float  # their mean gain(edit) - gain(base); NaN before any
+    held_by: str  # who keeps the latest edit out: "device", "fleet", "" = none
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,15 @@ class DeviceStatus:
     last_cloud_ok_ms: int
     user: UserStatus | None
     experiment: str
+    max_users: int  # the count cap (bounded memory)
+    memory_bytes: int  # estimated bytes the users in memory hold
+    max_memory_bytes: int  # the byte cap (0 = none)
+    users_evicted: int
+    evicted_bytes: int
+    users_reloaded: int
+    guard_accepted: int  # edits the device's harm guard let through
+    guard_rejected: int  # ... and kept out
+    fleet_held: int  # edits the cloud's pooled guard said to hold
 
 
 @dataclass(frozen=True)
