@@ -45,7 +45,10 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import Field
 
+from recsys.serving.fleet_guard import benefit_test, harm_test
 from recsys.validation import config_dataclass
+
+__all__ = ["GuardConfig", "GuardState", "HarmGuard", "benefit_test", "click_gain", "harm_test"]
 
 
 @config_dataclass
@@ -130,35 +133,4 @@ class HarmGuard:
         want = np.maximum(cn[ends] - cfg.window, 0)  # scored clicks to skip
         starts = np.searchsorted(cn, want, side="left")  # first index with cn == want
         n = cn[ends] - cn[starts]
-        ok = _accept(cs[ends] - cs[starts], cq[ends] - cq[starts], n, cfg)
-        return (n < max(cfg.min_evidence, 1)) | ok
-
-
-def harm_test(total, squares, n, cfg: GuardConfig):
-    """The guard's test from the evidence's sum, sum of squares and count (any shape):
-    True = apply. The device runs it on its own clicks; the cloud's fleet guard on the
-    pooled clicks of every device (``recsys.replay.guard.apply_fleet_guards``)."""
-    return (np.asarray(n) < max(cfg.min_evidence, 1)) | _accept(total, squares, n, cfg)
-
-
-def benefit_test(total, n, clustered_var, cfg: GuardConfig):
-    """The opt-in test of the cloud's proof guard (any shape): True = apply only when the
-    pooled evidence shows the edits HELP, ``mean - z * se > margin``, with at least
-    ``min_evidence`` clicks. ``clustered_var`` is the variance of the mean with the
-    clicks clustered by device (:func:`recsys.replay.guard.apply_fleet_guards`
-    computes it), so one device's many correlated clicks cannot prove a benefit alone.
-    Without evidence the answer is no: the device keeps the base head."""
-    n = np.asarray(n, dtype=np.float64)
-    mean = np.asarray(total, dtype=np.float64) / np.maximum(n, 1.0)
-    se = np.sqrt(np.maximum(clustered_var, 0.0))
-    return (n >= max(cfg.min_evidence, 1)) & (mean - cfg.z * se > cfg.margin)
-
-
-def _accept(total, squares, n, cfg: GuardConfig):
-    """mean + z * se >= -margin from the sum, sum of squares and count (any shape; se
-    with the n - 1 variance, 0 for one click)."""
-    n = np.asarray(n, dtype=np.float64)
-    m = np.maximum(n, 1.0)
-    mean = total / m
-    var = np.maximum(squares - m * mean * mean, 0.0) / np.maximum(n - 1.0, 1.0)
-    return mean + cfg.z * np.sqrt(var / m) >= -cfg.margin - 1e-12  # float sums: ties accept
+        return harm_test(cs[ends] - cs[starts], cq[ends] - cq[starts], n, cfg)

@@ -16,18 +16,19 @@ and decides, as the offline replay does (``recsys.replay.guard.apply_fleet_guard
 
 * ``harm``: hold when the pooled clicks show significant harm, apply otherwise (and with
   fewer than ``min_evidence`` clicks): ``mean + z * sd / sqrt(N) >= -margin``, the
-  per-click test of :func:`device_ranker.guard.harm_test`;
+  per-click test of :func:`harm_test`;
 * ``proof`` (opt-in): apply only when the pooled clicks show edits HELP, with the clicks
   clustered by device: ``mean - z * se > margin`` with
   ``se^2 = (C_ss - 2 mean C_sn + mean^2 C_nn) / N^2``
-  (:func:`device_ranker.guard.benefit_test`), at least ``min_evidence`` clicks and at
+  (:func:`benefit_test`), at least ``min_evidence`` clicks and at
   least ``min_devices`` reporting devices (with one device the clustered variance is 0, so
   one device could prove a benefit alone: the replay never meets that case, a fresh
   service does). Without evidence the answer is hold.
 
-This module is below both sides (the cloud must not import ``device_ranker``); the test
-``tests/llm_cloud/service/test_fleet_guard.py`` checks the decisions against
-``device_ranker.guard``'s tests and the replay's clustered sums.
+This module is below both sides (the cloud must not import ``device_ranker``), so the two
+tests live here and :mod:`device_ranker.guard` and the replay use them; the test
+``tests/llm_cloud/service/test_fleet_guard.py`` checks the pooled sums against the
+replay's clustered sums.
 
 The pooled state is in memory, per cloud replica (each replica pools the reports it
 received; with round-robin every device's latest report reaches each replica within a
@@ -45,6 +46,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from recsys.errors import ValidationError
@@ -137,28 +139,37 @@ class FleetEvidence:
             return None
         n = round(self.n)
         if cfg.mode == "harm":
-            ok = harm_ok(self.s, self.q, n, cfg)
+            ok = bool(harm_test(self.s, self.q, n, cfg))
         else:
-            ok = self.devices >= cfg.min_devices and benefit_ok(
-                self.s, n, self.clustered_var(), cfg
+            ok = self.devices >= cfg.min_devices and bool(
+                benefit_test(self.s, n, self.clustered_var(), cfg)
             )
         decision = APPLY if ok else HOLD
         self.decisions[decision] += 1
         return decision
 
 
-def harm_ok(total: float, squares: float, n: int, cfg: FleetGuardConfig) -> bool:
-    """The harm test (``device_ranker.guard.harm_test``): True = apply."""
-    if n < max(cfg.min_evidence, 1):
-        return True
-    mean = total / n
-    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
-    return mean + cfg.z * math.sqrt(var / n) >= -cfg.margin - 1e-12
+def harm_test(total, squares, n, cfg):
+    """The harm test from the evidence's sum, sum of squares and count (any shape): True =
+    apply unless ``mean + z * se < -margin`` (se with the n - 1 variance, 0 for one click);
+    with fewer than ``min_evidence`` clicks, apply. The device runs it on its own clicks
+    (:mod:`device_ranker.guard`), the cloud and the replay on every device's pooled clicks.
+    ``cfg`` has ``min_evidence``, ``z`` and ``margin`` (a GuardConfig or FleetGuardConfig)."""
+    n = np.asarray(n, dtype=np.float64)
+    m = np.maximum(n, 1.0)
+    mean = total / m
+    var = np.maximum(squares - m * mean * mean, 0.0) / np.maximum(n - 1.0, 1.0)
+    ok = mean + cfg.z * np.sqrt(var / m) >= -cfg.margin - 1e-12  # float sums: ties accept
+    return (n < max(cfg.min_evidence, 1)) | ok
 
 
-def benefit_ok(total: float, n: int, clustered_var: float, cfg: FleetGuardConfig) -> bool:
-    """The opt-in test (``device_ranker.guard.benefit_test``): True = apply."""
-    if n < max(cfg.min_evidence, 1):
-        return False
-    mean = total / n
-    return mean - cfg.z * math.sqrt(max(clustered_var, 0.0)) > cfg.margin
+def benefit_test(total, n, clustered_var, cfg):
+    """The opt-in test of the proof guard (any shape): True = apply only when the pooled
+    evidence shows the edits HELP, ``mean - z * se > margin``, with at least
+    ``min_evidence`` clicks. ``clustered_var`` is the variance of the mean with the clicks
+    clustered by device, so one device's many correlated clicks cannot prove a benefit
+    alone. Without evidence the answer is no: the device keeps the base head."""
+    n = np.asarray(n, dtype=np.float64)
+    mean = np.asarray(total, dtype=np.float64) / np.maximum(n, 1.0)
+    se = np.sqrt(np.maximum(clustered_var, 0.0))
+    return (n >= max(cfg.min_evidence, 1)) & (mean - cfg.z * se > cfg.margin)
