@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ import jwt
 
 from recsys.errors import ValidationError
 from recsys.serving.errors import Undecodable
+from recsys.serving.interceptor import Continuation, UnaryInterceptor, unary_handler
 from recsys.serving.keys import ALGORITHM, KeyRing, SigningKey
 from recsys.serving.redact import id_ref
 from recsys.validation import Field, config_dataclass
@@ -259,7 +260,7 @@ def auth_interceptors(config: AuthConfig, policy: AuthPolicy) -> list[grpc.aio.S
     return [AuthInterceptor(TokenVerifier(ring, leeway_s=config.leeway_s), policy)]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(UnaryInterceptor):
     """UNAUTHENTICATED without a valid token, PERMISSION_DENIED when a device token's
     subject is not the id the request acts for (see the module docstring).
 
@@ -271,15 +272,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, verifier: TokenVerifier, policy: AuthPolicy | None = None) -> None:
+        super().__init__()
         self.verifier = verifier
         self.policy = policy or AuthPolicy()
         self.counts = {"unauthenticated": 0, "permission_denied": 0}
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
@@ -287,12 +286,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is None:  # every project RPC is unary; deny anything else
             return self._deny_stream(method)
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self.wrapped(method, handler)
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Identity:
         """The caller's identity from call metadata; AuthError when there is none."""
@@ -303,7 +297,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise AuthError(f"the {METADATA_KEY} metadata must be '{SCHEME}<token>'")
         return self.verifier.verify(token)
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
         id_field = self.policy.acts_for.get(method)
 
@@ -333,11 +327,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     )
             return await behavior(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_handler(checked, handler)
 
     def _deny_stream(self, method: str) -> grpc.RpcMethodHandler:
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -40,13 +40,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from recsys.errors import NotFoundError, RecsysError, ValidationError
+from recsys.serving.interceptor import Behavior, UnaryInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(UnaryInterceptor):
     """Server interceptor: domain errors -> status codes (one per server).
 
     Args:
@@ -119,27 +117,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, service_label: str = "") -> None:
+        super().__init__()
         self.service_label = service_label
         self.counts: dict[str, int] = {}  # status code name -> errors mapped (for tests/metrics)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with its behaviour wrapped in the error mapping (built once per method)."""
         behavior: Behavior = handler.unary_unary
 

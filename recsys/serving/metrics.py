@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -51,6 +51,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from recsys.errors import ValidationError
+from recsys.serving.interceptor import UnaryInterceptor, unary_handler
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def split_method(full: str) -> tuple[str, str]:
     return service or "unknown", method or full
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(UnaryInterceptor):
     """Counts and times every unary-unary call by (service, method, status code).
 
     The code is the one the handler (and the interceptors inside this one) ended the call
@@ -75,27 +76,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, requests: Counter, duration: Histogram) -> None:
+        super().__init__()
         self.requests = requests
         self.duration = duration
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
         service, name = split_method(method)
         children: dict[str, tuple[Any, Any]] = {}  # code -> (counter, histogram) of this method
@@ -128,11 +113,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 count.inc()
                 latency.observe(time.perf_counter() - t0)
 
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_handler(timed, handler)
 
 
 def _code_name(code: Any) -> str:

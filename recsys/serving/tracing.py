@@ -40,6 +40,7 @@ import grpc
 import grpc.aio
 
 from recsys.errors import ValidationError
+from recsys.serving.interceptor import UnaryInterceptor, unary_handler
 
 logger = logging.getLogger(__name__)
 
@@ -167,19 +168,14 @@ def _rpc_attributes(method: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
-class TracingServerInterceptor(grpc.aio.ServerInterceptor):
+class TracingServerInterceptor(UnaryInterceptor):
     """A server span per unary call, continuing the caller's trace from the metadata's
     ``traceparent``; the span records the aborted status code, if any."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not enabled():
-            return handler
-        method = handler_call_details.method
+    def applies(self, method: str) -> bool:
+        return enabled()
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
 
         async def traced_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -203,11 +199,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
                     s.set_status(Status(StatusCode.ERROR, str(getattr(code, "name", code))))
                     raise
 
-        return grpc.unary_unary_rpc_method_handler(
-            traced_call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_handler(traced_call, handler)
 
 
 class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
