@@ -84,6 +84,7 @@ from device_ranker.train import (
     epoch_seeds,
     library_versions,
     model_score_fn,
+    record_epoch,
     save_checkpoint,
     training_data,
 )
@@ -451,24 +452,14 @@ def _run_rank(rank: int, job: _Job) -> DistributedTrainResult | None:
             eval_model.load_state_dict(full)
             eval_model.eval()
             metrics = evaluate(model_score_fn(eval_model), job.valid)
-            score = metrics["ndcg@10"]
-            if score > state["best_metric"]:
-                state.update(best_metric=score, best_epoch=epoch, bad_epochs=0, best_state=full)
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            state["history"].append(
-                {
-                    "epoch": epoch,
-                    "loss": total / max(steps, 1),
-                    **{f"valid_{k}": v for k, v in metrics.items() if k != "users"},
-                    "seconds": time.perf_counter() - te,
-                }
-            )
+            record_epoch(
+                state, epoch, metrics, total / max(steps, 1), time.perf_counter() - te,
+                lambda full=full: full,
+            )  # fmt: skip
             stop = state["bad_epochs"] >= cfg.patience or time.perf_counter() > deadline
             state["finished"] = stop and epoch >= cfg.min_epochs
             bar.update(1)
-            bar.set_postfix(loss=f"{total / max(steps, 1):.3f}", ndcg10=f"{score:.4f}")
+            bar.set_postfix(loss=f"{total / max(steps, 1):.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
             if job.checkpoint_path is not None:
                 save_checkpoint(job.checkpoint_path, _checkpoint(job, full, state, summary, world))
             decision = [state["finished"]]

@@ -261,6 +261,33 @@ def training_data(
     return cfg, windows, valid
 
 
+def record_epoch(
+    state: dict[str, Any],
+    epoch: int,
+    metrics: dict[str, float],
+    mean_loss: float,
+    seconds: float,
+    weights: Callable[[], dict[str, torch.Tensor]],
+) -> None:
+    """Early-stopping bookkeeping after an epoch's validation (single-process and sharded
+    training): a new best NDCG@10 keeps ``weights()`` (called only then) and resets the
+    patience counter, otherwise the counter grows; the epoch's row joins the history."""
+    if metrics["ndcg@10"] > state["best_metric"]:
+        state.update(best_metric=metrics["ndcg@10"], best_epoch=epoch, bad_epochs=0)
+        state["best_state"] = weights()
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    state["history"].append(
+        {
+            "epoch": epoch,
+            "loss": mean_loss,
+            **{f"valid_{k}": v for k, v in metrics.items() if k != "users"},
+            "seconds": seconds,
+        }
+    )
+
+
 def dataset_info(dataset: Dataset) -> dict[str, Any]:
     """The checkpoint's ``dataset`` record."""
     return {
@@ -410,24 +437,10 @@ def train(
         model.eval()
         metrics = evaluate(model_score_fn(model), valid)
         score = metrics["ndcg@10"]
-        if score > state["best_metric"]:
-            state.update(
-                best_metric=score,
-                best_epoch=epoch,
-                bad_epochs=0,
-                best_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-            )
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["history"].append(
-            {
-                "epoch": epoch,
-                "loss": total / max(steps, 1),
-                **{f"valid_{k}": v for k, v in metrics.items() if k != "users"},
-                "seconds": time.perf_counter() - te,
-            }
-        )
+        record_epoch(
+            state, epoch, metrics, total / max(steps, 1), time.perf_counter() - te,
+            lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
+        )  # fmt: skip
         if state["bad_epochs"] >= cfg.patience and epoch >= cfg.min_epochs:
             state["finished"] = True
         if time.perf_counter() > deadline and epoch >= cfg.min_epochs:
