@@ -36,9 +36,9 @@ def test_generate_edit_and_prototypes(target, operator_token) -> None:
             again = cloud.generate_edit("phone-1", ["i1", "i2", "i3"],
                                         cached_prototype=edit.prototype_ref)  # fmt: skip
             assert again.prototype is None and again.edit_id > edit.edit_id
-        for e in entries:
+        for e in entries:  # the edits above may have refined it since it was listed
             proto = cloud.get_prototype(e.id)
-            assert proto.ref.id == e.id and proto.ref.version == e.current_version
+            assert proto.ref.id == e.id and proto.ref.version >= e.current_version
         int8 = cloud.generate_edit("phone-1", ["i1", "i2"], payload_dtype="int8")
         assert len(int8.edit_payload) < len(edit.edit_payload) or edit.prototype_ref is None
 
