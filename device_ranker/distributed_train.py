@@ -82,6 +82,7 @@ from device_ranker.train import (
     TrainResult,
     dataset_info,
     epoch_seeds,
+    initial_state,
     library_versions,
     model_score_fn,
     record_epoch,
@@ -401,15 +402,7 @@ def _run_rank(rank: int, job: _Job) -> DistributedTrainResult | None:
         logger.info("sharding plan on %d ranks: %s", world, summary)
         eval_model = SeqRanker(cfg.model)
 
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "best_metric": -1.0,
-        "best_epoch": 0,
-        "bad_epochs": 0,
-        "history": [],
-        "best_state": None,
-        "finished": False,
-    }
+    state = initial_state()
     step_losses: list[tuple[int, float]] = []
     bar = tqdm(
         total=cfg.epochs,

@@ -261,6 +261,19 @@ def training_data(
     return cfg, windows, valid
 
 
+def initial_state() -> dict[str, Any]:
+    """The early-stopping state of a training run before its first epoch."""
+    return {
+        "epoch": 0,
+        "best_metric": -1.0,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "best_state": None,
+        "finished": False,
+    }
+
+
 def record_epoch(
     state: dict[str, Any],
     epoch: int,
@@ -368,15 +381,7 @@ def train(
     model = SeqRanker(mcfg)
     opt, *table_opt = make_optimizers(cfg, *split_parameters(model))
     dataset_record = dataset_info(dataset)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "best_metric": -1.0,
-        "best_epoch": 0,
-        "bad_epochs": 0,
-        "history": [],
-        "best_state": None,
-        "finished": False,
-    }
+    state = initial_state()
     path = Path(checkpoint_path) if checkpoint_path else None
     if resume:
         if path is None or not path.is_file():
