@@ -78,6 +78,13 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         help="ablation: generators read only their tokens / item ids, not the device summary",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    g.add_argument(
+        "--quantile",
+        type=float,
+        help="time split: the training period is the events before this quantile of time "
+        "(0.8); a smaller one leaves a validation period for `recsys replay --until-quantile` "
+        "(use its own --cache-dir: the time-split ranker is trained for the split)",
+    )
     g.add_argument("--retrain-ranker", action="store_true", help="retrain ranker-time.pt")
     g.add_argument(
         "--db",
@@ -178,6 +185,7 @@ def _train_config(args: argparse.Namespace):
             "rank": args.rank,
             "bound_fraction": args.bound_fraction,
             "token_source": tokens,
+            "quantile": args.quantile,
         }.items()
         if v is not None
     }

@@ -167,6 +167,17 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         help="replay at most this many users (seeded sample; --parity / --live-experiment: 20)",
     )
     p.add_argument("--max-events", type=int, help="replay each device's first N events only")
+    p.add_argument(
+        "--quantile",
+        type=float,
+        help="time split of the adaptor artefact (0.8; `recsys train adaptor --quantile`)",
+    )
+    p.add_argument(
+        "--until-quantile",
+        type=float,
+        help="replay only the events before the cut at this quantile: with an artefact "
+        "trained at an earlier --quantile, a validation period inside the training period",
+    )
     p.add_argument("--min-history", type=int, help="events before a device is evaluated (5)")
     p.add_argument("--negatives", type=int, help="sampled negatives per event for AUC (100)")
     p.add_argument("--finetune-every", type=int, help="events between fine-tuning updates (5)")
@@ -382,6 +393,8 @@ def build_config(args: argparse.Namespace):
         "negatives": args.negatives,
         "max_users": max_users,
         "max_events": args.max_events,
+        "quantile": args.quantile,
+        "until_quantile": args.until_quantile,
         "payload_dtype": args.payload,
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr,

@@ -109,6 +109,9 @@ class PolicySpec:
             cloud's fleet guard) instead of the device's own.
         fleet_proof: with ``fleet_guard``: edits are applied only when the pooled
             evidence shows they help (opt-in), not unless it shows they hurt.
+        guard_z: with ``fleet_guard``: this policy's test level in standard errors
+            instead of the run's ``GuardConfig.z`` (CLI ``:fleet-proof=0``), so one
+            replay compares levels on the same stream; None: the run's.
     """
 
     kind: Literal["static", "finetune", "duet", "system"]
@@ -123,6 +126,7 @@ class PolicySpec:
     guard: bool = False
     fleet_guard: bool = False
     fleet_proof: bool = False
+    guard_z: float | None = Field(None, ge=0.0)
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
@@ -141,6 +145,10 @@ class PolicySpec:
             raise ValueError("fleet_guard=True needs guard=True")
         if self.fleet_proof and not self.fleet_guard:
             raise ValueError("fleet_proof=True needs fleet_guard=True")
+        if self.guard_z is not None and not self.fleet_guard:
+            raise ValueError(
+                "guard_z applies to fleet-guarded policies (the device guard's is --guard-z)"
+            )
         if self.guard and (self.kind not in ("system", "duet") or self.global_time):
             raise ValueError("guard=True applies to duet and system policies (not global time)")
 
@@ -162,6 +170,8 @@ class PolicySpec:
             return f"finetune every {self.finetune_every}"
         scope = FLEET_PROOF if self.fleet_proof else FLEET_GUARD if self.fleet_guard else GUARD
         guard = f" {scope}" if self.guard else ""
+        if self.guard_z is not None:
+            guard += f" z={self.guard_z:g}"
         return f"{self.edit_kind} {self.trigger} {_pct(self.budget)}{guard}"
 
     @property
@@ -207,8 +217,21 @@ class PolicySpec:
         ``system-refine:gate:1.0``, ``system-live:gate:0.1``, ``system-continual``,
         ``system:learned:0.1`` (budget as a fraction or ``20%``); a last ``:guard`` puts
         the harm guard in front (``system:timer:0.1:guard``), ``:fleet-guard`` the cloud's
-        pooled one, ``:fleet-proof`` the pooled opt-in one."""
+        pooled one, ``:fleet-proof`` the pooled opt-in one; ``:fleet-guard=Z`` /
+        ``:fleet-proof=Z`` set that policy's test level (``guard_z``)."""
         parts = [p.strip() for p in text.split(":")]
+        guard_z = None
+        if len(parts) > 1 and parts[-1].partition("=")[0] in (FLEET_GUARD, FLEET_PROOF):
+            scope, eq, level = parts[-1].partition("=")
+            if eq:
+                try:
+                    guard_z = float(level)
+                except ValueError:
+                    raise ValidationError(
+                        f"policy {text!r}: {scope}={level!r}: the level must be a number of "
+                        f"standard errors, e.g. {scope}=0 or {scope}=1.645"
+                    ) from None
+                parts[-1] = scope
         proof = len(parts) > 1 and parts[-1] == FLEET_PROOF
         fleet = len(parts) > 1 and parts[-1] in (FLEET_GUARD, FLEET_PROOF)
         guard = len(parts) > 1 and parts[-1] in (GUARD, FLEET_GUARD, FLEET_PROOF)
@@ -232,11 +255,9 @@ class PolicySpec:
             raise ValidationError(f"policy {text!r}: use {kind}[:gate|timer[:BUDGET]]")
         trigger = parts[1] if len(parts) > 1 else "gate"
         budget = parse_budget(parts[2]) if len(parts) > 2 else 1.0
+        scope = {"guard": guard, "fleet_guard": fleet, "fleet_proof": proof, "guard_z": guard_z}
         if kind == LIVE:
-            return cls(
-                kind="system", trigger=trigger, budget=budget, live=True, guard=guard,
-                fleet_guard=fleet, fleet_proof=proof,
-            )  # fmt: skip
+            return cls(kind="system", trigger=trigger, budget=budget, live=True, **scope)
         if kind in (NO_PROTOTYPES, REFINE, CONTINUAL):
             return cls(
                 kind="system",
@@ -245,14 +266,9 @@ class PolicySpec:
                 prototypes=False,
                 refine=kind == REFINE,
                 continual=kind == CONTINUAL,
-                guard=guard,
-                fleet_guard=fleet,
-                fleet_proof=proof,
+                **scope,
             )
-        return cls(
-            kind=kind, trigger=trigger, budget=budget, guard=guard, fleet_guard=fleet,
-            fleet_proof=proof,
-        )  # fmt: skip
+        return cls(kind=kind, trigger=trigger, budget=budget, **scope)
 
 
 def _int(text: str, where: str) -> int:
@@ -297,6 +313,11 @@ class ReplayConfig:
     Attributes:
         quantile: time-split quantile; must equal the one the adaptor artefact was
             trained with (0.8 by default), checked by the engine.
+        until_quantile: replay only the events before the time split's cut at this
+            quantile (> ``quantile``; None = to the end). With an artefact trained at an
+            earlier ``quantile`` this replays a **validation period** inside the usual
+            training period, e.g. train at 0.6 and replay up to 0.8, to choose settings
+            without reading the replay period.
         min_history: events a device needs before it is evaluated and first requests
             an edit (5, as in the generators' training; >= 2: fine-tuning needs two).
         negatives: sampled negatives per evaluated event for AUC / UAUC (100).
@@ -342,6 +363,7 @@ class ReplayConfig:
     """
 
     quantile: float = Field(0.8, gt=0.0, lt=1.0)
+    until_quantile: float | None = Field(None, gt=0.0, lt=1.0)
     min_history: int = Field(5, ge=2)
     negatives: int = Field(100, ge=1)
     seed: int = 0
@@ -369,6 +391,13 @@ class ReplayConfig:
     artifact: str | None = None
     learned_gate: str | None = None
     guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self) -> None:
+        if self.until_quantile is not None and self.until_quantile <= self.quantile:
+            raise ValueError(
+                f"until_quantile ({self.until_quantile}) must be above quantile "
+                f"({self.quantile}): the replay runs from the one cut to the other"
+            )
 
     @property
     def user_limit(self) -> int | None:

@@ -285,8 +285,10 @@ def run_replay(
             results, extra["global_time"] = replay_global(args, events, progress=progress)
         else:
             results = replay_devices(args, events, progress=progress)
-            proof = {s.label for s in specs if s.fleet_proof}
-            apply_fleet_guards(results, cfg.guard, proof)  # decisions that pool every device
+            fleet = [s for s in specs if s.fleet_guard]
+            levels = {s.label: s.guard_z for s in fleet if s.guard_z is not None}
+            proof = {s.label for s in fleet if s.fleet_proof}
+            apply_fleet_guards(results, cfg.guard, proof, levels)  # pools every device
     else:
         if any(s.global_time for s in specs):
             from recsys.replay.grpc_global import (

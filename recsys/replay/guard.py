@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -170,13 +170,20 @@ def _clustered_sums(
 
 
 def apply_fleet_guards(
-    results: Sequence[UserResult], config: GuardConfig, proof: Collection[str] = ()
+    results: Sequence[UserResult],
+    config: GuardConfig,
+    proof: Collection[str] = (),
+    levels: Mapping[str, float] | None = None,
 ) -> None:
     """Decide every fleet-guarded request on the pooled evidence before it and rewrite
     those policies' records and guard counts in ``results`` (in place). Labels in
-    ``proof`` use the opt-in test (apply only proven-helpful edits)."""
+    ``proof`` use the opt-in test (apply only proven-helpful edits); ``levels`` gives
+    some labels their own test level z (standard errors) instead of ``config.z``."""
     labels = sorted({label for r in results for label in r.guard_inputs})
     for label in labels:
+        test_cfg = config
+        if levels and label in levels:
+            test_cfg = dataclasses.replace(config, z=levels[label])
         parts = [r for r in results if label in r.guard_inputs]
         ins = [r.guard_inputs[label] for r in parts]
         ts = np.concatenate([x["ts"] for x in ins])  # [N]
@@ -197,9 +204,9 @@ def apply_fleet_guards(
                 n = np.maximum(cn[k], 1)
                 mean = cs[k] / n
                 var = (c_ss[k] - 2 * mean * c_sn[k] + mean**2 * c_nn[k]) / n**2
-                accepted = np.asarray(benefit_test(cs[k], cn[k], var, config), dtype=bool)
+                accepted = np.asarray(benefit_test(cs[k], cn[k], var, test_cfg), dtype=bool)
             else:
-                accepted = np.asarray(harm_test(cs[k], cq[k], cn[k], config), dtype=bool)  # [R]
+                accepted = np.asarray(harm_test(cs[k], cq[k], cn[k], test_cfg), dtype=bool)  # [R]
             us = (time.perf_counter() - t0) * 1e6 / max(len(k), 1)
             use = x["had"] & accepted[np.maximum(x["served"], 0)]
             rec = r.records[label]

@@ -5,7 +5,8 @@ Protocol (configuration in :class:`~recsys.replay.config.ReplayConfig`, written 
 
 * **Split**: ``time_split(ds, quantile)``; the replay period is every event at or after
   the cut, of warm users (``split.replay``) and of users with fewer than 5 training
-  events (``split.cold_replay``, most of them new after the cut), in time order.
+  events (``split.cold_replay``, most of them new after the cut), in time order; with
+  ``until_quantile`` only those before the cut at that quantile (a validation period).
 * **Devices**: one per user. A device's history starts as its user's training-period
   events (empty for new users) and grows with its own replay events.
 * **Events per device**: all of its replay events, or its first ``max_events``.
@@ -209,6 +210,9 @@ def build_stream(
     """
     split = time_split(ds, quantile=cfg.quantile)
     rows = np.sort(np.concatenate([split.replay, split.cold_replay]))  # time order
+    if cfg.until_quantile is not None:  # a validation period: stop at the later cut
+        until = time_split(ds, quantile=cfg.until_quantile).cut
+        rows = rows[ds.timestamps[rows] < until]
     replay_users = np.unique(ds.user_index[rows])
     if users is not None:
         want = np.unique(np.asarray(list(users), dtype=np.int64))

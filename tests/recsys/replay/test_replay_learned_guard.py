@@ -148,19 +148,20 @@ def test_policy_names() -> None:
         PolicySpec("finetune", guard=True)
 
 
-def test_fleet_guard_pools_earlier_clicks_of_every_device() -> None:
+def _device(user, ts, rank, base, served, request_ts, labels=("p",)):
+    """A replayed device's fleet-guard inputs for each policy label (same evidence)."""
     from recsys.replay.costs import CostAccumulator
-    from recsys.replay.guard import apply_fleet_guards
     from recsys.replay.records import EventRecords, UserResult
 
-    def device(user, ts, rank, base, served, request_ts):
-        n = len(ts)
-        rec = EventRecords(
+    n = len(ts)
+    res = UserResult(user=user, records={}, costs={})
+    for label in labels:
+        res.records[label] = EventRecords(
             user=np.full(n, user), item=np.zeros(n, np.int64), timestamp=np.array(ts),
             rank=np.array(rank), auc=np.full(n, 0.5), requested=np.zeros(n, bool),
         )  # fmt: skip
-        res = UserResult(user=user, records={"p": rec}, costs={"p": CostAccumulator()})
-        res.guard_inputs["p"] = {
+        res.costs[label] = CostAccumulator()
+        res.guard_inputs[label] = {
             "ts": np.array(ts),
             "diff": 1 / np.log2(1 + np.array(rank)) - 1 / np.log2(1 + np.array(base)),
             "had": np.array(served) >= 0,
@@ -171,8 +172,13 @@ def test_fleet_guard_pools_earlier_clicks_of_every_device() -> None:
             "base_rank": np.array(base),
             "base_auc": np.full(n, 0.9),
         }
-        return res
+    return res
 
+
+def test_fleet_guard_pools_earlier_clicks_of_every_device() -> None:
+    from recsys.replay.guard import apply_fleet_guards
+
+    device = _device
     # device 0: its edit (made at t=0) ranks 8 clicks at t=1..8 far worse than the base
     harmed = device(0, list(range(1, 9)), [40, 50, 30, 60, 45, 35, 55, 50], [1, 2, 1, 3, 2, 1, 2, 1],
                     [0] * 8, [0])  # fmt: skip
@@ -257,3 +263,29 @@ def test_fleet_proof_policy_in_the_replay(world) -> None:
     c = res.costs[specs[2].label]
     assert c["guard_accepted"] + c["guard_rejected"] == c["requests"]
     assert c["guard_rejected"] >= 1  # every device's first request has no evidence yet
+
+
+def test_a_policy_can_set_its_own_fleet_test_level() -> None:
+    from recsys.replay.guard import apply_fleet_guards
+
+    spec = PolicySpec.parse("system:timer:1.0:fleet-proof=0")
+    assert spec.fleet_proof and spec.guard_z == 0.0
+    assert spec.label == "system timer 100% fleet-proof z=0"
+    assert PolicySpec.parse("duet:gate:1.0:fleet-guard=2.5").guard_z == 2.5
+    assert PolicySpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValidationError, match="level must be a number"):
+        PolicySpec.parse("system:timer:1.0:fleet-proof=high")
+    with pytest.raises(ValidationError, match="fleet-guarded"):
+        PolicySpec("system", guard=True, guard_z=0.0)
+    # edits help one device a lot and hurt another a little: the pooled mean is positive
+    # but not significant between devices, so the 5 % proof test holds the late request
+    # and z = 0 (apply when the mean gain is positive) applies it
+    labels = ("proof", "proof z=0")
+    devs = [
+        _device(0, [1, 2, 3], [2, 2, 2], [6, 6, 6], [0, 0, 0], [0], labels),
+        _device(1, [4, 5, 6], [6, 6, 5], [4, 4, 4], [0, 0, 0], [0], labels),
+        _device(2, [30, 31], [4, 4], [9, 9], [0, 1], [0, 20], labels),
+    ]
+    apply_fleet_guards(devs, GuardConfig(min_evidence=3), set(labels), {"proof z=0": 0.0})
+    assert devs[2].records["proof"].rank.tolist() == [9, 9]  # both held
+    assert devs[2].records["proof z=0"].rank.tolist() == [9, 4]  # the late one applied

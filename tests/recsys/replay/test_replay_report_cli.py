@@ -62,6 +62,8 @@ def test_cli_replay_writes_the_report(world, tmp_path: Path, capsys) -> None:
         (["--policies", "static", "--budgets", "10"], "--policies already names"),
         (["--workers", "0"], "--workers"),
         (["--min-history", "0"], "min_history"),
+        (["--until-quantile", "0.5"], "must be above quantile"),
+        (["--quantile", "0.6", "--until-quantile", "0.8"], "trained on the time split at quantile"),
     ],
 )
 def test_cli_rejects_bad_options_cleanly(world, tmp_path: Path, capsys, extra, message) -> None:

@@ -91,6 +91,20 @@ def test_max_events_keeps_each_devices_first_events(ds) -> None:
             assert np.array_equal(got, want), (u, name)
 
 
+def test_until_quantile_replays_a_validation_period_between_two_cuts(ds) -> None:
+    cfg = ReplayConfig(quantile=0.6, until_quantile=0.8, min_history=3, negatives=5)
+    val = build_stream(ds, cfg)
+    start, end = time_split(ds, quantile=0.6), time_split(ds, quantile=0.8)
+    assert (val.timestamp >= start.cut).all() and (val.timestamp < end.cut).all()
+    want = np.concatenate([start.replay, start.cold_replay])
+    assert len(val) == int((ds.timestamps[want] < end.cut).sum()) > 0
+    full = build_stream(ds, ReplayConfig(quantile=0.6, min_history=3, negatives=5))
+    for u in val.users.tolist():  # each device's first events of the longer period
+        a, b = full.user_slice(u), val.user_slice(u)
+        assert np.array_equal(val.item[b], full.item[a][: b.stop - b.start])
+        assert np.array_equal(val.negatives[b], full.negatives[a][: b.stop - b.start])
+
+
 def test_policy_specs_labels_and_parsing() -> None:
     assert PolicySpec("static").label == "static"
     assert PolicySpec("finetune", finetune_every=10).label == "finetune every 10"
@@ -137,6 +151,7 @@ def test_the_system_without_prototypes_is_a_variant_of_system() -> None:
         (lambda: ReplayConfig(min_history=1), "min_history"),
         (lambda: ReplayConfig(payload_dtype="fp8"), "payload_dtype"),
         (lambda: ReplayConfig(max_events=0), "max_events"),
+        (lambda: ReplayConfig(until_quantile=0.7), "must be above quantile"),
         (lambda: ReplayConfig.from_dict({"seeds": 1}), "seeds: Unexpected keyword"),
         (lambda: GrpcOptions(concurrency=0), "concurrency"),
         (lambda: GrpcOptions(cloud_deadline_s=10.0, rpc_timeout_s=5.0), "RecordEvent waits"),
