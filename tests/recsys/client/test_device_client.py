@@ -118,9 +118,15 @@ def test_the_token_is_sent_and_checked(target, key, tmp_path) -> None:
 
 
 def test_async_client_answers_like_the_blocking_one(target, operator_token, client) -> None:
+    # Every edit request the gate makes (min_history 2, threshold 0: from the 2nd event)
+    # finishes within its RecordEvent (wait_for_edit): no background GenerateEdit can
+    # land between (or during) the two Recommends and change the user's edit and mode.
     for n, item in enumerate(["i10", "i11", "i12"]):
-        client.record_event("cu5", item, timestamp=n)
+        res = client.record_event("cu5", item, timestamp=n, wait_for_edit=True)
+        assert res.outcome not in (EditOutcome.PENDING, EditOutcome.IN_FLIGHT)
+    settled = client.status("cu5").user
     blocking = client.recommend("cu5", k=4, probe_item_ids=["i13"])
+    assert blocking.edit == settled.edit and blocking.mode is settled.mode
 
     async def run() -> tuple:
         opts = ClientOptions(timeout_s=20, token=operator_token)
@@ -133,3 +139,4 @@ def test_async_client_answers_like_the_blocking_one(target, operator_token, clie
 
     rec, status = asyncio.run(run())
     assert rec == blocking and status.user.history_length == 3
+    assert status.user.edit == settled.edit and status.user.mode is settled.mode
