@@ -56,20 +56,21 @@ def recommendation(msg: Any, pb: Any) -> r.Recommendation:
     )  # fmt: skip
 
 
-def event_result(msg: Any, pb: Any) -> r.EventResult:
-    return _plain(
-        r.EventResult, msg,
+def _edit_fields(msg: Any, pb: Any) -> dict[str, Any]:
+    """The fields RecordEvent and RequestEdit replies share that need converting: the
+    outcome and mode enums, the active edit and the request's cost."""
+    return dict(
         outcome=edit_outcome(msg.outcome, pb), mode=serving_mode(msg.mode, pb),
         edit=edit_ref(msg), cost=edit_cost(msg),
     )  # fmt: skip
+
+
+def event_result(msg: Any, pb: Any) -> r.EventResult:
+    return _plain(r.EventResult, msg, **_edit_fields(msg, pb))
 
 
 def edit_request_result(msg: Any, pb: Any) -> r.EditRequestResult:
-    return _plain(
-        r.EditRequestResult, msg,
-        outcome=edit_outcome(msg.outcome, pb), mode=serving_mode(msg.mode, pb),
-        edit=edit_ref(msg), cost=edit_cost(msg),
-    )  # fmt: skip
+    return _plain(r.EditRequestResult, msg, **_edit_fields(msg, pb))
 
 
 def applied_edit(msg: Any, pb: Any) -> r.AppliedEdit:
