@@ -303,6 +303,13 @@ class DeviceEngine:
         await self.store.ensure_arm(st, user_id)
         base_model = base_model or not self.store.adaptive(st)
         edit = None if base_model else st.edit
+        # the mode and edit reported are those of the pass: read before it, as a
+        # background edit request may install (or fail) while the pass runs
+        if base_model:
+            mode, note, info = BASE, "", None
+        else:
+            mode, note = self.mode(st)
+            info = st.edit_info if edit is not None else None
         out = await self.ranking.rank(
             st,
             edit=edit,
@@ -313,11 +320,6 @@ class DeviceEngine:
             keep_scores=self.config.staleness.fit_clicks > 0,
         )
         self.store.account(st)  # the pass may have cached the state [D] and scores [I]
-        if base_model:
-            mode, note, info = BASE, "", None
-        else:
-            mode, note = self.mode(st)
-            info = st.edit_info if edit is not None else None
         self.served[mode] += 1
         return Recommendation(
             item_ids=[self.item_ids[i] for i in out.items],
