@@ -40,15 +40,25 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
 
+from recsys.errors import ValidationError
 from recsys.serving.fleet_guard import benefit_test, harm_test
 from recsys.validation import config_dataclass
 
-__all__ = ["GuardConfig", "GuardState", "HarmGuard", "benefit_test", "click_gain", "harm_test"]
+__all__ = [
+    "GuardConfig",
+    "GuardState",
+    "HarmGuard",
+    "benefit_test",
+    "check_evidence",
+    "click_gain",
+    "harm_test",
+]
 
 
 @config_dataclass
@@ -89,6 +99,52 @@ class GuardState:
     def record(self, base_rank: int, edit_rank: int) -> None:
         """A click, with its rank under the base head and under the candidate edit."""
         self.diffs.append(float(click_gain(edit_rank) - click_gain(base_rank)))
+
+
+def check_evidence(
+    diffs: Sequence[float], clicks: float, total: float, squares: float, window: int
+) -> None:
+    """ValidationError unless the evidence could have come from :meth:`GuardState.record`
+    (what a stored state must satisfy before it is used again).
+
+    ``diffs`` [<= m]: the last clicks' gain differences (each in [-1, 1], a gain is in
+    (0, 1]); ``clicks`` / ``total`` / ``squares``: the cumulative count (a whole number),
+    sum and sum of squares over every scored click. The window is the most recent part
+    of the clicks, so ``len(diffs) <= min(clicks, window)``, its squares are part of
+    ``squares``, and the clicks before it account for ``total - sum(diffs)``; over all
+    clicks ``|total| <= clicks``, ``squares <= clicks`` and ``total^2 <= clicks * squares``
+    (Cauchy-Schwarz). Tolerances allow float sums.
+    """
+    values = [float(d) for d in diffs]
+    if not all(math.isfinite(v) for v in (clicks, total, squares, *values)):
+        raise ValidationError("the guard evidence has a NaN or infinite value")
+    if window < 1:
+        raise ValidationError(f"the guard window must be >= 1, got {window}")
+    if clicks < 0 or clicks != round(clicks):
+        raise ValidationError(f"the guard click count must be a whole number >= 0, got {clicks}")
+    if len(values) > min(clicks, window):
+        raise ValidationError(
+            f"{len(values)} gain differences in the window, more than its {window} slots or "
+            f"the {clicks:g} clicks scored"
+        )
+    if any(abs(v) > 1.0 for v in values):
+        raise ValidationError("a gain difference outside [-1, 1]")
+    tol = 1e-9 * max(clicks, 1.0)
+    w_sum, w_sq = math.fsum(values), math.fsum(v * v for v in values)
+    older = clicks - len(values)
+    if (
+        squares < -tol
+        or squares > clicks + tol
+        or abs(total) > clicks + tol
+        or total * total > clicks * squares + tol * (1.0 + clicks)
+        or w_sq > squares + tol
+        or abs(total - w_sum) > older + tol
+        or squares - w_sq > older + tol
+    ):
+        raise ValidationError(
+            f"the guard evidence is inconsistent (clicks {clicks:g}, sum {total:g}, sum of "
+            f"squares {squares:g}, window {len(values)} values summing to {w_sum:g})"
+        )
 
 
 class HarmGuard:

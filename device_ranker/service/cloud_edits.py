@@ -22,7 +22,8 @@ user's evidence (its last clicks scored by the base head and its candidate edit,
 by the engine); and whatever the device's flags, an edit the cloud's fleet guard answers
 with ``EDIT_DECISION_HOLD`` is held. A held edit is not served: the user gets the base
 head, the edit stays its candidate (scored in shadow on its next clicks) and the outcome
-is "held". With ``report_evidence`` each request carries the user's cumulative evidence
+is "held" (with a durable state the candidate is stored beside the base head and
+reloaded after a restart, as is the evidence). With ``report_evidence`` each request carries the user's cumulative evidence
 (``GuardEvidence``: clicks, sum and sum of squares of the gain differences) for the
 cloud's pooled test (:mod:`recsys.serving.fleet_guard`).
 
@@ -356,13 +357,14 @@ class CloudEdits:
         )
         held_by = self._held_by(st, response.decision)
         if held_by:
-            st.hold(prepared, held_by)
+            st.hold(prepared, held_by, info, response.edit_payload,
+                    self._prototype_bytes.get((pid, pver)))  # fmt: skip
         else:
             st.install_edit(
                 prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
             )
             self.applied += 1
-        if self.on_install is not None:  # a held edit: the base head is written
+        if self.on_install is not None:  # a held edit: the base head and the candidate
             self.on_install(user_id, st)
         if held_by:
             logger.debug("user %s: edit %d held by the %s guard", id_ref(user_id),

@@ -15,8 +15,9 @@ it composes the parts, each in its own module:
 * :mod:`~device_ranker.service.event_log`: one JSON line per RecordEvent (user, arm, item,
   the item's rank under the model the user was served just before, request, bytes);
 * :mod:`~device_ranker.service.state`: the durable state (``config.state_path``): every
-  event is committed to a local SQLite file before RecordEvent acknowledges it, every
-  installed edit is written with its payloads; users evicted from memory (least recently
+  event is committed to a local SQLite file before RecordEvent acknowledges it (with the
+  harm guard's evidence when the click was scored), every installed edit is written with
+  its payloads (and an edit a guard holds out, as the candidate); users evicted from memory (least recently
   used beyond ``config.max_users`` or ``config.max_memory_mb`` of estimated user state,
   :mod:`~device_ranker.service.memory`) or lost in a restart are reloaded from it on
   their next call.
@@ -351,8 +352,14 @@ class DeviceEngine:
             await self.store.ensure_arm(st, user_id)
             served = await self._served_rank(st, item) if self.event_log is not None else None
             await self._before_append(st, item, None if served is None else served[0])
-            base_rank = await self._guard_click(st, item)
-            self._persist_event(user_id, st, item_id, timestamp)  # before it is acknowledged
+            saved = st.guard.saved() if st.guard is not None else None
+            base_rank, scored = await self._guard_click(st, item)
+            try:  # before it is acknowledged; with the evidence the click added
+                self._persist_event(user_id, st, item_id, timestamp, evidence=scored)
+            except RecsysError:
+                if scored and st.guard is not None and saved is not None:
+                    st.guard.restore(saved)  # not durable: not recorded either
+                raise
             st.append(item, timestamp)
             if st.base_ranks is not None:
                 st.base_ranks.append(float("nan") if base_rank is None else float(base_rank))
@@ -439,23 +446,24 @@ class DeviceEngine:
             if state is not None:  # free when a ranking pass cached it; else computed later
                 st.past_states.append((st.position, state))
 
-    async def _guard_click(self, st: UserState, item: int) -> int | None:
+    async def _guard_click(self, st: UserState, item: int) -> tuple[int | None, bool]:
         """Before a click is appended: its rank under the base head (when the guard
         scores clicks and the user holds a candidate edit, or the learned trigger needs
         it) and under the candidate edit (recorded in the user's guard evidence), from
-        one pass on the ranking thread; returns the base rank (None: not ranked)."""
+        one pass on the ranking thread; returns (the base rank or None: not ranked,
+        whether the evidence recorded the click)."""
         scores = st.guard is not None and st.guard.clicks is not None
         candidate = st.shadow_edit if scores else None
         if candidate is not None and not self.store.adaptive(st):
             candidate = None  # a static arm is served the base head: nothing to judge
         if candidate is None and st.base_ranks is None:
-            return None
+            return None, False
         edits = [None] if candidate is None else [None, candidate]
         ranks = await self.ranking.probe_ranks(st, edits, item)  # one pass, no batch wait
         base_rank = ranks[0]
         if candidate is not None:
             st.guard.record(base_rank, ranks[1])  # type: ignore[union-attr]
-        return base_rank
+        return base_rank, candidate is not None
 
     async def _click_rank(self, st: UserState, item: int) -> int | None:
         """Rank of ``item`` among the catalogue minus the user's history under the model
@@ -515,28 +523,36 @@ class DeviceEngine:
         self.event_log.write_event(line, fetched, mode)
 
     # ---- durable state ------------------------------------------------------------------------
-    def _persist_event(self, user_id: str, st: UserState, item_id: str, timestamp: int) -> None:
+    def _persist_event(
+        self, user_id: str, st: UserState, item_id: str, timestamp: int, *, evidence: bool
+    ) -> None:
         """Commit the event to the durable state (with the user's snapshot first when the
-        state does not hold the user yet, or every ``history_len`` events to compact);
+        state does not hold the user yet, or every ``history_len`` events to compact;
+        with the user's guard evidence when ``evidence``: the click was scored);
         StateWriteError (UNAVAILABLE) leaves the user unchanged."""
         if self.state is None:
             return
         snapshot = None
         if not st.durable or st.since_snapshot >= self.config.history_len:
             snapshot = self.store.snapshot(st)
-        self.state.record_event(user_id, st.position + 1, item_id, timestamp, snapshot=snapshot)
+        stored = st.guard.stored_evidence() if evidence and st.guard is not None else None
+        self.state.record_event(
+            user_id, st.position + 1, item_id, timestamp, snapshot=snapshot, evidence=stored
+        )
         st.durable = True
         st.since_snapshot = 1 if snapshot is not None else st.since_snapshot + 1
 
     def _persist_edit(self, user_id: str, st: UserState) -> None:
-        """Write the user's active edit (or its revert) to the durable state."""
+        """Write the user's active edit (or its revert) to the durable state, with its
+        guard state (a held candidate, or none any more, and the evidence)."""
         if self.state is None:
             return
         self.store.make_durable(user_id, st)
         info = None
         if st.edit is not None and st.edit_info is not None:
             info = {**dataclasses.asdict(st.edit_info), "model_version": self.model_version}
-        self.state.write_edit(user_id, st.edit_payload, st.proto_payload, info)
+        guard = st.guard.stored(self.model_version) if st.guard is not None else None
+        self.state.write_edit(user_id, st.edit_payload, st.proto_payload, info, guard)
 
     def _persist_cloud_edit(self, user_id: str, st: UserState) -> None:
         """After a cloud edit is installed: write it (a failure is logged; the edit stays
@@ -571,11 +587,18 @@ class DeviceEngine:
         self._require_ready()
         st = self.user(user_id)
         before = (st.edit, st.edit_info, st.edit_payload, st.proto_payload)
+        g = st.guard
+        held = None
+        if g is not None and g.candidate is not None:
+            held = (g.candidate, g.held_by, g.candidate_info, g.candidate_payload,
+                    g.candidate_proto)  # fmt: skip
         await self.edits.apply_pushed(st, payload, source)
         try:
             self._persist_edit(user_id, st)
         except RecsysError:  # not durable: not applied either (UNAVAILABLE, retry)
             st.install_edit(*before)
+            if held is not None:  # the candidate a guard held before, held again
+                st.hold(*held)
             raise
         return st.edit_info, self.mode(st)[0]
 

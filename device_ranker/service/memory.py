@@ -95,6 +95,7 @@ def user_bytes(st: UserState) -> int:
     n += edit_bytes(st.edit) + _payload_bytes(st.edit_payload) + _payload_bytes(st.proto_payload)
     if st.guard is not None:  # the harm guard's clicks and an edit it holds out
         n += GUARD_BYTES + edit_bytes(st.guard.candidate)
+        n += _payload_bytes(st.guard.candidate_payload) + _payload_bytes(st.guard.candidate_proto)
         if st.guard.clicks is not None:
             n += FLOAT_ITEM_BYTES * len(st.guard.clicks.diffs)
     if st.base_ranks is not None:  # the learned trigger's click ranks

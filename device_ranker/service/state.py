@@ -14,7 +14,13 @@ What is written, and when:
   holds at most one snapshot and ``history_len`` event rows);
 * **the active edit**: its RSE1 payload, the prototype's own payload when the edit is a
   residual, and its id, prototype id / version, source, model version; rewritten when an
-  edit is installed or reverted.
+  edit is installed or reverted;
+* **the harm guard's state** (issue 15; table ``guard``, schema 2): the user's evidence
+  (the last ``window`` clicks' gain differences, a float64 blob, and the cumulative
+  clicks, sum and sum of squares it reports to the cloud), written in the transaction of the event whose click
+  it scored, and the **candidate** edit a guard holds out (its payloads and info like the
+  active edit's, and who holds it: "device" or "fleet"), written with the active edit
+  (the two never coexist: a held edit is served as the base head).
 
 Item ids (not the ranker's indices) are stored, so a state file survives a catalogue
 re-index; an edit stored for another ranker (model version) is dropped on load.
@@ -26,12 +32,21 @@ a crash); an operating-system crash or power cut may lose the last commits (neve
 the file). ``sync="full"`` (``synchronous=FULL``): every commit is fsync'ed first, which
 survives power loss too, at the cost of an fsync per event.
 
+**Versions.** The ``meta`` table holds the schema version. A schema-1 file (written
+before the guard's state was stored) is upgraded in place when it is opened (the empty
+``guard`` table is added: its users start with empty evidence and no candidate); a file
+of another version is refused (StateWriteError). Every guard row is validated when the
+file is opened and again when its user is loaded (finite, the window no longer than the
+clicks, consistent sums: :func:`device_ranker.guard.check_evidence`; a known holder,
+a candidate exactly when held, never beside an active edit): a bad row stops the file
+opening (the device does not start; nothing is loaded) with a
+:class:`~recsys.errors.DataFormatError` naming the file, the user and the fix (restore a
+backup, or delete that user's guard row: its history and edit are kept).
+
 Not stored (rebuilt after a restart): the request gate's state (a reloaded user's gate
 starts afresh), the staleness counters, the cached user states and scores, a failed
-request's note, in-flight requests, the harm guard's click evidence and an edit a guard
-holds out (the base head the user was served is stored; a reloaded user's evidence starts
-at zero and its next edit is judged on the clicks after the reload), and the learned
-trigger's base ranks of the clicks (NaN after a reload).
+request's note, in-flight requests, the guards' device-wide counters (accepted, rejected,
+held), and the learned trigger's base ranks of the clicks (NaN after a reload).
 
 Example::
 
@@ -46,17 +61,20 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from recsys.errors import RecsysError
+from device_ranker.guard import check_evidence
+from recsys.errors import DataFormatError, RecsysError, ValidationError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the guard table (1: no guard state; upgraded when opened)
+HOLDERS = ("device", "fleet")
 SyncMode = Literal["normal", "full"]
 
 _SCHEMA = """
@@ -80,7 +98,37 @@ CREATE TABLE IF NOT EXISTS events (
     timestamp INTEGER NOT NULL,
     PRIMARY KEY (user_id, position)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS guard (
+    user_id TEXT PRIMARY KEY,
+    -- the evidence (all NULL: no click scored): the window m, its gain differences
+    -- (float64 little-endian, oldest first), the cumulative clicks, sum, sum of squares
+    window INTEGER,
+    diffs BLOB,
+    clicks INTEGER,
+    gain_sum REAL,
+    gain_squares REAL,
+    held_by TEXT NOT NULL DEFAULT '', -- who holds the candidate: "device", "fleet", ""
+    candidate_payload BLOB,          -- the held edit (NULL: none held)
+    candidate_proto BLOB,            -- its prototype's own edit (residual edits)
+    candidate_info TEXT,             -- JSON like users.edit_info
+    updated_ms INTEGER NOT NULL
+);
 """
+
+
+# the guard table's columns read back (after the user id)
+_EVIDENCE_COLUMNS = "window, diffs, clicks, gain_sum, gain_squares"
+_GUARD_COLUMNS = f"{_EVIDENCE_COLUMNS}, held_by, candidate_payload, candidate_proto, candidate_info"
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValidationError(f"malformed candidate info ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValidationError("the candidate info is not a JSON object")
+    return value
 
 
 class StateWriteError(RecsysError):
@@ -92,9 +140,77 @@ class StateWriteError(RecsysError):
     retryable = True
 
 
+@dataclass(frozen=True)
+class StoredEvidence:
+    """A user's harm-guard evidence as stored: the window's gain differences [<= m]
+    (oldest first; a float64 little-endian blob in the file, exact) and the cumulative
+    clicks, sum and sum of squares."""
+
+    window: int
+    diffs: tuple[float, ...]
+    clicks: int
+    total: float
+    squares: float
+
+    def to_row(self) -> tuple[int, bytes, int, float, float]:
+        """(window, diffs blob, clicks, sum, squares): the guard table's columns."""
+        blob = struct.pack(f"<{len(self.diffs)}d", *self.diffs)
+        return self.window, blob, self.clicks, self.total, self.squares
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StoredEvidence | None:
+        """Parsed and checked (None: no evidence stored; ValidationError: a missing or
+        malformed value, NaN, wrong lengths, inconsistent sums)."""
+        if all(v is None for v in row):
+            return None
+        window, blob, clicks, total, squares = row
+        if any(v is None for v in row):  # SQLite stores a NaN REAL as NULL
+            raise ValidationError(
+                "a missing guard evidence value (window, diffs, clicks, sum and squares "
+                "are stored together; a NaN sum is stored as NULL)"
+            )
+        if not isinstance(blob, bytes) or len(blob) % 8:
+            size = len(blob) if isinstance(blob, bytes | str) else type(blob).__name__
+            raise ValidationError(
+                f"the gain differences ({size} bytes) are not a whole number of float64 values"
+            )
+        try:
+            ev = cls(int(window), struct.unpack(f"<{len(blob) // 8}d", blob), int(clicks),
+                     float(total), float(squares))  # fmt: skip
+            exact_clicks = float(clicks)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValidationError(f"malformed guard evidence ({exc})") from exc
+        check_evidence(ev.diffs, exact_clicks, ev.total, ev.squares, ev.window)
+        return ev
+
+
+@dataclass(frozen=True)
+class StoredGuard:
+    """A user's harm-guard state as stored: its evidence (None: no click scored yet) and
+    the candidate edit a guard holds out (``held_by`` "" and no payload: none)."""
+
+    evidence: StoredEvidence | None = None
+    held_by: str = ""
+    candidate_payload: bytes | None = None
+    candidate_proto: bytes | None = None
+    candidate_info: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """ValidationError unless the holder is known and a candidate is stored exactly
+        when one is held (with its info)."""
+        if self.held_by not in ("", *HOLDERS):
+            raise ValidationError(f"unknown holder {self.held_by!r} (expected one of {HOLDERS})")
+        has = bool(self.candidate_payload)
+        if has != bool(self.held_by) or has != (self.candidate_info is not None):
+            raise ValidationError(
+                f"held_by {self.held_by!r} with {'a' if has else 'no'} candidate payload and "
+                f"{'no' if self.candidate_info is None else 'its'} info"
+            )
+
+
 @dataclass
 class StoredUser:
-    """A user as stored: the snapshot, the events after it, the active edit."""
+    """A user as stored: the snapshot, the events after it, the active edit, the guard."""
 
     position: int
     history: list[tuple[str, int]]
@@ -103,6 +219,7 @@ class StoredUser:
     edit_payload: bytes | None = None
     proto_payload: bytes | None = None
     edit_info: dict[str, Any] | None = None
+    guard: StoredGuard | None = None  # None: no guard state (a schema-1 file: none)
 
 
 class DeviceStateStore:
@@ -129,18 +246,35 @@ class DeviceStateStore:
         )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={sync.upper()}")
-        self.db.executescript(_SCHEMA)
-        found = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if found is None:
-            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif found[0] != SCHEMA_VERSION:
+        found = None
+        if self._has_meta():  # checked before anything is written to the file
+            found = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if found is not None and found[0] not in ("1", SCHEMA_VERSION):
+            self.db.close()
             raise StateWriteError(
                 f"{self.path} has device-state schema {found[0]}, this code {SCHEMA_VERSION}; "
                 "move the file away (or run with --no-state)"
             )
+        self.db.executescript(_SCHEMA)
+        if found is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif found[0] == "1":  # the guard table was just added: empty evidence for all
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
+            logger.info("device state %s upgraded from schema 1 to %s (guard state)",
+                        self.path, SCHEMA_VERSION)  # fmt: skip
         self.events_written = 0
         self.snapshots_written = 0
         self.edits_written = 0
+        self.guards_written = 0
+        try:
+            self.check_guards()
+        except DataFormatError:
+            self.db.close()
+            raise
+
+    def _has_meta(self) -> bool:
+        row = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'")
+        return row.fetchone() is not None
 
     # ---- writes ------------------------------------------------------------------------------
     def _commit(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
@@ -184,10 +318,12 @@ class DeviceStateStore:
         timestamp: int,
         *,
         snapshot: tuple[int, Sequence[tuple[str, int]], Iterable[str]] | None = None,
+        evidence: StoredEvidence | None = None,
     ) -> None:
         """Make one event durable (one transaction, committed on return). ``snapshot``:
         (position, history, seen) written in the same transaction, before the event
-        (a user's first durable write, or a compaction)."""
+        (a user's first durable write, or a compaction); ``evidence``: the user's guard
+        evidence with this event's click scored (its candidate is left as stored)."""
         sql = [] if snapshot is None else self._snapshot_sql(user_id, *snapshot)
         sql.append(
             (
@@ -195,10 +331,23 @@ class DeviceStateStore:
                 (user_id, int(position), item_id, int(timestamp)),
             )
         )
+        if evidence is not None:
+            sql.append(
+                (
+                    f"INSERT INTO guard (user_id, {_EVIDENCE_COLUMNS}, updated_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
+                    "window=excluded.window, diffs=excluded.diffs, clicks=excluded.clicks, "
+                    "gain_sum=excluded.gain_sum, gain_squares=excluded.gain_squares, "
+                    "updated_ms=excluded.updated_ms",
+                    (user_id, *evidence.to_row(), int(time.time() * 1000)),
+                )
+            )
         self._commit(sql)
         self.events_written += 1
         if snapshot is not None:
             self.snapshots_written += 1
+        if evidence is not None:
+            self.guards_written += 1
 
     def write_snapshot(
         self, user_id: str, position: int, history: Sequence[tuple[str, int]], seen: Iterable[str]
@@ -213,27 +362,52 @@ class DeviceStateStore:
         payload: bytes | None,
         proto_payload: bytes | None,
         info: dict[str, Any] | None,
+        guard: StoredGuard | None = None,
     ) -> None:
-        """Store the user's active edit (None: reverted to the base model). The user must
-        be durable already (:meth:`write_snapshot` or an event)."""
-        self._commit(
-            [
+        """Store the user's active edit (None: reverted to the base model) and, in the same
+        transaction, its guard state (None: none; a held candidate, or no candidate any
+        more, with the evidence). The user must be durable already (:meth:`write_snapshot`
+        or an event)."""
+        now = int(time.time() * 1000)
+        sql: list[tuple[str, Sequence[Any]]] = [
+            (
+                "UPDATE users SET edit_payload=?, proto_payload=?, edit_info=?, "
+                "edit_source=?, edit_id=?, updated_ms=? WHERE user_id=?",
                 (
-                    "UPDATE users SET edit_payload=?, proto_payload=?, edit_info=?, "
-                    "edit_source=?, edit_id=?, updated_ms=? WHERE user_id=?",
+                    payload,
+                    proto_payload,
+                    None if info is None else json.dumps(info),
+                    None if info is None else str(info.get("source", "")),
+                    None if info is None else int(info.get("edit_id", 0)),
+                    now,
+                    user_id,
+                ),
+            )
+        ]
+        if guard is None:
+            sql.append(("DELETE FROM guard WHERE user_id=?", (user_id,)))
+        else:
+            if payload and guard.candidate_payload:
+                raise ValueError("an active edit and a held candidate cannot be stored together")
+            sql.append(
+                (
+                    f"INSERT OR REPLACE INTO guard (user_id, {_GUARD_COLUMNS}, updated_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        payload,
-                        proto_payload,
-                        None if info is None else json.dumps(info),
-                        None if info is None else str(info.get("source", "")),
-                        None if info is None else int(info.get("edit_id", 0)),
-                        int(time.time() * 1000),
                         user_id,
+                        *(guard.evidence.to_row() if guard.evidence else (None,) * 5),
+                        guard.held_by,
+                        guard.candidate_payload,
+                        guard.candidate_proto,
+                        None if guard.candidate_info is None else json.dumps(guard.candidate_info),
+                        now,
                     ),
                 )
-            ]
-        )
+            )
+        self._commit(sql)
         self.edits_written += 1
+        if guard is not None:
+            self.guards_written += 1
 
     # ---- reads -------------------------------------------------------------------------------
     def load_user(self, user_id: str) -> StoredUser | None:
@@ -250,6 +424,12 @@ class DeviceStateStore:
             "ORDER BY position",
             (user_id, row[0]),
         ).fetchall()
+        guard_row = self.db.execute(
+            f"SELECT {_GUARD_COLUMNS} FROM guard WHERE user_id=?", (user_id,)
+        ).fetchone()
+        guard = None
+        if guard_row is not None:
+            guard = self._parse_guard(user_id, guard_row, has_edit=bool(row[3]))
         return StoredUser(
             position=int(row[0]),
             history=[(str(i), int(t)) for i, t in json.loads(row[1])],
@@ -258,7 +438,52 @@ class DeviceStateStore:
             edit_payload=row[3],
             proto_payload=row[4],
             edit_info=None if row[5] is None else json.loads(row[5]),
+            guard=guard,
         )
+
+    def _parse_guard(self, user_id: str, row: Sequence[Any], *, has_edit: bool) -> StoredGuard:
+        """One guard row (:data:`_GUARD_COLUMNS` after the user id), checked; a bad one is
+        a DataFormatError naming the file, the user and the fix."""
+        *evidence, held_by, payload, proto, info = row
+        try:
+            guard = StoredGuard(
+                evidence=StoredEvidence.from_row(evidence),
+                held_by=str(held_by),
+                candidate_payload=payload,
+                candidate_proto=proto,
+                candidate_info=None if info is None else _json_object(info),
+            )
+            guard.check()
+            if has_edit and guard.candidate_payload:
+                raise ValidationError("a held candidate beside an active edit")
+        except ValidationError as exc:
+            quoted = user_id.replace("'", "''")
+            raise DataFormatError(
+                self.path,
+                None,
+                f"user {user_id!r}: bad harm-guard state ({exc}); nothing was loaded. "
+                "Restore the file from a backup, or drop that user's guard state only "
+                "(its history and edit are kept; its evidence restarts at zero): sqlite3 "
+                f"{self.path} \"DELETE FROM guard WHERE user_id='{quoted}'\"",
+            ) from exc
+        return guard
+
+    def check_guards(self) -> int:
+        """Check every stored guard row (:meth:`_parse_guard`); returns how many. Run when
+        the file is opened, so a bad file stops the device before it serves anyone."""
+        rows = self.db.execute(
+            f"SELECT g.user_id, {_GUARD_COLUMNS}, u.edit_payload IS NOT NULL "
+            "FROM guard g LEFT JOIN users u USING (user_id)"
+        )
+        n = 0
+        for user_id, *row, has_edit in rows:
+            self._parse_guard(user_id, row, has_edit=bool(has_edit))
+            n += 1
+        return n
+
+    def guard_users(self) -> int:
+        """Users with a stored guard state."""
+        return int(self.db.execute("SELECT count(*) FROM guard").fetchone()[0])
 
     def user_ids(self) -> set[str]:
         """Every stored user."""
@@ -282,6 +507,7 @@ class DeviceStateStore:
             "events_written": self.events_written,
             "snapshots_written": self.snapshots_written,
             "edits_written": self.edits_written,
+            "guards_written": self.guards_written,
         }
 
     def close(self) -> None:

@@ -3,7 +3,13 @@
 The device engine runs in this process without a cloud (the gate's decisions cost the
 same in every mode); RecordEvent is timed ``events`` times over ``users`` users without
 durable state, then with ``sync`` "normal" and "full" on a fresh temporary state file.
-The state's own write (:meth:`DeviceStateStore.record_event`) is timed alone as well.
+Then the same with the harm guard (``--guard``): every user first gets a pushed edit
+(ApplyEdit: a random rank-2 edit, scale 0.03: within the bounds), so each click is scored by the base head and the edit
+and the user's evidence is written with the event (state schema 2); a row with edits and
+no guard separates the guard's cost from the edits'. The state's own write
+(:meth:`DeviceStateStore.record_event`) is timed alone as well (with the evidence of a
+full guard window for the guard rows), and the state file's size after the run is
+reported (``file_kb``, with its ``guard_rows``).
 
 Example::
 
@@ -18,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +52,39 @@ def _pct(us: list[float]) -> dict[str, float]:
             "mean_us": float(a.mean())}  # fmt: skip
 
 
-async def _record_events(cfg: StateBenchConfig, state_path: str | None, sync: str) -> list[float]:
+@dataclass(frozen=True)
+class _Mode:
+    label: str
+    sync: str | None  # None: no durable state
+    edits: bool = False  # every user gets a pushed edit first
+    guard: bool = False  # --guard: clicks scored, evidence written with the event
+
+
+MODES = (
+    _Mode("no state", None),
+    _Mode("state, sync=normal", "normal"),
+    _Mode("state, sync=full", "full"),
+    _Mode("no state, edits", None, edits=True),
+    _Mode("no state, edits, guard", None, edits=True, guard=True),
+    _Mode("state, sync=normal, edits", "normal", edits=True),
+    _Mode("state, sync=normal, edits, guard", "normal", edits=True, guard=True),
+)
+
+
+async def _record_events(
+    cfg: StateBenchConfig, state_path: str | None, mode: _Mode
+) -> tuple[list[float], int]:
+    """RecordEvent times (us, warm-up excluded) and the guard rows written."""
+    import torch
+
+    from device_ranker.edits import random_edit
     from device_ranker.service.config import DeviceConfig
     from device_ranker.service.engine import DeviceEngine
+    from recsys.edit_payload import encode_payload
 
     config = DeviceConfig(
         checkpoint=cfg.checkpoint, seed_histories="none", state_path=state_path,
-        state_sync=sync,  # type: ignore[arg-type]
+        state_sync=mode.sync or "normal", guard=mode.guard,  # type: ignore[arg-type]
     )  # fmt: skip
     engine = await asyncio.to_thread(DeviceEngine.load, config)
     await engine.start()
@@ -60,51 +93,89 @@ async def _record_events(cfg: StateBenchConfig, state_path: str | None, sync: st
     picks = rng.integers(0, len(items), size=cfg.events + 50)
     out = []
     try:
+        if mode.edits:  # each user: one event (creates it), then a pushed edit
+            gen = torch.Generator().manual_seed(0)
+            for u in range(cfg.users):
+                await engine.record_event(f"u{u}", items[u % len(items)], 1_600_000_000)
+                edit = random_edit(engine.ranker.model.head, rank=2, scale=0.03, bias=False,
+                                   generator=gen)  # fmt: skip
+                await engine.apply_edit(f"u{u}", encode_payload(edit.to_flat()), "bench")
         for n, i in enumerate(picks.tolist()):
             t0 = time.perf_counter()
             await engine.record_event(f"u{n % cfg.users}", items[i], 1_700_000_000 + n)
             if n >= 50:  # warm-up not counted
                 out.append((time.perf_counter() - t0) * 1e6)
+        guard_rows = engine.state.guard_users() if engine.state is not None else 0
     finally:
         await engine.close()
-    return out
+    return out, guard_rows
 
 
-def _store_only(path: Path, sync: str, events: int) -> list[float]:
-    from device_ranker.service.state import DeviceStateStore
+def _store_only(path: Path, sync: str, events: int, window: int | None) -> list[float]:
+    """record_event alone (with the evidence of a full ``window`` of clicks, or none)."""
+    from device_ranker.service.state import DeviceStateStore, StoredEvidence
 
     state = DeviceStateStore(path, sync=sync)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
     out = []
     try:
         state.write_snapshot("u", 0, [], [])
         for n in range(events):
+            evidence = None
+            if window is not None:
+                diffs = tuple(rng.uniform(-0.5, 0.5, size=min(n + 1, window)).tolist())
+                total = float(np.sum(diffs))
+                evidence = StoredEvidence(window, diffs, len(diffs), total,
+                                          float(np.sum(np.square(diffs))))  # fmt: skip
             t0 = time.perf_counter()
-            state.record_event("u", n + 1, f"i{n % 97}", n)
+            state.record_event("u", n + 1, f"i{n % 97}", n, evidence=evidence)
             out.append((time.perf_counter() - t0) * 1e6)
     finally:
         state.close()
     return out
 
 
+def _file_kb(path: Path) -> float:
+    """The state file and its WAL, KiB."""
+    files = [path, path.with_name(path.name + "-wal")]
+    return sum(f.stat().st_size for f in files if f.exists()) / 1024
+
+
 def run_state_bench(cfg: StateBenchConfig) -> dict[str, Any]:
-    """Time the three modes; print a table; returns the figures (for ``--json``)."""
+    """Time the modes; print a table; returns the figures (for ``--json``)."""
+    from device_ranker.guard import GuardConfig
+
+    window = GuardConfig().window
     rows = []
+    base: dict[tuple[bool, bool], dict[str, float]] = {}  # (edits, guard) -> no-state row
     with tempfile.TemporaryDirectory(prefix="device-state-bench-", dir=cfg.tmp_dir) as tmp:
-        base = _pct(asyncio.run(_record_events(cfg, None, "normal")))
-        rows.append({"mode": "no state", **base, "added_p50_us": 0.0, "write_p50_us": 0.0})
-        for sync in ("normal", "full"):
-            path = str(Path(tmp) / f"{sync}.sqlite")
-            timed = _pct(asyncio.run(_record_events(cfg, path, sync)))
-            write = _pct(_store_only(Path(tmp) / f"{sync}-alone.sqlite", sync, cfg.events))
-            rows.append({"mode": f"state, sync={sync}", **timed,
-                         "added_p50_us": timed["p50_us"] - base["p50_us"],
-                         "write_p50_us": write["p50_us"]})  # fmt: skip
-    head = ["mode", "p50_us", "p95_us", "mean_us", "added_p50_us", "write_p50_us"]
-    print(f"RecordEvent in process, {cfg.events} events over {cfg.users} users, no cloud; "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        for n, mode in enumerate(MODES):
+            path = Path(tmp) / f"{n}.sqlite" if mode.sync else None
+            times, guard_rows = asyncio.run(_record_events(cfg, str(path) if path else None, mode))
+            timed = _pct(times)
+            row: dict[str, Any] = {"mode": mode.label, **timed}
+            if path is None:
+                base[(mode.edits, mode.guard)] = timed
+                row.update(added_p50_us=0.0, write_p50_us=0.0, file_kb=0.0, guard_rows=0)
+            else:
+                ref = base.get((mode.edits, mode.guard), base[(False, False)])
+                alone = Path(tmp) / f"{n}-alone.sqlite"
+                write = _pct(_store_only(alone, mode.sync, cfg.events,  # type: ignore[arg-type]
+                                         window if mode.guard else None))  # fmt: skip
+                row.update(added_p50_us=timed["p50_us"] - ref["p50_us"],
+                           write_p50_us=write["p50_us"], file_kb=_file_kb(path),
+                           guard_rows=guard_rows)  # fmt: skip
+            rows.append(row)
+    head = ["mode", "p50_us", "p95_us", "mean_us", "added_p50_us", "write_p50_us", "file_kb",
+            "guard_rows"]  # fmt: skip
+    print(f"RecordEvent in process, {cfg.events} events over {cfg.users} users, no cloud "
+          f"(guard rows: window {window}); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
-        print("| " + " | ".join(r[h] if h == "mode" else f"{r[h]:.1f}" for h in head) + " |")
-    return {"config": {"events": cfg.events, "users": cfg.users, "checkpoint": cfg.checkpoint},
+        cells = [r[h] if h == "mode" else str(r[h]) if h == "guard_rows" else f"{r[h]:.1f}"
+                 for h in head]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    return {"config": {"events": cfg.events, "users": cfg.users, "checkpoint": cfg.checkpoint,
+                       "guard_window": window},
             "rows": rows, "load_average": os.getloadavg()[0]}  # fmt: skip

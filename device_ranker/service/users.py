@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from device_ranker.service.config import DeviceConfig
 from device_ranker.service.learned_trigger import LearnedTrigger
 from device_ranker.service.memory import MemoryMeter
 from device_ranker.service.policy import ArmPolicy, ArmResolver, Staleness, TimerGate
+from device_ranker.service.state import StoredEvidence, StoredGuard
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.serving.redact import id_ref as user_ref
 
@@ -96,12 +98,17 @@ class UserGuard:
             the device reports to the cloud.
         candidate: the latest cloud edit when a guard holds it out (scored in shadow).
         held_by: who holds it: "device", "fleet" or "".
+        candidate_info / candidate_payload / candidate_proto: the held edit's info and
+            RSE1 bytes (its own and its prototype's; what the durable state stores).
     """
 
     clicks: GuardState | None = None
     evidence: tuple[float, float, float] = (0.0, 0.0, 0.0)
     candidate: PreparedEdit | None = None
     held_by: str = ""
+    candidate_info: EditInfo | None = None
+    candidate_payload: bytes | None = None
+    candidate_proto: bytes | None = None
 
     def record(self, base_rank: int, edit_rank: int) -> None:
         """A click scored by the base head and the candidate edit (1-based ranks)."""
@@ -110,6 +117,42 @@ class UserGuard:
         d = self.clicks.diffs[-1]
         n, total, squares = self.evidence
         self.evidence = (n + 1.0, total + d, squares + d * d)
+
+    def saved(self) -> tuple[list[float], tuple[float, float, float]]:
+        """The evidence as it is (to put back with :meth:`restore` when the click that
+        follows cannot be made durable)."""
+        return (list(self.clicks.diffs) if self.clicks is not None else []), self.evidence
+
+    def restore(self, saved: tuple[list[float], tuple[float, float, float]]) -> None:
+        diffs, self.evidence = saved
+        if self.clicks is not None:
+            self.clicks.diffs.clear()
+            self.clicks.diffs.extend(diffs)
+
+    def stored_evidence(self) -> StoredEvidence | None:
+        """The evidence as the durable state stores it (None: no click scored)."""
+        if self.clicks is None or not self.evidence[0]:
+            return None
+        n, total, squares = self.evidence
+        window = self.clicks.diffs.maxlen or len(self.clicks.diffs)
+        return StoredEvidence(window, tuple(self.clicks.diffs), int(n), total, squares)
+
+    def stored(self, model_version: str) -> StoredGuard | None:
+        """The guard state as the durable state stores it (the candidate's info carries
+        the ranker's ``model_version``, as the active edit's does); None when there is
+        nothing to store (no click scored, nothing held)."""
+        info = None
+        if self.candidate is not None and self.candidate_info is not None:
+            info = {**dataclasses.asdict(self.candidate_info), "model_version": model_version}
+        held = info is not None and bool(self.candidate_payload)
+        stored = StoredGuard(
+            evidence=self.stored_evidence(),
+            held_by=self.held_by if held else "",
+            candidate_payload=self.candidate_payload if held else None,
+            candidate_proto=self.candidate_proto if held else None,
+            candidate_info=info if held else None,
+        )
+        return None if stored == StoredGuard() else stored
 
 
 @dataclass
@@ -172,12 +215,22 @@ class UserState:
         served one (None: no edit, nothing to score)."""
         return self.candidate if self.candidate is not None else self.edit
 
-    def hold(self, candidate: PreparedEdit, held_by: str) -> None:
-        """A guard keeps ``candidate`` out: the user is served the base head."""
+    def hold(
+        self,
+        candidate: PreparedEdit,
+        held_by: str,
+        info: EditInfo | None = None,
+        payload: bytes | None = None,
+        proto_payload: bytes | None = None,
+    ) -> None:
+        """A guard keeps ``candidate`` out: the user is served the base head (``info``,
+        ``payload``, ``proto_payload``: the candidate's, kept for the durable state)."""
         self.install_edit(None, None)
         if self.guard is None:
             self.guard = UserGuard()
-        self.guard.candidate, self.guard.held_by = candidate, held_by
+        g = self.guard
+        g.candidate, g.held_by = candidate, held_by
+        g.candidate_info, g.candidate_payload, g.candidate_proto = info, payload, proto_payload
         if self.meter is not None:
             self.meter.account(self)
 
@@ -193,7 +246,9 @@ class UserState:
         restarts the staleness clock (age 0, no click ranked under it yet)."""
         self.edit, self.edit_info = edit, info
         if self.guard is not None:
-            self.guard.candidate, self.guard.held_by = None, ""
+            g = self.guard
+            g.candidate, g.held_by = None, ""
+            g.candidate_info = g.candidate_payload = g.candidate_proto = None
         self.edit_payload = payload if edit is not None else None
         self.proto_payload = proto_payload if edit is not None else None
         self.failed, self.note = False, ""
@@ -227,6 +282,11 @@ class UserState:
             "fit_mean_rank": mean_rank,
             "fit_clicks": clicks,
         }
+
+
+def _edit_info(info: dict[str, Any]) -> EditInfo:
+    """EditInfo from a stored edit's info (other keys, e.g. the model version, dropped)."""
+    return EditInfo(**{k: info[k] for k in EditInfo.__dataclass_fields__ if k in info})
 
 
 def serving_mode(st: UserState, adaptive: bool, link: CloudLink | None) -> tuple[str, str]:
@@ -369,10 +429,34 @@ class UserStore:
             except Exception as exc:  # another ranker, a corrupt row: serve the base model
                 logger.warning("user %s: stored edit not restored (%s)", user_ref(user_id), exc)
             else:
-                fields = {k: info[k] for k in EditInfo.__dataclass_fields__ if k in info}
-                st.install_edit(edit, EditInfo(**fields), stored.edit_payload,
+                st.install_edit(edit, _edit_info(info), stored.edit_payload,
                                 stored.proto_payload)  # fmt: skip
+        if stored.guard is not None:
+            self._restore_guard(user_id, st, stored.guard)
         return st
+
+    def _restore_guard(self, user_id: str, st: UserState, stored: StoredGuard) -> None:
+        """The stored evidence (when this device scores clicks, ``--guard`` or
+        ``--guard-report``: its window is the configured one, the oldest values dropped
+        when it shrank; a device that scores none ignores it, and the user's next edit
+        write drops it) and the held candidate
+        (one stored for another ranker, or that does not decode, is dropped: the user is
+        served the base head either way)."""
+        ev = stored.evidence
+        if ev is not None and st.guard is not None and st.guard.clicks is not None:
+            st.guard.clicks.diffs.extend(ev.diffs)  # a deque of the configured window
+            st.guard.evidence = (float(ev.clicks), ev.total, ev.squares)
+        info = stored.candidate_info
+        if not stored.candidate_payload or info is None or self.restore_edit is None:
+            return
+        try:
+            edit = self.restore_edit(stored.candidate_payload, stored.candidate_proto, info)
+        except Exception as exc:  # another ranker, a corrupt row: nothing held any more
+            logger.warning("user %s: stored candidate edit not restored (%s)",
+                           user_ref(user_id), exc)  # fmt: skip
+            return
+        st.hold(edit, stored.held_by, _edit_info(info), stored.candidate_payload,
+                stored.candidate_proto)  # fmt: skip
 
     def snapshot(self, st: UserState) -> tuple[int, list[tuple[str, int]], list[str]]:
         """(position, history as (item id, time), seen item ids): what the state stores."""

@@ -81,3 +81,45 @@ def test_config_validation() -> None:
         GuardConfig(window=0)
     with pytest.raises(ValidationError):
         GuardConfig(margin=-0.1)
+
+
+@given(
+    ranks=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), max_size=60),
+    window=st.integers(1, 25),
+)
+@settings(max_examples=150, deadline=None)
+def test_evidence_the_device_records_passes_the_stored_state_check(ranks, window) -> None:
+    """What GuardState.record accumulates (the window and cumulative sums, as the device
+    keeps and stores them) is always accepted by check_evidence."""
+    from device_ranker.guard import check_evidence
+
+    state = GuardState.empty(window)
+    n = total = squares = 0.0
+    for base, edit in ranks:
+        state.record(base, edit)
+        d = state.diffs[-1]
+        n, total, squares = n + 1, total + d, squares + d * d
+    check_evidence(list(state.diffs), n, total, squares, window)
+
+
+_IMPOSSIBLE = {
+    "NaN": ([float("nan")], 1, 0.0, 0.0, 2),
+    "more values than clicks": ([0.5, 0.5], 1, 1.0, 0.5, 2),
+    "more values than the window": ([0.5, 0.5], 2, 1.0, 0.5, 1),
+    "negative clicks": ([], -1, 0.0, 0.0, 2),
+    "|sum| > clicks": ([], 2, 2.5, 2.0, 2),
+    "sum^2 > clicks * squares": ([0.5], 2, 1.0, 0.26, 2),
+    "window squares above the total": ([0.5, 0.5], 2, 1.0, 0.4, 2),
+    "window 0": ([], 0, 0.0, 0.0, 0),
+}
+
+
+@pytest.mark.parametrize("args", list(_IMPOSSIBLE.values()), ids=list(_IMPOSSIBLE))
+def test_check_evidence_rejects_what_no_device_can_record(args) -> None:
+    from device_ranker.guard import check_evidence
+    from recsys.errors import ValidationError
+
+    check_evidence([], 0, 0.0, 0.0, 20)  # no click yet
+    check_evidence([0.5, -0.25], 4, 0.5, 0.5, 2)
+    with pytest.raises(ValidationError):
+        check_evidence(*args)
