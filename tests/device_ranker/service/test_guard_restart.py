@@ -13,13 +13,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from service_helpers import device_config
+from service_helpers import cloud_config, device_config
 
 from device_ranker.gate import GateConfig
 from device_ranker.guard import GuardConfig, click_gain
 from device_ranker.service.server import start_device
+from llm_cloud.service.server import start_cloud
 from recsys.rpc.device.v1 import recommendation_pb2 as pb
 from recsys.rpc.device.v1 import recommendation_pb2_grpc as pb_grpc
+from recsys.serving.fleet_guard import FleetGuardConfig
 
 # one request when the history reaches min_history, then only RequestEdit asks
 ONCE = GateConfig(min_history=2, min_gap=1, budget=0.001)
@@ -30,10 +32,11 @@ GUARD = GuardConfig(window=4, min_evidence=3, z=0.0)
 class _Device:
     """A device server in this process (``--guard``, a state file), with a stub."""
 
-    def __init__(self, bg, artifacts, cloud_port: int, state: Path) -> None:
+    def __init__(self, bg, artifacts, cloud_port: int, state: Path, **kw) -> None:
         self.bg = bg
-        cfg = device_config(artifacts, cloud_port, trigger="timer", gate=ONCE, guard=True,
-                            guard_settings=GUARD, state_path=str(state))  # fmt: skip
+        kw = {"guard": True, "guard_settings": GUARD, **kw}
+        cfg = device_config(artifacts, cloud_port, trigger="timer", gate=ONCE,
+                            state_path=str(state), **kw)  # fmt: skip
         self.handle = bg.run(start_device(cfg))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.handle.port}")
         self.stub = pb_grpc.RecommendationServiceStub(self.channel)
@@ -62,13 +65,13 @@ class _Device:
         engine = self.handle.engine
         st = engine.users[user]
         g = st.guard
-        assert g is not None and g.clicks is not None
+        assert g is not None
         scores = None
         if g.candidate is not None:
             scores = engine.ranker.scores([np.asarray(st.history)], edit=g.candidate)  # [1, I]
         return {
-            "diffs": list(g.clicks.diffs),
-            "window": g.clicks.diffs.maxlen,
+            "diffs": None if g.clicks is None else list(g.clicks.diffs),
+            "window": None if g.clicks is None else g.clicks.diffs.maxlen,
             "evidence": g.evidence,
             "held_by": g.held_by,
             "candidate_info": g.candidate_info,
@@ -84,8 +87,9 @@ class _Device:
 
 def _view(status: pb.GetStatusResponse) -> tuple:
     u = status.user
-    return (u.history_length, u.mode, u.HasField("edit"), u.note, u.guard_clicks,
-            u.guard_mean_gain_diff, u.held_by)  # fmt: skip
+    mean = "nan" if np.isnan(u.guard_mean_gain_diff) else u.guard_mean_gain_diff
+    return (u.history_length, u.mode, u.HasField("edit"), u.note, u.guard_clicks, mean,
+            u.held_by)  # fmt: skip
 
 
 def test_guard_evidence_and_held_candidate_survive_a_restart(
@@ -200,3 +204,34 @@ def test_a_click_that_cannot_be_stored_adds_no_evidence(
         assert after == before and dev.status("w").user.guard_clicks == 1
     finally:
         dev.stop()
+
+
+def test_a_candidate_the_fleet_guard_holds_survives_a_restart(bg, artifacts, tmp_path) -> None:
+    """A device without its own guard: the cloud's proof guard holds the first edit (no
+    evidence anywhere yet); after a restart the user is still served the base head with
+    the same candidate held by the fleet."""
+    fleet = FleetGuardConfig(mode="proof", min_evidence=3)
+    cloud = bg.run(start_cloud(cloud_config(artifacts, fleet_guard=fleet)))
+    state = tmp_path / "s.sqlite"
+    try:
+        dev = _Device(bg, artifacts, cloud.port, state, guard=False, guard_settings=GUARD)
+        try:
+            dev.event("f1", "i1", 1)
+            held = dev.event("f1", "i2", 2)
+            assert held.outcome == pb.EDIT_OUTCOME_HELD and held.mode == pb.SERVING_MODE_BASE
+            before, status, rec = dev.guard_state("f1"), dev.status("f1"), dev.recommend("f1")
+        finally:
+            dev.stop()
+        assert before["held_by"] == "fleet" and before["diffs"] is None  # no clicks scored
+        dev = _Device(bg, artifacts, cloud.port, state, guard=False, guard_settings=GUARD)
+        try:
+            assert _view(dev.status("f1")) == _view(status)
+            after = dev.guard_state("f1")
+            assert after.pop("candidate_scores").equal(before.pop("candidate_scores"))
+            assert after == before
+            again = dev.recommend("f1")
+            assert again.mode == pb.SERVING_MODE_BASE and list(again.items) == list(rec.items)
+        finally:
+            dev.stop()
+    finally:
+        bg.run(cloud.stop(0))
