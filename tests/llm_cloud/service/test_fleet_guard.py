@@ -66,6 +66,20 @@ def test_proof_needs_several_devices_and_harm_applies_without_evidence() -> None
     assert proof.decisions == {APPLY: 1, HOLD: 3}
 
 
+def test_harm_at_level_zero_holds_on_any_negative_pooled_mean() -> None:
+    # the expected-value setting (--fleet-guard harm --fleet-guard-z 0): apply without
+    # evidence and while the pooled mean gain is >= 0, hold as soon as it is below 0
+    ev = FleetEvidence(FleetGuardConfig(mode="harm", z=0.0))
+    at_5pct = FleetEvidence(FleetGuardConfig(mode="harm"))
+    assert ev.decide() == APPLY
+    for fleet in (ev, at_5pct):
+        fleet.report("a", 50, -0.5, 2.0)  # mean -0.01, sd 0.2: far from significant
+        fleet.report("b", 50, 0.3, 2.0)  # pooled mean -0.002
+    assert ev.decide() == HOLD and at_5pct.decide() == APPLY
+    ev.report("b", 60, 0.7, 2.5)  # pooled mean +0.0018
+    assert ev.decide() == APPLY
+
+
 def test_off_mode_decides_nothing_and_bad_reports_change_nothing() -> None:
     assert FleetEvidence(FleetGuardConfig()).decide() is None
     fleet = FleetEvidence(FleetGuardConfig(mode="harm", max_devices=2))
