@@ -424,7 +424,9 @@ def _register_state_bench(sub: argparse._SubParsersAction) -> None:
         help="what the device's durable state costs per RecordEvent (p50/p95, in process)",
         description="Run the device engine in this process (no cloud) and time RecordEvent "
         "without durable state, with --state-sync normal and with full, on a temporary "
-        "state file; prints p50/p95 per event and the added cost; --json writes them.",
+        "state file, then with every user holding a pushed edit, with and without the harm "
+        "guard's scoring and its stored evidence; prints p50/p95 per event, the added cost, "
+        "the state write alone and the file size; --json writes them.",
     )
     _add_dataset(p, "dataset: locates the ranker")
     p.add_argument("--checkpoint", help="ranker checkpoint (default: as for serve device)")
