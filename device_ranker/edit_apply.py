@@ -9,8 +9,8 @@ base parameters.
   one, a fine-tuned dense one);
 * :func:`prepare_decoded` takes a payload decoded by
   :func:`recsys.edit_payload.decode_values` (the device service's and the replay's fast
-  path: no per-part tensors, the :class:`HeadEdit` is built only if read), optionally
-  composed with a held prototype edit.
+  path: every layer in one set of numpy calls, no per-part tensors, the
+  :class:`HeadEdit` built only if read), optionally composed with a held prototype edit.
 
 Both validate each layer in :func:`_prepare_layer`: low-rank parts stay factored
 (``A = U diag(s)`` [out, r], ``V`` [in, r]) when that is cheaper
@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import weakref
@@ -286,12 +287,15 @@ def prepare_decoded(
 
     ``decoded`` comes from :func:`recsys.edit_payload.decode_values` (its values are
     finite). Names, shapes and the rank bound are checked against the head once per
-    payload layout, head and bounds (:func:`_plan`); per request, each layer is then
-    validated and built from numpy views of the payload's one value array
-    (:func:`_fast_layer`: ``A = U * s``, cheap sufficient norm and bias bounds,
-    ``b + db``) without per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made only if
-    someone reads it. With ``prototype`` the edit is ``HeadEdit.compose(prototype,
-    edit)`` (factors concatenated along r, bias deltas summed), checked as a whole.
+    payload layout, head and bounds (:func:`_plan`). Per request, the layers with a
+    factored low-rank part and/or a bias delta are validated and built together from the
+    payload's one value array (:func:`_joint_layers`: every ``A = U diag(s)`` in one
+    product, all norm and bias bounds in three dot products, ``b + db``); an edit those
+    summed bounds cannot clear, and other layouts, go per layer (:func:`_fast_layer`,
+    then the exact checks of :func:`_prepare_layer`, which name the part and value). No
+    per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made only if someone
+    reads it. With ``prototype`` the edit is ``HeadEdit.compose(prototype, edit)``
+    (factors concatenated along r, bias deltas summed), checked as a whole, per layer.
 
     Args:
         head: the ranker's head; decoded: the residual or absolute edit.
@@ -302,22 +306,27 @@ def prepare_decoded(
         :class:`PreparedEdit`.
     """
     bounds = bounds or _DEFAULT_BOUNDS
+    plan = _plan(head, decoded, bounds)
+    vals = decoded.values  # [N] float32
     if prototype is None:
-        vals = decoded.values  # [N] float32
-        layers = [
-            _fast_layer(step, vals, bounds)
-            if type(step) is _Fast
-            else EditedLinear(step.w, step.b)
-            if type(step) is _Untouched
-            else _prepare_layer(step.name, step.w, step.b, _views(vals, step.parts), bounds)
-            for step in _plan(head, decoded, bounds)
-        ]
+        joint = plan.joint
+        fast = None if joint is None else _joint_layers(joint, vals)
+        if fast is not None and joint.whole:  # every layer: the common case
+            layers = fast
+        else:
+            done = iter(fast or ())
+            layers = [
+                (_fast_layer(step, vals, bounds) if fast is None else next(done))
+                if type(step) is _Fast
+                else EditedLinear(step.w, step.b)
+                if type(step) is _Untouched
+                else _prepare_layer(step.name, step.w, step.b, _views(vals, step.parts), bounds)
+                for step in plan.steps
+            ]
     else:
-        plan = _plan(head, decoded, bounds)
         proto_parts, proto_fast = _prototype_parts(head, prototype, bounds)
-        vals = decoded.values
         layers = []
-        for step in plan:
+        for step in plan.steps:
             held = proto_fast.get(step.name)
             if type(step) is _Fast and held is not None:
                 layers.append(_fast_composed(head, step, vals, held, proto_parts, bounds))
@@ -366,17 +375,59 @@ class _General(NamedTuple):
     parts: dict[str, tuple[slice, tuple[int, ...]]]
 
 
+class _JointLayer(NamedTuple):
+    """Where one :class:`_Fast` layer's parts lie for :func:`_joint_layers`."""
+
+    step: _Fast
+    a: tuple[slice, tuple[int, int]] | None  # A = U diag(s) [out, r] in the buffer, or None
+    v: tuple[slice, tuple[int, int]] | None  # V [in, r] in the value array
+    db: slice | None  # db [out] in the value array (None: no bias delta)
+    b_new: slice | None  # b + db [out] in the buffer
+
+
+class _Joint(NamedTuple):
+    """Every :class:`_Fast` layer of a plan, prepared together by :func:`_joint_layers`
+    with a fixed handful of numpy calls whatever the number of layers.
+
+    Needs the parts as the codec lays them out (:data:`recsys.edit_payload.VALUE_ORDER`):
+    every U, every V, every db and every s each one slice of the value array, in the same
+    layer order, and one rank r for every low-rank layer. The buffer [size] holds
+    ``A = U diag(s)`` of every low-rank layer, then ``b + db`` of every biased one.
+    """
+
+    u: slice  # every U [sum(out) * r]
+    s: slice  # every s [n * r]
+    v: slice  # every V [sum(in) * r]
+    db: slice  # every db [sum(out_b)]
+    s_shape: tuple[int, int]  # (n, r): one row of s per low-rank layer
+    rows: np.ndarray  # [n] intp: out of each low-rank layer (rows of its U)
+    n_a: int  # sum(out) * r
+    size: int
+    layers: tuple[_JointLayer, ...]  # in head order
+    norm2: float  # the squared Frobenius bound of dW, less a rounding margin
+    bias2: float  # the squared element bound of db, less the same margin
+    whole: bool  # every head layer is one of ``layers``
+
+
+class _Plan(NamedTuple):
+    """What :func:`prepare_decoded` does per head layer, and the joint part of it."""
+
+    steps: tuple[_Untouched | _Fast | _General, ...]
+    joint: _Joint | None  # None: no :class:`_Fast` layer, or not laid out as _Joint needs
+
+
 # (id(layout groups), id(head)) -> (those groups, head, bounds, plan)
-_PLANS: dict[tuple[int, int], tuple[tuple, EditableHead, EditBounds, tuple]] = {}
+_PLANS: dict[tuple[int, int], tuple[tuple, EditableHead, EditBounds, _Plan]] = {}
 _MAX_PLANS = 64
+# the cheap bounds must clear the limits by this relative margin: float32 sums of squares
+# may round a little low, and at the limit the exact check decides
+_MARGIN = 1e-3
 
 
-def _plan(
-    head: EditableHead, decoded: DecodedPayload, bounds: EditBounds
-) -> tuple[_Untouched | _Fast | _General, ...]:
+def _plan(head: EditableHead, decoded: DecodedPayload, bounds: EditBounds) -> _Plan:
     """Per head layer, what :func:`prepare_decoded` does with a payload of this layout
-    (:class:`_Untouched`, :class:`_Fast` or :class:`_General`), worked out once per
-    (layout, head, bounds).
+    (:class:`_Untouched`, :class:`_Fast` or :class:`_General`), and the :class:`_Joint`
+    of its fast layers, worked out once per (layout, head, bounds).
 
     Checks once per plan: known layers, u/s/v together with one rank
     ``1 <= r <= min(out, in, bounds.max_rank)``, every shape (the checks
@@ -419,11 +470,107 @@ def _plan(
             )
         else:
             plan.append(_General(name, w, b, parts))
-    out = tuple(plan)
+    steps = tuple(plan)
+    fast = [step for step in steps if type(step) is _Fast]
+    out = _Plan(steps, _joint(fast, len(fast) == len(steps), bounds) if fast else None)
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = (groups, head, bounds, out)
     return out
+
+
+def _run(parts: list[tuple[slice, tuple[int, ...]]]) -> slice | None:
+    """The one slice these parts fill back to back (in this order), or None."""
+    if not parts:
+        return slice(0, 0)
+    sls = [p[0] for p in parts]
+    if any(x.stop != y.start for x, y in itertools.pairwise(sls)):
+        return None
+    return slice(sls[0].start, sls[-1].stop)
+
+
+def _joint(fast: list[_Fast], whole: bool, bounds: EditBounds) -> _Joint | None:
+    """The :class:`_Joint` of a plan's fast layers (once per plan), or None when their
+    parts do not lie as it needs (then :func:`_fast_layer` runs per layer)."""
+    lowrank = sorted((st for st in fast if st.u is not None), key=lambda st: st.u[0].start)
+    biased = sorted((st for st in fast if st.bias is not None), key=lambda st: st.bias[0].start)
+    runs = [_run([getattr(st, p) for st in lowrank]) for p in ("u", "s", "v")]
+    runs.append(_run([st.bias for st in biased]))
+    ranks = {st.s[1][0] for st in lowrank}
+    if any(r is None for r in runs) or len(ranks) > 1:
+        return None
+    n_a = sum(math.prod(st.u[1]) for st in lowrank)
+    at, where_a = 0, {}
+    for st in lowrank:
+        where_a[id(st)] = slice(at, at + math.prod(st.u[1]))
+        at = where_a[id(st)].stop
+    layers = []
+    for st in fast:
+        a = v = db = b_new = None
+        if st.u is not None:
+            a, v = (where_a[id(st)], st.u[1]), (st.v[0], st.v[1])
+        if st.bias is not None:
+            db, b_new = st.bias[0], slice(at, at + st.bias[1][0])
+            at = b_new.stop
+        layers.append(_JointLayer(st, a, v, db, b_new))
+    norm = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
+    u, s, v, db = runs
+    return _Joint(
+        u=u,
+        s=s,
+        v=v,
+        db=db,
+        s_shape=(len(lowrank), ranks.pop() if ranks else 0),
+        rows=np.array([st.u[1][0] for st in lowrank], dtype=np.intp),
+        n_a=n_a,
+        size=at,
+        layers=tuple(layers),
+        norm2=norm * norm * (1 - _MARGIN),
+        bias2=bounds.max_bias_abs * bounds.max_bias_abs * (1 - _MARGIN),
+        whole=whole,
+    )
+
+
+def _joint_layers(joint: _Joint, vals: np.ndarray) -> list[EditedLinear] | None:
+    """Every :class:`_Fast` layer of a plan from the payload's values ``vals`` [N], with
+    one buffer [size] (new memory per call: an applied edit owns it): ``A = U diag(s)``
+    of every layer in one product (s repeated per row of U), the norm and bias bounds
+    for all layers with three dot products, ``b + db`` per layer; the layers' tensors
+    are views of the buffer (A, b + db) and of ``vals`` (V).
+
+    The bounds are the per-layer cheap ones of :func:`_fast_layer` summed over layers:
+    ``(sum ||A||_F^2) (sum ||V||_F^2)`` bounds every layer's ``||A||_F^2 ||V||_F^2 >=
+    ||A V^T||_F^2``, and ``sum ||db||_2^2`` every ``max|db|^2``, less :data:`_MARGIN`.
+    Returns None when they are not cleared (or NaN, or a base bias storage was
+    replaced): the caller then takes the per-layer path (per-layer bounds, then the
+    exact checks, which name the part and value).
+    """
+    buf = np.empty(joint.size, dtype=np.float32)
+    n_a = joint.n_a
+    if n_a:
+        a_all = buf[:n_a]
+        s_rows = np.repeat(vals[joint.s].reshape(joint.s_shape), joint.rows, axis=0)
+        np.multiply(vals[joint.u], s_rows.ravel(), out=a_all)  # A = U diag(s), every layer
+        v_all = vals[joint.v]
+        if not np.dot(a_all, a_all) * np.dot(v_all, v_all) <= joint.norm2:  # NaN: True
+            return None
+    db_all = vals[joint.db]
+    if db_all.size and not np.dot(db_all, db_all) <= joint.bias2:
+        return None
+    layers = []
+    for lay in joint.layers:
+        step = lay.step
+        a = v = None
+        if lay.a is not None:
+            a = torch.from_numpy(buf[lay.a[0]].reshape(lay.a[1]))
+            v = torch.from_numpy(vals[lay.v[0]].reshape(lay.v[1]))
+        b = step.b
+        if lay.db is not None:
+            if b.data_ptr() != step.b_ptr:
+                return None
+            b = torch.from_numpy(np.add(step.b_np, vals[lay.db], out=buf[lay.b_new]))
+        layers.append(EditedLinear(step.w, b, a, v))
+    return layers
 
 
 def _views(vals: np.ndarray, parts: Mapping[str, tuple[slice, tuple[int, ...]]]) -> dict:

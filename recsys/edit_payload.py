@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,6 +76,9 @@ DTYPES = {"fp32": 1, "fp16": 2, "int8": 3}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _NUMPY = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
 PARTS = ("u", "s", "v", "dense", "bias")
+# the decoded value array holds every U, then every V, bias, s and dense part (payload
+# order within a part), so that a consumer handles one part of every layer as one slice
+VALUE_ORDER = ("u", "v", "bias", "s", "dense")
 MAX_TENSORS = 256  # a head has a few layers x 5 parts; more is a malformed payload
 MAX_NDIM = 4
 MAX_BYTES = 16 * 2**20  # refuse to decode anything larger (the default edit is < 8 KB)
@@ -280,10 +285,12 @@ class _Layout:
         data: per tensor the [start, end) byte range of its values in the body.
         scales: int8 only: per tensor the offset of its float32 scale.
         checked: (spec, max_rank) pairs whose shape check this layout passed.
-        slots: (derived) per tensor (name, start, stop, shape) of its values in the
-            float32 array that :func:`decode_values` returns.
+        slots: (derived) per tensor, in payload order, (name, start, stop, shape) of its
+            values in the float32 array that :func:`decode_values` returns.
         groups: (derived) the slots by layer: (layer, ((part, start, stop, shape), ...)).
-        gather, expected: (derived) see :meth:`__post_init__` and :func:`_gather`.
+        order, sizes: (derived) the tensors (payload indices) in the order of their values
+            in that array, and their sizes.
+        gather, pick, expected: (derived) see :meth:`__post_init__` and :func:`_gather`.
     """
 
     names: tuple[str, ...]
@@ -296,18 +303,33 @@ class _Layout:
     def __post_init__(self) -> None:
         """The gather plan (see :func:`_gather`): every descriptor, then ``pad`` bytes of the
         (already checked) magic so the values start 4-byte aligned, then every tensor's
-        data; ``expected`` is what the first ``len(expected)`` gathered bytes must be."""
+        data grouped by part (:data:`VALUE_ORDER`; payload order within a part);
+        ``expected`` is what the first ``len(expected)`` gathered bytes must be."""
         desc = b"".join(d for _, d in self.descriptors)
         pad = -len(desc) % 4
+        order = sorted(
+            range(len(self.names)),
+            key=lambda k: (VALUE_ORDER.index(self.names[k].rpartition(".")[2]), k),
+        )
         gather = [slice(o, o + len(d)) for o, d in self.descriptors]
-        gather += [slice(0, pad)] + [slice(a, b) for a, b in self.data]
-        stops = np.cumsum([0] + [math.prod(sh) for sh in self.shapes]).tolist()
-        slots = tuple(zip(self.names, stops[:-1], stops[1:], self.shapes, strict=True))
+        gather += [slice(0, pad)] + [slice(*self.data[k]) for k in order]
+        sizes = [math.prod(self.shapes[k]) for k in order]
+        stops = np.cumsum([0, *sizes]).tolist()
+        start = dict(zip(order, stops, strict=False))  # tensor -> where its values begin
+        slots = tuple(
+            (name, start[k], start[k] + math.prod(shape), shape)
+            for k, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True))
+        )
         by_layer: dict[str, list] = {}
         for name, a, b, shape in slots:
             layer, _, part = name.rpartition(".")
             by_layer.setdefault(layer, []).append((part, a, b, shape))
+        object.__setattr__(self, "order", tuple(order))
+        object.__setattr__(self, "sizes", tuple(sizes))
         object.__setattr__(self, "gather", tuple(gather))
+        # all the pieces in one C call (a Python loop over 2 x tensors slices costs ~2x)
+        pick = operator.itemgetter(*gather)
+        object.__setattr__(self, "pick", pick if len(gather) > 1 else lambda body: (pick(body),))
         object.__setattr__(self, "expected", desc + MAGIC[:pad])
         object.__setattr__(self, "slots", slots)
         object.__setattr__(self, "groups", tuple((k, tuple(v)) for k, v in by_layer.items()))
@@ -362,39 +384,78 @@ def _gather(body: memoryview, dtype_code: int, count: int) -> tuple[_Layout, byt
     key = (len(body), dtype_code, count)
     layout = _LAYOUTS.get(key)
     if layout is not None:
-        raw = bytearray().join([body[sl] for sl in layout.gather])
-        if raw[: len(layout.expected)] == layout.expected:
+        raw = _join(layout, body)
+        if raw.startswith(layout.expected):
             return layout, raw
     layout = _parse_layout(body, _DTYPE_NAMES[dtype_code], count)
     if len(_LAYOUTS) >= _MAX_LAYOUTS:
         _LAYOUTS.clear()
     _LAYOUTS[key] = layout
-    return layout, bytearray().join([body[sl] for sl in layout.gather])
+    return layout, _join(layout, body)
+
+
+def _join(layout: _Layout, body: memoryview) -> bytearray:
+    """``descriptors | pad | data`` of ``body`` (:meth:`_Layout.__post_init__`)."""
+    return bytearray().join(layout.pick(body))
 
 
 def _values(raw: bytearray, body: memoryview, layout: _Layout, dtype: str) -> np.ndarray:
-    """Every tensor's values, concatenated in payload order, as one float32 array [N]:
-    one conversion of the gathered data (``raw`` after ``layout.expected``). fp16 is
-    widened by torch's vectorised ``copy_`` into a numpy-owned array: ~2x faster than
-    numpy's fp16 cast, and cheaper than ``.float()`` (no tensor-allocating dispatch)."""
+    """Every tensor's values, grouped by part (:data:`VALUE_ORDER`), as one float32 array
+    [N]: one conversion of the gathered data (``raw`` after ``layout.expected``); fp16
+    by :func:`_widen_fp16`."""
     start = len(layout.expected)
     if dtype == "fp16":
-        values = np.empty((len(raw) - start) // 2, dtype=np.float32)
-        if values.size:
-            wire = torch.frombuffer(raw, dtype=torch.float16, offset=start)
-            torch.from_numpy(values).copy_(wire)
-        return values
+        return _widen_fp16(memoryview(raw)[start:])
     if dtype == "fp32":
         return np.frombuffer(raw, dtype=_NUMPY["fp32"], offset=start).astype(np.float32)
-    scales = np.array(
-        [struct.unpack_from("<f", body, o)[0] for o in layout.scales], dtype=np.float32
-    )
-    for name, sc in zip(layout.names, scales.tolist(), strict=True):
+    scales = [struct.unpack_from("<f", body, o)[0] for o in layout.scales]
+    for name, sc in zip(layout.names, scales, strict=True):
         if not (math.isfinite(sc) and sc > 0):
             raise ValidationError(f"edit tensor {name!r}: invalid int8 scale {sc}")
-    sizes = [(b - a) for a, b in layout.data]
+    ordered = np.array([scales[k] for k in layout.order], dtype=np.float32)
     wire = np.frombuffer(raw, dtype=np.int8, offset=start)
-    return dequantise(wire, "int8") * np.repeat(scales, sizes)
+    return dequantise(wire, "int8") * np.repeat(ordered, layout.sizes)
+
+
+_STAGES = (
+    threading.local()
+)  # per thread: wire length -> (view, fp16 tensor, fp32 tensor, fp32 array)
+_MAX_STAGES = 16
+
+
+def _widen_fp16(wire: memoryview) -> np.ndarray:
+    """fp16 wire values [N] (bytes) -> a new float32 array [N].
+
+    Through a staging pair kept per thread and wire length: the bytes are copied into a
+    fixed buffer that a float16 tensor views, widened by torch's vectorised ``copy_``
+    into a float32 tensor, whose numpy view is then copied out. Per call that is one
+    torch call and no tensor made or freed (making and freeing the two tensors a fresh
+    conversion needs cost more than the conversion itself; numpy's own fp16 cast is
+    ~3x slower than torch's). The staging buffers never leave this function.
+    """
+    n = len(wire) // 2
+    if not n:
+        return np.empty(0, dtype=np.float32)
+    stages = getattr(_STAGES, "by_length", None)
+    if stages is None:
+        stages = _STAGES.by_length = {}
+    stage = stages.get(n)
+    if stage is None:
+        if len(stages) >= _MAX_STAGES:
+            stages.clear()
+        staged = bytearray(2 * n)
+        wide = torch.empty(n, dtype=torch.float32)
+        # the memoryview pins the bytearray's size (torch reads its memory directly)
+        stage = stages[n] = (
+            memoryview(staged),
+            torch.frombuffer(staged, dtype=torch.float16),
+            wide,
+            wide.numpy(),
+        )
+    view, half, wide, out = stage
+    view[:] = wire  # same length: no resize
+    wide.copy_(half)
+    return out.copy()
 
 
 @dataclass(eq=False, slots=True)
@@ -403,8 +464,12 @@ class DecodedPayload:
     it as read-only: not frozen only because a frozen dataclass is slower to build).
 
     Attributes:
-        values: [N] float32, every tensor's values in payload order.
-        names, shapes: per tensor (``"fc0.u"``, (out, R)), in payload order.
+        values: [N] float32, every tensor's values, grouped by part (every U, then every
+            V, bias, s, dense: :data:`VALUE_ORDER`; payload order within a part).
+        slots: per tensor, in payload order, (name, start, stop, shape): its values are
+            ``values[start:stop].reshape(shape)``.
+        groups: the slots by layer: (layer, ((part, start, stop, shape), ...)).
+        names: per tensor (``"fc0.u"``), in payload order.
         prototype_id, prototype_version, dtype, nbytes: as in :class:`EditPayload`.
     """
 
@@ -554,12 +619,9 @@ def _all_finite(values: np.ndarray, dtype: str) -> bool:
 
 def _name_non_finite(flat: np.ndarray, layout: _Layout) -> None:
     """Raise naming the first tensor of ``layout`` whose values in ``flat`` are not finite."""
-    start = 0
-    for name, shape in zip(layout.names, layout.shapes, strict=True):
-        stop = start + math.prod(shape)
+    for name, start, stop, _ in layout.slots:  # payload order
         if not np.isfinite(flat[start:stop]).all():
             raise ValidationError(f"edit tensor {name!r} contains NaN or Inf")
-        start = stop
 
 
 def quantisation_error_bound(tensors: Mapping[str, Any], dtype: str) -> dict[str, float]:
