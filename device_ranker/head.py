@@ -99,6 +99,11 @@ class EditedLinear:
         return y + F.linear(F.linear(x, self.v.t()), self.a)  # (x V) A^T
 
 
+# one lock for every EditedWeights' one-time materialisation (rare; a lock per edit would
+# be made and freed on the device's edit path)
+_MATERIALISE_LOCK = threading.Lock()
+
+
 class EditedWeights(Sequence):
     """The head weights of an edit, factored per layer, dense on demand.
 
@@ -116,7 +121,6 @@ class EditedWeights(Sequence):
         self.layers = tuple(layers)
         self._dense: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
         self._rows = 0  # rows scored in factored form so far
-        self._lock = threading.Lock()
 
     def flops(self) -> tuple[int, int]:
         """(FLOPs of materialising every low-rank layer, ``sum 2 r out in``; extra FLOPs
@@ -132,7 +136,7 @@ class EditedWeights(Sequence):
     def dense(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """(W + A V^T, b') per layer, computed once."""
         if self._dense is None:
-            with self._lock, torch.no_grad():
+            with _MATERIALISE_LOCK, torch.no_grad():
                 if self._dense is None:
                     self._dense = tuple(lay.dense() for lay in self.layers)
         return self._dense

@@ -527,9 +527,12 @@ def decode_values(
     Raises:
         ValidationError: anything malformed (see the module docstring).
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if type(data) is bytes:
+        view = memoryview(data)  # already unsigned bytes
+    elif isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data).cast("B")
+    else:
         raise ValidationError(f"edit payload must be bytes, got {type(data).__name__}")
-    view = memoryview(data).cast("B")
     n = view.nbytes
     if n > MAX_BYTES:
         raise ValidationError(f"edit payload of {n} bytes exceeds {MAX_BYTES}")
