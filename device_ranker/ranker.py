@@ -80,6 +80,8 @@ class Ranker:
         if self.item_ids is not None and len(self.item_ids) != model.cfg.num_items:
             raise ValidationError(f"{len(self.item_ids)} item ids for {model.cfg.num_items} items")
         self.bounds = bounds or EditBounds()
+        # the edit path reads the head per edit: nn.Module attribute lookup costs ~1-5 us
+        self._head = self.model.head
         self._active: PreparedEdit | None = None
         self.ann_config = ann or AnnConfig()
         self._ann = None  # AnnIndex, built on first use
@@ -123,7 +125,7 @@ class Ranker:
     # ---- edits ----------------------------------------------------------------------
     def prepare(self, edit: HeadEdit) -> PreparedEdit:
         """Validate ``edit`` and build its (factored) effective head weights (no autograd)."""
-        return prepare_edit(self.model.head, edit, self.bounds)
+        return prepare_edit(self._head, edit, self.bounds)
 
     def prepare_decoded(
         self, decoded: DecodedPayload, prototype: HeadEdit | None = None
@@ -132,7 +134,7 @@ class Ranker:
         max_rank=self.bounds.max_rank)`` (+ the prototype it is a residual of) and build
         its factored head weights: the device's fast path
         (:func:`~device_ranker.edit_apply.prepare_decoded`)."""
-        return prepare_decoded(self.model.head, decoded, self.bounds, prototype)
+        return prepare_decoded(self._head, decoded, self.bounds, prototype)
 
     def apply_edit(self, edit: HeadEdit | PreparedEdit) -> PreparedEdit:
         """Make ``edit`` the active edit (validated; base weights never overwritten)."""
