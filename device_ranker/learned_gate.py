@@ -229,6 +229,9 @@ class LearnedGate:
         self.model = model
         self.config = config
         self.shift = ShiftGate(dataclasses.replace(config, threshold=None), item_vectors)
+        # anchor window (its W item ids, as bytes) -> its summary [D]: a device's anchor is
+        # the same window at every decision until its next request
+        self._anchors: dict[bytes, np.ndarray | frozenset[int]] = {}
         if threshold is None:
             threshold = -np.inf if config.budget >= 1.0 else model.threshold(config.budget)
         self._threshold = float(threshold)
@@ -244,14 +247,25 @@ class LearnedGate:
         seq = np.asarray(history, dtype=np.int64)
         n = len(seq)
         w = self.config.window
-        anchor = self.shift.window_summary(seq[:anchor_len])
+        anchor = self._anchor_summary(seq[max(anchor_len - w, 0) : anchor_len])
         now = self.shift.window_summary(seq)
         shift = float(np.clip((1.0 - np.dot(now, anchor)) / 2.0, 0.0, 1.0))
-        lr = normalised_log_rank(base_ranks[:n], len(self.model.popularity))
-        recent = _nanmean(lr[max(n - RECENT_CLICKS, 0) :])
-        since = _nanmean(lr[max(anchor_len, n - SINCE_CLICKS) :])
+        tail = max(n - max(RECENT_CLICKS, SINCE_CLICKS), 0)  # the clicks the two means read
+        lr = normalised_log_rank(base_ranks[tail:n], len(self.model.popularity))
+        recent = _nanmean(lr[max(n - RECENT_CLICKS, 0) - tail :])
+        since = _nanmean(lr[max(anchor_len, n - SINCE_CLICKS) - tail :])
         pop = float(self.model.popularity[seq[max(n - w, 0) :]].mean()) if n else 0.0
         return feature_matrix([shift], [n - anchor_len], [n], [recent], [since], [pop])
+
+    def _anchor_summary(self, window: np.ndarray) -> np.ndarray | frozenset[int]:
+        """The shift gate's summary of the anchor window [<= W], cached by its item ids."""
+        key = window.tobytes()
+        got = self._anchors.get(key)
+        if got is None:
+            if len(self._anchors) >= _MAX_ANCHORS:
+                self._anchors.clear()
+            got = self._anchors[key] = self.shift.window_summary(window)
+        return got
 
     def decide(
         self, history: Sequence[int], state: GateState, base_ranks: np.ndarray
@@ -284,6 +298,9 @@ class LearnedGate:
             state.credit -= 1.0
         state.anchor = len(history)  # the anchor LENGTH (an int, unlike the shift gate's)
         state.events_since_request = 0
+
+
+_MAX_ANCHORS = 65_536  # cached anchor summaries per gate (~0.3 KB each at D = 64)
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -102,6 +102,9 @@ def test_device_features_equal_the_vectorised_training_features() -> None:
             dev = gate.features(s[:length], r[:length], anchor)[0]
             vec = tracks.features(np.array([u]), np.array([length]), np.array([anchor]))[0]
             np.testing.assert_allclose(dev, vec, rtol=1e-5, atol=1e-6)  # float32 vectors
+            cached = len(gate._anchors)  # the anchor window's summary is cached by its items
+            assert np.array_equal(gate.features(s[:length], r[:length], anchor)[0], dev)
+            assert len(gate._anchors) == cached
 
 
 def test_decisions_first_below_budget_cooldown() -> None:
