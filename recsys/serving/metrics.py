@@ -12,7 +12,8 @@ times it by service, method and final status code:
 Installed outermost, it sees the code the client gets (the authentication's
 UNAUTHENTICATED, the error mapping's INVALID_ARGUMENT, ...). :meth:`ServerMetrics.serve`
 exposes the registry at ``http://HOST:PORT/metrics`` from a daemon thread
-(``prometheus_client.start_http_server``; port 0 = an ephemeral port).
+(``prometheus_client.start_http_server``; port 0 = an ephemeral port), over HTTPS with the
+server's certificate and key when the gRPC server has TLS.
 
 A service adds its domain figures with :meth:`ServerMetrics.register`: a collector that
 reads counters the engine keeps anyway at scrape time, so the hot paths carry no metric
@@ -194,16 +195,27 @@ class ServerMetrics:
         """Add a collector (a service's domain figures) to this server's registry."""
         self.registry.register(collector)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose ``/metrics`` on ``host:port`` (0 = ephemeral); returns the bound port."""
+    def serve(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> int:
+        """Expose ``/metrics`` on ``host:port`` (0 = ephemeral), over HTTPS with
+        ``certfile`` + ``keyfile`` (PEM; the gRPC server's own TLS pair); returns the bound
+        port."""
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
+            self._httpd, self._thread = start_http_server(
+                port, addr=host, registry=self.registry, certfile=certfile, keyfile=keyfile
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ValidationError(
-                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}"
             ) from None
         self.port = int(self._httpd.server_port)
-        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+        scheme = "https" if certfile else "http"
+        logger.info("metrics on %s://%s:%d/metrics", scheme, host, self.port)
         return self.port
 
     def close(self) -> None:

@@ -67,7 +67,8 @@ class ServerOptions:
         max_concurrent_rpcs: calls served at once before RESOURCE_EXHAUSTED (None = no cap).
         port_file: write the bound port there (atomically) once the server is started.
         metrics_port: serve Prometheus metrics at ``http://host:PORT/metrics``
-            (:mod:`recsys.serving.metrics`; 0 = ephemeral, None = off).
+            (``https://`` with the TLS pair above; :mod:`recsys.serving.metrics`;
+            0 = ephemeral, None = off).
     """
 
     host: str = Field("127.0.0.1", min_length=1)
@@ -262,7 +263,7 @@ class GrpcServer:
         if not port:
             raise ValidationError(f"cannot listen on {address} (port in use?)")
         if self.metrics is not None and opts.metrics_port is not None:
-            self.metrics.serve(opts.metrics_port, opts.host)
+            self.metrics.serve(opts.metrics_port, opts.host, opts.tls_cert, opts.tls_key)
         await self.server.start()
         self.port = int(port)
         if opts.port_file:
