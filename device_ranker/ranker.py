@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
@@ -82,6 +83,8 @@ class Ranker:
         self.bounds = bounds or EditBounds()
         # the edit path reads the head per edit: nn.Module attribute lookup costs ~1-5 us
         self._head = self.model.head
+        # the payload's shape check per edit (``decode_values(spec=...)``): fixed per head
+        self.payload_spec: Mapping[str, tuple[int, int]] = MappingProxyType(self._head.edit_spec())
         self._active: PreparedEdit | None = None
         self.ann_config = ann or AnnConfig()
         self._ann = None  # AnnIndex, built on first use
@@ -105,7 +108,8 @@ class Ranker:
         return self.model.cfg.num_items
 
     def edit_spec(self) -> dict[str, tuple[int, int]]:
-        """Head layer name -> (out, in): the shapes an edit must have."""
+        """Head layer name -> (out, in): the shapes an edit must have (a new dict; the
+        read-only ``payload_spec`` is the same, made once, for the per-edit decode)."""
         return self.model.head.edit_spec()
 
     def ann_index(self):

@@ -445,7 +445,7 @@ class CloudEdits:
     def _decode_edit(self, payload: bytes, allow_prototype: bool) -> HeadEdit:
         """RSE1 bytes -> a HeadEdit (shapes checked against this ranker's head)."""
         decoded = decode_payload(
-            payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
+            payload, spec=self.ranker.payload_spec, max_rank=self.ranker.bounds.max_rank
         )
         if decoded.prototype_id is not None and not allow_prototype:
             raise ValidationError("a prototype's own edit must not refer to another prototype")
@@ -465,7 +465,7 @@ class CloudEdits:
         from it (``Ranker.prepare_decoded``; the prototype's factors are concatenated)."""
         t0 = time.perf_counter()
         decoded = decode_values(
-            payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
+            payload, spec=self.ranker.payload_spec, max_rank=self.ranker.bounds.max_rank
         )
         t1 = time.perf_counter()
         prepared = self.ranker.prepare_decoded(decoded, prototype)
@@ -513,6 +513,6 @@ class CloudEdits:
 
     def _peek_prototype(self, payload: bytes) -> tuple[int | None, int | None]:
         decoded = decode_values(
-            payload, spec=self.ranker.edit_spec(), max_rank=self.ranker.bounds.max_rank
+            payload, spec=self.ranker.payload_spec, max_rank=self.ranker.bounds.max_rank
         )
         return decoded.prototype_id, decoded.prototype_version

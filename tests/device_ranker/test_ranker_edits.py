@@ -209,3 +209,19 @@ def test_property_accepted_edits_respect_bounds(rank: int, scale: float, seed: i
     for (w, b), (w0, b0), dw, db in zip(prepared.weights, base, dws, biases, strict=True):
         torch.testing.assert_close(w - w0, dw)
         torch.testing.assert_close(b - b0, db)
+
+
+def test_payload_spec_is_the_edit_spec_read_only(tiny_model: SeqRanker) -> None:
+    from recsys.edit_payload import decode_values, encode_payload
+
+    ranker = Ranker(tiny_model)
+    assert dict(ranker.payload_spec) == ranker.edit_spec()
+    with pytest.raises(TypeError):
+        ranker.payload_spec["fc0"] = (1, 1)  # type: ignore[index]
+    data = encode_payload(small_edit(tiny_model.head).to_flat(), dtype="fp16")
+    with_copy = decode_values(data, spec=ranker.edit_spec(), max_rank=ranker.bounds.max_rank)
+    with_view = decode_values(data, spec=ranker.payload_spec, max_rank=ranker.bounds.max_rank)
+    assert (with_copy.values == with_view.values).all()
+    bad = {**ranker.edit_spec(), "fc0": (1, 1)}
+    with pytest.raises(ValidationError):  # the shape check still runs against a spec
+        decode_values(data, spec=bad, max_rank=ranker.bounds.max_rank)
