@@ -417,9 +417,8 @@ def _values(raw: bytearray, body: memoryview, layout: _Layout, dtype: str) -> np
     return dequantise(wire, "int8") * np.repeat(ordered, layout.sizes)
 
 
-_STAGES = (
-    threading.local()
-)  # per thread: wire length -> (view, fp16 tensor, fp32 tensor, fp32 array)
+# per thread: wire length -> (view, fp16 tensor, fp32 tensor, fp32 array)
+_STAGES = threading.local()
 _MAX_STAGES = 16
 
 
@@ -513,9 +512,10 @@ def decode_values(
 
     Header, CRC-32, then the tensor layout: parsed field by field the first time a
     layout (names, shapes, offsets) is seen, afterwards recognised by comparing its
-    descriptor bytes (one ``memcmp`` per tensor). The values of all tensors are
-    converted to float32 in one call and checked for NaN/Inf with one ``isfinite``
-    over the whole payload (the tensor is named only when that check fails); the shape
+    descriptor bytes (one comparison for the whole layout). The values of all tensors are
+    converted to float32 in one call (grouped by part, :data:`VALUE_ORDER`) and checked
+    for NaN/Inf with one check over the whole payload (a dot product for fp16,
+    ``isfinite`` otherwise; the tensor is named only when it fails); the shape
     check against ``spec`` runs once per layout and spec. No per-value Python.
 
     Args:

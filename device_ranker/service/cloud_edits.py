@@ -23,9 +23,9 @@ by the engine); and whatever the device's flags, an edit the cloud's fleet guard
 with ``EDIT_DECISION_HOLD`` is held. A held edit is not served: the user gets the base
 head, the edit stays its candidate (scored in shadow on its next clicks) and the outcome
 is "held" (with a durable state the candidate is stored beside the base head and
-reloaded after a restart, as is the evidence). With ``report_evidence`` each request carries the user's cumulative evidence
-(``GuardEvidence``: clicks, sum and sum of squares of the gain differences) for the
-cloud's pooled test (:mod:`recsys.serving.fleet_guard`).
+reloaded after a restart, as is the evidence). With ``report_evidence`` each request
+carries the user's cumulative evidence (``GuardEvidence``: clicks, sum and sum of squares
+of the gain differences) for the cloud's pooled test (:mod:`recsys.serving.fleet_guard`).
 
 ApplyEdit (:meth:`CloudEdits.apply_pushed`) installs an edit pushed to the device; it may
 refer only to a prototype the device holds.

@@ -17,8 +17,8 @@ What is written, and when:
   edit is installed or reverted;
 * **the harm guard's state** (issue 15; table ``guard``, schema 2): the user's evidence
   (the last ``window`` clicks' gain differences, a float64 blob, and the cumulative
-  clicks, sum and sum of squares it reports to the cloud), written in the transaction of the event whose click
-  it scored, and the **candidate** edit a guard holds out (its payloads and info like the
+  clicks, sum and sum of squares it reports to the cloud), written in the transaction of
+  the event whose click it scored, and the **candidate** edit a guard holds out (its payloads and info like the
   active edit's, and who holds it: "device" or "fleet"), written with the active edit
   (the two never coexist: a held edit is served as the base head).
 

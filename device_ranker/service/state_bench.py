@@ -4,8 +4,8 @@ The device engine runs in this process without a cloud (the gate's decisions cos
 same in every mode); RecordEvent is timed ``events`` times over ``users`` users without
 durable state, then with ``sync`` "normal" and "full" on a fresh temporary state file.
 Then the same with the harm guard (``--guard``): every user first gets a pushed edit
-(ApplyEdit: a random rank-2 edit, scale 0.03: within the bounds), so each click is scored by the base head and the edit
-and the user's evidence is written with the event (state schema 2); a row with edits and
+(ApplyEdit: a random rank-2 edit, scale 0.03: within the bounds), so each click is
+scored by the base head and the edit and the user's evidence is written with the event (state schema 2); a row with edits and
 no guard separates the guard's cost from the edits'. The state's own write
 (:meth:`DeviceStateStore.record_event`) is timed alone as well (with the evidence of a
 full guard window for the guard rows), and the state file's size after the run is
