@@ -501,6 +501,7 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
         bullets,
         comparison_rows,
         cost_rows,
+        fleet_evidence_rows,
         gate_rows,
         global_time_lines,
         goal_lines,
@@ -539,6 +540,12 @@ def _report(args: argparse.Namespace, ds, cfg, specs, cache: Path) -> int:
     rows = guard_rows(summary)
     if rows:
         print_table(rows, title="Harm guard: edits applied or kept out (device check time)")
+    rows = fleet_evidence_rows(summary)
+    if rows:
+        title = (
+            "Fleet guard: what the pooled evidence could tell (hindsight: whole-stream gain and sd)"
+        )
+        print_table(rows, title=title)
     print("\nTargets (as measured):")
     lines = bullets(goal_lines(summary))
     for line in lines:

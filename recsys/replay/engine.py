@@ -288,7 +288,9 @@ def run_replay(
             fleet = [s for s in specs if s.fleet_guard]
             levels = {s.label: s.guard_z for s in fleet if s.guard_z is not None}
             proof = {s.label for s in fleet if s.fleet_proof}
-            apply_fleet_guards(results, cfg.guard, proof, levels)  # pools every device
+            evidence = apply_fleet_guards(results, cfg.guard, proof, levels)  # pools every device
+            if evidence:
+                extra["fleet_evidence"] = evidence
     else:
         if any(s.global_time for s in specs):
             from recsys.replay.grpc_global import (

@@ -38,7 +38,16 @@ Example::
 
     rank, auc = guard_policy(guard, lengths, positions, served, (rank, auc), (base_rank, base_auc), acc)
     acc.guard_accepted, acc.guard_rejected, acc.guard_us
-    apply_fleet_guards(results, GuardConfig())     # rewrites the fleet-guarded records
+    apply_fleet_guards(results, GuardConfig())     # rewrites the fleet-guarded records,
+                                                   # returns {label: what the evidence told}
+
+**What the pooled evidence can tell** (:func:`fleet_evidence_figures`, in hindsight): with
+per-click gain differences of mean m and standard deviation sd, the pooled mean of n
+clicks is one standard error from zero at n* = (sd / m)^2 clicks; before that its sign
+is wrong with a probability above ~16 % (normal approximation), so any guard that reads
+the sign (the harm test at z = 0, the proof test at z = 0) is partly a coin toss there.
+The report gives n*, its share of the replay's clicks, and the share of requests applied
+before and after it.
 """
 
 from __future__ import annotations
@@ -169,17 +178,61 @@ def _clustered_sums(
     return tuple(np.concatenate([[0.0], np.cumsum(x)]) for x in (d_ss, d_sn, d_nn))
 
 
+def fleet_evidence_figures(
+    diffs: np.ndarray, request_clicks: np.ndarray, accepted: np.ndarray
+) -> dict[str, float]:
+    """What one fleet-guarded policy's pooled evidence could tell (module docstring).
+
+    Args:
+        diffs: [M] gain differences of every evidence click of the replay.
+        request_clicks: [R] evidence clicks pooled before each request (every device's).
+        accepted: [R] the guard's verdicts.
+
+    Returns:
+        clicks (M), gain_per_click (m), sd_per_click (sd, n - 1), clicks_to_sign
+        (n* = (sd / m)^2; inf when m is 0), sign_share (n* / M), requests_before /
+        requests_after (requests made with fewer / at least n* clicks pooled) and
+        applied_before / applied_after (the share of those the guard applied; NaN when
+        there are none).
+    """
+    m = len(diffs)
+    mean = float(np.mean(diffs)) if m else float("nan")
+    sd = float(np.std(diffs, ddof=1)) if m > 1 else float("nan")
+    n_sign = (sd / mean) ** 2 if m > 1 and mean != 0 else float("inf")
+    before = request_clicks < n_sign
+
+    def share(mask: np.ndarray) -> float:
+        return float(accepted[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "clicks": m,
+        "gain_per_click": mean,
+        "sd_per_click": sd,
+        "clicks_to_sign": n_sign,
+        "sign_share": n_sign / m if m else float("nan"),
+        "requests_before": int(before.sum()),
+        "requests_after": int((~before).sum()),
+        "applied_before": share(before),
+        "applied_after": share(~before),
+    }
+
+
 def apply_fleet_guards(
     results: Sequence[UserResult],
     config: GuardConfig,
     proof: Collection[str] = (),
     levels: Mapping[str, float] | None = None,
-) -> None:
+) -> dict[str, dict[str, float]]:
     """Decide every fleet-guarded request on the pooled evidence before it and rewrite
     those policies' records and guard counts in ``results`` (in place). Labels in
     ``proof`` use the opt-in test (apply only proven-helpful edits); ``levels`` gives
-    some labels their own test level z (standard errors) instead of ``config.z``."""
+    some labels their own test level z (standard errors) instead of ``config.z``.
+
+    Returns:
+        per fleet-guarded label, :func:`fleet_evidence_figures`.
+    """
     labels = sorted({label for r in results for label in r.guard_inputs})
+    figures = {}
     for label in labels:
         test_cfg = config
         if levels and label in levels:
@@ -197,6 +250,7 @@ def apply_fleet_guards(
         if label in proof:
             device = np.concatenate([np.full(len(x["ts"]), i) for i, x in enumerate(ins)])
             c_ss, c_sn, c_nn = _clustered_sums(device[order], diff[order], had[order])
+        seen_clicks, verdicts = [], []
         for r, x in zip(parts, ins, strict=True):
             k = np.searchsorted(sts, x["request_ts"], side="left")  # clicks strictly before
             t0 = time.perf_counter()
@@ -219,3 +273,9 @@ def apply_fleet_guards(
             acc.guard_accepted += int(accepted.sum())
             acc.guard_rejected += int((~accepted).sum())
             acc.guard_us.extend([us] * len(k))
+            seen_clicks.append(cn[k])
+            verdicts.append(accepted)
+        figures[label] = fleet_evidence_figures(
+            diff[order][had[order]], np.concatenate(seen_clicks), np.concatenate(verdicts)
+        )
+    return figures

@@ -242,6 +242,32 @@ def guard_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return _rows_with(summary, "guard_accepted", row)
 
 
+def fleet_evidence_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per fleet-guarded policy, what its pooled evidence could tell, in hindsight
+    (:func:`recsys.replay.guard.fleet_evidence_figures`): the clicks n* = (sd / mean)^2
+    the pooled mean needs to stand one standard error from zero, and the share of
+    requests the guard applied before and after that point."""
+
+    def pct(x: float) -> str:
+        return "-" if not np.isfinite(x) else f"{100 * x:.0f}%"
+
+    def row(label: str, f: Mapping[str, Any]) -> dict[str, Any]:
+        n_sign = f["clicks_to_sign"]
+        return {
+            "policy": label,
+            "clicks": f"{f['clicks']:,}",
+            "gain/click": f"{f['gain_per_click']:+.5f}",
+            "sd/click": f"{f['sd_per_click']:.4f}",
+            "n* = (sd/gain)^2": "-" if not np.isfinite(n_sign) else f"{n_sign:,.0f}",
+            "n* share of clicks": pct(f["sign_share"]),
+            "applied before n*": f"{pct(f['applied_before'])} of {f['requests_before']:,}",
+            "applied after n*": f"{pct(f['applied_after'])} of {f['requests_after']:,}",
+        }
+
+    figures = summary["meta"].get("fleet_evidence") or {}
+    return [row(label, figures[label]) for label in summary["order"] if label in figures]
+
+
 def learned_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per system policy below a 100 % budget: the share of the 100 % gain it keeps."""
     g = summary.get("learned", {})
@@ -561,6 +587,10 @@ def report_tables(summary: Mapping[str, Any]) -> list[tuple[str, list[dict[str, 
         ("Request gate: threshold calibrated on the training period", gate_rows(summary)),
         ("Share of the 100 % budget's gain kept", learned_rows(summary)),
         ("Harm guard: edits applied or kept out", guard_rows(summary)),
+        (
+            "Fleet guard: what the pooled evidence could tell (hindsight)",
+            fleet_evidence_rows(summary),
+        ),
     )
     return [(title, rows) for title, rows in tables if rows]
 

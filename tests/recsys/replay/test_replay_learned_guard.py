@@ -203,6 +203,14 @@ def test_fleet_guard_policy_in_the_replay(world) -> None:
     assert ((g.rank == t.rank) | (g.rank == s.rank)).all()
     c = res.costs[specs[2].label]
     assert c["guard_accepted"] + c["guard_rejected"] == c["requests"]
+    # what the pooled evidence could tell: one row, every request counted once
+    from recsys.replay.report import fleet_evidence_rows, summarise
+
+    f = res.meta["fleet_evidence"][specs[2].label]
+    assert f["requests_before"] + f["requests_after"] == c["requests"]
+    assert 0 < f["clicks"] <= len(t.rank)  # the clicks served after some edit
+    (row,) = fleet_evidence_rows(summarise(res))
+    assert row["policy"] == specs[2].label and row["clicks"] == f"{f['clicks']:,}"
 
 
 def test_clustered_sums_match_a_direct_computation() -> None:
@@ -289,3 +297,27 @@ def test_a_policy_can_set_its_own_fleet_test_level() -> None:
     apply_fleet_guards(devs, GuardConfig(min_evidence=3), set(labels), {"proof z=0": 0.0})
     assert devs[2].records["proof"].rank.tolist() == [9, 9]  # both held
     assert devs[2].records["proof z=0"].rank.tolist() == [9, 4]  # the late one applied
+
+
+def test_fleet_evidence_figures_say_when_the_pooled_sign_became_clear() -> None:
+    from recsys.replay.guard import apply_fleet_guards, fleet_evidence_figures
+
+    # mean -0.01, sd ~0.1: the pooled mean is one standard error from zero at ~101 clicks
+    diffs = np.tile([0.09, -0.11], 50)
+    f = fleet_evidence_figures(
+        diffs, np.array([0, 50, 99, 150, 400]), np.array([1, 1, 0, 0, 1], bool)
+    )
+    assert f["clicks"] == 100 and f["requests_before"] == 3 and f["requests_after"] == 2
+    np.testing.assert_allclose(
+        [f["gain_per_click"], f["sd_per_click"]], [-0.01, 0.1 * np.sqrt(100 / 99)]
+    )
+    np.testing.assert_allclose(f["clicks_to_sign"], (f["sd_per_click"] / f["gain_per_click"]) ** 2)
+    assert f["applied_before"] == pytest.approx(2 / 3) and f["applied_after"] == 0.5
+    none = fleet_evidence_figures(np.zeros(5), np.array([0, 3]), np.array([True, True]))
+    assert none["clicks_to_sign"] == float("inf") and np.isnan(none["applied_after"])
+    # the replay returns them per fleet-guarded label, from the evidence it pooled
+    harmed = _device(0, [1, 2, 3, 4], [40, 50, 30, 60], [1, 2, 1, 3], [0] * 4, [0])
+    other = _device(1, [2, 21], [5, 5], [9, 9], [0, 1], [1, 20])
+    out = apply_fleet_guards([harmed, other], GuardConfig(min_evidence=3))
+    assert set(out) == {"p"} and out["p"]["clicks"] == 6
+    assert out["p"]["requests_before"] + out["p"]["requests_after"] == 3
