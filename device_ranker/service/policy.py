@@ -13,7 +13,10 @@ A policy dict has the keys of ``recsys.replay.config.PolicySpec``: ``kind`` ("st
 "system"; "finetune" and "duet" exist only in the offline replay), ``trigger`` ("gate"
 or "timer"), ``budget`` (fraction of events that may trigger a request) and optionally
 ``threshold`` (a fixed shift threshold for the gate, e.g. calibrated offline) and
-``name``. Other keys are ignored. As in the replay, the gate at a 100 % budget is the
+``name``. The harm-guard keys (``guard``, ``fleet_guard``, ``fleet_proof``, ``guard_z``)
+are refused: a device server runs one guard setting for every user (``--guard``), so an
+arm cannot have its own (that experiment runs offline, ``recsys abtest run``). Other keys
+are ignored. As in the replay, the gate at a 100 % budget is the
 timer with period 1 (it asks after every event).
 
 **Staleness** (issue 13): each user's device knows how old its current edit is and how
@@ -53,6 +56,7 @@ ArmResolver = Callable[[str], tuple[str, Mapping[str, Any]]]
 
 KINDS = ("static", "system")
 OFFLINE_KINDS = ("finetune", "duet")
+GUARD_KEYS = ("guard", "fleet_guard", "fleet_proof", "guard_z")  # offline-only arm keys
 
 
 @config_dataclass
@@ -90,6 +94,15 @@ class ArmPolicy:
         """A policy dict (PolicySpec keys) -> :class:`ArmPolicy` (validated)."""
         if not isinstance(policy, Mapping):
             raise ValidationError(f"an arm policy must be a mapping, got {type(policy).__name__}")
+        per_arm_guard = [k for k in GUARD_KEYS if policy.get(k) not in (None, False)]
+        if per_arm_guard:
+            raise ValidationError(
+                f"arm policy {dict(policy)!r} sets {per_arm_guard}: a device server runs one "
+                "harm-guard setting for every user (recsys serve device --guard / "
+                "--guard-report, recsys serve cloud --fleet-guard), so arms cannot differ in "
+                "it; drop these keys from the arms, or compare guard settings offline with "
+                "recsys abtest run"
+            )
         try:
             threshold = policy.get("threshold")
             return cls(

@@ -22,7 +22,13 @@ Each arm's ``policy`` is a configuration of the system, read by the replay engin
   ``duet`` (DUET-style generator from item ids) or ``system`` (codebook LM + adaptor);
 * ``trigger``: ``gate`` (the request gate) or ``timer`` (every N events);
 * ``budget``: share of events at which the device may request an edit, in (0, 1];
-* ``finetune_every``: events between fine-tuning steps (``finetune`` only).
+* ``finetune_every``: events between fine-tuning steps (``finetune`` only);
+* ``guard`` / ``fleet_guard`` / ``fleet_proof`` / ``guard_z`` (``duet`` and ``system``
+  only; **offline only**, ``recsys abtest run``): the arm's harm guard, as in
+  ``recsys replay``'s ``:guard`` / ``:fleet-guard=Z`` / ``:fleet-proof=Z`` policies, so
+  "guard vs no guard" is an experiment. A device server has one guard setting for every
+  user (``recsys serve device --guard``, ``recsys serve cloud --fleet-guard``), so it
+  refuses an experiment whose arms set these keys.
 
 A complete, commented file is ``examples/experiments/adapted-vs-static.toml``.
 
@@ -81,6 +87,11 @@ class _Policy(BaseModel):
     trigger: Literal[TRIGGERS] | None = None  # type: ignore[valid-type]
     budget: float | None = Field(None, gt=0.0, le=1.0)  # share of events, (0, 1]
     finetune_every: int | None = Field(None, ge=1)  # events between fine-tuning steps
+    # the arm's harm guard (offline only; recsys.replay.config.PolicySpec's fields)
+    guard: bool | None = None
+    fleet_guard: bool | None = None
+    fleet_proof: bool | None = None
+    guard_z: float | None = Field(None, ge=0.0)
 
     @model_validator(mode="after")
     def _fits_the_kind(self) -> _Policy:
@@ -88,6 +99,14 @@ class _Policy(BaseModel):
             raise ValueError(f"finetune_every only applies to kind 'finetune', not {self.kind!r}")
         if self.kind == "static" and (self.trigger is not None or self.budget is not None):
             raise ValueError("a static policy never requests edits; drop trigger and budget")
+        if self.guard and self.kind not in ("duet", "system"):
+            raise ValueError(f"guard applies to duet and system policies, not {self.kind!r}")
+        if self.fleet_guard and not self.guard:
+            raise ValueError("fleet_guard = true needs guard = true (the fleet guard is a guard)")
+        if self.fleet_proof and not self.fleet_guard:
+            raise ValueError("fleet_proof = true needs fleet_guard = true")
+        if self.guard_z is not None and not self.fleet_guard:
+            raise ValueError("guard_z is the fleet guard's level: it needs fleet_guard = true")
         return self
 
 

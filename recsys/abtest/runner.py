@@ -5,7 +5,10 @@
 2. The replay engine runs each policy once over **all** replay users. A user's records
    depend only on that user's events (:mod:`recsys.replay.engine`), so keeping each
    user's records from their own arm is exactly "each user's events evaluated under
-   their arm", and re-randomising (A/A studies) needs no new replay.
+   their arm", and re-randomising (A/A studies) needs no new replay. The exception is
+   an arm with the cloud's fleet guard (``fleet_guard = true``): its verdicts pool the
+   shadow-scored clicks of every replayed user, as if every device in the fleet reported
+   its evidence, not only that arm's devices.
 3. Users are assigned by the hash of (salt, user id) and the assignments persisted in
    the prototype store (:mod:`recsys.abtest.persist`).
 4. **Pre-period** (``[replay] pre_period_events = N``): each user's first N evaluated

@@ -131,6 +131,7 @@ def test_background_edit_is_logged_when_it_finishes(exp_stub, exp_device) -> Non
 
 def test_arm_policies_are_validated() -> None:
     assert not ArmPolicy.from_dict({"kind": "static"}).adaptive
+    assert ArmPolicy.from_dict({"kind": "system", "guard": False}).adaptive  # "off" is fine
     timer = ArmPolicy.from_dict({"kind": "system", "trigger": "timer", "budget": 0.2})
     from device_ranker.gate import GateConfig
 
@@ -142,6 +143,8 @@ def test_arm_policies_are_validated() -> None:
         ({"kind": "system", "trigger": "cron"}, "trigger"),
         ({"kind": "system", "budget": 1.5}, "budget"),
         ({"kind": "system", "budget": "lots"}, "bad arm policy"),
+        ({"kind": "system", "guard": True}, r"sets \['guard'\].*one harm-guard setting"),
+        ({"kind": "system", "guard": True, "fleet_guard": True, "guard_z": 0.0}, "abtest run"),
     ]:
         with pytest.raises(ValidationError, match=words):
             ArmPolicy.from_dict(bad)

@@ -146,3 +146,32 @@ def test_unreadable_files(tmp_path: Path) -> None:
         load_experiment(tmp_path / "missing.toml")
     with pytest.raises(DataFormatError, match="invalid TOML"):
         load_experiment(write(tmp_path, "name = \n"))
+
+
+def test_an_arm_can_run_a_harm_guard_offline(tmp_path: Path) -> None:
+    from recsys.abtest.runner import arm_policies
+
+    guarded = "budget = 0.2, guard = true, fleet_guard = true, guard_z = 0.0 }"
+    exp = load_experiment(write(tmp_path, GOOD.replace("budget = 0.2 }", guarded)))
+    arm_label, specs = arm_policies(exp)
+    assert arm_label["treat"] == "system gate 20% fleet-guard z=0"
+    (spec,) = [s for s in specs if s.label == arm_label["treat"]]
+    assert spec.guard and spec.fleet_guard and not spec.fleet_proof and spec.guard_z == 0.0
+    assert load_experiment(EXAMPLES / "guarded-vs-unguarded.toml").arm("system-10-guarded")
+    for bad, words in [
+        ("budget = 0.2, fleet_guard = true }", "fleet_guard = true needs guard = true"),
+        ("budget = 0.2, guard = true, fleet_proof = true }", "fleet_proof = true needs"),
+        ("budget = 0.2, guard = true, guard_z = 1.0 }", "guard_z is the fleet guard's level"),
+        (
+            "budget = 0.2, guard = true, fleet_guard = true, guard_z = -1.0 }",
+            "greater than or equal to 0",
+        ),
+    ]:
+        with pytest.raises(ValidationError, match=words):
+            load_experiment(write(tmp_path, GOOD.replace("budget = 0.2 }", bad)))
+    with pytest.raises(ValidationError, match="guard applies to duet and system"):
+        load_experiment(
+            write(
+                tmp_path, GOOD.replace('{ kind = "static" }', '{ kind = "static", guard = true }')
+            )
+        )
