@@ -9,7 +9,9 @@ scored by the base head and the edit and the user's evidence is written with the
 no guard separates the guard's cost from the edits'. The state's own write
 (:meth:`DeviceStateStore.record_event`) is timed alone as well (with the evidence of a
 full guard window for the guard rows), and the state file's size after the run is
-reported (``file_kb``, with its ``guard_rows``).
+reported (``file_kb``, with its ``guard_rows``). Last, the open time of a state file of
+R guarded users for each R in ``open_users`` (:mod:`device_ranker.service.state_open_bench`:
+``open_rows`` in the output).
 
 Example::
 
@@ -38,12 +40,22 @@ logger = logging.getLogger(__name__)
 @config_dataclass
 class StateBenchConfig:
     """Attributes: the ranker checkpoint, RecordEvents timed per mode, users they cycle
-    over, the folder of the temporary state files (None: the system's temp folder)."""
+    over, the folder of the temporary state files (None: the system's temp folder), the
+    dataset the checkpoint was trained on (recorded in the output), the
+    guarded users R of the state files whose opening is timed (empty: none), the opens
+    timed per file (their median is reported)."""
 
     checkpoint: str
     events: int = Field(2000, ge=10)
     users: int = Field(200, ge=1)
     tmp_dir: str | None = None
+    dataset: str | None = None  # recorded only: the checkpoint's
+    open_users: tuple[int, ...] = (10_000, 100_000)
+    open_repeats: int = Field(3, ge=1)
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.open_users):
+            raise ValueError(f"open_users must be >= 1, got {self.open_users}")
 
 
 def _pct(us: list[float]) -> dict[str, float]:
@@ -141,9 +153,18 @@ def _file_kb(path: Path) -> float:
     return sum(f.stat().st_size for f in files if f.exists()) / 1024
 
 
+def _portable(path: str) -> str:
+    """``path`` with the cache folder written as ``$RECSYS_CACHE_DIR`` (results files)."""
+    from recsys.settings import cache_dir
+
+    root = str(cache_dir())
+    return "$RECSYS_CACHE_DIR" + path[len(root) :] if path.startswith(root + "/") else path
+
+
 def run_state_bench(cfg: StateBenchConfig) -> dict[str, Any]:
     """Time the modes; print a table; returns the figures (for ``--json``)."""
     from device_ranker.guard import GuardConfig
+    from device_ranker.service.state_open_bench import run_open_bench
 
     window = GuardConfig().window
     rows = []
@@ -166,6 +187,18 @@ def run_state_bench(cfg: StateBenchConfig) -> dict[str, Any]:
                            write_p50_us=write["p50_us"], file_kb=_file_kb(path),
                            guard_rows=guard_rows)  # fmt: skip
             rows.append(row)
+        _print_rows(cfg, rows, window)
+        open_rows = run_open_bench(cfg.checkpoint, cfg.open_users, Path(tmp), window=window,
+                                   repeats=cfg.open_repeats) if cfg.open_users else []  # fmt: skip
+    config = {"events": cfg.events, "users": cfg.users, "dataset": cfg.dataset,
+              "checkpoint": _portable(cfg.checkpoint),
+              "guard_window": window, "open_users": list(cfg.open_users),
+              "open_repeats": cfg.open_repeats, "seed": 0}  # fmt: skip
+    return {"config": config, "rows": rows, "open_rows": open_rows,
+            "load_average": os.getloadavg()[0]}  # fmt: skip
+
+
+def _print_rows(cfg: StateBenchConfig, rows: list[dict[str, Any]], window: int) -> None:
     head = ["mode", "p50_us", "p95_us", "mean_us", "added_p50_us", "write_p50_us", "file_kb",
             "guard_rows"]  # fmt: skip
     print(f"RecordEvent in process, {cfg.events} events over {cfg.users} users, no cloud "
@@ -176,6 +209,3 @@ def run_state_bench(cfg: StateBenchConfig) -> dict[str, Any]:
         cells = [r[h] if h == "mode" else str(r[h]) if h == "guard_rows" else f"{r[h]:.1f}"
                  for h in head]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
-    return {"config": {"events": cfg.events, "users": cfg.users, "checkpoint": cfg.checkpoint,
-                       "guard_window": window},
-            "rows": rows, "load_average": os.getloadavg()[0]}  # fmt: skip
