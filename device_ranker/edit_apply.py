@@ -376,11 +376,15 @@ class _General(NamedTuple):
 
 
 class _JointLayer(NamedTuple):
-    """Where one :class:`_Fast` layer's parts lie for :func:`_joint_layers`."""
+    """Where one :class:`_Fast` layer's parts lie for :func:`_joint_layers` (and its base
+    weights, unpacked once per plan)."""
 
-    step: _Fast
-    a: tuple[slice, tuple[int, int]] | None  # A = U diag(s) [out, r] in the buffer, or None
-    v: tuple[slice, tuple[int, int]] | None  # V [in, r] in the value array
+    w: torch.Tensor  # [out, in] base weight
+    b: torch.Tensor  # [out] base bias
+    b_np: np.ndarray  # numpy view of b
+    b_ptr: int  # the address b_np views
+    a: slice | None  # rows of A = U diag(s) [out, r] in every layer's A [sum(out), r], or None
+    v: slice | None  # rows of V [in, r] in every layer's V [sum(in), r]
     db: slice | None  # db [out] in the value array (None: no bias delta)
     b_new: slice | None  # b + db [out] in the buffer
 
@@ -400,8 +404,10 @@ class _Joint(NamedTuple):
     v: slice  # every V [sum(in) * r]
     db: slice  # every db [sum(out_b)]
     s_shape: tuple[int, int]  # (n, r): one row of s per low-rank layer
-    rows: np.ndarray  # [n] intp: out of each low-rank layer (rows of its U)
+    row_layer: np.ndarray  # [sum(out)] intp: the low-rank layer of each row of every U
     n_a: int  # sum(out) * r
+    a_shape: tuple[int, int]  # (sum(out), r): every layer's A, stacked
+    v_shape: tuple[int, int]  # (sum(in), r): every layer's V, stacked
     size: int
     layers: tuple[_JointLayer, ...]  # in head order
     norm2: float  # the squared Frobenius bound of dW, less a rounding margin
@@ -499,20 +505,32 @@ def _joint(fast: list[_Fast], whole: bool, bounds: EditBounds) -> _Joint | None:
     ranks = {st.s[1][0] for st in lowrank}
     if any(r is None for r in runs) or len(ranks) > 1:
         return None
-    n_a = sum(math.prod(st.u[1]) for st in lowrank)
-    at, where_a = 0, {}
-    for st in lowrank:
-        where_a[id(st)] = slice(at, at + math.prod(st.u[1]))
-        at = where_a[id(st)].stop
+    rank = ranks.pop() if ranks else 0
+    out_rows = [st.u[1][0] for st in lowrank]
+    in_rows = [st.v[1][0] for st in lowrank]
+    a_rows, v_rows = {}, {}  # id(step) -> its rows in the stacked A / V
+    for st, a0, o, v0, i in zip(
+        lowrank,
+        itertools.accumulate(out_rows, initial=0),
+        out_rows,
+        itertools.accumulate(in_rows, initial=0),
+        in_rows,
+        strict=False,
+    ):
+        a_rows[id(st)], v_rows[id(st)] = slice(a0, a0 + o), slice(v0, v0 + i)
+    n_a = sum(out_rows) * rank
+    at = n_a
     layers = []
     for st in fast:
-        a = v = db = b_new = None
-        if st.u is not None:
-            a, v = (where_a[id(st)], st.u[1]), (st.v[0], st.v[1])
+        db = b_new = None
         if st.bias is not None:
             db, b_new = st.bias[0], slice(at, at + st.bias[1][0])
             at = b_new.stop
-        layers.append(_JointLayer(st, a, v, db, b_new))
+        layers.append(
+            _JointLayer(
+                st.w, st.b, st.b_np, st.b_ptr, a_rows.get(id(st)), v_rows.get(id(st)), db, b_new
+            )
+        )
     norm = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
     u, s, v, db = runs
     return _Joint(
@@ -520,9 +538,11 @@ def _joint(fast: list[_Fast], whole: bool, bounds: EditBounds) -> _Joint | None:
         s=s,
         v=v,
         db=db,
-        s_shape=(len(lowrank), ranks.pop() if ranks else 0),
-        rows=np.array([st.u[1][0] for st in lowrank], dtype=np.intp),
+        s_shape=(len(lowrank), rank),
+        row_layer=np.repeat(np.arange(len(lowrank), dtype=np.intp), out_rows),
         n_a=n_a,
+        a_shape=(sum(out_rows), rank),
+        v_shape=(sum(in_rows), rank),
         size=at,
         layers=tuple(layers),
         norm2=norm * norm * (1 - _MARGIN),
@@ -546,30 +566,30 @@ def _joint_layers(joint: _Joint, vals: np.ndarray) -> list[EditedLinear] | None:
     exact checks, which name the part and value).
     """
     buf = np.empty(joint.size, dtype=np.float32)
-    n_a = joint.n_a
-    if n_a:
-        a_all = buf[:n_a]
-        s_rows = np.repeat(vals[joint.s].reshape(joint.s_shape), joint.rows, axis=0)
-        np.multiply(vals[joint.u], s_rows.ravel(), out=a_all)  # A = U diag(s), every layer
+    if joint.n_a:
+        a_all = buf[: joint.n_a]
+        # s of each U row [sum(out), r] (a row gather), times every U: A = U diag(s)
+        s_rows = vals[joint.s].reshape(joint.s_shape).take(joint.row_layer, axis=0)
+        np.multiply(vals[joint.u], s_rows.ravel(), out=a_all)
         v_all = vals[joint.v]
         if not np.dot(a_all, a_all) * np.dot(v_all, v_all) <= joint.norm2:  # NaN: True
             return None
+        a_all, v_all = a_all.reshape(joint.a_shape), v_all.reshape(joint.v_shape)
     db_all = vals[joint.db]
     if db_all.size and not np.dot(db_all, db_all) <= joint.bias2:
         return None
     layers = []
-    for lay in joint.layers:
-        step = lay.step
-        a = v = None
-        if lay.a is not None:
-            a = torch.from_numpy(buf[lay.a[0]].reshape(lay.a[1]))
-            v = torch.from_numpy(vals[lay.v[0]].reshape(lay.v[1]))
-        b = step.b
-        if lay.db is not None:
-            if b.data_ptr() != step.b_ptr:
+    for w, b, b_np, b_ptr, a, v, db, b_new in joint.layers:
+        if db is not None:
+            if b.data_ptr() != b_ptr:
                 return None
-            b = torch.from_numpy(np.add(step.b_np, vals[lay.db], out=buf[lay.b_new]))
-        layers.append(EditedLinear(step.w, b, a, v))
+            b = torch.from_numpy(np.add(b_np, vals[db], out=buf[b_new]))
+        if a is None:
+            layers.append(EditedLinear(w, b))
+        else:
+            layers.append(
+                EditedLinear(w, b, torch.from_numpy(a_all[a]), torch.from_numpy(v_all[v]))
+            )
     return layers
 
 

@@ -285,6 +285,8 @@ class _Layout:
         data: per tensor the [start, end) byte range of its values in the body.
         scales: int8 only: per tensor the offset of its float32 scale.
         checked: (spec, max_rank) pairs whose shape check this layout passed.
+        last_checked: a copy of the last of them whose shapes are tuples (the next
+            payload's usually; compared by value, without hashing the spec).
         slots: (derived) per tensor, in payload order, (name, start, stop, shape) of its
             values in the float32 array that :func:`decode_values` returns.
         groups: (derived) the slots by layer: (layer, ((part, start, stop, shape), ...)).
@@ -299,6 +301,7 @@ class _Layout:
     data: tuple[tuple[int, int], ...]
     scales: tuple[int, ...]
     checked: set = field(default_factory=set)
+    last_checked: tuple | None = None  # (copy of a spec, max_rank) of ``checked``, the last
 
     def __post_init__(self) -> None:
         """The gather plan (see :func:`_gather`): every descriptor, then ``pad`` bytes of the
@@ -567,16 +570,33 @@ def decode_values(
         nbytes=n,
     )
     if spec is not None:
-        key = (tuple(spec.items()), max_rank)
+        last = layout.last_checked  # the common case: the spec and rank of the last payload
         try:
-            done = key in layout.checked  # the result depends on names, shapes, spec, rank
-        except TypeError:  # unhashable (e.g. list) shapes in the spec
-            key = (tuple((k, tuple(v)) for k, v in spec.items()), max_rank)
-            done = key in layout.checked
-        if not done:
-            check_shapes(decoded.arrays(), spec, max_rank)
-            layout.checked.add(key)
+            same = last is not None and last[1] == max_rank and spec == last[0]
+        except (TypeError, ValueError):  # e.g. array shapes, which do not compare to a bool
+            same = False
+        if not same:
+            _check_layout(layout, decoded, spec, max_rank)
     return decoded
+
+
+def _check_layout(
+    layout: _Layout, decoded: DecodedPayload, spec: Mapping[str, Any], max_rank: int | None
+) -> None:
+    """:func:`check_shapes` of ``decoded`` against ``spec``, once per (layout, spec, rank):
+    the result depends on nothing else. Remembers the pair (and, as
+    ``layout.last_checked``, a copy of the last one, compared by value)."""
+    key = (tuple(spec.items()), max_rank)
+    try:
+        done = key in layout.checked
+    except TypeError:  # unhashable (e.g. list) shapes in the spec
+        key = (tuple((k, tuple(v)) for k, v in spec.items()), max_rank)
+        done = key in layout.checked
+    if not done:
+        check_shapes(decoded.arrays(), spec, max_rank)
+        layout.checked.add(key)
+    if all(type(v) is tuple for v in spec.values()):  # a copy of plain tuples only
+        object.__setattr__(layout, "last_checked", (dict(spec), max_rank))
 
 
 def decode_payload(

@@ -128,3 +128,26 @@ def test_an_applied_edit_is_not_changed_by_preparing_the_next(tiny_model) -> Non
     for lay, (a, v, b) in zip(first.weights.layers, kept, strict=True):
         assert torch.equal(lay.a, a) and torch.equal(lay.v, v) and torch.equal(lay.b, b)
     assert not torch.equal(second.weights.layers[0].a, first.weights.layers[0].a)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_joint_path_on_a_deeper_head_with_mixed_layers(dtype: str) -> None:
+    """Four layers of different widths: the stacked A / V rows of each layer, and the
+    row gather of s, land where each layer's own U diag(s) and V would."""
+    head = EditableHead((8, 16, 12, 24, 8))
+    g = torch.Generator().manual_seed(5)
+    full = random_edit(head, rank=3, scale=0.01, generator=g)
+    decoded = _decoded(full, dtype)
+    assert _plan(head, decoded, EditBounds()).joint.whole
+    _same(prepare_decoded(head, decoded), prepare_edit(head, HeadEdit.from_flat(decoded.tensors())))
+    mixed = HeadEdit(
+        {
+            "fc0": LayerEdit(bias=torch.randn(16, generator=g) * 0.01),
+            "fc1": full.layers["fc1"],
+            "fc3": full.layers["fc3"],  # fc2 untouched
+        }
+    )
+    decoded = _decoded(mixed, dtype)
+    joint = _plan(head, decoded, EditBounds()).joint
+    assert joint is not None and not joint.whole
+    _same(prepare_decoded(head, decoded), prepare_edit(head, HeadEdit.from_flat(decoded.tensors())))

@@ -4,11 +4,14 @@ per-thread staging buffers that never leak into a decoded payload."""
 from __future__ import annotations
 
 import threading
+import types
 
 import numpy as np
+import pytest
 import torch
 
 from recsys.edit_payload import VALUE_ORDER, decode_payload, decode_values, encode_payload
+from recsys.errors import ValidationError
 
 SPEC = {"fc0": (128, 64), "fc1": (64, 128)}
 
@@ -67,3 +70,29 @@ def test_threads_decoding_payloads_of_one_length_each_get_their_own() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_the_shape_check_is_skipped_only_for_the_same_spec_and_rank() -> None:
+    """A layout remembers the last (spec, max_rank) it passed and compares the next by
+    value: a spec changed in place, another rank bound, list / array / read-only specs
+    are all checked as they should be."""
+    data = encode_payload(_edit(rank=4, seed=3), dtype="fp16")
+    spec = dict(SPEC)
+    decode_values(data, spec=spec, max_rank=8)
+    decode_values(data, spec=spec, max_rank=8)  # the remembered pair
+    spec["fc0"] = (128, 32)  # changed in place after it passed
+    with pytest.raises(ValidationError, match=r"'fc0\.v': shape \(64, 4\), expected \(32, 4\)"):
+        decode_values(data, spec=spec, max_rank=8)
+    with pytest.raises(ValidationError, match=r"rank 4 outside 1\.\.2"):
+        decode_values(data, spec=SPEC, max_rank=2)
+    with pytest.raises(ValidationError, match="unknown head layer 'fc1'"):
+        decode_values(data, spec={"fc0": (128, 64)}, max_rank=8)
+    decode_values(data, spec=types.MappingProxyType(dict(SPEC)), max_rank=8)
+    decode_values(data, spec={k: list(v) for k, v in SPEC.items()}, max_rank=8)
+    arrays = {k: np.array(v) for k, v in SPEC.items()}  # compare to no bool
+    decode_values(data, spec=arrays, max_rank=8)
+    arrays["fc1"] = np.array([64, 99])
+    with pytest.raises(
+        ValidationError, match=r"'fc1\.v': shape \(128, 4\), expected \(.*99.*, 4\)"
+    ):
+        decode_values(data, spec=arrays, max_rank=8)
