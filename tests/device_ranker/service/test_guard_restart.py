@@ -92,15 +92,26 @@ def _view(status: pb.GetStatusResponse) -> tuple:
             u.held_by)  # fmt: skip
 
 
+def _device_with_an_edit(bg, artifacts, cloud_port: int, state: Path, user: str) -> _Device:
+    """A guarded device on ``state`` where ``user`` has two events, the request at the
+    second applied (no evidence yet: the guard accepts), so the user's next click is
+    scored against that edit. The device is stopped if this fails."""
+    dev = _Device(bg, artifacts, cloud_port, state)
+    try:
+        dev.event(user, "i1", 1)
+        assert dev.event(user, "i2", 2).outcome == pb.EDIT_OUTCOME_APPLIED
+    except BaseException:
+        dev.stop()
+        raise
+    return dev
+
+
 def test_guard_evidence_and_held_candidate_survive_a_restart(
     bg, artifacts, cloud, tmp_path: Path
 ) -> None:
     state = tmp_path / "device-state.sqlite"
-    dev = _Device(bg, artifacts, cloud.port, state)
+    dev = _device_with_an_edit(bg, artifacts, cloud.port, state, "g1")
     try:
-        dev.event("g1", "i1", 1)
-        first = dev.event("g1", "i2", 2)  # the first request: no evidence yet, applied
-        assert first.outcome == pb.EDIT_OUTCOME_APPLIED
         expected = []
         for t in range(3, 9):  # six clicks the served edit ranks worse than the base head
             items = dev.unseen("g1")
@@ -154,10 +165,8 @@ def test_a_state_file_written_before_the_guard_state_loads_with_empty_evidence(
     import sqlite3
 
     state = tmp_path / "v1.sqlite"
-    dev = _Device(bg, artifacts, cloud.port, state)
+    dev = _device_with_an_edit(bg, artifacts, cloud.port, state, "old")  # stored with the user
     try:
-        dev.event("old", "i1", 1)
-        dev.event("old", "i2", 2)  # an edit applied: stored with the user
         dev.event("old", dev.unseen("old")[0], 3)  # a click scored: evidence stored
         top = dev.recommend("old")
     finally:
@@ -185,10 +194,8 @@ def test_a_click_that_cannot_be_stored_adds_no_evidence(
 ) -> None:
     from device_ranker.service.state import StateWriteError
 
-    dev = _Device(bg, artifacts, cloud.port, tmp_path / "s.sqlite")
+    dev = _device_with_an_edit(bg, artifacts, cloud.port, tmp_path / "s.sqlite", "w")
     try:
-        dev.event("w", "i1", 1)
-        assert dev.event("w", "i2", 2).outcome == pb.EDIT_OUTCOME_APPLIED
         dev.event("w", dev.unseen("w")[0], 3)  # scored: evidence 1 click
         before = dev.guard_state("w")
 
