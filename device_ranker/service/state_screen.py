@@ -1,30 +1,36 @@
 """The open-time screen of a device state file's harm-guard rows: which rows the exact
-per-row check (:meth:`DeviceStateStore._parse_guard`) must look at, found with one SQL
-scan and a few numpy passes instead of Python per row (:func:`suspect_guard_rows`).
+per-row check (:meth:`DeviceStateStore._parse_guard`) must look at, found with two SQL
+scans and a few numpy passes instead of Python per row (:func:`suspect_guard_rows`).
 
-Why a screen and not the check itself: a file with R guarded users (10^5 to 10^6 on a
-busy device) was checked row by row in Python at every start, about 17 µs a row (1.7 s
-at 10^5, measured by ``recsys bench device-state --open-users``). The screen does the
-same checks over all rows at once:
+Why: a file with R guarded users (10^5 to 10^6 on a busy device) was checked row by
+row in Python at every start, about 20 µs a row (1.9 s at 10^5, 20 s at 10^6, measured
+by ``recsys bench device-state --open-users``). The screen does the same checks over all
+rows at once (0.5 s at 10^5, 5 s at 10^6: about 5 µs a row, most of it fetching the
+evidence columns into Python):
 
-* in SQL (one scan of the ``guard`` table, no Python per row): the storage types (the
+* in SQL (a scan of the ``guard`` table, no Python per row): the storage types (the
   evidence all NULL, or an integer window >= 1, an integer click count >= 0, a diffs blob
   of whole float64 values no longer than the window or the clicks, REAL sums; a NaN sum
   is stored as NULL and so fails), a known holder, a candidate payload (a blob) exactly
   when held and with its info, the info a JSON object, no candidate beside an active
   edit (looked up only for the rows holding one);
-* in numpy over the fetched blobs and sums (``R`` rows, ``V`` stored differences in
-  all): every difference finite and in [-1, 1], the sums finite and the consistency
+* in numpy over the blobs and sums fetched by a second scan, in chunks (``R`` rows,
+  ``V`` stored differences in all): every difference finite and in [-1, 1], the sums finite and the consistency
   inequalities of :func:`device_ranker.guard.check_evidence`.
 
 It is **conservative by construction**: a row the exact check would refuse is always
-flagged (the numpy sums differ from ``math.fsum`` by less than ``slack``, which the
-tolerance is tightened by; any unexpected storage type is flagged, not converted), and
+flagged (the numpy sums differ from ``math.fsum`` by less than the margin the tolerance
+is tightened by; any unexpected storage type is flagged, not converted), and
 a flagged row is refused only if the exact check refuses it, with the same message.
 So the guarantee is unchanged: a bad row stops the file opening with a DataFormatError
 naming the file, the user and the fix, and nothing is loaded;
 ``tests/device_ranker/service/test_state_screen.py`` checks the screen flags every
 row the exact check refuses (the corruptions, and hypothesis over near-boundary rows).
+
+Not chosen: checking only what SQL can at open and the blobs when a user is loaded
+(about 1 s at 10^6, the scan alone) would let a device start on a file whose bad rows it
+finds later, one failed request at a time; and a checksum per row would still be read
+and compared per row, and would not catch a row written wrong by this code.
 
 Example::
 
