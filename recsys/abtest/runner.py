@@ -169,15 +169,17 @@ def run_experiment(
     quick: bool = False,
     seed: int = 0,
     progress: bool = True,
+    artifact: str | None = None,
 ) -> RunResult:
-    """Replay, assign, persist, summarise and write ``out`` (see the module docstring)."""
+    """Replay, assign, persist, summarise and write ``out`` (see the module docstring);
+    ``artifact``: the adaptor artefact (default: the dataset's ``adaptor.pt``)."""
     from codebook.store import PrototypeStore
     from recsys.abtest.persist import persist_assignments, stored_arm_counts
     from recsys.replay import run_replay
 
     check_replay_metrics(exp)
     arm_label, specs = arm_policies(exp)
-    cfg = ReplayConfig(quantile=exp.replay.quantile, seed=seed, quick=quick)
+    cfg = ReplayConfig(quantile=exp.replay.quantile, seed=seed, quick=quick, artifact=artifact)
     out.mkdir(parents=True, exist_ok=True)
     run = run_replay(ds, cfg, specs, cache=cache, progress=progress)
     user_index = replay_users(run.records)

@@ -56,6 +56,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
         help="prototype store URL for the assignments (default: DIR/assignments.sqlite)",
     )
     add_seed_option(p, help="replay seed (sampled negatives; default 0)")
+    p.add_argument(
+        "--artifact", help="adaptor artefact (default CACHE_DIR/artifacts/NAME/adaptor/adaptor.pt)"
+    )
     _add_run_options(p)
 
     p = add_command(
@@ -235,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         quick=args.quick,
         seed=args.seed,
         progress=not args.no_progress,
+        artifact=args.artifact,
     )
     info, users = res.info, res.users
     rows = []

@@ -161,3 +161,37 @@ def test_run_and_analyze_on_the_replay(world, tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     capsys.readouterr()
     assert json.loads((out / "run.json").read_text())["stored_arm_counts"] == counts
+
+
+def test_a_guarded_arm_with_an_explicit_artifact(world, tmp_path: Path, capsys) -> None:
+    """An arm with the fleet guard (offline only) next to its unguarded twin, the adaptor
+    artefact named on the command line; a missing artefact is a clear error."""
+    data, cache = world
+    guarded = 'policy = { kind = "system", trigger = "timer", budget = 0.5, guard = true, fleet_guard = true, guard_z = 0.0 }'
+    text = EXPERIMENT.replace("weight = 0.5", "weight = 0.25").replace(
+        "[analysis]", f'[[arms]]\nname = "guarded"\nweight = 0.5\n{guarded}\n\n[analysis]'
+    )
+    exp_file = tmp_path / "guard.toml"
+    exp_file.write_text(text)
+    (artifact,) = (cache / "artifacts").glob("*/adaptor/adaptor.pt")
+    base = [
+        "abtest",
+        "run",
+        str(exp_file),
+        "--dataset",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+    ]
+    out = tmp_path / "run"
+    assert main([*base, "--out", str(out), "--artifact", str(artifact)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["arm_policies"]["guarded"] == "system timer 50% fleet-guard z=0"
+    users = (out / "users.csv").read_text().splitlines()
+    assert any(line.split(",")[1] == "guarded" for line in users[1:])
+    capsys.readouterr()
+    assert (
+        main([*base, "--out", str(tmp_path / "bad"), "--artifact", str(tmp_path / "none.pt")]) == 2
+    )
+    assert "none.pt" in capsys.readouterr().err
