@@ -48,3 +48,12 @@ def test_the_built_state_file_is_what_a_device_stores(tmp_path) -> None:
         assert db.execute("SELECT count(*) FROM guard WHERE held_by != ''").fetchone() == (
             25 // HELD_EVERY + 1,
         )
+
+
+def test_the_open_users_flag() -> None:
+    from recsys.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["bench", "device-state"]).open_users == [10_000, 100_000]
+    assert parse(["bench", "device-state", "--open-users", "7", "70"]).open_users == [7, 70]
+    assert parse(["bench", "device-state", "--open-users"]).open_users == []  # skipped
