@@ -8,15 +8,14 @@ cumulative sums over 20 to 100 clicks consistent with it); every 10th user holds
 candidate edit ("device"), six in ten have an active edit, the rest none (the payloads
 are one real RSE1 edit of the ranker's head, rank 2: the bytes a device stores). Then
 :class:`~device_ranker.service.state.DeviceStateStore` opens it ``repeats`` times
-(``open_s``: the median; the file is fsync'ed after the build, and the page cache
-is warm: it was just written), its guard
-check is timed alone (``screen_s``: SQL and numpy over all rows, the per-row check
-for the rows they flag) and once as every row checked in Python (``exact_s``: how the
-file was opened before). Shapes: R users, m = ``window``.
+(``open_s``: the median; the file is fsync'ed after the build, and the page cache is
+warm: it was just written), its guard check is timed alone (``screen_s``: SQL and numpy
+over all rows, the per-row check for the rows they flag) and once as every row checked
+in Python (``exact_s``: how the file was opened before). Shapes: R users, m = ``window``.
 
 Example::
 
-    rows = run_open_bench("ranker.pt", [10_000, 100_000], Path("/tmp"))
+    rows = run_open_bench("ranker.pt", [10_000, 100_000], Path("/tmp"), window=20)
     rows[1]["open_s"]          # seconds to open a file of 10^5 guarded users
 """
 
