@@ -426,12 +426,19 @@ def _register_state_bench(sub: argparse._SubParsersAction) -> None:
         "without durable state, with --state-sync normal and with full, on a temporary "
         "state file, then with every user holding a pushed edit, with and without the harm "
         "guard's scoring and its stored evidence; prints p50/p95 per event, the added cost, "
-        "the state write alone and the file size; --json writes them.",
+        "the state write alone and the file size; then the time to open a state file of R "
+        "guarded users (--open-users); --json writes them.",
     )
     _add_dataset(p, "dataset: locates the ranker")
     p.add_argument("--checkpoint", help="ranker checkpoint (default: as for serve device)")
     _opt(p, "--events", 2000, "RecordEvents timed per mode")
     _opt(p, "--users", 200, "users the events cycle over")
+    p.add_argument(
+        "--open-users", type=int, nargs="*", default=[10_000, 100_000], metavar="R",
+        help="guarded users of the state files whose opening is timed; none given: skipped "
+        "(default 10000 100000)",
+    )  # fmt: skip
+    _opt(p, "--open-repeats", 3, "opens timed per state file (the median is reported)")
     add_location_options(p)
     add_json_option(p)
     p.set_defaults(handler=cmd_bench_state)
@@ -441,8 +448,9 @@ def cmd_bench_state(args: argparse.Namespace) -> int:
     from device_ranker.service.state_bench import StateBenchConfig, run_state_bench
 
     cfg = StateBenchConfig(
-        checkpoint=str(default_checkpoint(args)), events=args.events, users=args.users
-    )
+        checkpoint=str(default_checkpoint(args)), events=args.events, users=args.users,
+        dataset=args.dataset, open_users=tuple(args.open_users), open_repeats=args.open_repeats,
+    )  # fmt: skip
     write_json(args.json, run_state_bench(cfg))
     return 0
 
