@@ -307,23 +307,29 @@ def prepare_decoded(
     """
     bounds = bounds or _DEFAULT_BOUNDS
     plan = _plan(head, decoded, bounds)
-    vals = decoded.values  # [N] float32
+    vals = decoded.unchecked_values  # [N] float32, NaN/Inf not refused yet
     if prototype is None:
         joint = plan.joint
         fast = None if joint is None else _joint_layers(joint, vals)
-        if fast is not None and joint.whole:  # every layer: the common case
+        if fast is not None and joint.proves_finite:  # every layer: the common case
+            decoded.mark_finite()  # its cleared bounds were finite: so is every value
             layers = fast
         else:
-            done = iter(fast or ())
-            layers = [
-                (_fast_layer(step, vals, bounds) if fast is None else next(done))
-                if type(step) is _Fast
-                else EditedLinear(step.w, step.b)
-                if type(step) is _Untouched
-                else _prepare_layer(step.name, step.w, step.b, _views(vals, step.parts), bounds)
-                for step in plan.steps
-            ]
+            decoded.check_finite()  # the decoder's error for NaN/Inf, naming the tensor
+            if fast is not None and joint.whole:
+                layers = fast
+            else:
+                done = iter(fast or ())
+                layers = [
+                    (_fast_layer(step, vals, bounds) if fast is None else next(done))
+                    if type(step) is _Fast
+                    else EditedLinear(step.w, step.b)
+                    if type(step) is _Untouched
+                    else _prepare_layer(step.name, step.w, step.b, _views(vals, step.parts), bounds)
+                    for step in plan.steps
+                ]
     else:
+        decoded.check_finite()
         proto_parts, proto_fast = _prototype_parts(head, prototype, bounds)
         layers = []
         for step in plan.steps:
@@ -413,6 +419,10 @@ class _Joint(NamedTuple):
     norm2: float  # the squared Frobenius bound of dW, less a rounding margin
     bias2: float  # the squared element bound of db, less the same margin
     whole: bool  # every head layer is one of ``layers``
+    # whole, its parts are every value of the payload and both bounds are finite: then
+    # values that clear them are all finite (a NaN/Inf in U, s, V or db makes its sum of
+    # squares, and so the product or sum compared, NaN or Inf)
+    proves_finite: bool
 
 
 class _Plan(NamedTuple):
@@ -478,7 +488,9 @@ def _plan(head: EditableHead, decoded: DecodedPayload, bounds: EditBounds) -> _P
             plan.append(_General(name, w, b, parts))
     steps = tuple(plan)
     fast = [step for step in steps if type(step) is _Fast]
-    out = _Plan(steps, _joint(fast, len(fast) == len(steps), bounds) if fast else None)
+    n_values = sum(b - a for _, parts in groups for _, a, b, _ in parts)
+    joint = _joint(fast, len(fast) == len(steps), n_values, bounds) if fast else None
+    out = _Plan(steps, joint)
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = (groups, head, bounds, out)
@@ -495,9 +507,10 @@ def _run(parts: list[tuple[slice, tuple[int, ...]]]) -> slice | None:
     return slice(sls[0].start, sls[-1].stop)
 
 
-def _joint(fast: list[_Fast], whole: bool, bounds: EditBounds) -> _Joint | None:
-    """The :class:`_Joint` of a plan's fast layers (once per plan), or None when their
-    parts do not lie as it needs (then :func:`_fast_layer` runs per layer)."""
+def _joint(fast: list[_Fast], whole: bool, n_values: int, bounds: EditBounds) -> _Joint | None:
+    """The :class:`_Joint` of a plan's fast layers (once per plan; ``n_values``: the
+    payload's number of values), or None when their parts do not lie as it needs (then
+    :func:`_fast_layer` runs per layer)."""
     lowrank = sorted((st for st in fast if st.u is not None), key=lambda st: st.u[0].start)
     biased = sorted((st for st in fast if st.bias is not None), key=lambda st: st.bias[0].start)
     runs = [_run([getattr(st, p) for st in lowrank]) for p in ("u", "s", "v")]
@@ -533,6 +546,9 @@ def _joint(fast: list[_Fast], whole: bool, bounds: EditBounds) -> _Joint | None:
         )
     norm = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
     u, s, v, db = runs
+    norm2 = norm * norm * (1 - _MARGIN)
+    bias2 = bounds.max_bias_abs * bounds.max_bias_abs * (1 - _MARGIN)
+    covered = sum(r.stop - r.start for r in runs)  # the runs do not overlap
     return _Joint(
         u=u,
         s=s,
@@ -545,9 +561,13 @@ def _joint(fast: list[_Fast], whole: bool, bounds: EditBounds) -> _Joint | None:
         v_shape=(sum(in_rows), rank),
         size=at,
         layers=tuple(layers),
-        norm2=norm * norm * (1 - _MARGIN),
-        bias2=bounds.max_bias_abs * bounds.max_bias_abs * (1 - _MARGIN),
+        norm2=norm2,
+        bias2=bias2,
         whole=whole,
+        proves_finite=whole
+        and covered == n_values
+        and (n_a == 0 or norm2 < math.inf)
+        and (db.stop == db.start or bias2 < math.inf),
     )
 
 

@@ -39,7 +39,8 @@ values in fp16's normal range); int8 stores ``q = round(x / scale)`` with
 
 Decoding validates everything (magic, version, dtype, lengths, truncation, trailing
 bytes, CRC, names, duplicate names, NaN/Inf, and, given a head spec, every shape and
-rank) and raises :class:`recsys.errors.ValidationError` naming the problem.
+rank) and raises :class:`recsys.errors.ValidationError` naming the problem (NaN/Inf
+when the decoded contents are first read, see :func:`decode_values`).
 
 Example::
 
@@ -460,10 +461,20 @@ def _widen_fp16(wire: memoryview) -> np.ndarray:
     return out.copy()
 
 
-@dataclass(eq=False, slots=True)
 class DecodedPayload:
-    """A validated payload as one float32 array (what the device's fast path reads; treat
-    it as read-only: not frozen only because a frozen dataclass is slower to build).
+    """A decoded payload as one float32 array (what the device's fast path reads; treat
+    it as read-only).
+
+    Its values are checked for NaN/Inf lazily: the check of :func:`decode_values` runs
+    (once, raising :class:`ValidationError` naming the first non-finite tensor) before
+    anything reads the payload's contents, i.e. :attr:`values`, :attr:`prototype_id`,
+    :attr:`prototype_version`, :meth:`arrays`, :meth:`layers`, :meth:`tensors`, so every
+    reader sees finite values or that error, as if decoding had refused the payload. Only
+    a caller whose own checks refuse every non-finite value reads
+    :attr:`unchecked_values` instead: the device's
+    :func:`~device_ranker.edit_apply.prepare_decoded`, whose bound checks are NaN/Inf
+    whenever a value is (it then calls :meth:`check_finite` for this same error, and
+    :meth:`mark_finite` when its checks passed).
 
     Attributes:
         values: [N] float32, every tensor's values, grouped by part (every U, then every
@@ -473,15 +484,74 @@ class DecodedPayload:
         groups: the slots by layer: (layer, ((part, start, stop, shape), ...)).
         names: per tensor (``"fc0.u"``), in payload order.
         prototype_id, prototype_version, dtype, nbytes: as in :class:`EditPayload`.
+        unchecked_values: :attr:`values` without the finite check (see above).
+        finite: True once the values are known to be finite.
     """
 
-    values: np.ndarray
-    slots: tuple[tuple[str, int, int, tuple[int, ...]], ...]  # (name, start, stop, shape)
-    groups: tuple  # the slots by layer: (layer, ((part, start, stop, shape), ...))
-    prototype_id: int | None
-    prototype_version: int | None
-    dtype: str
-    nbytes: int
+    __slots__ = (
+        "_prototype_id",
+        "_prototype_version",
+        "dtype",
+        "finite",
+        "groups",
+        "nbytes",
+        "slots",
+        "unchecked_values",
+    )
+
+    def __init__(
+        self,
+        values: np.ndarray,
+        slots: tuple[tuple[str, int, int, tuple[int, ...]], ...],
+        groups: tuple,
+        prototype_id: int | None,
+        prototype_version: int | None,
+        dtype: str,
+        nbytes: int,
+        finite: bool = False,
+    ) -> None:
+        self.unchecked_values = values
+        self.slots = slots
+        self.groups = groups
+        self._prototype_id = prototype_id
+        self._prototype_version = prototype_version
+        self.dtype = dtype
+        self.nbytes = nbytes
+        self.finite = finite
+
+    def __repr__(self) -> str:
+        return (
+            f"DecodedPayload(names={self.names}, prototype=({self._prototype_id}, "
+            f"{self._prototype_version}), dtype={self.dtype!r}, nbytes={self.nbytes})"
+        )
+
+    def check_finite(self) -> None:
+        """Raise :class:`ValidationError` naming the first tensor (payload order) with a
+        NaN or Inf; one check for the whole payload, done once."""
+        if not self.finite:
+            values = self.unchecked_values
+            if not _all_finite(values, self.dtype):
+                _name_non_finite(values, self.slots)
+            self.finite = True
+
+    def mark_finite(self) -> None:
+        """Record that every value is finite (a caller's checks proved it)."""
+        self.finite = True
+
+    @property
+    def values(self) -> np.ndarray:
+        self.check_finite()
+        return self.unchecked_values
+
+    @property
+    def prototype_id(self) -> int | None:
+        self.check_finite()
+        return self._prototype_id
+
+    @property
+    def prototype_version(self) -> int | None:
+        self.check_finite()
+        return self._prototype_version
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -516,10 +586,14 @@ def decode_values(
     Header, CRC-32, then the tensor layout: parsed field by field the first time a
     layout (names, shapes, offsets) is seen, afterwards recognised by comparing its
     descriptor bytes (one comparison for the whole layout). The values of all tensors are
-    converted to float32 in one call (grouped by part, :data:`VALUE_ORDER`) and checked
-    for NaN/Inf with one check over the whole payload (a dot product for fp16,
-    ``isfinite`` otherwise; the tensor is named only when it fails); the shape
+    converted to float32 in one call (grouped by part, :data:`VALUE_ORDER`); the shape
     check against ``spec`` runs once per layout and spec. No per-value Python.
+
+    NaN/Inf are refused by one check over the whole payload (a dot product for fp16,
+    ``isfinite`` otherwise; the tensor is named only when it fails) that runs before the
+    first read of the result's contents (:class:`DecodedPayload`): every reader gets
+    that error as if decoding had raised it, but the device's edit path, whose bound
+    checks refuse non-finite values anyway, does not pay for it twice.
 
     Args:
         data: bytes from :func:`encode_payload`.
@@ -556,9 +630,7 @@ def decode_values(
         raise ValidationError(f"edit payload declares {count} tensors; the limit is {MAX_TENSORS}")
     dtype = _DTYPE_NAMES[dtype_code]
     layout, raw = _gather(body, dtype_code, count)
-    values = _values(raw, body, layout, dtype)  # [N] float32
-    if not _all_finite(values, dtype):  # one check for the whole payload
-        _name_non_finite(values, layout)
+    values = _values(raw, body, layout, dtype)  # [N] float32, finiteness checked lazily
     has_proto = bool(flags & 1)
     decoded = DecodedPayload(
         values=values,
@@ -640,9 +712,9 @@ def _all_finite(values: np.ndarray, dtype: str) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def _name_non_finite(flat: np.ndarray, layout: _Layout) -> None:
-    """Raise naming the first tensor of ``layout`` whose values in ``flat`` are not finite."""
-    for name, start, stop, _ in layout.slots:  # payload order
+def _name_non_finite(flat: np.ndarray, slots: tuple) -> None:
+    """Raise naming the first tensor of ``slots`` whose values in ``flat`` are not finite."""
+    for name, start, stop, _ in slots:  # payload order
         if not np.isfinite(flat[start:stop]).all():
             raise ValidationError(f"edit tensor {name!r} contains NaN or Inf")
 
