@@ -285,8 +285,11 @@ def prepare_decoded(
 ) -> PreparedEdit:
     """:func:`prepare_edit` straight from a decoded payload (the device's edit path).
 
-    ``decoded`` comes from :func:`recsys.edit_payload.decode_values` (its values are
-    finite). Names, shapes and the rank bound are checked against the head once per
+    ``decoded`` comes from :func:`recsys.edit_payload.decode_values`, whose NaN/Inf
+    check has not run yet: when the joint bounds below are finite, cover every value and
+    are cleared, they prove every value finite (a NaN/Inf makes a sum of squares NaN/Inf)
+    and the check is skipped; any other path runs it first (the decoder's error, naming
+    the tensor). Names, shapes and the rank bound are checked against the head once per
     payload layout, head and bounds (:func:`_plan`). Per request, the layers with a
     factored low-rank part and/or a bias delta are validated and built together from the
     payload's one value array (:func:`_joint_layers`: every ``A = U diag(s)`` in one

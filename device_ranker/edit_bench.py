@@ -68,7 +68,8 @@ def edit_figures(ranker: Ranker, hists: list, cfg: BenchConfig) -> dict[str, Any
     """
     out: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(cfg.seed)
-    head, spec, reps = ranker.model.head, ranker.edit_spec(), cfg.edit_repeats
+    # the read-only spec the device service decodes against (Ranker.payload_spec)
+    head, spec, reps = ranker.model.head, ranker.payload_spec, cfg.edit_repeats
     max_rank = ranker.bounds.max_rank
     top = min(max_rank, *(min(o, i) for o, i in spec.values()))  # a tiny head caps r
     ranks = sorted({min(r, top) for r in (8, 16)})
