@@ -84,6 +84,7 @@ MAX_TENSORS = 256  # a head has a few layers x 5 parts; more is a malformed payl
 MAX_NDIM = 4
 MAX_BYTES = 16 * 2**20  # refuse to decode anything larger (the default edit is < 8 KB)
 _HEADER = struct.Struct("<4sBBHIIH")
+_CRC = struct.Struct("<I")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.(u|s|v|dense|bias)$")
 _NO_PROTOTYPE = 0xFFFFFFFF
 _TINY_SCALE = float(np.finfo(np.float32).smallest_subnormal)  # the least int8 scale on the wire
@@ -616,7 +617,7 @@ def decode_values(
     if n < _HEADER.size + 4:
         raise ValidationError(f"edit payload truncated: {n} bytes, no complete header")
     body = view[:-4]
-    (crc,) = struct.unpack_from("<I", view, n - 4)
+    (crc,) = _CRC.unpack_from(view, n - 4)
     magic, version, dtype_code, flags, pid, pver, count = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise ValidationError(f"not an edit payload: magic {magic!r}, expected {MAGIC!r}")
@@ -632,14 +633,14 @@ def decode_values(
     layout, raw = _gather(body, dtype_code, count)
     values = _values(raw, body, layout, dtype)  # [N] float32, finiteness checked lazily
     has_proto = bool(flags & 1)
-    decoded = DecodedPayload(
-        values=values,
-        slots=layout.slots,
-        groups=layout.groups,
-        prototype_id=int(pid) if has_proto else None,
-        prototype_version=int(pver) if has_proto else None,
-        dtype=dtype,
-        nbytes=n,
+    decoded = DecodedPayload(  # positional: values, slots, groups, prototype, dtype, nbytes
+        values,
+        layout.slots,
+        layout.groups,
+        int(pid) if has_proto else None,
+        int(pver) if has_proto else None,
+        dtype,
+        n,
     )
     if spec is not None:
         last = layout.last_checked  # the common case: the spec and rank of the last payload
