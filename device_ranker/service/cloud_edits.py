@@ -27,6 +27,14 @@ reloaded after a restart, as is the evidence). With ``report_evidence`` each req
 carries the user's cumulative evidence (``GuardEvidence``: clicks, sum and sum of squares
 of the gain differences) for the cloud's pooled test (:mod:`recsys.serving.fleet_guard`).
 
+The device-wide guard counters (:class:`GuardCounts`: accepted, rejected by the device,
+held by the fleet) count a decision only once its outcome is stored: with a durable state
+the decision's increments are written in the same transaction as the new edit or
+candidate (``on_install``), and added in memory after it commits; a write that fails
+puts the user back as it was (edit, candidate, staleness clock, gate anchor), counts
+nothing and makes the request "failed" (the user keeps the last good edit, its note says
+why). The counts are loaded from the state when the device starts.
+
 ApplyEdit (:meth:`CloudEdits.apply_pushed`) installs an edit pushed to the device; it may
 refer only to a prototype the device holds.
 
@@ -42,12 +50,13 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
@@ -63,7 +72,7 @@ from device_ranker.guard import HarmGuard
 from device_ranker.ranker import Ranker
 from device_ranker.service.cloud_link import CloudLink
 from device_ranker.service.config import CloudLinkConfig
-from device_ranker.service.policy import TimerGate
+from device_ranker.service.policy import Staleness, TimerGate
 from device_ranker.service.users import MAX_ID_LEN, EditInfo, UserState
 from recsys import adaptor_inputs
 from recsys.edit_payload import decode_payload, decode_values
@@ -167,6 +176,66 @@ class FetchResult:
     states_us: float = 0.0
 
 
+@dataclass
+class GuardCounts:
+    """The device-wide harm-guard decisions (GetStatus; durable with a state file: the
+    names are the state's counter names).
+
+    Attributes:
+        guard_accepted: new edits the device's harm test passed.
+        guard_rejected: ... it failed: held by the device.
+        fleet_held: new edits the cloud's fleet guard said to hold.
+    """
+
+    guard_accepted: int = 0
+    guard_rejected: int = 0
+    fleet_held: int = 0
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, int]) -> GuardCounts:
+        """The counts a state file holds (:meth:`DeviceStateStore.counters`; a missing
+        name is 0, other names are not guard counters and are ignored)."""
+        return cls(**{f.name: int(stored.get(f.name, 0)) for f in fields(cls)})
+
+    def add(self, increments: Mapping[str, int]) -> None:
+        """Count one decision (``increments``: name -> how many, as
+        :meth:`CloudEdits.decide` returns them)."""
+        for name, n in increments.items():
+            setattr(self, name, getattr(self, name) + n)
+
+
+@dataclass(frozen=True)
+class ServedEdits:
+    """What installing or holding an edit changes on a user (the active edit, the held
+    candidate, the failure note, the staleness clock), to put back when the change cannot
+    be made durable: ``saved = ServedEdits.of(st)`` ... ``saved.restore(st)``."""
+
+    edit: tuple[Any, ...]  # (edit, info, payload, prototype payload)
+    held: tuple[Any, ...] | None  # (candidate, held_by, info, payload, prototype payload)
+    had_guard: bool
+    failed: bool
+    note: str
+    staleness: Staleness
+
+    @classmethod
+    def of(cls, st: UserState) -> ServedEdits:
+        g = st.guard
+        held = None
+        if g is not None and g.candidate is not None:
+            held = (g.candidate, g.held_by, g.candidate_info, g.candidate_payload,
+                    g.candidate_proto)  # fmt: skip
+        return cls((st.edit, st.edit_info, st.edit_payload, st.proto_payload), held,
+                   g is not None, st.failed, st.note, copy.deepcopy(st.staleness))  # fmt: skip
+
+    def restore(self, st: UserState) -> None:
+        st.install_edit(*self.edit)
+        if self.held is not None:  # the candidate a guard held before, held again
+            st.hold(*self.held)
+        if not self.had_guard:
+            st.guard = None
+        st.failed, st.note, st.staleness = self.failed, self.note, self.staleness
+
+
 class CloudEdits:
     """Edit requests to the cloud, the prototype cache, and pushed edits.
 
@@ -196,9 +265,7 @@ class CloudEdits:
         self.ranker = ranker
         self.guard = guard
         self.report_evidence = report_evidence or guard is not None
-        self.guard_accepted = 0  # the device's harm test passed
-        self.guard_rejected = 0  # ... failed: held by the device
-        self.fleet_held = 0  # held by the cloud's fleet guard
+        self.counts = GuardCounts()  # decisions whose outcome was stored
         self.link = link
         self.config = config
         self.model_version = model_version
@@ -206,8 +273,10 @@ class CloudEdits:
         self.executor = executor
         self._prototypes: OrderedDict[tuple[int, int], HeadEdit] = OrderedDict()
         self._prototype_bytes: dict[tuple[int, int], bytes] = {}  # their RSE1 payloads
-        # called after a cloud edit is installed (user id, state): the durable state
-        self.on_install: Callable[[str, UserState], None] | None = None
+        # called after a cloud edit is installed or held (user id, state, the guard
+        # decision's counter increments): writes the durable state, in one transaction;
+        # a RecsysError undoes the install (nothing counted)
+        self.on_install: Callable[[str, UserState, Mapping[str, int]], None] | None = None
         self.requests = 0
         self.failures = 0
         self.applied = 0
@@ -355,7 +424,8 @@ class CloudEdits:
             payload_bytes=len(response.edit_payload) + proto_bytes,
             applied_at_ms=int(time.time() * 1000),
         )
-        held_by = self._held_by(st, response.decision)
+        held_by, counts = self.decide(st, response.decision)
+        before = ServedEdits.of(st)
         if held_by:
             st.hold(prepared, held_by, info, response.edit_payload,
                     self._prototype_bytes.get((pid, pver)))  # fmt: skip
@@ -363,9 +433,26 @@ class CloudEdits:
             st.install_edit(
                 prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
             )
+        try:  # a held edit: the base head and the candidate, with the decision's counts
+            if self.on_install is not None:
+                self.on_install(user_id, st, counts)
+        except RecsysError as exc:  # not durable: not installed, not counted
+            before.restore(st)
+            st.failed = True
+            keeps = "last good edit" if st.edit is not None else "base model"
+            st.note = (f"edit request failed (the device could not store edit "
+                       f"{response.edit_id}, see the device log); serving the "
+                       f"{keeps}")  # fmt: skip
+            st.gate.anchor = previous_anchor
+            self.failures += 1
+            logger.warning("user %s: %s: %s", id_ref(user_id), st.note, exc)
+            return FetchResult(
+                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
+                states_us,
+            )  # fmt: skip
+        self.counts.add(counts)
+        if not held_by:
             self.applied += 1
-        if self.on_install is not None:  # a held edit: the base head and the candidate
-            self.on_install(user_id, st)
         if held_by:
             logger.debug("user %s: edit %d held by the %s guard", id_ref(user_id),
                          response.edit_id, held_by)  # fmt: skip
@@ -391,20 +478,22 @@ class CloudEdits:
     @property
     def guarded(self) -> int:
         """Edits received but held out (the device's guard or the cloud's)."""
-        return self.guard_rejected + self.fleet_held
+        return self.counts.guard_rejected + self.counts.fleet_held
 
-    def _held_by(self, st: UserState, decision: int) -> str:
+    def decide(self, st: UserState, decision: int) -> tuple[str, dict[str, int]]:
         """Who holds a new edit out: "device" (its harm test failed), "fleet" (the
-        cloud said hold) or "" (apply). The device's test runs (and counts) first."""
+        cloud said hold) or "" (apply), and the :class:`GuardCounts` increments of this
+        decision (counted by the caller once its outcome is stored). The device's test
+        runs first."""
+        counts: dict[str, int] = {}
         if self.guard is not None and st.guard is not None and st.guard.clicks is not None:
             if not self.guard.accept(st.guard.clicks):
-                self.guard_rejected += 1
-                return "device"
-            self.guard_accepted += 1
+                return "device", {"guard_rejected": 1}
+            counts["guard_accepted"] = 1
         if decision == cpb.EDIT_DECISION_HOLD:
-            self.fleet_held += 1
-            return "fleet"
-        return ""
+            counts["fleet_held"] = 1
+            return "fleet", counts
+        return "", counts
 
     async def _prototype(
         self, response: cpb.GenerateEditResponse, pid: int, pver: int

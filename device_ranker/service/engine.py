@@ -17,7 +17,9 @@ it composes the parts, each in its own module:
 * :mod:`~device_ranker.service.state`: the durable state (``config.state_path``): every
   event is committed to a local SQLite file before RecordEvent acknowledges it (with the
   harm guard's evidence when the click was scored), every installed edit is written with
-  its payloads (and an edit a guard holds out, as the candidate); users evicted from
+  its payloads (and an edit a guard holds out, as the candidate, with the guard
+  decision's device-wide counts in the same transaction: restored at start, counted only
+  once stored); users evicted from
   memory (least recently used beyond ``config.max_users`` or ``config.max_memory_mb`` of
   estimated user state, :mod:`~device_ranker.service.memory`) or lost in a restart are
   reloaded from it on their next call.
@@ -66,7 +68,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -77,7 +79,7 @@ from device_ranker.edits import EditBounds
 from device_ranker.gate import GateDecision
 from device_ranker.guard import HarmGuard
 from device_ranker.ranker import Ranker
-from device_ranker.service.cloud_edits import CloudEdits, FetchResult
+from device_ranker.service.cloud_edits import CloudEdits, FetchResult, GuardCounts, ServedEdits
 from device_ranker.service.cloud_link import CloudLink
 from device_ranker.service.config import DeviceConfig
 from device_ranker.service.event_log import EventLog
@@ -195,8 +197,9 @@ class DeviceEngine:
         if state is not None:
             self.store.durable = state
             self.store.restore_edit = self._restore_edit
-            self.edits.on_install = self._persist_cloud_edit
+            self.edits.on_install = self._persist_edit  # a failure undoes the install
             self.edits._push_counter = state.max_pushed_edit_id()  # pushed ids keep rising
+            self.edits.counts = GuardCounts.from_stored(state.counters())  # as before a restart
         self.served: Counter[str] = Counter()  # Recommend answers by mode (metrics)
         self.ready = False
 
@@ -542,9 +545,13 @@ class DeviceEngine:
         st.durable = True
         st.since_snapshot = 1 if snapshot is not None else st.since_snapshot + 1
 
-    def _persist_edit(self, user_id: str, st: UserState) -> None:
+    def _persist_edit(
+        self, user_id: str, st: UserState, counts: Mapping[str, int] | None = None
+    ) -> None:
         """Write the user's active edit (or its revert) to the durable state, with its
-        guard state (a held candidate, or none any more, and the evidence)."""
+        guard state (a held candidate, or none any more, and the evidence) and, in the
+        same transaction, the guard decision's counter increments (``counts``);
+        StateWriteError (nothing written) when the file refuses it."""
         if self.state is None:
             return
         self.store.make_durable(user_id, st)
@@ -552,15 +559,7 @@ class DeviceEngine:
         if st.edit is not None and st.edit_info is not None:
             info = {**dataclasses.asdict(st.edit_info), "model_version": self.model_version}
         guard = st.guard.stored(self.model_version) if st.guard is not None else None
-        self.state.write_edit(user_id, st.edit_payload, st.proto_payload, info, guard)
-
-    def _persist_cloud_edit(self, user_id: str, st: UserState) -> None:
-        """After a cloud edit is installed: write it (a failure is logged; the edit stays
-        active in memory and the next one is written again)."""
-        try:
-            self._persist_edit(user_id, st)
-        except RecsysError:
-            logger.exception("user %s: the new edit could not be made durable", id_ref(user_id))
+        self.state.write_edit(user_id, st.edit_payload, st.proto_payload, info, guard, counts)
 
     def _restore_edit(
         self, payload: bytes, proto_payload: bytes | None, info: dict[str, Any]
@@ -586,19 +585,12 @@ class DeviceEngine:
         """Install a pushed edit for a user (empty payload = revert); returns (edit, mode)."""
         self._require_ready()
         st = self.user(user_id)
-        before = (st.edit, st.edit_info, st.edit_payload, st.proto_payload)
-        g = st.guard
-        held = None
-        if g is not None and g.candidate is not None:
-            held = (g.candidate, g.held_by, g.candidate_info, g.candidate_payload,
-                    g.candidate_proto)  # fmt: skip
+        before = ServedEdits.of(st)
         await self.edits.apply_pushed(st, payload, source)
         try:
             self._persist_edit(user_id, st)
         except RecsysError:  # not durable: not applied either (UNAVAILABLE, retry)
-            st.install_edit(*before)
-            if held is not None:  # the candidate a guard held before, held again
-                st.hold(*held)
+            before.restore(st)  # the edit, a candidate a guard held, the staleness clock
             raise
         return st.edit_info, self.mode(st)[0]
 
@@ -627,9 +619,8 @@ class DeviceEngine:
             "users_evicted": self.store.evicted,
             "evicted_bytes": self.store.evicted_bytes,
             "users_reloaded": self.store.reloaded,
-            "guard_accepted": self.edits.guard_accepted,
-            "guard_rejected": self.edits.guard_rejected,
-            "fleet_held": self.edits.fleet_held,
+            # durable with a state file (restored at start; counted once stored)
+            **dataclasses.asdict(self.edits.counts),
             "user": None,
             "durability": {
                 "users_in_memory": len(self.users),

@@ -20,7 +20,13 @@ What is written, and when:
   clicks, sum and sum of squares it reports to the cloud), written in the transaction of
   the event whose click it scored, and the **candidate** edit a guard holds out (its payloads and info like the
   active edit's, and who holds it: "device" or "fleet"), written with the active edit
-  (the two never coexist: a held edit is served as the base head).
+  (the two never coexist: a held edit is served as the base head);
+* **device-wide counters** (table ``counters``: a name and a non-negative integer; the
+  harm guards' ``guard_accepted``, ``guard_rejected``, ``fleet_held``): a decision's
+  increments are added in the transaction of the edit or candidate write it produced
+  (:meth:`DeviceStateStore.write_edit` ``counts``), so the stored counts are exactly the
+  decisions whose outcome is stored (a failed write adds nothing), and they are read back
+  when the file is opened (:meth:`DeviceStateStore.counters`; a missing row is zero).
 
 Item ids (not the ranker's indices) are stored, so a state file survives a catalogue
 re-index; an edit stored for another ranker (model version) is dropped on load.
@@ -35,7 +41,15 @@ survives power loss too, at the cost of an fsync per event.
 **Versions.** The ``meta`` table holds the schema version. A schema-1 file (written
 before the guard's state was stored) is upgraded in place when it is opened (the empty
 ``guard`` table is added: its users start with empty evidence and no candidate); a file
-of another version is refused (StateWriteError). Every guard row is validated when the
+of another version is refused (StateWriteError). The ``counters`` table is created when
+missing, in a schema-1 or schema-2 file alike (every table is ``CREATE ... IF NOT
+EXISTS`` at open), without a new schema version: the table only adds rows nothing else
+depends on, a file without it (or without a counter's row) reads as zero counts, and a
+device running the previous code still opens a file that has it (it ignores the table:
+the counts then miss the decisions that code made; a schema 3 would instead make that
+device refuse the file, and with it every user's history and edit). Counter rows are
+checked when the file is opened (an integer >= 0: a bad one is a DataFormatError naming
+the file, the counter and the fix). Every guard row is validated when the
 file is opened and again when its user is loaded (finite, the window no longer than the
 clicks, consistent sums: :func:`device_ranker.guard.check_evidence`; a known holder,
 a candidate exactly when held, never beside an active edit): a bad row stops the file
@@ -51,14 +65,17 @@ bench device-state --open-users``).
 
 Not stored (rebuilt after a restart): the request gate's state (a reloaded user's gate
 starts afresh), the staleness counters, the cached user states and scores, a failed
-request's note, in-flight requests, the guards' device-wide counters (accepted, rejected,
-held), and the learned trigger's base ranks of the clicks (NaN after a reload).
+request's note, in-flight requests, the other device-wide counters (edit requests,
+failures, applied edits, bytes, answers by mode, evictions: they restart at zero, as a
+process's Prometheus counters do), and the learned trigger's base ranks of the clicks
+(NaN after a reload).
 
 Example::
 
     state = DeviceStateStore("device-state.sqlite")
     state.record_event("u1", 1, "i42", 1700000000)
     state.load_user("u1").events        # [(1, "i42", 1700000000)]
+    state.counters()                    # {} until a write_edit(..., counts=...) adds some
     state.close()
 """
 
@@ -69,7 +86,7 @@ import logging
 import sqlite3
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +136,10 @@ CREATE TABLE IF NOT EXISTS guard (
     candidate_proto BLOB,            -- its prototype's own edit (residual edits)
     candidate_info TEXT,             -- JSON like users.edit_info
     updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,           -- e.g. guard_accepted, guard_rejected, fleet_held
+    value INTEGER NOT NULL           -- device-wide, >= 0 (a missing row: 0)
 );
 """
 
@@ -275,6 +296,7 @@ class DeviceStateStore:
         self.guards_written = 0
         try:
             self.check_guards()
+            self.counters()
         except DataFormatError:
             self.db.close()
             raise
@@ -370,11 +392,16 @@ class DeviceStateStore:
         proto_payload: bytes | None,
         info: dict[str, Any] | None,
         guard: StoredGuard | None = None,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         """Store the user's active edit (None: reverted to the base model) and, in the same
         transaction, its guard state (None: none; a held candidate, or no candidate any
-        more, with the evidence). The user must be durable already (:meth:`write_snapshot`
-        or an event)."""
+        more, with the evidence) and ``counts``, increments added to the device-wide
+        counters (the guard decision that produced this write: counted exactly when it is
+        stored). The user must be durable already (:meth:`write_snapshot` or an event)."""
+        increments = {str(k): int(v) for k, v in (counts or {}).items() if v}
+        if any(v < 0 for v in increments.values()):
+            raise ValueError(f"counter increments must be >= 0, got {increments}")
         now = int(time.time() * 1000)
         sql: list[tuple[str, Sequence[Any]]] = [
             (
@@ -411,6 +438,14 @@ class DeviceStateStore:
                     ),
                 )
             )
+        sql.extend(
+            (
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value=value+excluded.value",
+                (name, n),
+            )
+            for name, n in sorted(increments.items())
+        )
         self._commit(sql)
         self.edits_written += 1
         if guard is not None:
@@ -500,6 +535,27 @@ class DeviceStateStore:
             user_id, *row, has_edit = self.db.execute(f"{sql} WHERE g.rowid=?", (rowid,)).fetchone()
             self._parse_guard(user_id, row, has_edit=bool(has_edit))
         return self.guard_users()
+
+    def counters(self) -> dict[str, int]:
+        """The stored device-wide counters (name -> count; a counter never written is
+        absent: zero). Checked (read when the file is opened): a count that is not an
+        integer >= 0 is a DataFormatError naming the file, the counter and the fix."""
+        out = {}
+        for name, value, kind in self.db.execute(
+            "SELECT name, value, typeof(value) FROM counters ORDER BY name"
+        ):
+            if kind != "integer" or value < 0:
+                quoted = str(name).replace("'", "''")
+                raise DataFormatError(
+                    self.path,
+                    None,
+                    f"counter {name!r} is {value!r} ({kind}), not a count >= 0; nothing was "
+                    "loaded. Restore the file from a backup, or drop that counter only (it "
+                    f'restarts at zero): sqlite3 {self.path} "DELETE FROM counters WHERE '
+                    f"name='{quoted}'\"",
+                )
+            out[str(name)] = int(value)
+        return out
 
     def guard_users(self) -> int:
         """Users with a stored guard state."""
