@@ -2,7 +2,10 @@
 round trips (evidence with an event, the candidate with the edit, across a reopen), the
 schema-1 upgrade, a newer schema refused untouched, and corrupted guard rows refused
 when the file is opened (a DataFormatError naming the file, the user and the fix, which
-works: after it the file opens with the user's history and edit intact)."""
+works: after it the file opens with the user's history and edit intact); the device-wide
+counters: added in the edit write's transaction (a failed write adds nothing), read back
+after a reopen, zero in a file written before them (schema 1, or schema 2 without the
+table), a bad counter row refused when the file is opened."""
 
 from __future__ import annotations
 
@@ -86,10 +89,15 @@ def test_a_schema_1_file_is_upgraded_with_empty_guard_state(tmp_path: Path) -> N
     stored = state.load_user("old")
     assert stored is not None and stored.history == [("i4", 9)] and stored.guard is None
     state.record_event("old", 2, "i5", 10, evidence=StoredEvidence(20, (0.5,), 1, 0.5, 0.25))
+    assert state.counters() == {}  # a schema-1 file held no counters: all zero
+    state.write_edit("old", None, None, None, None, {"guard_accepted": 1})
     state.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
-    assert DeviceStateStore(path).load_user("old").guard.evidence.clicks == 1
+    reopened = DeviceStateStore(path)
+    assert reopened.load_user("old").guard is None  # the write dropped the evidence row
+    assert reopened.counters() == {"guard_accepted": 1}
+    reopened.close()
 
 
 def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
@@ -159,3 +167,82 @@ def test_a_candidate_beside_an_active_edit_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE users SET edit_payload=x'00' WHERE user_id='u'")
     with pytest.raises(DataFormatError, match="beside an active edit"):
         DeviceStateStore(path)
+
+
+def test_counters_are_added_with_the_edit_write_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    state = _store(path)
+    assert state.counters() == {}
+    state.write_edit("u", None, None, None, HELD, {"guard_accepted": 1, "fleet_held": 1})
+    state.write_edit("u", b"EDIT", None, INFO, StoredGuard(EVIDENCE),
+                     {"guard_accepted": 1, "guard_rejected": 0})  # fmt: skip
+    assert state.counters() == {"guard_accepted": 2, "fleet_held": 1}  # a 0 adds no row
+    with pytest.raises(ValueError, match=">= 0"):
+        state.write_edit("u", None, None, None, None, {"guard_rejected": -1})
+    assert state.load_user("u").edit_payload == b"EDIT"  # the refused write wrote nothing
+    state.close()
+    state = DeviceStateStore(path)
+    assert state.counters() == {"guard_accepted": 2, "fleet_held": 1}
+    state.write_edit("u", None, None, None, None, {"guard_rejected": 3})
+    assert state.counters() == {"guard_accepted": 2, "guard_rejected": 3, "fleet_held": 1}
+    state.close()
+
+
+def test_a_failed_edit_write_adds_no_counts(tmp_path: Path) -> None:
+    """A real SQLite error at the counters (the last statements of the transaction):
+    the edit and guard rows written before them in it are rolled back too."""
+    path = tmp_path / "s.sqlite"
+    state = _store(path)
+    state.write_edit("u", None, None, None, HELD, {"guard_rejected": 1})
+    state.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON counters "
+                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END")  # fmt: skip
+    with pytest.raises(StateWriteError, match="disk full"):
+        state.write_edit("u", b"EDIT", None, INFO, StoredGuard(EVIDENCE), {"guard_accepted": 1})
+    stored = state.load_user("u")
+    assert stored.edit_payload is None and stored.guard == HELD  # still held, no edit
+    assert state.counters() == {"guard_rejected": 1} and state.stats()["edits_written"] == 1
+    state.write_edit("u", b"EDIT", None, INFO, StoredGuard(EVIDENCE))  # no counts: no trigger
+    assert state.load_user("u").edit_payload == b"EDIT"
+    state.close()
+
+
+def test_a_schema_2_file_without_counters_opens_with_zero_counts(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    state = _store(path)
+    state.write_edit("u", None, None, None, HELD)
+    state.close()
+    with sqlite3.connect(path) as db:  # what a device wrote before the counters were stored
+        db.execute("DROP TABLE counters")
+    state = DeviceStateStore(path)
+    assert state.counters() == {} and state.load_user("u").guard == HELD
+    state.write_edit("u", None, None, None, HELD, {"fleet_held": 1})
+    state.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+        assert db.execute("SELECT name, value FROM counters").fetchall() == [("fleet_held", 1)]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "many", None, b"\x01"])
+def test_a_bad_counter_row_stops_the_file_opening(tmp_path: Path, value) -> None:
+    path = tmp_path / "s.sqlite"
+    state = _store(path)
+    state.write_edit("u", b"EDIT", None, INFO, None, {"guard_accepted": 4, "fleet_held": 2})
+    state.close()
+    with sqlite3.connect(path) as db:
+        if value is None:  # NOT NULL: a table rebuilt without it, as a hand edit might
+            db.executescript("DROP TABLE counters; CREATE TABLE counters (name TEXT "
+                             "PRIMARY KEY, value INTEGER); INSERT INTO counters VALUES "
+                             "('guard_accepted', 4), ('fleet_held', NULL);")  # fmt: skip
+        else:
+            db.execute("UPDATE counters SET value=? WHERE name='fleet_held'", (value,))
+    with pytest.raises(DataFormatError) as err:
+        DeviceStateStore(path)
+    message = str(err.value)
+    assert str(path) in message and "counter 'fleet_held'" in message
+    assert "DELETE FROM counters WHERE name='fleet_held'" in message
+    with sqlite3.connect(path) as db:  # the fix the message gives: that counter restarts
+        db.execute("DELETE FROM counters WHERE name='fleet_held'")
+    fixed = DeviceStateStore(path)
+    assert fixed.counters() == {"guard_accepted": 4}
+    assert fixed.load_user("u").edit_payload == b"EDIT"
+    fixed.close()
