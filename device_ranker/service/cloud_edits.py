@@ -234,6 +234,8 @@ class ServedEdits:
         if not self.had_guard:
             st.guard = None
         st.failed, st.note, st.staleness = self.failed, self.note, self.staleness
+        if st.meter is not None:
+            st.meter.account(st)
 
 
 class CloudEdits:
