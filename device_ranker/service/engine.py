@@ -17,12 +17,12 @@ it composes the parts, each in its own module:
 * :mod:`~device_ranker.service.state`: the durable state (``config.state_path``): every
   event is committed to a local SQLite file before RecordEvent acknowledges it (with the
   harm guard's evidence when the click was scored), every installed edit is written with
-  its payloads (and an edit a guard holds out, as the candidate, with the guard
-  decision's device-wide counts in the same transaction: restored at start, counted only
-  once stored); users evicted from
-  memory (least recently used beyond ``config.max_users`` or ``config.max_memory_mb`` of
-  estimated user state, :mod:`~device_ranker.service.memory`) or lost in a restart are
-  reloaded from it on their next call.
+  its payloads (and an edit a guard holds out, as the candidate), with the guard
+  decision's device-wide counts in the same transaction (restored at start; counted only
+  once stored: a cloud edit the file refuses is undone and its request fails); users
+  evicted from memory (least recently used beyond ``config.max_users`` or
+  ``config.max_memory_mb`` of estimated user state, :mod:`~device_ranker.service.memory`)
+  or lost in a restart are reloaded from it on their next call.
 
 Per event, the user's gate (:mod:`device_ranker.gate`, or the arm's gate or timer,
 :mod:`device_ranker.service.policy`) decides whether to ask the cloud; the optional
