@@ -5,8 +5,10 @@
 
 * ``recsys_device_edits_total{outcome}``: edit requests sent to the cloud
   (``requested``), edits installed (``applied``), requests that failed (``failed``:
-  cloud down or slow, a rejected edit) and, when the device runs a harm guard, edits it
-  refused (``guarded``);
+  cloud down or slow, a rejected edit, an edit the state file refused) and, when the
+  device runs a harm guard, edits it or the cloud's fleet guard held out (``guarded``:
+  with a durable state it continues from the stored count after a restart, as GetStatus's
+  guard counters do; the other outcomes count this process);
 * ``recsys_device_answers_total{mode}``: Recommend answers by serving mode (``base``,
   ``edited``, ``fallback_last_edit``, ``fallback_base``: the fallbacks are the answers
   served without a fresh edit because the cloud failed);
