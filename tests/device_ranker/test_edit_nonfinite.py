@@ -113,18 +113,45 @@ def test_every_device_path_refuses_nan_and_inf_naming_the_tensor(
         _refused(bad, name, lambda d, b=bounds: prepare_decoded(head, d, b))
 
 
+PROTO_CASES = {
+    # (bounds, prototype layers, the clean residual's error)
+    "composed fast path": (EditBounds(), ("fc0", "fc1"), None),
+    "no norm bound": (EditBounds(max_weight_norm=None), ("fc0", "fc1"), None),
+    "prototype of one layer": (EditBounds(), ("fc0",), None),
+    "composed rank over the bound": (
+        EditBounds(max_rank=10),
+        ("fc0", "fc1"),
+        r"layer .fc0.: s must be 1-D of length r in 1\.\.10, got shape \(12,\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PROTO_CASES))
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-def test_a_residual_composed_with_a_held_prototype_refuses_nan_and_inf(dtype: str) -> None:
+def test_a_residual_composed_with_a_held_prototype_refuses_nan_and_inf(
+    case: str, dtype: str
+) -> None:
+    """A rank-4 residual of a held rank-8 prototype, on the composed fast path, without a
+    norm bound, with a prototype of one layer (the other composed on the exact path), and
+    with a composed rank over the bound: NaN/Inf is refused with the decoder's message,
+    before the rank error."""
+    bounds, proto_layers, clean_error = PROTO_CASES[case]
     head = EditableHead(DIMS)
     g = torch.Generator().manual_seed(1)
-    prototype = random_edit(head, rank=8, scale=0.01, generator=g)
+    full = random_edit(head, rank=8, scale=0.01, generator=g)
+    prototype = HeadEdit({k: full.layers[k] for k in proto_layers})
     residual = random_edit(head, rank=4, scale=0.01, generator=g)
     data = encode_payload(residual.to_flat(), dtype=dtype, prototype=(1, 1))
     clean = decode_values(data, spec=SPEC, max_rank=64)  # the layout's shape check, once
-    prepare_decoded(head, clean, None, prototype)  # clean: accepted
+    if clean_error is None:
+        prepare_decoded(head, clean, bounds, prototype)  # clean: accepted
+        assert clean.finite
+    else:
+        with pytest.raises(ValidationError, match=clean_error):
+            prepare_decoded(head, clean, bounds, prototype)
     for name, label, last in _cases():
         bad = _poisoned(data, name, BAD[label], last)
-        _refused(bad, name, lambda d: prepare_decoded(head, d, None, prototype))
+        _refused(bad, name, lambda d, b=bounds: prepare_decoded(head, d, b, prototype))
 
 
 def test_the_ranker_refuses_it_and_keeps_its_active_edit(tiny_model) -> None:
