@@ -10,6 +10,7 @@ past them.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 
@@ -18,6 +19,19 @@ from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parent.parent
 APPLICATION = {"recsys.cli", "recsys.abtest", "recsys.replay", "recsys.workflows"}
+
+
+@pytest.fixture(autouse=True)
+def keep_loggers_enabled():
+    """import-linter configures logging with ``disable_existing_loggers``, which silences
+    every logger made before it (grpc's, the services'): later tests that read log
+    records (caplog) would then see none. Put the loggers back as they were."""
+    loggers = [x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger)]
+    before = {logger: logger.disabled for logger in loggers}
+    yield
+    for logger in logging.root.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger):
+            logger.disabled = before.get(logger, False)
 
 
 def contracts() -> list[dict]:
