@@ -75,7 +75,7 @@ from device_ranker.service.config import CloudLinkConfig
 from device_ranker.service.policy import Staleness, TimerGate
 from device_ranker.service.users import MAX_ID_LEN, EditInfo, UserState
 from recsys import adaptor_inputs
-from recsys.edit_payload import decode_payload, decode_values
+from recsys.edit_payload import DecodedPayload, decode_payload, decode_values
 from recsys.errors import NotFoundError, RecsysError, ValidationError
 from recsys.rpc.cloud.v1 import adaptation_pb2 as cpb
 from recsys.serving import tracing
@@ -555,9 +555,7 @@ class CloudEdits:
         (:func:`decode_values`), then validation and the factored head weights straight
         from it (``Ranker.prepare_decoded``; the prototype's factors are concatenated)."""
         t0 = time.perf_counter()
-        decoded = decode_values(
-            payload, spec=self.ranker.payload_spec, max_rank=self.ranker.bounds.max_rank
-        )
+        decoded = self._decode_values(payload)
         t1 = time.perf_counter()
         prepared = self.ranker.prepare_decoded(decoded, prototype)
         t2 = time.perf_counter()
@@ -580,7 +578,8 @@ class CloudEdits:
             st.install_edit(None, None)
             return
         loop = asyncio.get_running_loop()
-        pid, pver = await loop.run_in_executor(self.executor, self._peek_prototype, payload)
+        decoded = await loop.run_in_executor(self.executor, self._decode_values, payload)
+        pid, pver = decoded.prototype_id, decoded.prototype_version  # NaN/Inf refused here
         proto = None
         if pid is not None:
             proto = self._prototypes.get((pid, pver))
@@ -589,7 +588,9 @@ class CloudEdits:
                     f"the edit refers to prototype {pid} version {pver}, which this device does "
                     "not hold; send an absolute edit or let the device fetch the prototype first"
                 )
-        prepared = await loop.run_in_executor(self.executor, self._build_edit, payload, proto)
+        prepared = await loop.run_in_executor(
+            self.executor, self.ranker.prepare_decoded, decoded, proto
+        )  # decoded once: the prototype fields and the build read the same payload
         self._push_counter += 1
         info = EditInfo(
             edit_id=self._push_counter,
@@ -602,8 +603,8 @@ class CloudEdits:
         proto_bytes = self._prototype_bytes.get((pid, pver)) if pid is not None else None
         st.install_edit(prepared, info, payload, proto_bytes)
 
-    def _peek_prototype(self, payload: bytes) -> tuple[int | None, int | None]:
-        decoded = decode_values(
+    def _decode_values(self, payload: bytes) -> DecodedPayload:
+        """RSE1 bytes -> the decoded values, shapes checked against this ranker's head."""
+        return decode_values(
             payload, spec=self.ranker.payload_spec, max_rank=self.ranker.bounds.max_rank
         )
-        return decoded.prototype_id, decoded.prototype_version
