@@ -59,7 +59,9 @@ _ROW_OK = """(
     (held_by = '' AND candidate_payload IS NULL AND candidate_info IS NULL)
     OR (typeof(held_by) = 'text' AND held_by IN ('device', 'fleet')
         AND typeof(candidate_payload) = 'blob' AND length(candidate_payload) > 0
-        AND typeof(candidate_info) = 'text' AND json_valid(candidate_info)
+        AND typeof(candidate_info) = 'text'
+        AND instr(CAST(candidate_info AS BLOB), x'00') = 0  -- json_valid stops at a NUL
+        AND json_valid(candidate_info)
         AND json_type(candidate_info) = 'object'
         AND NOT EXISTS (SELECT 1 FROM users AS u
                         WHERE u.user_id = g.user_id AND u.edit_payload IS NOT NULL))

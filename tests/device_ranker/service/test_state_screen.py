@@ -104,6 +104,7 @@ def test_the_screen_flags_every_bad_candidate_combination() -> None:
     holders = ["", "device", "fleet", "somebody", 5]
     payloads = [None, b"", b"RSE1", "text", 0]
     infos = [None, '{"edit_id": 1}', "[1, 2]", "{edit", '{"a": NaN}', b'{"a": 1}', 3]
+    infos.append('{"edit_id": 1}\x00junk')  # SQLite's json_valid reads up to the NUL only
     rows, edited = [], []
     for n, (holder, payload, info, edit) in enumerate(
         itertools.product(holders, payloads, infos, [False, True])
