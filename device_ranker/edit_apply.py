@@ -286,10 +286,12 @@ def prepare_decoded(
     """:func:`prepare_edit` straight from a decoded payload (the device's edit path).
 
     ``decoded`` comes from :func:`recsys.edit_payload.decode_values`, whose NaN/Inf
-    check has not run yet: when the joint bounds below are finite, cover every value and
+    check has not run yet: when the plan for this layout is already built (every edit
+    after a layout's first) and the joint bounds below are finite, cover every value and
     are cleared, they prove every value finite (a NaN/Inf makes a sum of squares NaN/Inf)
-    and the check is skipped; any other path runs it first (the decoder's error, naming
-    the tensor). Names, shapes and the rank bound are checked against the head once per
+    and the check is skipped; any other path (a layout's first edit, whose plan reads the
+    arrays; a payload whose prototype fields were read, as a pushed edit's are) runs it
+    first (the decoder's error, naming the tensor). Names, shapes and the rank bound are checked against the head once per
     payload layout, head and bounds (:func:`_plan`). Per request, the layers with a
     factored low-rank part and/or a bias delta are validated and built together from the
     payload's one value array (:func:`_joint_layers`: every ``A = U diag(s)`` in one

@@ -35,8 +35,8 @@ puts the user back as it was (edit, candidate, staleness clock, gate anchor), co
 nothing and makes the request "failed" (the user keeps the last good edit, its note says
 why). The counts are loaded from the state when the device starts.
 
-ApplyEdit (:meth:`CloudEdits.apply_pushed`) installs an edit pushed to the device; it may
-refer only to a prototype the device holds.
+ApplyEdit (:meth:`CloudEdits.prepare_pushed`, then the engine installs it) takes an edit
+pushed to the device; it may refer only to a prototype the device holds.
 
 Decoding and composing run on the device's ranking thread (the ``executor``); their times
 come back in :class:`FetchResult`.
@@ -566,20 +566,22 @@ class CloudEdits:
         return device_summary(self.ranker, history, self.config.summary_items)
 
     # ---- ApplyEdit -----------------------------------------------------------------------------
-    async def apply_pushed(self, st: UserState, payload: bytes, source: str) -> None:
-        """Install a pushed edit (empty payload = revert to the base model); an edit that
-        refers to a prototype needs that prototype in the device's cache (NotFoundError)."""
+    async def prepare_pushed(self, payload: bytes, source: str) -> tuple[Any, ...]:
+        """Decode and validate a pushed edit off the event loop, without touching any user:
+        the arguments of ``UserState.install_edit`` ((None, None) for an empty payload, a
+        revert to the base model). The caller installs them with no await in between its
+        snapshot of the user and the install, so no concurrent edit request of the same
+        user can land in between. An edit that refers to a prototype needs that prototype
+        in the device's cache (NotFoundError)."""
         source = source or "push"
         if len(source) > MAX_ID_LEN:
             raise ValidationError(
                 f"source label is {len(source)} characters; the limit is {MAX_ID_LEN}"
             )
         if not payload:
-            st.install_edit(None, None)
-            return
+            return (None, None)
         loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(self.executor, self._decode_values, payload)
-        pid, pver = decoded.prototype_id, decoded.prototype_version  # NaN/Inf refused here
+        decoded, pid, pver = await loop.run_in_executor(self.executor, self._decode_pushed, payload)
         proto = None
         if pid is not None:
             proto = self._prototypes.get((pid, pver))
@@ -601,7 +603,13 @@ class CloudEdits:
             applied_at_ms=int(time.time() * 1000),
         )
         proto_bytes = self._prototype_bytes.get((pid, pver)) if pid is not None else None
-        st.install_edit(prepared, info, payload, proto_bytes)
+        return (prepared, info, payload, proto_bytes)
+
+    def _decode_pushed(self, payload: bytes) -> tuple[DecodedPayload, int | None, int | None]:
+        """The decoded payload and its prototype (id, version); reading them runs the
+        payload's NaN/Inf check (a pushed edit is always checked)."""
+        decoded = self._decode_values(payload)
+        return decoded, decoded.prototype_id, decoded.prototype_version
 
     def _decode_values(self, payload: bytes) -> DecodedPayload:
         """RSE1 bytes -> the decoded values, shapes checked against this ranker's head."""

@@ -551,7 +551,9 @@ class DeviceEngine:
         """Write the user's active edit (or its revert) to the durable state, with its
         guard state (a held candidate, or none any more, and the evidence) and, in the
         same transaction, the guard decision's counter increments (``counts``);
-        StateWriteError (nothing written) when the file refuses it."""
+        StateWriteError when the file refuses it (the edit, guard and counter rows are
+        not written; a first snapshot of a user not yet durable, committed before in its
+        own transaction, stays: it holds the user's history, not the edit)."""
         if self.state is None:
             return
         self.store.make_durable(user_id, st)
@@ -585,8 +587,11 @@ class DeviceEngine:
         """Install a pushed edit for a user (empty payload = revert); returns (edit, mode)."""
         self._require_ready()
         st = self.user(user_id)
+        pushed = await self.edits.prepare_pushed(payload, source)  # decoded and validated
+        # no await from here to the restore: an edit request of the same user cannot land
+        # between the snapshot and the install (a restore would then drop its edit)
         before = ServedEdits.of(st)
-        await self.edits.apply_pushed(st, payload, source)
+        st.install_edit(*pushed)
         try:
             self._persist_edit(user_id, st)
         except RecsysError:  # not durable: not applied either (UNAVAILABLE, retry)

@@ -94,7 +94,10 @@ class ArmPolicy:
         """A policy dict (PolicySpec keys) -> :class:`ArmPolicy` (validated)."""
         if not isinstance(policy, Mapping):
             raise ValidationError(f"an arm policy must be a mapping, got {type(policy).__name__}")
-        per_arm_guard = [k for k in GUARD_KEYS if policy.get(k) not in (None, False)]
+        # set = anything but absent / None / False (a guard_z of 0.0 is a level, not "off")
+        per_arm_guard = [
+            k for k in GUARD_KEYS if policy.get(k) is not None and policy.get(k) is not False
+        ]
         if per_arm_guard:
             raise ValidationError(
                 f"arm policy {dict(policy)!r} sets {per_arm_guard}: a device server runs one "

@@ -190,26 +190,27 @@ def fleet_evidence_figures(
 
     Returns:
         clicks (M), gain_per_click (m), sd_per_click (sd, n - 1), clicks_to_sign
-        (n* = (sd / m)^2; inf when m is 0), sign_share (n* / M), requests_before /
+        (n* = (sd / m)^2; inf when m is 0 or there are fewer than 2 clicks), sign_share
+        (n* / M), requests_before /
         requests_after (requests made with fewer / at least n* clicks pooled) and
         applied_before / applied_after (the share of those the guard applied; NaN when
         there are none).
     """
-    m = len(diffs)
-    mean = float(np.mean(diffs)) if m else float("nan")
-    sd = float(np.std(diffs, ddof=1)) if m > 1 else float("nan")
-    n_sign = (sd / mean) ** 2 if m > 1 and mean != 0 else float("inf")
+    n_clicks = len(diffs)
+    mean = float(np.mean(diffs)) if n_clicks else float("nan")
+    sd = float(np.std(diffs, ddof=1)) if n_clicks > 1 else float("nan")
+    n_sign = (sd / mean) ** 2 if n_clicks > 1 and mean != 0 else float("inf")
     before = request_clicks < n_sign
 
     def share(mask: np.ndarray) -> float:
         return float(accepted[mask].mean()) if mask.any() else float("nan")
 
     return {
-        "clicks": m,
+        "clicks": n_clicks,
         "gain_per_click": mean,
         "sd_per_click": sd,
         "clicks_to_sign": n_sign,
-        "sign_share": n_sign / m if m else float("nan"),
+        "sign_share": n_sign / n_clicks if n_clicks else float("nan"),
         "requests_before": int(before.sum()),
         "requests_after": int((~before).sum()),
         "applied_before": share(before),

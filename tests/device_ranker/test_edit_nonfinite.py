@@ -64,8 +64,10 @@ def _refused(data: bytes, name: str, prepare) -> None:
     """Decoding (as the device does, with the head's spec) and ``prepare`` refuse
     ``data`` naming ``name``; a reader of the decoded payload gets the same error."""
     match = rf"edit tensor '{name}' contains NaN or Inf"
+    decoded = decode_values(data, spec=SPEC, max_rank=64)  # decoding alone does not check
+    assert not decoded.finite  # so the refusal below is prepare's, on the path under test
     with pytest.raises(ValidationError, match=match):
-        prepare(decode_values(data, spec=SPEC, max_rank=64))
+        prepare(decoded)
     decoded = decode_values(data, spec=SPEC, max_rank=64)  # the layout's check is cached
     with pytest.raises(ValidationError, match=match):
         decoded.values  # noqa: B018
@@ -199,6 +201,7 @@ def test_every_reader_of_a_decoded_payload_gets_the_decoders_error(dtype: str) -
             reader(decoded)
     clean = decode_values(data)
     assert clean.prototype_id == 3 and not np.isnan(clean.values).any()
+    assert clean.prototype_version == 7  # the positional construction keeps the order
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

@@ -145,6 +145,7 @@ def test_arm_policies_are_validated() -> None:
         ({"kind": "system", "budget": "lots"}, "bad arm policy"),
         ({"kind": "system", "guard": True}, r"sets \['guard'\].*one harm-guard setting"),
         ({"kind": "system", "guard": True, "fleet_guard": True, "guard_z": 0.0}, "abtest run"),
+        ({"kind": "system", "guard_z": 0.0}, r"sets \['guard_z'\]"),  # 0.0 == False in Python
     ]:
         with pytest.raises(ValidationError, match=words):
             ArmPolicy.from_dict(bad)
