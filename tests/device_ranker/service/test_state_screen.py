@@ -168,3 +168,28 @@ def test_bad_rows_in_any_fetch_chunk_stop_the_file_opening(tmp_path: Path, monke
         db.execute("DELETE FROM guard WHERE user_id IN ('u6', 'u7')")
     with pytest.raises(DataFormatError, match=r"user 'u39'.*more than its 2 slots or the 1 cl"):
         DeviceStateStore(path)
+
+
+@pytest.mark.parametrize("clicks", [10**6, 10**9])
+def test_the_screen_holds_for_devices_with_very_many_clicks(clicks) -> None:
+    """The check's tolerance grows with the clicks (1e-9 per click): rows of a long-lived
+    device at and around every boundary are still flagged whenever the exact check refuses."""
+    diffs = [1.0] * 20
+    tol = 1e-9 * clicks
+    rows = []
+    for shift in (-2.0, -1.001, -1.0, -0.999, 0.0, 0.999, 1.0, 1.001, 2.0):
+        for total, squares in [
+            (clicks + shift * tol, float(clicks)),  # every click +1: |sum| <= clicks
+            (float(clicks), clicks + shift * tol),  # sum of squares <= clicks
+            (clicks / 2 + shift * tol, clicks / 4),  # sum^2 <= clicks * squares
+            (20.0 - (clicks - 20) + shift * tol, float(clicks)),  # the older clicks' sum
+        ]:
+            rows.append({"window": 20, "diffs": _blob(diffs), "clicks": clicks,
+                         "gain_sum": total, "gain_squares": squares})  # fmt: skip
+    state = _db(rows)
+    try:
+        refused = _refused(state)
+        assert refused and len(refused) < len(rows)  # both sides of the boundaries present
+        assert refused <= set(suspect_guard_rows(state.db))
+    finally:
+        state.close()
