@@ -177,6 +177,44 @@ class FetchResult:
 
 
 @dataclass
+class _Figures:
+    """What an edit request has cost so far: :class:`FetchResult` without its outcome,
+    filled in step by step by :meth:`CloudEdits._fetch`."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    payload_bytes: int = 0
+    prototype_bytes: int = 0
+    cloud_ms: float = 0.0
+    decode_us: float = 0.0
+    apply_us: float = 0.0
+    states_us: float = 0.0
+
+    def result(self, outcome: str) -> FetchResult:
+        return FetchResult(
+            outcome,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            payload_bytes=self.payload_bytes,
+            prototype_bytes=self.prototype_bytes,
+            cloud_ms=self.cloud_ms,
+            decode_us=self.decode_us,
+            apply_us=self.apply_us,
+            states_us=self.states_us,
+        )
+
+
+def _why_failed(exc: Exception) -> str:
+    """Why an edit request failed, for the user's note: the gRPC status, the device's
+    refusal of the cloud's edit, or the connection error."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, RecsysError):
+        return f"rejected the cloud's edit: {exc}"
+    return str(exc)
+
+
+@dataclass
 class GuardCounts:
     """The device-wide harm-guard decisions (GetStatus; durable with a state file: the
     names are the state's counter names).
@@ -323,145 +361,175 @@ class CloudEdits:
         """Ask the cloud for the user's edit and apply it: "applied" or "failed", with the
         request's bytes up / down (GenerateEdit + a fetched prototype) and cloud time."""
         assert self.link is not None
-        link, cfg = self.link, self.config
-        loop = asyncio.get_running_loop()
         self.requests += 1
         t0 = time.perf_counter()
-        up = down = payload_bytes = proto_bytes = 0
-        cloud_ms = decode_us = apply_us = states_us = 0.0
+        figures = _Figures()
         try:
-            if not link.reachable:
-                raise ConnectionError(f"cloud unreachable ({link.last_error}); not asked")
-            recent = adaptor_inputs.uplink_window(history, cfg.recent_items)  # [<=N]
-            summary: list[float] = []
-            if cfg.send_summary:
-                summary = await loop.run_in_executor(self.executor, self.summary, history)
-            request = cpb.GenerateEditRequest(
-                device_id=user_id,
-                recent_item_ids=[self.item_ids[i] for i in recent],
-                recent_timestamps=times[-len(recent) :],
-                summary=summary,
-                model_version=self.model_version,
-                payload_dtype=_DTYPE_ENUM[cfg.payload_dtype],
+            request = await self._edit_request(
+                user_id, st, history, times, position, known, figures
             )
-            if self.report_evidence:
-                n, total, squares = st.guard.evidence if st.guard else (0.0, 0.0, 0.0)
-                request.guard_evidence.CopyFrom(
-                    cpb.GuardEvidence(
-                        clicks=int(n), gain_diff_sum=total, gain_diff_sum_squares=squares
-                    )
-                )
-            if st.edit_info is not None and st.edit_info.prototype_id:
-                request.cached_prototype.id = st.edit_info.prototype_id
-                request.cached_prototype.version = st.edit_info.prototype_version
-            if cfg.uplink_states:
-                (states, rel), states_us = await loop.run_in_executor(
-                    self.executor,
-                    _timed,
-                    recent_states,
-                    self.ranker,
-                    history,
-                    position,
-                    known or {},
-                    cfg.uplink_states,
-                )
-                if len(rel):
-                    enum, dt = _STATE_DTYPES[cfg.state_dtype]
-                    first_sent = len(history) - len(recent)  # earlier targets are not uplinked
-                    request.recent_states.CopyFrom(
-                        cpb.RecentStates(
-                            states=states.astype(dt).tobytes(),
-                            state_dim=states.shape[1],
-                            dtype=enum,
-                            earlier_item_ids=[self.item_ids[history[j]] for j in rel
-                                              if j < first_sent],
-                        )
-                    )  # fmt: skip
-            response, up, down = await link.generate_edit(request)
-            cloud_ms = float(response.engine_ms)
-            st.bytes_up += up
-            st.bytes_down += down
-            self.bytes_up += up
-            self.bytes_down += down
-            proto_edit, proto_bytes, pid, pver = None, 0, 0, 0
-            if response.HasField("prototype_ref") and response.prototype_ref.id:
-                pid, pver = response.prototype_ref.id, response.prototype_ref.version
-                proto_edit, proto_bytes, fetched, decode_us = await self._prototype(
-                    response, pid, pver
-                )
-                down += fetched
-            payload_bytes = len(response.edit_payload)
-            with tracing.span("device.decode_edit", payload_bytes=len(response.edit_payload)):
-                prepared, res_us, apply_us = await loop.run_in_executor(
-                    self.executor, self._build_edit_timed, response.edit_payload, proto_edit
-                )
-            decode_us += res_us
+            response = await self._ask_cloud(st, request, figures)
+            prepared, pid, pver = await self._prepare_response(response, figures)
         except asyncio.CancelledError:
             raise
         except (grpc.aio.AioRpcError, RecsysError, ConnectionError) as exc:
-            if isinstance(exc, grpc.aio.AioRpcError):
-                why = f"{exc.code().name}: {exc.details()}"
-            elif isinstance(exc, RecsysError):
-                why = f"rejected the cloud's edit: {exc}"
-            else:
-                why = str(exc)
-            st.failed = True
-            st.note = f"edit request failed ({why}); serving the " + (
-                "last good edit" if st.edit is not None else "base model"
-            )
-            st.gate.anchor = previous_anchor  # measure the next shift from the last good edit
-            self.failures += 1
-            logger.warning("user %s: %s", id_ref(user_id), st.note)
-            return FetchResult(
-                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
-                states_us,
-            )  # fmt: skip
+            return self._failed(user_id, st, _why_failed(exc), previous_anchor, figures)
         finally:
             st.pending = None
+        return self._install(
+            user_id, st, response, prepared, (pid, pver), previous_anchor, figures, t0
+        )
+
+    async def _edit_request(
+        self,
+        user_id: str,
+        st: UserState,
+        history: list[int],
+        times: list[int],
+        position: int,
+        known: Mapping[int, torch.Tensor] | None,
+        figures: _Figures,
+    ) -> cpb.GenerateEditRequest:
+        """The user's GenerateEdit request: its uplink window, summary, guard evidence,
+        cached prototype and (with ``uplink_states``) recent states, whose device time goes
+        to ``figures.states_us``. Raises ConnectionError when the link is down."""
+        assert self.link is not None
+        link, cfg = self.link, self.config
+        loop = asyncio.get_running_loop()
+        if not link.reachable:
+            raise ConnectionError(f"cloud unreachable ({link.last_error}); not asked")
+        recent = adaptor_inputs.uplink_window(history, cfg.recent_items)  # [<=N]
+        summary: list[float] = []
+        if cfg.send_summary:
+            summary = await loop.run_in_executor(self.executor, self.summary, history)
+        request = cpb.GenerateEditRequest(
+            device_id=user_id,
+            recent_item_ids=[self.item_ids[i] for i in recent],
+            recent_timestamps=times[-len(recent) :],
+            summary=summary,
+            model_version=self.model_version,
+            payload_dtype=_DTYPE_ENUM[cfg.payload_dtype],
+        )
+        if self.report_evidence:
+            n, total, squares = st.guard.evidence if st.guard else (0.0, 0.0, 0.0)
+            request.guard_evidence.CopyFrom(
+                cpb.GuardEvidence(clicks=int(n), gain_diff_sum=total, gain_diff_sum_squares=squares)
+            )
+        if st.edit_info is not None and st.edit_info.prototype_id:
+            request.cached_prototype.id = st.edit_info.prototype_id
+            request.cached_prototype.version = st.edit_info.prototype_version
+        if cfg.uplink_states:
+            (states, rel), figures.states_us = await loop.run_in_executor(
+                self.executor,
+                _timed,
+                recent_states,
+                self.ranker,
+                history,
+                position,
+                known or {},
+                cfg.uplink_states,
+            )
+            if len(rel):
+                enum, dt = _STATE_DTYPES[cfg.state_dtype]
+                first_sent = len(history) - len(recent)  # earlier targets are not uplinked
+                request.recent_states.CopyFrom(
+                    cpb.RecentStates(
+                        states=states.astype(dt).tobytes(),
+                        state_dim=states.shape[1],
+                        dtype=enum,
+                        earlier_item_ids=[self.item_ids[history[j]] for j in rel
+                                          if j < first_sent],
+                    )
+                )  # fmt: skip
+        return request
+
+    async def _ask_cloud(
+        self, st: UserState, request: cpb.GenerateEditRequest, figures: _Figures
+    ) -> cpb.GenerateEditResponse:
+        """Send ``request``; its bytes up / down count on the user, the device and
+        ``figures`` (with the cloud engine's time)."""
+        assert self.link is not None
+        response, up, down = await self.link.generate_edit(request)
+        figures.bytes_up, figures.bytes_down = up, down
+        figures.cloud_ms = float(response.engine_ms)
+        st.bytes_up += up
+        st.bytes_down += down
+        self.bytes_up += up
+        self.bytes_down += down
+        return response
+
+    async def _prepare_response(
+        self, response: cpb.GenerateEditResponse, figures: _Figures
+    ) -> tuple[PreparedEdit, int, int]:
+        """The answer's edit, composed with its prototype (from the answer, the cache or
+        a GetPrototype) and validated on the ranking thread: (edit, prototype id, version;
+        0, 0 without a prototype). Payload sizes, a GetPrototype's bytes and the decode /
+        apply times go to ``figures``."""
+        loop = asyncio.get_running_loop()
+        proto_edit, pid, pver = None, 0, 0
+        if response.HasField("prototype_ref") and response.prototype_ref.id:
+            pid, pver = response.prototype_ref.id, response.prototype_ref.version
+            proto_edit, figures.prototype_bytes, fetched, figures.decode_us = await self._prototype(
+                response, pid, pver
+            )
+            figures.bytes_down += fetched
+        figures.payload_bytes = len(response.edit_payload)
+        with tracing.span("device.decode_edit", payload_bytes=len(response.edit_payload)):
+            prepared, res_us, figures.apply_us = await loop.run_in_executor(
+                self.executor, self._build_edit_timed, response.edit_payload, proto_edit
+            )
+        figures.decode_us += res_us
+        return prepared, pid, pver
+
+    def _install(
+        self,
+        user_id: str,
+        st: UserState,
+        response: cpb.GenerateEditResponse,
+        prepared: PreparedEdit,
+        prototype: tuple[int, int],
+        previous_anchor: Any,
+        figures: _Figures,
+        t0: float,
+    ) -> FetchResult:
+        """Make the prepared edit the user's active edit, or its held candidate when a
+        guard holds it, and store it (``on_install``): "applied" or "held"; a failed
+        write puts the user back as it was and makes the request "failed".
+
+        Not a coroutine on purpose: between the snapshot of the user and its install /
+        restore there is no await, so a concurrent edit of the same user (an ApplyEdit
+        request) cannot land in between and be dropped by the restore."""
+        pid, pver = prototype
         info = EditInfo(
             edit_id=int(response.edit_id),
             prototype_id=pid,
             prototype_version=pver,
             source="cloud",
-            payload_bytes=len(response.edit_payload) + proto_bytes,
+            payload_bytes=len(response.edit_payload) + figures.prototype_bytes,
             applied_at_ms=int(time.time() * 1000),
         )
         held_by, counts = self.decide(st, response.decision)
         before = ServedEdits.of(st)
         if held_by:
             st.hold(prepared, held_by, info, response.edit_payload,
-                    self._prototype_bytes.get((pid, pver)))  # fmt: skip
+                    self._prototype_bytes.get(prototype))  # fmt: skip
         else:
             st.install_edit(
-                prepared, info, response.edit_payload, self._prototype_bytes.get((pid, pver))
+                prepared, info, response.edit_payload, self._prototype_bytes.get(prototype)
             )
         try:  # a held edit: the base head and the candidate, with the decision's counts
             if self.on_install is not None:
                 self.on_install(user_id, st, counts)
         except RecsysError as exc:  # not durable: not installed, not counted
             before.restore(st)
-            st.failed = True
-            keeps = "last good edit" if st.edit is not None else "base model"
-            st.note = (f"edit request failed (the device could not store edit "
-                       f"{response.edit_id}, see the device log); serving the "
-                       f"{keeps}")  # fmt: skip
-            st.gate.anchor = previous_anchor
-            self.failures += 1
-            logger.warning("user %s: %s: %s", id_ref(user_id), st.note, exc)
-            return FetchResult(
-                "failed", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
-                states_us,
-            )  # fmt: skip
+            why = f"the device could not store edit {response.edit_id}, see the device log"
+            return self._failed(user_id, st, why, previous_anchor, figures, exc)
         self.counts.add(counts)
-        if not held_by:
-            self.applied += 1
         if held_by:
             logger.debug("user %s: edit %d held by the %s guard", id_ref(user_id),
                          response.edit_id, held_by)  # fmt: skip
-            return FetchResult(
-                "held", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
-                states_us,
-            )  # fmt: skip
+            return figures.result("held")
+        self.applied += 1
         logger.debug(
             "user %s: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
             id_ref(user_id),
@@ -472,10 +540,30 @@ class CloudEdits:
             (time.perf_counter() - t0) * 1000,
             response.batch_size,
         )
-        return FetchResult(
-            "applied", up, down, payload_bytes, proto_bytes, cloud_ms, decode_us, apply_us,
-            states_us,
-        )  # fmt: skip
+        return figures.result("applied")
+
+    def _failed(
+        self,
+        user_id: str,
+        st: UserState,
+        why: str,
+        previous_anchor: Any,
+        figures: _Figures,
+        exc: Exception | None = None,
+    ) -> FetchResult:
+        """A failed edit request: the user keeps the last good edit (or the base model),
+        its state says why, the gate measures the next shift from the last good edit, the
+        failure is counted and logged (with ``exc`` when given)."""
+        st.failed = True
+        keeps = "last good edit" if st.edit is not None else "base model"
+        st.note = f"edit request failed ({why}); serving the {keeps}"
+        st.gate.anchor = previous_anchor  # measure the next shift from the last good edit
+        self.failures += 1
+        if exc is None:
+            logger.warning("user %s: %s", id_ref(user_id), st.note)
+        else:
+            logger.warning("user %s: %s: %s", id_ref(user_id), st.note, exc)
+        return figures.result("failed")
 
     @property
     def guarded(self) -> int:
