@@ -314,41 +314,80 @@ def prepare_decoded(
     plan = _plan(head, decoded, bounds)
     vals = decoded.unchecked_values  # [N] float32, NaN/Inf not refused yet
     if prototype is None:
-        joint = plan.joint
-        fast = None if joint is None else _joint_layers(joint, vals)
-        if fast is not None and joint.proves_finite:  # every layer: the common case
-            decoded.mark_finite()  # its cleared bounds were finite: so is every value
-            layers = fast
-        else:
-            decoded.check_finite()  # the decoder's error for NaN/Inf, naming the tensor
-            if fast is not None and joint.whole:
-                layers = fast
-            else:
-                done = iter(fast or ())
-                layers = [
-                    (_fast_layer(step, vals, bounds) if fast is None else next(done))
-                    if type(step) is _Fast
-                    else EditedLinear(step.w, step.b)
-                    if type(step) is _Untouched
-                    else _prepare_layer(step.name, step.w, step.b, _views(vals, step.parts), bounds)
-                    for step in plan.steps
-                ]
+        layers = _layers_without_prototype(plan, decoded, vals, bounds)
     else:
-        decoded.check_finite()
-        proto_parts, proto_fast = _prototype_parts(head, prototype, bounds)
-        layers = []
-        for step in plan.steps:
-            held = proto_fast.get(step.name)
-            if type(step) is _Fast and held is not None:
-                layers.append(_fast_composed(head, step, vals, held, proto_parts, bounds))
-            else:
-                layers.append(_composed_layer(head, step, vals, proto_parts, bounds))
+        layers = _layers_with_prototype(head, plan, decoded, vals, prototype, bounds)
 
     def make_edit() -> HeadEdit:
         edit = HeadEdit.from_flat(decoded.tensors())
         return edit if prototype is None else HeadEdit.compose(prototype, edit)
 
     return PreparedEdit(EditedWeights(layers), make_edit=make_edit)
+
+
+def _layers_without_prototype(
+    plan: _Plan, decoded: DecodedPayload, vals: np.ndarray, bounds: EditBounds
+) -> list[EditedLinear]:
+    """The head layers of an absolute edit (no prototype) from the payload's values
+    ``vals`` [N] (``decoded.unchecked_values``): the joint path when its bounds clear
+    (skipping the NaN/Inf check when they prove every value finite), else the NaN/Inf
+    check, then the joint layers when they are every layer, else per layer
+    (:func:`_per_layer`)."""
+    joint = plan.joint
+    fast = None if joint is None else _joint_layers(joint, vals)
+    if fast is not None and joint.proves_finite:  # every layer: the common case
+        decoded.mark_finite()  # its cleared bounds were finite: so is every value
+        return fast
+    decoded.check_finite()  # the decoder's error for NaN/Inf, naming the tensor
+    if fast is not None and joint.whole:
+        return fast
+    return _per_layer(plan.steps, vals, bounds, fast)
+
+
+def _per_layer(
+    steps: tuple[_Untouched | _Fast | _General, ...],
+    vals: np.ndarray,
+    bounds: EditBounds,
+    fast: list[EditedLinear] | None,
+) -> list[EditedLinear]:
+    """Every head layer of a plan, one by one: ``fast`` holds the :class:`_Fast` layers
+    :func:`_joint_layers` already built (in plan order), or None when it did not (then
+    :func:`_fast_layer` builds each); untouched layers keep the base weights; the others
+    take the exact checks of :func:`_prepare_layer`."""
+    built = None if fast is None else iter(fast)
+    layers = []
+    for step in steps:
+        if type(step) is _Fast:
+            layers.append(_fast_layer(step, vals, bounds) if built is None else next(built))
+        elif type(step) is _Untouched:
+            layers.append(EditedLinear(step.w, step.b))
+        else:
+            views = _views(vals, step.parts)
+            layers.append(_prepare_layer(step.name, step.w, step.b, views, bounds))
+    return layers
+
+
+def _layers_with_prototype(
+    head: EditableHead,
+    plan: _Plan,
+    decoded: DecodedPayload,
+    vals: np.ndarray,
+    prototype: HeadEdit,
+    bounds: EditBounds,
+) -> list[EditedLinear]:
+    """The head layers of ``compose(prototype, residual)`` from the residual's values
+    ``vals`` [N], after the NaN/Inf check: per layer, :func:`_fast_composed` when both
+    sides are fast (no dense part), else the exact :func:`_composed_layer`."""
+    decoded.check_finite()
+    proto_parts, proto_fast = _prototype_parts(head, prototype, bounds)
+    layers = []
+    for step in plan.steps:
+        held = proto_fast.get(step.name)
+        if type(step) is _Fast and held is not None:
+            layers.append(_fast_composed(head, step, vals, held, proto_parts, bounds))
+        else:
+            layers.append(_composed_layer(head, step, vals, proto_parts, bounds))
+    return layers
 
 
 class _Untouched(NamedTuple):
@@ -546,7 +585,14 @@ def _joint(fast: list[_Fast], whole: bool, n_values: int, bounds: EditBounds) ->
             at = b_new.stop
         layers.append(
             _JointLayer(
-                st.w, st.b, st.b_np, st.b_ptr, a_rows.get(id(st)), v_rows.get(id(st)), db, b_new
+                w=st.w,
+                b=st.b,
+                b_np=st.b_np,
+                b_ptr=st.b_ptr,
+                a=a_rows.get(id(st)),
+                v=v_rows.get(id(st)),
+                db=db,
+                b_new=b_new,
             )
         )
     norm = math.inf if bounds.max_weight_norm is None else bounds.max_weight_norm
@@ -604,17 +650,17 @@ def _joint_layers(joint: _Joint, vals: np.ndarray) -> list[EditedLinear] | None:
     if db_all.size and not np.dot(db_all, db_all) <= joint.bias2:
         return None
     layers = []
-    for w, b, b_np, b_ptr, a, v, db, b_new in joint.layers:
-        if db is not None:
-            if b.data_ptr() != b_ptr:
+    for layer in joint.layers:
+        b = layer.b
+        if layer.db is not None:
+            if b.data_ptr() != layer.b_ptr:
                 return None
-            b = torch.from_numpy(np.add(b_np, vals[db], out=buf[b_new]))
-        if a is None:
-            layers.append(EditedLinear(w, b))
+            b = torch.from_numpy(np.add(layer.b_np, vals[layer.db], out=buf[layer.b_new]))
+        if layer.a is None:
+            layers.append(EditedLinear(layer.w, b))
         else:
-            layers.append(
-                EditedLinear(w, b, torch.from_numpy(a_all[a]), torch.from_numpy(v_all[v]))
-            )
+            a, v = torch.from_numpy(a_all[layer.a]), torch.from_numpy(v_all[layer.v])
+            layers.append(EditedLinear(layer.w, b, a, v))
     return layers
 
 
