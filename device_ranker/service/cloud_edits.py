@@ -191,17 +191,8 @@ class _Figures:
     states_us: float = 0.0
 
     def result(self, outcome: str) -> FetchResult:
-        return FetchResult(
-            outcome,
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
-            payload_bytes=self.payload_bytes,
-            prototype_bytes=self.prototype_bytes,
-            cloud_ms=self.cloud_ms,
-            decode_us=self.decode_us,
-            apply_us=self.apply_us,
-            states_us=self.states_us,
-        )
+        """The request's :class:`FetchResult` (the same fields, frozen, with the outcome)."""
+        return FetchResult(outcome, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def _why_failed(exc: Exception) -> str:
