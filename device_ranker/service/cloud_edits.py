@@ -56,7 +56,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import grpc
@@ -150,9 +150,10 @@ def recent_states(
     return states.astype(np.float32, copy=False), rel
 
 
-@dataclass(frozen=True)
+@dataclass
 class FetchResult:
     """One edit request: "applied" or "failed", and what it cost (the proto's EditCost).
+    :meth:`CloudEdits._fetch` fills the costs in step by step and sets the outcome last.
 
     Attributes:
         bytes_up / bytes_down: serialized GenerateEdit request / response (+ GetPrototype).
@@ -174,25 +175,6 @@ class FetchResult:
     decode_us: float = 0.0
     apply_us: float = 0.0
     states_us: float = 0.0
-
-
-@dataclass
-class _Figures:
-    """What an edit request has cost so far: :class:`FetchResult` without its outcome,
-    filled in step by step by :meth:`CloudEdits._fetch`."""
-
-    bytes_up: int = 0
-    bytes_down: int = 0
-    payload_bytes: int = 0
-    prototype_bytes: int = 0
-    cloud_ms: float = 0.0
-    decode_us: float = 0.0
-    apply_us: float = 0.0
-    states_us: float = 0.0
-
-    def result(self, outcome: str) -> FetchResult:
-        """The request's :class:`FetchResult` (the same fields, frozen, with the outcome)."""
-        return FetchResult(outcome, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def _why_failed(exc: Exception) -> str:
@@ -354,7 +336,7 @@ class CloudEdits:
         assert self.link is not None
         self.requests += 1
         t0 = time.perf_counter()
-        figures = _Figures()
+        figures = FetchResult("pending")
         try:
             request = await self._edit_request(
                 user_id, st, history, times, position, known, figures
@@ -379,7 +361,7 @@ class CloudEdits:
         times: list[int],
         position: int,
         known: Mapping[int, torch.Tensor] | None,
-        figures: _Figures,
+        figures: FetchResult,
     ) -> cpb.GenerateEditRequest:
         """The user's GenerateEdit request: its uplink window, summary, guard evidence,
         cached prototype and (with ``uplink_states``) recent states, whose device time goes
@@ -435,7 +417,7 @@ class CloudEdits:
         return request
 
     async def _ask_cloud(
-        self, st: UserState, request: cpb.GenerateEditRequest, figures: _Figures
+        self, st: UserState, request: cpb.GenerateEditRequest, figures: FetchResult
     ) -> cpb.GenerateEditResponse:
         """Send ``request``; its bytes up / down count on the user, the device and
         ``figures`` (with the cloud engine's time)."""
@@ -450,7 +432,7 @@ class CloudEdits:
         return response
 
     async def _prepare_response(
-        self, response: cpb.GenerateEditResponse, figures: _Figures
+        self, response: cpb.GenerateEditResponse, figures: FetchResult
     ) -> tuple[PreparedEdit, int, int]:
         """The answer's edit, composed with its prototype (from the answer, the cache or
         a GetPrototype) and validated on the ranking thread: (edit, prototype id, version;
@@ -480,7 +462,7 @@ class CloudEdits:
         prepared: PreparedEdit,
         prototype: tuple[int, int],
         previous_anchor: Any,
-        figures: _Figures,
+        figures: FetchResult,
         t0: float,
     ) -> FetchResult:
         """Make the prepared edit the user's active edit, or its held candidate when a
@@ -519,7 +501,7 @@ class CloudEdits:
         if held_by:
             logger.debug("user %s: edit %d held by the %s guard", id_ref(user_id),
                          response.edit_id, held_by)  # fmt: skip
-            return figures.result("held")
+            return replace(figures, outcome="held")
         self.applied += 1
         logger.debug(
             "user %s: edit %d applied (prototype %d v%d, %d B, %.1f ms, cloud batch %d)",
@@ -531,7 +513,7 @@ class CloudEdits:
             (time.perf_counter() - t0) * 1000,
             response.batch_size,
         )
-        return figures.result("applied")
+        return replace(figures, outcome="applied")
 
     def _failed(
         self,
@@ -539,7 +521,7 @@ class CloudEdits:
         st: UserState,
         why: str,
         previous_anchor: Any,
-        figures: _Figures,
+        figures: FetchResult,
         exc: Exception | None = None,
     ) -> FetchResult:
         """A failed edit request: the user keeps the last good edit (or the base model),
@@ -554,7 +536,7 @@ class CloudEdits:
             logger.warning("user %s: %s", id_ref(user_id), st.note)
         else:
             logger.warning("user %s: %s: %s", id_ref(user_id), st.note, exc)
-        return figures.result("failed")
+        return replace(figures, outcome="failed")
 
     @property
     def guarded(self) -> int:
