@@ -291,16 +291,17 @@ def prepare_decoded(
     are cleared, they prove every value finite (a NaN/Inf makes a sum of squares NaN/Inf)
     and the check is skipped; any other path (a layout's first edit, whose plan reads the
     arrays; a payload whose prototype fields were read, as a pushed edit's are) runs it
-    first (the decoder's error, naming the tensor). Names, shapes and the rank bound are checked against the head once per
-    payload layout, head and bounds (:func:`_plan`). Per request, the layers with a
-    factored low-rank part and/or a bias delta are validated and built together from the
-    payload's one value array (:func:`_joint_layers`: every ``A = U diag(s)`` in one
-    product, all norm and bias bounds in three dot products, ``b + db``); an edit those
-    summed bounds cannot clear, and other layouts, go per layer (:func:`_fast_layer`,
-    then the exact checks of :func:`_prepare_layer`, which name the part and value). No
-    per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made only if someone
-    reads it. With ``prototype`` the edit is ``HeadEdit.compose(prototype, edit)``
-    (factors concatenated along r, bias deltas summed), checked as a whole, per layer.
+    first (the decoder's error, naming the tensor). Names, shapes and the rank bound are
+    checked against the head once per payload layout, head and bounds (:func:`_plan`). Per
+    request, the layers with a factored low-rank part and/or a bias delta are validated and
+    built together from the payload's one value array (:func:`_joint_layers`: every
+    ``A = U diag(s)`` in one product, all norm and bias bounds in three dot products,
+    ``b + db``); an edit those summed bounds cannot clear, and other layouts, go per layer
+    (:func:`_fast_layer`, then the exact checks of :func:`_prepare_layer`, which name the
+    part and value). No per-part tensors; the :class:`HeadEdit` (``prepared.edit``) is made
+    only if someone reads it. With ``prototype`` the edit is
+    ``HeadEdit.compose(prototype, edit)`` (factors concatenated along r, bias deltas
+    summed), checked as a whole, per layer.
 
     Args:
         head: the ranker's head; decoded: the residual or absolute edit.

@@ -30,10 +30,11 @@ staleness rule (:func:`~device_ranker.service.policy.stale_reason`, off by defau
 add a request when the current edit is too old or no longer fits. Before the event is
 appended, the clicked item's rank under the model the user is served is recorded (the
 fit signal: from the scores of the Recommend that preceded the click; a click no
-ranking preceded is skipped, or ranked with one scoring pass with ``fit_every_click``), and the user state before it goes into the user's ring buffer
-of recent states when the device uplinks them (``CloudLinkConfig.uplink_states``). When the cloud is
-slow, down or sends a bad edit, the user keeps the last good edit (or the base model) and
-the response says so (``mode``/``note``).
+ranking preceded is skipped, or ranked with one scoring pass with ``fit_every_click``), and
+the user state before it goes into the user's ring buffer of recent states when the device
+uplinks them (``CloudLinkConfig.uplink_states``). When the cloud is slow, down or sends a
+bad edit, the user keeps the last good edit (or the base model) and the response says so
+(``mode``/``note``).
 
 **Harm guard** (issue 15; ``config.guard`` / ``config.guard_report``): before a click of
 a user who holds a candidate edit (served, or held out by a guard) is appended, the

@@ -18,9 +18,9 @@ What is written, and when:
 * **the harm guard's state** (issue 15; table ``guard``, schema 2): the user's evidence
   (the last ``window`` clicks' gain differences, a float64 blob, and the cumulative
   clicks, sum and sum of squares it reports to the cloud), written in the transaction of
-  the event whose click it scored, and the **candidate** edit a guard holds out (its payloads and info like the
-  active edit's, and who holds it: "device" or "fleet"), written with the active edit
-  (the two never coexist: a held edit is served as the base head);
+  the event whose click it scored, and the **candidate** edit a guard holds out (its
+  payloads and info like the active edit's, and who holds it: "device" or "fleet"), written
+  with the active edit (the two never coexist: a held edit is served as the base head);
 * **device-wide counters** (table ``counters``: a name and a non-negative integer; the
   harm guards' ``guard_accepted``, ``guard_rejected``, ``fleet_held``): a decision's
   increments are added in the transaction of the edit or candidate write it produced

@@ -5,13 +5,13 @@ same in every mode); RecordEvent is timed ``events`` times over ``users`` users 
 durable state, then with ``sync`` "normal" and "full" on a fresh temporary state file.
 Then the same with the harm guard (``--guard``): every user first gets a pushed edit
 (ApplyEdit: a random rank-2 edit, scale 0.03: within the bounds), so each click is
-scored by the base head and the edit and the user's evidence is written with the event (state schema 2); a row with edits and
-no guard separates the guard's cost from the edits'. The state's own write
-(:meth:`DeviceStateStore.record_event`) is timed alone as well (with the evidence of a
-full guard window for the guard rows), and the state file's size after the run is
-reported (``file_kb``, with its ``guard_rows``). Last, the open time of a state file of
-R guarded users for each R in ``open_users`` (:mod:`device_ranker.service.state_open_bench`:
-``open_rows`` in the output).
+scored by the base head and the edit and the user's evidence is written with the event
+(state schema 2); a row with edits and no guard separates the guard's cost from the edits'.
+The state's own write (:meth:`DeviceStateStore.record_event`) is timed alone as well (with
+the evidence of a full guard window for the guard rows), and the state file's size after
+the run is reported (``file_kb``, with its ``guard_rows``). Last, the open time of a state
+file of R guarded users for each R in ``open_users``
+(:mod:`device_ranker.service.state_open_bench`: ``open_rows`` in the output).
 
 Example::
 

@@ -15,8 +15,8 @@ evidence columns into Python):
   when held and with its info, the info a JSON object, no candidate beside an active
   edit (looked up only for the rows holding one);
 * in numpy over the blobs and sums fetched by a second scan, in chunks (``R`` rows,
-  ``V`` stored differences in all): every difference finite and in [-1, 1], the sums finite and the consistency
-  inequalities of :func:`device_ranker.guard.check_evidence`.
+  ``V`` stored differences in all): every difference finite and in [-1, 1], the sums finite
+  and the consistency inequalities of :func:`device_ranker.guard.check_evidence`.
 
 It is **conservative by construction**: a row the exact check would refuse is always
 flagged (the numpy sums differ from ``math.fsum`` by less than the margin the tolerance
