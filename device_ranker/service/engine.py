@@ -40,8 +40,9 @@ bad edit, the user keeps the last good edit (or the base model) and the response
 a user who holds a candidate edit (served, or held out by a guard) is appended, the
 clicked item's rank under the base head and under the candidate edit is computed (two
 probe jobs in one pass on the ranking thread, outside Recommend's micro-batching
-window: one head pass and catalogue product each, no per-item Python) and recorded in the user's evidence
-(:class:`device_ranker.guard.GuardState` + cumulative sums reported to the cloud); a new
+window: one head pass and catalogue product each, no per-item Python) and recorded in
+the user's evidence (:class:`device_ranker.guard.GuardState` + cumulative sums reported
+to the cloud); a new
 edit then passes the device's harm test and the cloud's fleet decision
 (:mod:`~device_ranker.service.cloud_edits`) or is held. The learned trigger
 (``config.trigger == "learned"``, :mod:`~device_ranker.service.learned_trigger`) reads
